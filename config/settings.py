@@ -1,0 +1,243 @@
+"""The settings schema and its loading: TOML file first, then environment overrides.
+
+Settings are loaded once at the edge (the CLI) and passed explicitly to whatever needs them.
+Unknown keys are errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DENOISED_NODE_"
+CONFIG_ENV = "DENOISED_NODE_CONFIG"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the key and what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def default_data_dir() -> Path:
+    """Where an unconfigured node keeps its data: the XDG data home, else ./var."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if xdg:
+        return Path(xdg) / "denoised-node"
+    home = Path.home()
+    if home.is_dir() and os.access(home, os.W_OK):
+        return home / ".local" / "share" / "denoised-node"
+    return Path.cwd() / "var"
+
+
+class NodeSettings(_Section):
+    ae_title: AETitle = "DENOISER"
+    # Loopback unless configured: a node is never exposed on the network by accident.
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    data_dir: Path = Field(default_factory=default_data_dir)
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=60.0, gt=0)
+    maximum_pdu_size: int = Field(default=0, ge=0)  # 0: unlimited
+    # Refuse new instances (0xA700) while free space is under this, so the disk never fills.
+    min_free_mb: int = Field(default=1024, ge=0)
+    max_instance_mb: int = Field(default=2048, ge=1)
+    # Calling AE titles allowed to associate; empty means any.
+    allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
+
+
+class DatabaseSettings(_Section):
+    # None: SQLite in data_dir/node.db.
+    url: str | None = None
+    echo: bool = False
+
+
+class SeriesSettings(_Section):
+    idle_seconds: float = Field(default=10.0, ge=0)
+    # A series whose association released with gap-free instance numbers completes after this.
+    released_grace_seconds: float = Field(default=1.0, ge=0)
+    description_suffix: str = Field(default=" DENOISED", max_length=32)
+    # Modalities denoised; others are recorded as ignored.
+    modalities: list[str] = Field(default_factory=lambda: ["MR"])
+
+
+class ModelSettings(_Section):
+    checkpoint: str = "default"
+    device: str = "auto"
+    batch_size: int = Field(default=8, ge=1)
+    amp: bool = True
+    threads: int = Field(default=0, ge=0)  # 0: torch's default
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+class GateSettings(_Section):
+    enabled: bool = True
+    # |mean residual| / estimated sigma above this: the model shifted intensities.
+    max_residual_mean_ratio: float = Field(default=0.5, gt=0)
+    # Residual std relative to the estimated noise sigma, inside this band.
+    min_residual_std_ratio: float = Field(default=0.3, gt=0)
+    max_residual_std_ratio: float = Field(default=2.5, gt=0)
+    # Correlation between the residual and the image's edges above this: structure removed.
+    max_edge_correlation: float = Field(default=0.35, gt=0)
+    # Relative change of the mean intensity inside the tissue mask.
+    max_tissue_mean_change: float = Field(default=0.05, gt=0)
+
+
+class WorkerSettings(_Section):
+    count: int = Field(default=1, ge=0)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+    max_processing_attempts: int = Field(default=3, ge=1)
+    worker_id: str | None = None
+
+
+class SendSettings(_Section):
+    max_attempts: int = Field(default=8, ge=1)
+    backoff_base_seconds: float = Field(default=2.0, gt=0)
+    backoff_max_seconds: float = Field(default=600.0, gt=0)
+    calling_ae_title: AETitle | None = None  # None: the node's own AE title
+    output_transfer_syntax: Literal["explicit", "implicit", "rle"] = "explicit"
+
+
+class RetentionSettings(_Section):
+    # Source and derived files of finished series are purged after this; 0 keeps them forever.
+    done_after_hours: float = Field(default=72.0, ge=0)
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class LoggingSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_lines: bool = Field(default=False, alias="json")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Destination(_Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+def _default_destinations() -> list[Destination]:
+    return [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)]
+
+
+class Settings(_Section):
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    send: SendSettings = Field(default_factory=SendSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    destinations: list[Destination] = Field(default_factory=_default_destinations)
+
+    @model_validator(mode="after")
+    def _destination_names_unique(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.node.data_dir / 'node.db'}"
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise ConfigError(f"no destination named {name!r} (known: {known})")
+
+
+def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Load settings from a TOML file (``path``, else ``$DENOISED_NODE_CONFIG``, else none)
+    and apply ``DENOISED_NODE_<SECTION>__<KEY>`` environment overrides on top."""
+    env = dict(os.environ if environ is None else environ)
+    source = path if path is not None else env.get(CONFIG_ENV)
+    data: dict[str, Any] = {}
+    origin = "embedded defaults"
+    if source:
+        config_path = Path(source)
+        origin = str(config_path)
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
+    _apply_env_overrides(data, env)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
+
+
+def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key == "destinations":
+            try:
+                data["destinations"] = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{name} must be a JSON list of destinations: {exc}") from None
+            continue
+        section, sep, field = key.partition("__")
+        if not sep or not field:
+            raise ConfigError(f"environment variable {name} is not of the form {ENV_PREFIX}SECTION__KEY")
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"environment variable {name}: {section!r} is not a section")
+        target[field] = _parse_env_value(raw)
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Environment values are TOML literals where they parse as one (numbers, booleans,
+    lists), plain strings otherwise."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(root)"
+        if error["type"] == "extra_forbidden":
+            parts.append(f"unknown key {key!r}")
+        else:
+            parts.append(f"{key}: {error['msg']}")
+    return "; ".join(parts)

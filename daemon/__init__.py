@@ -1,0 +1,1 @@
+"""Networking and processes: SCP, completion, worker loop, SCU, CLI, metrics."""

@@ -1,0 +1,1 @@
+"""The denoising network: building, checkpoints, inference, training, evaluation."""

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models, sessions, the job queue, the file store, migrations."""
