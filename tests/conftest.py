@@ -1,4 +1,8 @@
-"""Test-wide setup: make `tests.fixtures` importable however pytest is started."""
+"""Test-wide setup: make `tests.*` importable however pytest is started, and data fixtures.
+
+`python -m pytest` puts the repository root on sys.path, plain `pytest` does not: insert it
+before anything imports `tests.fixtures`.
+"""
 
 from __future__ import annotations
 
@@ -8,3 +12,28 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+import itertools  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.fixtures.mr_series import GeneratedSeries, MRSeriesSpec, generate_series  # noqa: E402
+
+
+@pytest.fixture
+def mr_series_factory(tmp_path: Path) -> Callable[..., GeneratedSeries]:
+    """make(spec=None, **overrides) -> GeneratedSeries written into a new folder of tmp_path."""
+    counter = itertools.count(1)
+
+    def make(spec: MRSeriesSpec | None = None, **overrides: Any) -> GeneratedSeries:
+        return generate_series(tmp_path / f"series{next(counter)}", spec, **overrides)
+
+    return make
+
+
+@pytest.fixture
+def mr_series(mr_series_factory: Callable[..., GeneratedSeries]) -> GeneratedSeries:
+    """A small axial T1-like series: 12 slices of 64x56, Explicit VR Little Endian."""
+    return mr_series_factory()
