@@ -1,0 +1,170 @@
+"""Queue inspection and replay, shared by the CLI and the status page."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
+from denoised_node.storage.queue import (
+    ACTIVE_STATES,
+    TERMINAL_STATES,
+    JobState,
+    counts_by_state,
+    enqueue,
+    transition,
+)
+
+
+class AdminError(Exception):
+    """An admin request names something that does not exist or cannot be done."""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    state: str
+    series_uid: str
+    study_uid: str
+    modality: str | None
+    instances: int
+    created_at: datetime
+    updated_at: datetime
+    reason: str | None
+    processing_attempts: int
+    send_attempts: int
+    derived_series_uid: str | None
+    derived_count: int | None
+
+    def as_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["created_at"] = self.created_at.isoformat()
+        data["updated_at"] = self.updated_at.isoformat()
+        return data
+
+
+@dataclass(frozen=True)
+class EventRow:
+    at: datetime
+    from_state: str | None
+    to_state: str
+    worker: str | None
+    reason: str | None
+
+    def as_json(self) -> dict[str, object]:
+        return {**asdict(self), "at": self.at.isoformat()}
+
+
+def _row(job: Job, series: Series) -> JobRow:
+    return JobRow(job.id, job.state, series.series_uid, series.study_uid, series.modality,
+                  series.instance_count, job.created_at, job.updated_at, job.reason,
+                  job.processing_attempts, job.send_attempts, job.derived_series_uid,
+                  job.derived_count)
+
+
+def status_summary(session: Session, now: datetime | None = None) -> dict[str, object]:
+    now = now or utcnow()
+    oldest = session.scalar(
+        select(func.min(Job.created_at)).where(Job.state.in_([JobState.QUEUED.value,
+                                                               JobState.PROCESSED.value])))
+    receiving = session.scalar(
+        select(func.count()).select_from(Series).where(
+            Series.state == SeriesState.RECEIVING, Series.revision > Series.queued_revision))
+    oldest_age = None
+    if oldest is not None:
+        oldest_age = round((now - oldest).total_seconds(), 1)
+    return {"jobs": counts_by_state(session), "series_receiving": receiving or 0,
+            "oldest_waiting_job_seconds": oldest_age}
+
+
+def list_jobs(session: Session, *, states: list[str] | None = None,
+              since: datetime | None = None, limit: int = 50) -> list[JobRow]:
+    query = select(Job, Series).join(Series, Job.series_id == Series.id)
+    if states:
+        query = query.where(Job.state.in_(states))
+    if since:
+        query = query.where(Job.updated_at >= since)
+    rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
+    return [_row(job, series) for job, series in rows]
+
+
+def job_detail(session: Session, job_id: int) -> tuple[JobRow, list[EventRow]]:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise AdminError(f"no job with id {job_id}")
+    events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                             .order_by(JobEvent.id)).all()
+    return _row(job, job.series), [EventRow(e.at, e.from_state, e.to_state, e.worker, e.reason)
+                                   for e in events]
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    job_id: int | None
+    series_uid: str
+    requeued: bool
+    message: str
+
+
+def replay(session: Session, *, job_id: int | None = None, series_uid: str | None = None,
+           study_uid: str | None = None, failed: bool = False, since: datetime | None = None,
+           who: str = "admin") -> list[ReplayOutcome]:
+    """Queue again the selected jobs (the latest job of each selected series)."""
+    if job_id is not None:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise AdminError(f"no job with id {job_id}")
+        return [_replay_job(session, job, who)]
+    if series_uid is not None:
+        series = session.scalar(select(Series).where(Series.series_uid == series_uid))
+        if series is None:
+            raise AdminError(f"no series with SeriesInstanceUID {series_uid}")
+        return [_replay_series(session, series, who)]
+    if study_uid is not None:
+        all_series = session.scalars(select(Series).where(Series.study_uid == study_uid)).all()
+        if not all_series:
+            raise AdminError(f"no series of study {study_uid}")
+        return [_replay_series(session, s, who) for s in all_series]
+    if failed:
+        query = select(Job).where(Job.state == JobState.FAILED.value)
+        if since:
+            query = query.where(Job.updated_at >= since)
+        return [_replay_job(session, job, who) for job in session.scalars(query.order_by(Job.id))]
+    raise AdminError("say what to replay: --job, --series, --study or --failed")
+
+
+def _replay_series(session: Session, series: Series, who: str) -> ReplayOutcome:
+    latest = session.scalar(select(Job).where(Job.series_id == series.id)
+                            .order_by(Job.id.desc()).limit(1))
+    if latest is None:
+        _check_files_kept(series)
+        job = enqueue(session, series, reason=f"replayed by {who}")
+        return ReplayOutcome(job.id, series.series_uid, True, f"job {job.id} queued")
+    return _replay_job(session, latest, who)
+
+
+def _replay_job(session: Session, job: Job, who: str) -> ReplayOutcome:
+    series = job.series
+    state = JobState(job.state)
+    if state in ACTIVE_STATES:
+        return ReplayOutcome(job.id, series.series_uid, False, f"job {job.id} is already {state}")
+    if series.state == SeriesState.PURGED:
+        return ReplayOutcome(job.id, series.series_uid, False,
+                             f"job {job.id}: the files of series {series.series_uid} were purged "
+                             f"on {series.purged_at:%Y-%m-%d %H:%M}Z; send it again from the PACS")
+    assert state in TERMINAL_STATES
+    transition(session, job.id, state, JobState.QUEUED, worker=who, reason=f"replayed by {who}",
+               processing_attempts=0, send_attempts=0, available_at=utcnow(),
+               completed_at=None, lease_owner=None, lease_expires_at=None)
+    if series.state == SeriesState.IGNORED:
+        series.state = SeriesState.RECEIVING
+    return ReplayOutcome(job.id, series.series_uid, True, f"job {job.id} queued")
+
+
+def _check_files_kept(series: Series) -> None:
+    if series.state == SeriesState.PURGED:
+        raise AdminError(f"the files of series {series.series_uid} were purged; "
+                         "send it again from the PACS")

@@ -1,0 +1,315 @@
+"""The `denoised-node` command line. Every command takes --config; errors end with one line
+on stderr and a non-zero exit status. Heavy imports (torch) happen only where needed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from denoised_node.config.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CommandError(click.ClickException):
+    """A failure reported as one line: `error: ...`."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class NodeGroup(click.Group):
+    """Turns the node's own exceptions into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from denoised_node.daemon.admin import AdminError
+        from denoised_node.storage.schema import SchemaOutOfDate
+
+        known: tuple[type[BaseException], ...] = (ConfigError, SchemaOutOfDate, AdminError)
+        try:
+            from denoised_node.model.errors import ModelError
+            known += (ModelError,)
+        except ImportError:
+            pass
+        try:
+            return super().invoke(ctx)
+        except known as exc:
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "--config", "config_path", type=click.Path(path_type=Path), default=None,
+        help=f"TOML config file (default: ${CONFIG_ENV}, else the embedded defaults).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
+
+
+def settings_from(config_path: Path | None) -> Settings:
+    return load_settings(config_path)
+
+
+def _setup_logging(settings: Settings, level: str | None = None) -> None:
+    from denoised_node.daemon.logs import setup_logging
+
+    setup_logging(level or settings.logging.level, settings.logging.json_lines)
+
+
+def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
+    from denoised_node.daemon.runtime import open_runtime
+
+    return open_runtime(settings)
+
+
+def _parse_since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise CommandError(f"--since {value!r} is not an ISO date or time, e.g. 2026-11-25 "
+                           "or 2026-11-25T08:00") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+@click.group(cls=NodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="denoised-node")
+def main() -> None:
+    """denoised-node: a DICOM node that denoises MR series and sends them back to the PACS."""
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Run the node: the storage SCP, series completion and the worker processes."""
+    from denoised_node.daemon.supervisor import serve as run_serve
+
+    settings = settings_from(config_path)
+    _setup_logging(settings)
+    sys.exit(run_serve(settings, config_path or _env_config()))
+
+
+def _env_config() -> Path | None:
+    import os
+
+    value = os.environ.get(CONFIG_ENV)
+    return Path(value) if value else None
+
+
+@main.command()
+@config_option
+@click.option("--burst", is_flag=True, help="Stop when the queue is empty.")
+@click.option("--max-jobs", type=int, default=None, help="Stop after this many jobs.")
+def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
+    """Run one worker: claim jobs, denoise, send. Needs no SCP on this host."""
+    from denoised_node.daemon.worker import StopNow, Worker, stop_handler
+    from denoised_node.model.inference import Denoiser
+
+    settings = settings_from(config_path)
+    _setup_logging(settings)
+    runtime = _runtime(settings)
+    model = settings.model
+    denoiser = Denoiser.load(checkpoint=model.checkpoint, device=model.device,
+                             batch_size=model.batch_size, amp=model.amp, threads=model.threads)
+    node_worker = Worker(settings, runtime.sessions, runtime.store, denoiser)
+    handler = stop_handler(node_worker)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    try:
+        node_worker.run(burst=burst, max_jobs=max_jobs)
+    except StopNow:
+        pass
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Counts of jobs by state and the age of the oldest waiting job."""
+    from denoised_node.daemon.admin import status_summary
+
+    runtime = _runtime(settings_from(config_path))
+    with runtime.sessions() as session:
+        summary = status_summary(session)
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    jobs: dict[str, int] = summary["jobs"]  # type: ignore[assignment]
+    click.echo("jobs: " + ", ".join(f"{state} {count}" for state, count in jobs.items()))
+    click.echo(f"series still receiving: {summary['series_receiving']}")
+    age = summary["oldest_waiting_job_seconds"]
+    click.echo(f"oldest waiting job: {'none' if age is None else f'{age:.0f} s'}")
+
+
+@main.group()
+def jobs() -> None:
+    """Inspect jobs."""
+
+
+@jobs.command("list")
+@config_option
+@json_option
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["queued", "processing", "processed", "sending", "done",
+                                 "failed", "ignored"]), help="Only jobs in this state (repeatable).")
+@click.option("--since", default=None, help="Only jobs updated since this ISO date/time (UTC).")
+@click.option("--limit", type=int, default=50, show_default=True)
+def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
+              since: str | None, limit: int) -> None:
+    """The most recent jobs, newest first."""
+    from denoised_node.daemon.admin import list_jobs
+
+    runtime = _runtime(settings_from(config_path))
+    with runtime.sessions() as session:
+        rows = list_jobs(session, states=list(states), since=_parse_since(since), limit=limit)
+    if as_json:
+        click.echo(json.dumps([row.as_json() for row in rows]))
+        return
+    click.echo(f"{'ID':>6}  {'STATE':<10}  {'UPDATED (UTC)':<19}  {'N':>5}  SERIES / REASON")
+    for row in rows:
+        click.echo(f"{row.id:>6}  {row.state:<10}  {row.updated_at:%Y-%m-%d %H:%M:%S}  "
+                   f"{row.instances:>5}  {row.series_uid}")
+        if row.reason and row.state in ("failed", "ignored"):
+            click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {row.reason}")
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@config_option
+@json_option
+def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
+    """One job with its event history."""
+    from denoised_node.daemon.admin import job_detail
+
+    runtime = _runtime(settings_from(config_path))
+    with runtime.sessions() as session:
+        row, events = job_detail(session, job_id)
+    if as_json:
+        click.echo(json.dumps({**row.as_json(), "events": [e.as_json() for e in events]}))
+        return
+    for key, value in row.as_json().items():
+        click.echo(f"{key + ':':<22}{'' if value is None else value}")
+    click.echo("events:")
+    for event in events:
+        move = f"{event.from_state or '-'} -> {event.to_state}"
+        click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S}  {move:<24}  {event.worker or '':<20}  "
+                   f"{event.reason or ''}")
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--job", "job_id", type=int, default=None, help="Replay this job.")
+@click.option("--series", "series_uid", default=None, help="Replay this SeriesInstanceUID.")
+@click.option("--study", "study_uid", default=None, help="Replay every series of this study.")
+@click.option("--failed", is_flag=True, help="Replay every failed job.")
+@click.option("--since", default=None, help="With --failed: only jobs failed since this time.")
+def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_uid: str | None,
+           study_uid: str | None, failed: bool, since: str | None) -> None:
+    """Queue jobs again: a failed one, a series, a study or all failed ones."""
+    from denoised_node.daemon.admin import replay as do_replay
+
+    chosen = [x for x in (job_id, series_uid, study_uid) if x is not None] + ([1] if failed else [])
+    if len(chosen) != 1:
+        raise CommandError("give exactly one of --job, --series, --study, --failed")
+    if since and not failed:
+        raise CommandError("--since goes with --failed")
+    runtime = _runtime(settings_from(config_path))
+    with runtime.sessions.begin() as session:
+        outcomes = do_replay(session, job_id=job_id, series_uid=series_uid, study_uid=study_uid,
+                             failed=failed, since=_parse_since(since), who="cli")
+    if as_json:
+        click.echo(json.dumps([o.__dict__ for o in outcomes]))
+    else:
+        for outcome in outcomes:
+            click.echo(outcome.message)
+        if not outcomes:
+            click.echo("nothing to replay")
+    if outcomes and not any(o.requeued for o in outcomes):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("destination")
+@config_option
+def echo(destination: str, config_path: Path | None) -> None:
+    """C-ECHO a configured destination."""
+    from denoised_node.daemon.scu import SendError
+    from denoised_node.daemon.scu import echo as do_echo
+
+    settings = settings_from(config_path)
+    dest = settings.destination(destination)
+    try:
+        code = do_echo(settings, dest)
+    except SendError as exc:
+        raise CommandError(str(exc)) from None
+    if code != 0:
+        raise CommandError(f"{dest.name} answered C-ECHO with status 0x{code:04X}")
+    click.echo(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO ok")
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@config_option
+def db_upgrade(config_path: Path | None) -> None:
+    """Create the schema, or bring it to this release's version."""
+    from denoised_node.storage.db import make_engine
+    from denoised_node.storage.schema import upgrade
+
+    settings = settings_from(config_path)
+    engine = make_engine(settings.database_url)
+    before, after = upgrade(engine)
+    if before == after:
+        click.echo(f"schema already at revision {after}")
+    else:
+        click.echo(f"schema upgraded from {before or 'empty'} to {after}")
+
+
+@main.command()
+@click.argument("input_path", type=click.Path(exists=True, path_type=Path))
+@click.argument("output_path", type=click.Path(path_type=Path))
+@config_option
+def denoise(input_path: Path, output_path: Path, config_path: Path | None) -> None:
+    """Denoise a DICOM series folder (writing the derived series as the node would) or a
+    NIfTI file, without the network."""
+    from denoised_node.daemon.offline import denoise_path
+
+    settings = settings_from(config_path)
+    _setup_logging(settings, "WARNING")
+    message = denoise_path(settings, input_path, output_path,
+                           progress=lambda done, total: click.echo(
+                               f"\rdenoising {done}/{total} slices", nl=False, err=True))
+    click.echo("", err=True)
+    click.echo(message)
+
+
+def _register_model_commands() -> None:
+    try:
+        from denoised_node.daemon.cli_model import evaluate, train
+    except ImportError:
+        return
+    main.add_command(train)
+    main.add_command(evaluate)
+
+
+_register_model_commands()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Series completion: turn series that stopped receiving into queued jobs.
+
+A series is complete when no instance arrived for ``series.idle_seconds``, or sooner
+(``series.released_grace_seconds``) when one association delivered all of it, released
+normally, and its instance numbers have no gaps. Instances arriving later raise the series'
+revision, and the next pass queues it again: the derived series is then replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from denoised_node.config.settings import SeriesSettings
+from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
+from denoised_node.storage.queue import JobState, enqueue, release_expired_leases, transition
+
+log = logging.getLogger(__name__)
+
+
+def complete_idle_series(sessions: SessionFactory, settings: SeriesSettings,
+                         now: datetime | None = None) -> list[int]:
+    """Queue a job for every series that is complete now; returns the new job ids."""
+    now = now or utcnow()
+    idle_cutoff = now - timedelta(seconds=settings.idle_seconds)
+    grace_cutoff = now - timedelta(seconds=settings.released_grace_seconds)
+    job_ids: list[int] = []
+    with sessions.begin() as session:
+        candidates = session.scalars(
+            select(Series).where(
+                Series.state == SeriesState.RECEIVING,
+                Series.revision > Series.queued_revision,
+                or_(Series.last_received_at <= idle_cutoff,
+                    and_(Series.released_at.is_not(None), Series.released_at <= grace_cutoff)),
+            ).order_by(Series.last_received_at)
+        ).all()
+        for series in candidates:
+            idle = series.last_received_at <= idle_cutoff
+            if not idle and not _gap_free(session, series):
+                continue
+            job_ids.append(_queue(session, series, now, "idle" if idle else "released, no gaps"))
+    return job_ids
+
+
+def _gap_free(session: Session, series: Series) -> bool:
+    numbers = session.scalars(
+        select(Instance.instance_number).where(Instance.series_id == series.id,
+                                               Instance.ignored_reason.is_(None))
+    ).all()
+    if not numbers or any(n is None for n in numbers):
+        return False
+    unique = sorted(set(numbers))  # type: ignore[type-var]
+    return unique[-1] - unique[0] + 1 == len(unique) == len(numbers)  # type: ignore[operator]
+
+
+def _queue(session: Session, series: Series, now: datetime, signal: str) -> int:
+    usable = series.instance_count
+    job = enqueue(session, series, reason=f"series complete ({signal}), {usable} instance(s)",
+                  now=now)
+    if usable == 0:
+        reason = session.scalar(
+            select(Instance.ignored_reason).where(Instance.series_id == series.id,
+                                                  Instance.ignored_reason.is_not(None)).limit(1)
+        ) or "no instances to denoise"
+        transition(session, job.id, JobState.QUEUED, JobState.IGNORED, reason=reason, now=now)
+        series.state = SeriesState.IGNORED
+        series.ignored_reason = reason
+    log.info("series complete", extra={"job_id": job.id, "series_uid": series.series_uid,
+                                       "instances": usable, "signal": signal})
+    return job.id
+
+
+class CompletionLoop(threading.Thread):
+    """Runs completion and lease expiry every ``interval`` seconds until stopped."""
+
+    def __init__(self, sessions: SessionFactory, settings: SeriesSettings,
+                 interval: float = 0.25) -> None:
+        super().__init__(name="completion", daemon=True)
+        self.sessions = sessions
+        self.settings = settings
+        self.interval = interval
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.interval):
+            try:
+                complete_idle_series(self.sessions, self.settings)
+                release_expired_leases(self.sessions)
+            except Exception:  # noqa: BLE001 - a database hiccup must not end completion
+                log.exception("completion pass failed; retrying")
+                self.stopping.wait(2.0)
+
+    def stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,71 @@
+"""Logging to stderr, one event a line: plain `key=value` text or JSON lines.
+
+Fields come from ``extra=``; attributes that could carry patient data are dropped here as a
+last line of defence (the code never passes them, and a test reads the logs of a full run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from datetime import datetime, timezone
+
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_FORBIDDEN = {"patient_name", "patient_id", "patient_birth_date", "PatientName", "PatientID",
+              "PatientBirthDate"}
+
+
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    return {key: value for key, value in vars(record).items()
+            if key not in _STANDARD and key not in _FORBIDDEN and not key.startswith("_")}
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    moment = datetime.fromtimestamp(record.created, timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage().replace("\n", " ")
+        parts = [_timestamp(record), record.levelname, record.name.removeprefix("denoised_node."),
+                 message]
+        parts += [f"{key}={_text(value)}" for key, value in _fields(record).items()]
+        line = " ".join(parts)
+        if record.exc_info:
+            line += " exception=" + json.dumps(self.formatException(record.exc_info))
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        event: dict[str, object] = {"time": _timestamp(record), "level": record.levelname,
+                                    "logger": record.name, "message": record.getMessage()}
+        event.update({key: _plain(value) for key, value in _fields(record).items()})
+        if record.exc_info:
+            event["exception"] = self.formatException(record.exc_info)
+        return json.dumps(event, ensure_ascii=False)
+
+
+def _text(value: object) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+def _plain(value: object) -> object:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+
+
+def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO, and some of it (A-ASSOCIATE dumps) is noise.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom's validation warnings quote element values, which may be patient names.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")

@@ -1,0 +1,110 @@
+"""Denoise one series: stored files in, derived files out. Used by the worker and by the
+offline `denoised-node denoise` command, so both write exactly the same objects."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from denoised_node.config.settings import Settings
+from denoised_node.model.gate import check_result
+from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter, derived_uid
+from denoised_node.storage.series import NothingToDenoise, StackPlan, load_volume, plan_stacks
+
+log = logging.getLogger(__name__)
+
+
+class Denoises(Protocol):
+    identity: str
+    card: Any
+
+    def denoise(self, volume: np.ndarray,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray: ...
+
+
+class PermanentError(Exception):
+    """Retrying cannot help (the input or the result is unacceptable); the job fails at once."""
+
+
+class GateFailed(PermanentError):
+    """The safety gate rejected the result; nothing was sent."""
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    derived_series_uid: str
+    files: list[Path]
+    skipped: list[tuple[str, str]]
+    gate_figures: list[dict[str, float]] = field(default_factory=list)
+
+
+def software_version() -> str:
+    try:
+        return version("denoised-node")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def derivation_info(settings: Settings, denoiser: Denoises) -> DerivationInfo:
+    card = denoiser.card
+    return DerivationInfo(
+        model_identity=denoiser.identity,
+        model_name=str(getattr(card, "name", "denoiser")),
+        model_version=str(getattr(card, "version", "")),
+        software_version=software_version(),
+        description_suffix=settings.series.description_suffix,
+        transfer_syntax=settings.send.output_transfer_syntax,
+        station_ae_title=settings.node.ae_title,
+    )
+
+
+def plan_series(paths: Sequence[Path]) -> StackPlan:
+    plan = plan_stacks(paths)
+    if not plan.stacks:
+        reasons = sorted({reason for _, reason in plan.skipped}) or ["no images"]
+        raise NothingToDenoise(f"nothing to denoise: {'; '.join(reasons)}")
+    return plan
+
+
+def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Denoises,
+                   settings: Settings, out_dir: Path, now: datetime,
+                   progress: Callable[[int, int], None] | None = None) -> SeriesOutcome:
+    """Denoise every stack of the series and write the derived instances into ``out_dir``.
+
+    Raises NothingToDenoise when no image is usable and GateFailed when a stack's result does
+    not pass the safety gate (in that case nothing should be sent).
+    """
+    plan = plan_series(paths)
+    info = derivation_info(settings, denoiser)
+    writer = DerivedSeriesWriter(out_dir, info, now)
+    total, done = plan.slice_count, 0
+    figures: list[dict[str, float]] = []
+    for stack in plan.stacks:
+        volume = load_volume(stack)
+        offset = done
+
+        def stack_progress(finished: int, _count: int, offset: int = offset) -> None:
+            if progress:
+                progress(offset + finished, total)
+
+        denoised = denoiser.denoise(volume, progress=stack_progress)
+        if settings.gate.enabled:
+            verdict = check_result(volume, denoised, settings.gate)
+            figures.append(dict(verdict.figures))
+            if not verdict.passed:
+                raise GateFailed(f"safety gate failed on stack {stack.label}: {verdict.reason}")
+        writer.add_stack(stack, denoised)
+        done += stack.depth
+        del volume, denoised
+    files = writer.close()
+    for sop_uid, reason in plan.skipped:
+        log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})
+    return SeriesOutcome(derived_uid(info.model_identity, source_series_uid), files,
+                         plan.skipped, figures)

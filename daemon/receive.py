@@ -1,0 +1,220 @@
+"""Keeping a received instance: check it, write it durably, index it, then say success.
+
+This holds the receive logic without pynetdicom, so it can be tested without a network:
+the SCP handler (scp.py) passes the encoded bytes here and answers what this returns or raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from denoised_node.config.settings import Settings
+from denoised_node.daemon.status import InstanceTooLarge, SOPClassMismatch, UnreadableDataset
+from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.derive import is_own_output
+from denoised_node.storage.files import FileStore, check_uid
+from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
+from denoised_node.storage.series import MR_SOP_CLASSES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Received:
+    series_id: int
+    sop_instance_uid: str
+    duplicate: bool  # the same bytes were already kept: nothing written, nothing changed
+    ignored_reason: str | None
+
+
+class _StrictReader(io.BytesIO):
+    """A stream that notices a short read: pydicom accepts truncated values silently."""
+
+    # pydicom's delimiter scan (non-standard encapsulated data) reads 128-byte chunks and
+    # expects a short last chunk, then retries once: neither of those reads means truncation.
+    _SCAN_CHUNK = 128
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.truncated = False
+        self._scan_retry = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        start = self.tell()
+        data = super().read(size)
+        if size is None or size <= 0 or len(data) >= size:
+            self._scan_retry = False
+            return data
+        if self._scan_retry or (size == self._SCAN_CHUNK and start > 0):
+            self._scan_retry = not self._scan_retry
+        elif not (size == 8 and not data):  # 8 bytes at the very end: the next tag, none left
+            self.truncated = True
+        return data
+
+
+def parse_dataset(data: bytes) -> Dataset:
+    """Parse and sanity-check the encoded instance; raise UnreadableDataset if it is cut
+    short or corrupt (the sender gets a 0xC000 failure and can resend)."""
+    reader = _StrictReader(data)
+    try:
+        ds = pydicom.dcmread(reader, force=True)
+        ds.SOPInstanceUID  # noqa: B018 - make sure the core attributes convert
+        ds.SOPClassUID  # noqa: B018
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
+        raise UnreadableDataset(f"not a readable DICOM dataset: {exc}") from exc
+    if reader.truncated:
+        raise UnreadableDataset("the dataset is truncated (an element is shorter than its length)")
+    _check_pixel_data_length(ds)
+    return ds
+
+
+def _check_pixel_data_length(ds: Dataset) -> None:
+    if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID is None:
+        return
+    if UID(ds.file_meta.TransferSyntaxUID).is_compressed:
+        return  # encapsulated: the fragments' delimiters were checked by the reader
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = (int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1))
+                    * int(ds.BitsAllocated)) // 8
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise UnreadableDataset(f"image attributes are missing or invalid: {exc}") from exc
+    if len(ds.PixelData) < expected:
+        raise UnreadableDataset(
+            f"pixel data holds {len(ds.PixelData)} bytes, the image needs {expected}")
+
+
+class Receiver:
+    """Receives instances into the store and the index; one per SCP, shared by its threads."""
+
+    def __init__(self, store: FileStore, sessions: SessionFactory, settings: Settings) -> None:
+        self.store = store
+        self.sessions = sessions
+        self.settings = settings
+        self.max_bytes = settings.node.max_instance_mb * 2**20
+
+    def receive(self, data: bytes, context_sop_class: str | None, calling_ae: str) -> Received:
+        if len(data) > self.max_bytes:
+            raise InstanceTooLarge(
+                f"instance of {len(data) // 2**20} MiB exceeds node.max_instance_mb "
+                f"({self.settings.node.max_instance_mb})")
+        ds = parse_dataset(data)
+        sop_class = str(ds.SOPClassUID)
+        if context_sop_class and sop_class != context_sop_class:
+            raise SOPClassMismatch(
+                f"dataset SOP class {sop_class} differs from the presentation context's "
+                f"{context_sop_class}")
+        study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
+        series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        check_uid(sop_class, "SOPClassUID")
+        ignored = self._ignored_reason(ds, sop_class)
+        digest = hashlib.sha256(data).hexdigest()
+
+        with self.sessions() as session:
+            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if existing is not None and existing.sha256 == digest:
+                return Received(existing.series_id, sop_uid, True, existing.ignored_reason)
+
+        relative = ""
+        if ignored is None:
+            relative = self.store.write_instance(study_uid, series_uid, sop_uid, data).relative_path
+        else:
+            self.store.check_space(0)
+        try:
+            return self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
+                               len(data), digest, ignored, calling_ae)
+        except Exception:
+            # The index row is what makes a file count; without it the file is not kept.
+            if relative and existing is None:
+                self.store.remove(relative)
+            raise
+
+    def _ignored_reason(self, ds: Dataset, sop_class: str) -> str | None:
+        modality = str(ds.get("Modality", "") or "")
+        if is_own_output(ds):
+            return "produced by denoised-node (never processed again)"
+        if sop_class not in MR_SOP_CLASSES:
+            name = UID(sop_class).name or sop_class
+            return f"not an MR image ({name})"
+        if modality not in self.settings.series.modalities:
+            return f"modality {modality or '(none)'} is not in series.modalities"
+        return None
+
+    def _index(self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
+               relative: str, size: int, digest: str, ignored: str | None,
+               calling_ae: str) -> Received:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            series = self._series_for_update(session, ds, study_uid, series_uid, sop_class,
+                                             calling_ae, now)
+            instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if instance is None:
+                instance = Instance(series_id=series.id, sop_instance_uid=sop_uid)
+                session.add(instance)
+                if ignored is None:
+                    series.instance_count += 1
+            instance.sop_class_uid = sop_class
+            instance.transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
+            instance.instance_number = _int_or_none(ds.get("InstanceNumber"))
+            instance.path = relative
+            instance.size_bytes = size
+            instance.sha256 = digest
+            instance.received_at = now
+            instance.ignored_reason = ignored
+            series.revision += 1
+            series.last_received_at = now
+            series.released_at = None
+            if series.state == SeriesState.PURGED:
+                series.state = SeriesState.RECEIVING
+                series.purged_at = None
+            return Received(series.id, sop_uid, False, ignored)
+
+    def _series_for_update(self, session: Session, ds: Dataset, study_uid: str, series_uid: str,
+                           sop_class: str, calling_ae: str, now: datetime) -> Series:
+        series = session.scalar(select(Series).where(Series.series_uid == series_uid))
+        if series is not None:
+            return series
+        series = Series(study_uid=study_uid, series_uid=series_uid,
+                        modality=str(ds.get("Modality", "") or "")[:16] or None,
+                        sop_class_uid=sop_class, state=SeriesState.RECEIVING,
+                        calling_ae_title=calling_ae[:16], revision=0, queued_revision=0,
+                        instance_count=0, first_received_at=now, last_received_at=now)
+        try:
+            with session.begin_nested():
+                session.add(series)
+        except IntegrityError:
+            # Another association created it first (PostgreSQL; SQLite serialises writers).
+            series = session.scalars(select(Series).where(Series.series_uid == series_uid)).one()
+        return series
+
+    def mark_released(self, delivered: Counter[int]) -> None:
+        """An association released normally: a series whose every instance came in it may
+        complete early (see completion.py)."""
+        if not delivered:
+            return
+        now = utcnow()
+        with self.sessions.begin() as session:
+            for series_id, count in delivered.items():
+                series = session.get(Series, series_id)
+                if series is not None and series.instance_count == count:
+                    series.released_at = now
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None

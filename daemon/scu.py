@@ -1,0 +1,107 @@
+"""The Storage SCU: send a derived series to a destination in one association."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from denoised_node.config.settings import Destination, Settings
+from denoised_node.daemon.network import make_ae, set_tcp_nodelay
+
+log = logging.getLogger(__name__)
+
+# Success and the storage warnings (coercion, elements discarded, dataset mismatch): kept.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_MAX_CONTEXTS = 128
+
+
+class SendError(Exception):
+    """A destination could not take the series; the job retries with backoff."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    destination: str
+    sent: int
+
+
+def _scu_ae(settings: Settings):  # type: ignore[no-untyped-def]
+    return make_ae(settings, settings.send.calling_ae_title or settings.node.ae_title)
+
+
+def send_files(settings: Settings, destination: Destination, files: Sequence[Path],
+               progress: Callable[[int, int], None] | None = None) -> SendResult:
+    """C-STORE ``files`` to ``destination`` in one association; raise SendError on the
+    first instance the destination does not keep."""
+    if not files:
+        return SendResult(destination.name, 0)
+    contexts = _contexts_for(files)
+    ae = _scu_ae(settings)
+    for sop_class, syntaxes in contexts.items():
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+    if not assoc.is_established:
+        raise SendError(f"{_where(destination)}: association "
+                        f"{'rejected' if assoc.is_rejected else 'failed'}")
+    sent = 0
+    try:
+        for path in files:
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise SendError(f"{_where(destination)}: no answer for {path.name} "
+                                "(timeout or connection lost)")
+            if int(code) not in _STORED:
+                raise SendError(f"{_where(destination)}: status 0x{int(code):04X} for {path.name}")
+            sent += 1
+            if progress:
+                progress(sent, len(files))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return SendResult(destination.name, sent)
+
+
+def echo(settings: Settings, destination: Destination) -> int:
+    """C-ECHO the destination; returns the status (0 success) or raises SendError."""
+    ae = _scu_ae(settings)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+    if not assoc.is_established:
+        raise SendError(f"{_where(destination)}: association "
+                        f"{'rejected' if assoc.is_rejected else 'failed'}")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code is None:
+        raise SendError(f"{_where(destination)}: no answer to C-ECHO")
+    return int(code)
+
+
+def _contexts_for(files: Sequence[Path]) -> dict[str, list[str]]:
+    contexts: dict[str, list[str]] = {}
+    for path in files:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        syntaxes = contexts.setdefault(str(meta.MediaStorageSOPClassUID), [])
+        for syntax in (str(meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if syntax not in syntaxes:
+                syntaxes.append(syntax)
+    if len(contexts) > _MAX_CONTEXTS:
+        raise SendError(f"series holds {len(contexts)} SOP classes; one association takes "
+                        f"{_MAX_CONTEXTS}")
+    return contexts
+
+
+def _where(destination: Destination) -> str:
+    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"

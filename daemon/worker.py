@@ -1,0 +1,300 @@
+"""The worker loop: claim a job, denoise its series (or send its derived series), repeat.
+
+The model stays loaded for the life of the process. A lease, renewed by a heartbeat thread
+while a job is in hand, lets the queue give the job to another worker if this one dies.
+The first stop request finishes the job in hand; a second one releases it and stops now.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import select
+
+from denoised_node.config.settings import Destination, Settings
+from denoised_node.daemon.pipeline import Denoises, PermanentError, denoise_series
+from denoised_node.daemon.scu import SendResult, send_files
+from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.files import FileStore
+from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
+from denoised_node.storage.queue import (
+    ClaimedJob,
+    JobState,
+    StaleState,
+    backoff_seconds,
+    claim,
+    release_expired_leases,
+    renew_lease,
+    transition,
+)
+from denoised_node.storage.series import NothingToDenoise, SeriesError
+
+log = logging.getLogger(__name__)
+
+Sender = Callable[[Settings, Destination, Sequence[Path]], SendResult]
+
+
+class StopNow(BaseException):
+    """Raised in the worker's thread by a second stop request."""
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseKeeper:
+    """Renews a job's lease every third of its length until the block ends."""
+
+    def __init__(self, sessions: SessionFactory, job: ClaimedJob, lease_seconds: float) -> None:
+        self.sessions = sessions
+        self.job = job
+        self.lease_seconds = lease_seconds
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{job.id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.lease_seconds / 3):
+            try:
+                if not renew_lease(self.sessions, self.job.id, self.job.worker, self.lease_seconds):
+                    log.error("lease lost; another worker may take the job",
+                              extra={"job_id": self.job.id})
+                    self.lost.set()
+                    return
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack
+                log.exception("lease renewal failed", extra={"job_id": self.job.id})
+
+
+class Worker:
+    def __init__(self, settings: Settings, sessions: SessionFactory, store: FileStore,
+                 denoiser: Denoises, *, worker_id: str | None = None,
+                 sender: Sender = send_files, on_idle: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.store = store
+        self.denoiser = denoiser
+        self.worker_id = worker_id or settings.worker.worker_id or default_worker_id()
+        self.sender = sender
+        self.on_idle = on_idle  # called once per loop pass (the systemd watchdog feeds here)
+        self.stop_requested = threading.Event()
+        self.current: ClaimedJob | None = None
+
+    def run(self, *, burst: bool = False, max_jobs: int | None = None) -> int:
+        """Work until stopped (or, with ``burst``, until the queue is empty); returns the
+        number of jobs handled."""
+        handled = 0
+        log.info("worker started", extra={"worker": self.worker_id,
+                                          "model": self.denoiser.identity})
+        try:
+            while not self.stop_requested.is_set():
+                if self.on_idle:
+                    self.on_idle()
+                release_expired_leases(self.sessions)
+                job = claim(self.sessions, self.worker_id, self.settings.worker.lease_seconds)
+                if job is None:
+                    if burst:
+                        break
+                    self.stop_requested.wait(self.settings.worker.poll_seconds)
+                    continue
+                self.current = job
+                with LeaseKeeper(self.sessions, job, self.settings.worker.lease_seconds):
+                    self.perform(job)
+                self.current = None
+                handled += 1
+                if max_jobs is not None and handled >= max_jobs:
+                    break
+        finally:
+            self._release_current()
+            log.info("worker stopped", extra={"worker": self.worker_id, "jobs": handled})
+        return handled
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+    def perform(self, job: ClaimedJob) -> None:
+        if job.stage == JobState.PROCESSING:
+            if not self._process(job):
+                return
+            job = self._start_sending(job)
+            self.current = job
+        self._send(job)
+
+    # -- processing ---------------------------------------------------------------------
+    def _process(self, job: ClaimedJob) -> bool:
+        extra = {"job_id": job.id, "worker": self.worker_id}
+        try:
+            series_uid, paths = self._source_files(job)
+        except PermanentError as exc:
+            self._move(job, JobState.PROCESSING, JobState.FAILED, str(exc))
+            return False
+        out_dir = self.store.derived_dir(job.id)
+        self.store.remove_tree(out_dir)
+        started = time.monotonic()
+        log.info("denoising series", extra={**extra, "series_uid": series_uid,
+                                            "instances": len(paths)})
+        try:
+            outcome = denoise_series(paths, series_uid, self.denoiser, self.settings, out_dir,
+                                     utcnow(), progress=_progress_logger(job.id))
+        except NothingToDenoise as exc:
+            self._move(job, JobState.PROCESSING, JobState.IGNORED, str(exc))
+            return False
+        except (PermanentError, SeriesError) as exc:
+            log.error("series cannot be denoised: %s", exc, extra=extra)
+            self._move(job, JobState.PROCESSING, JobState.FAILED, str(exc))
+            return False
+        except Exception as exc:  # noqa: BLE001 - out of memory, CUDA, disk: worth a retry
+            log.exception("processing failed", extra=extra)
+            self._retry_processing(job, f"{type(exc).__name__}: {exc}")
+            return False
+        seconds = time.monotonic() - started
+        self._move(job, JobState.PROCESSING, JobState.PROCESSED,
+                   f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s",
+                   derived_series_uid=outcome.derived_series_uid,
+                   derived_count=len(outcome.files), model_identity=self.denoiser.identity)
+        return True
+
+    def _source_files(self, job: ClaimedJob) -> tuple[str, list[Path]]:
+        with self.sessions() as session:
+            series = session.get_one(Series, job.series_id)
+            if series.state == SeriesState.PURGED:
+                raise PermanentError(f"the files of series {series.series_uid} were purged; "
+                                     "send the series again from the PACS")
+            rows = session.scalars(select(Instance.path).where(
+                Instance.series_id == series.id, Instance.ignored_reason.is_(None))).all()
+            uid = series.series_uid
+        paths = [self.store.path(row) for row in rows]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise PermanentError(f"{len(missing)} stored file(s) of series {uid} are missing, "
+                                 f"e.g. {missing[0]}; send the series again from the PACS")
+        return uid, paths
+
+    def _retry_processing(self, job: ClaimedJob, reason: str) -> None:
+        attempts = job.processing_attempts + 1
+        limit = self.settings.worker.max_processing_attempts
+        if attempts >= limit:
+            self._move(job, JobState.PROCESSING, JobState.FAILED,
+                       f"{reason} (attempt {attempts} of {limit})", processing_attempts=attempts)
+            return
+        delay = backoff_seconds(attempts, self.settings.send.backoff_base_seconds,
+                                self.settings.send.backoff_max_seconds)
+        self._move(job, JobState.PROCESSING, JobState.QUEUED,
+                   f"{reason} (attempt {attempts} of {limit}; retry in {delay:.0f} s)",
+                   processing_attempts=attempts, lease_owner=None, lease_expires_at=None,
+                   available_at=utcnow() + timedelta(seconds=delay))
+
+    # -- sending ------------------------------------------------------------------------
+    def _start_sending(self, job: ClaimedJob) -> ClaimedJob:
+        now = utcnow()
+        with self.sessions.begin() as session:
+            transition(session, job.id, JobState.PROCESSED, JobState.SENDING,
+                       worker=self.worker_id, reason="sending", now=now,
+                       lease_owner=self.worker_id,
+                       lease_expires_at=now + timedelta(seconds=self.settings.worker.lease_seconds))
+        return ClaimedJob(job.id, job.series_id, JobState.SENDING, job.processing_attempts,
+                          job.send_attempts, job.worker)
+
+    def _send(self, job: ClaimedJob) -> None:
+        with self.sessions() as session:
+            expected = session.get_one(Job, job.id).derived_count or 0
+        files = sorted(self.store.derived_dir(job.id).glob("*.dcm"))
+        if len(files) != expected:
+            self._move(job, JobState.SENDING, JobState.QUEUED,
+                       f"{len(files)} of {expected} derived files found; denoising again",
+                       lease_owner=None, lease_expires_at=None, available_at=utcnow())
+            return
+        destinations = self.settings.destinations
+        try:
+            for destination in destinations:
+                result = self.sender(self.settings, destination, files)
+                log.info("series sent", extra={"job_id": job.id, "destination": result.destination,
+                                               "instances": result.sent})
+        except Exception as exc:  # noqa: BLE001 - any send failure is retried, then fails
+            self._retry_sending(job, f"{type(exc).__name__}: {exc}")
+            return
+        names = ", ".join(d.name for d in destinations) or "no destination configured"
+        self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}")
+
+    def _retry_sending(self, job: ClaimedJob, reason: str) -> None:
+        attempts = job.send_attempts + 1
+        limit = self.settings.send.max_attempts
+        if attempts >= limit:
+            self._move(job, JobState.SENDING, JobState.FAILED,
+                       f"{reason} (send attempt {attempts} of {limit})", send_attempts=attempts)
+            return
+        delay = backoff_seconds(attempts, self.settings.send.backoff_base_seconds,
+                                self.settings.send.backoff_max_seconds)
+        log.warning("send failed, retrying in %.0f s: %s", delay, reason,
+                    extra={"job_id": job.id})
+        self._move(job, JobState.SENDING, JobState.PROCESSED,
+                   f"{reason} (send attempt {attempts} of {limit}; retry in {delay:.0f} s)",
+                   send_attempts=attempts, lease_owner=None, lease_expires_at=None,
+                   available_at=utcnow() + timedelta(seconds=delay))
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _move(self, job: ClaimedJob, from_state: JobState, to_state: JobState, reason: str,
+              **values: object) -> None:
+        try:
+            with self.sessions.begin() as session:
+                transition(session, job.id, from_state, to_state, worker=self.worker_id,
+                           reason=reason, **values)
+        except StaleState:
+            log.error("job was taken over while in hand (lease lost); result dropped",
+                      extra={"job_id": job.id})
+            return
+        level = logging.ERROR if to_state == JobState.FAILED else logging.INFO
+        log.log(level, "job %s: %s", to_state.value, reason,
+                extra={"job_id": job.id, "state": to_state.value})
+
+    def _release_current(self) -> None:
+        job = self.current
+        if job is None:
+            return
+        back = JobState.QUEUED if job.stage == JobState.PROCESSING else JobState.PROCESSED
+        try:
+            self._move(job, job.stage, back, "worker stopped; job released",
+                       lease_owner=None, lease_expires_at=None, available_at=utcnow())
+        except Exception:  # noqa: BLE001 - the lease expires anyway
+            log.exception("could not release the job in hand", extra={"job_id": job.id})
+        self.current = None
+
+
+def _progress_logger(job_id: int) -> Callable[[int, int], None]:
+    last = {"quarter": -1}
+
+    def report(done: int, total: int) -> None:
+        quarter = (4 * done) // max(total, 1)
+        if quarter != last["quarter"]:
+            last["quarter"] = quarter
+            log.info("denoising %d/%d slices", done, total, extra={"job_id": job_id})
+
+    return report
+
+
+def stop_handler(worker: Worker) -> Callable[[int, object], None]:
+    """A signal handler: the first signal asks the worker to finish its job, the second
+    stops it at once (the job in hand goes back to the queue)."""
+
+    def handle(signum: int, _frame: object) -> None:
+        if worker.stop_requested.is_set():
+            raise StopNow()
+        log.info("stop requested; finishing the job in hand", extra={"signal": signum})
+        worker.request_stop()
+
+    return handle
+

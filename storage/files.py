@@ -1,0 +1,161 @@
+"""The file store: atomic, durable writes at paths built only from checked UIDs.
+
+Layout under the data dir:
+    incoming/    temp files being written (cleaned at start: a crash leaves only these)
+    instances/<study>/<series>/<sop>.dcm    received instances
+    derived/<job id>/<sop>.dcm              derived instances waiting to be sent
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Digits and dots, no empty component, at most 64 characters (PS3.5 9.1). Leading zeros in a
+# component are not standard but some scanners send them; they are harmless in a path.
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class StoreError(Exception):
+    """The file store could not do what was asked."""
+
+
+class InvalidUID(StoreError):
+    """A UID is not a valid DICOM UID, so it cannot name a file or folder."""
+
+
+class OutOfSpace(StoreError):
+    """Free space is under the configured watermark, or the disk is full."""
+
+
+def check_uid(value: object, what: str) -> str:
+    text = str(value).strip().rstrip("\x00") if value is not None else ""
+    if not text or len(text) > 64 or not _UID.match(text):
+        raise InvalidUID(f"{what} {text[:80]!r} is not a valid DICOM UID")
+    return text
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    relative_path: str
+    size_bytes: int
+
+
+class FileStore:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_bytes
+        self.incoming = self.root / "incoming"
+        self.instances = self.root / "instances"
+        self.derived = self.root / "derived"
+        for folder in (self.incoming, self.instances, self.derived):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def check_space(self, incoming_bytes: int = 0) -> None:
+        free = self.free_bytes()
+        if free - incoming_bytes < self.min_free_bytes:
+            raise OutOfSpace(
+                f"free space {free // 2**20} MiB in {self.root} is under the watermark of "
+                f"{self.min_free_bytes // 2**20} MiB; free some space or lower node.min_free_mb"
+            )
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        parts = [check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID"),
+                 check_uid(sop_uid, "SOPInstanceUID")]
+        return f"instances/{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+        relative = self.instance_path(study_uid, series_uid, sop_uid)
+        self.check_space(len(data))
+        self.write_atomic(self.root / relative, data)
+        return StoredFile(relative, len(data))
+
+    def write_atomic(self, target: Path, data: bytes) -> None:
+        write_atomic(target, data, temp_dir=self.incoming)
+
+    def path(self, relative: str) -> Path:
+        resolved = (self.root / relative).resolve()
+        if not resolved.is_relative_to(self.root.resolve()):
+            raise StoreError(f"path {relative!r} is outside the store")
+        return resolved
+
+    def derived_dir(self, job_id: int) -> Path:
+        return self.derived / str(int(job_id))
+
+    def clean_incoming(self) -> int:
+        """Remove temp files a crash left behind; they were never acknowledged."""
+        removed = 0
+        for leftover in self.incoming.glob("*.part"):
+            _unlink_quietly(leftover)
+            removed += 1
+        if removed:
+            log.info("removed unfinished temp files", extra={"count": removed})
+        return removed
+
+    def remove(self, relative: str) -> None:
+        _unlink_quietly(self.path(relative))
+
+    def remove_tree(self, folder: Path) -> None:
+        if folder.resolve().is_relative_to(self.root.resolve()):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_atomic(target: Path, data: bytes, temp_dir: Path | None = None) -> None:
+    """Write to a temp file, fsync it, rename it into place and fsync the folder, so a
+    reader (or a crash) sees either the whole file or none of it."""
+    _make_dirs_durable(target.parent)
+    fd, temp_name = tempfile.mkstemp(dir=temp_dir or target.parent, suffix=".part")
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp_name, target)
+    except OSError as exc:
+        _unlink_quietly(Path(temp_name))
+        if exc.errno == errno.ENOSPC:
+            raise OutOfSpace(f"disk full while writing {target.name}") from exc
+        raise
+    _fsync_dir(target.parent)
+
+
+def _make_dirs_durable(folder: Path) -> None:
+    """Create missing folders and fsync each new one's parent, so the new entries survive
+    a power loss along with the file."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,223 @@
+"""The job queue: the state machine as data, leased claims, retries and the audit log.
+
+Every move is a conditional UPDATE on (id, state) plus one JobEvent row in the same
+transaction, so two processes can never both move the same job, and every move is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.models import Job, JobEvent, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    PROCESSED = "processed"
+    SENDING = "sending"
+    DONE = "done"
+    FAILED = "failed"
+    IGNORED = "ignored"
+
+
+S = JobState
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # ignored: superseded by a newer job for the same series.
+    S.QUEUED: frozenset({S.PROCESSING, S.IGNORED, S.FAILED}),
+    # queued: retry after a transient error or an expired lease; ignored: nothing to denoise.
+    S.PROCESSING: frozenset({S.PROCESSED, S.QUEUED, S.FAILED, S.IGNORED}),
+    # queued: replayed; ignored: superseded before it was sent.
+    S.PROCESSED: frozenset({S.SENDING, S.QUEUED, S.IGNORED}),
+    # processed: send retry after backoff, or an expired lease; queued: derived files lost.
+    S.SENDING: frozenset({S.DONE, S.PROCESSED, S.FAILED, S.QUEUED}),
+    S.DONE: frozenset({S.QUEUED}),
+    S.FAILED: frozenset({S.QUEUED}),
+    S.IGNORED: frozenset({S.QUEUED}),
+}
+ACTIVE_STATES = frozenset({S.QUEUED, S.PROCESSING, S.PROCESSED, S.SENDING})
+TERMINAL_STATES = frozenset({S.DONE, S.FAILED, S.IGNORED})
+# A claim moves a job from the left state into the right one.
+CLAIMABLE = {S.QUEUED: S.PROCESSING, S.PROCESSED: S.SENDING}
+# An expired lease returns the job to where its stage began.
+LEASE_RETURNS = {S.PROCESSING: S.QUEUED, S.SENDING: S.PROCESSED}
+
+
+class QueueError(Exception):
+    """A queue operation could not be done."""
+
+
+class IllegalTransition(QueueError):
+    """The state machine does not allow this move."""
+
+
+class StaleState(QueueError):
+    """The job was no longer in the expected state: another process moved it first."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    series_id: int
+    stage: JobState  # PROCESSING or SENDING
+    processing_attempts: int
+    send_attempts: int
+    worker: str
+
+
+def transition(
+    session: Session,
+    job_id: int,
+    from_state: JobState,
+    to_state: JobState,
+    *,
+    worker: str | None = None,
+    reason: str | None = None,
+    now: datetime | None = None,
+    **values: object,
+) -> None:
+    """Move job ``job_id`` from ``from_state`` to ``to_state`` or raise.
+
+    Extra ``values`` are set on the job in the same UPDATE; ``reason`` is recorded in the
+    audit row and as the job's latest reason. Raises ``IllegalTransition`` for a
+    move the table forbids and ``StaleState`` when the job is not in ``from_state``.
+    """
+    if to_state not in TRANSITIONS[from_state]:
+        raise IllegalTransition(f"job {job_id}: {from_state} -> {to_state} is not allowed")
+    now = now or utcnow()
+    if to_state in TERMINAL_STATES:
+        values.setdefault("completed_at", now)
+        values.setdefault("lease_owner", None)
+        values.setdefault("lease_expires_at", None)
+    columns: dict[str, object] = {"state": to_state.value, "updated_at": now, **values}
+    if reason is not None:
+        columns.setdefault("reason", reason)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == from_state.value)
+        .values(**columns)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StaleState(f"job {job_id} is no longer {from_state}")
+    session.add(
+        JobEvent(job_id=job_id, at=now, from_state=from_state.value, to_state=to_state.value,
+                 worker=worker, reason=reason)
+    )
+
+
+def enqueue(session: Session, series: Series, *, reason: str, now: datetime | None = None) -> Job:
+    """Create a queued job for the series at its current revision; older jobs of the series
+    that have not started a stage are superseded (ignored), since the new one covers them."""
+    now = now or utcnow()
+    superseded = session.scalars(
+        select(Job).where(Job.series_id == series.id, Job.state.in_([S.QUEUED, S.PROCESSED]))
+    ).all()
+    job = Job(series_id=series.id, state=S.QUEUED.value, series_revision=series.revision,
+              available_at=now, created_at=now, updated_at=now)
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=S.QUEUED.value,
+                         reason=reason))
+    for old in superseded:
+        transition(session, old.id, JobState(old.state), S.IGNORED,
+                   reason=f"superseded by job {job.id}", now=now)
+    series.queued_revision = series.revision
+    return job
+
+
+def claim(sessions: SessionFactory, worker: str, lease_seconds: float,
+          now: datetime | None = None) -> ClaimedJob | None:
+    """Claim the next available job (queued to process, or processed to send) with a lease.
+
+    PostgreSQL skips rows locked by other claimers; SQLite serialises writers (BEGIN
+    IMMEDIATE), and the conditional UPDATE makes a lost race harmless either way.
+    """
+    for _ in range(5):
+        now = now or utcnow()
+        with sessions.begin() as session:
+            query = (
+                select(Job.id, Job.state)
+                .where(Job.state.in_(list(CLAIMABLE)), Job.available_at <= now)
+                .order_by(Job.available_at, Job.id)
+                .limit(1)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            row = session.execute(query).first()
+            if row is None:
+                return None
+            from_state = JobState(row.state)
+            stage = CLAIMABLE[from_state]
+            try:
+                transition(session, row.id, from_state, stage, worker=worker, reason="claimed",
+                           now=now, lease_owner=worker,
+                           lease_expires_at=now + timedelta(seconds=lease_seconds))
+            except StaleState:
+                continue
+            job = session.get_one(Job, row.id)
+            return ClaimedJob(id=job.id, series_id=job.series_id, stage=stage,
+                              processing_attempts=job.processing_attempts,
+                              send_attempts=job.send_attempts, worker=worker)
+        now = None
+    return None
+
+
+def renew_lease(sessions: SessionFactory, job_id: int, worker: str, lease_seconds: float) -> bool:
+    """Extend a held lease; False means the lease was lost (expired and reclaimed)."""
+    now = utcnow()
+    with sessions.begin() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.lease_owner == worker,
+                   Job.state.in_([S.PROCESSING.value, S.SENDING.value]))
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .execution_options(synchronize_session=False)
+        )
+        return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def release_expired_leases(sessions: SessionFactory, now: datetime | None = None) -> list[int]:
+    """Return jobs whose worker stopped renewing its lease to the start of their stage."""
+    now = now or utcnow()
+    released: list[int] = []
+    with sessions.begin() as session:
+        expired = session.execute(
+            select(Job.id, Job.state, Job.lease_owner)
+            .where(Job.state.in_(list(LEASE_RETURNS)), Job.lease_expires_at < now)
+        ).all()
+        for job_id, state, owner in expired:
+            from_state = JobState(state)
+            try:
+                transition(session, job_id, from_state, LEASE_RETURNS[from_state],
+                           reason=f"lease of {owner} expired", now=now,
+                           lease_owner=None, lease_expires_at=None, available_at=now)
+            except StaleState:
+                continue
+            released.append(job_id)
+    for job_id in released:
+        log.warning("lease expired, job returned to the queue", extra={"job_id": job_id})
+    return released
+
+
+def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter: uniform in [base, min(cap, base * 2**attempt)]."""
+    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
+    return (rng or random).uniform(min(base, ceiling), ceiling)
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    counts = {state.value: 0 for state in JobState}
+    counts.update({state: n for state, n in rows})
+    return counts
