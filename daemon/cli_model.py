@@ -1,0 +1,73 @@
+"""``denoised-node train`` and ``denoised-node evaluate``: the model's CLI commands."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+
+def _load_config(path: str | None) -> object | None:
+    if path is None:
+        return None
+    from denoised_node.config.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _command_line(name: str) -> str:
+    args = sys.argv[1:]
+    if name in args:
+        args = args[args.index(name) + 1 :]
+    return shlex.join(["denoised-node", name, *args])
+
+
+@click.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
+@click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="Folder of the run (logs, checkpoints).")
+@click.option("--kind", type=click.Choice(["diffusion_unet", "basic_unet"]), default="diffusion_unet", show_default=True)
+@click.option("--name", default=None, help="Model name in the card (default: unet25d, or basic-unet25d).")
+@click.option("--volume", "volumes", multiple=True, help="Clean NIfTI file or DICOM folder; default: the MNI152 T1 template.")
+@click.option("--steps", type=int, default=6000, show_default=True)
+@click.option("--batch-size", type=int, default=12, show_default=True)
+@click.option("--patch", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--seed", type=int, default=20240611, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--val-every", type=int, default=250, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last state.")
+def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
+                  steps: int, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
+                  val_every: int, resume: bool) -> None:
+    """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
+    _load_config(config_path)
+    from denoised_node.model.train import TrainConfig, setup_run_logging, train
+
+    run = Path(run_dir)
+    setup_run_logging(run)
+    cfg = TrainConfig(
+        run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
+        volumes=list(volumes) or ["mni152-t1"], steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+        threads=threads, device=device, val_every=val_every,
+        command=_command_line("train"),
+    )
+    try:
+        best = train(cfg, resume=resume)
+    except FileExistsError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"best checkpoint: {best}")
+
+
+if __name__ == "__main__":  # python -m denoised_node.daemon.cli_model train ...
+    @click.group()
+    def _main() -> None:
+        """The model commands on their own."""
+
+    _main.add_command(train_command)
+    _main()

@@ -1,0 +1,144 @@
+"""Checkpoints: safetensors weights plus a model card (JSON) in the safetensors metadata.
+
+Nothing is unpickled. The card carries the architecture config (the network is built from it
+with ``build_network``), the normalisation, the noise schedule, the training record, metrics,
+a version and the sha256 of the weights; ``read_checkpoint`` refuses a file whose tensors do not
+hash to the card's sha256. A sidecar ``<name>.json`` beside the file (written for shipped
+checkpoints) also pins the sha256 of the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointInvalidError, CheckpointMismatchError, CheckpointNotFoundError
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "denoised-node/1"
+CARD_KEY = "denoised_node_card"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    version: str
+    architecture: dict[str, Any]
+    schedule: dict[str, Any]
+    normalisation: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+    weights_dtype: str = "float16"
+    format: str = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCard:
+        try:
+            data = json.loads(text)
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise CheckpointInvalidError(f"the model card is not valid: {exc}") from None
+
+    @property
+    def identity(self) -> str:
+        return f"dn-{self.name}-{self.version}-{self.sha256[:12]}"
+
+
+def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A hash over names, dtypes, shapes and bytes, in name order: independent of file layout."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checkpoint(
+    path: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    card: ModelCard,
+    *,
+    dtype: torch.dtype = torch.float16,
+    sidecar: bool = False,
+) -> ModelCard:
+    """Write weights (floating tensors cast to ``dtype``) and the card; return the card with
+    its sha256 filled in. The write is atomic (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        k: (v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in state_dict.items()
+    }
+    card = replace(card, sha256=weights_sha256(tensors), weights_dtype=str(dtype).removeprefix("torch."))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, CARD_KEY: card.to_json()})
+    tmp.replace(path)
+    if sidecar:
+        side = {"file_sha256": file_sha256(path), "card": json.loads(card.to_json())}
+        path.with_suffix(".json").write_text(json.dumps(side, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote checkpoint %s (%s)", path, card.identity)
+    return card
+
+
+def read_checkpoint(path: str | Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """Read and verify a checkpoint; raise a ``ModelError`` subclass naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+    side_path = path.with_suffix(".json")
+    if side_path.is_file():
+        try:
+            side = json.loads(side_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointInvalidError(f"{side_path} is not valid JSON: {exc}") from None
+        expected = side.get("file_sha256")
+        if expected and file_sha256(path) != expected:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} does not match the sha256 in {side_path.name}: the file was "
+                "altered or replaced; restore it or delete the stale card"
+            )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointInvalidError(f"{path} is not a readable safetensors checkpoint: {exc}") from None
+    if meta.get("format") != FORMAT or CARD_KEY not in meta:
+        raise CheckpointInvalidError(f"{path} is a safetensors file but not a denoised-node checkpoint (no model card)")
+    try:
+        card = ModelCard.from_json(meta[CARD_KEY])
+    except CheckpointInvalidError as exc:
+        raise CheckpointInvalidError(f"{path}: {exc}") from None
+    actual = weights_sha256(tensors)
+    if actual != card.sha256:
+        raise CheckpointMismatchError(
+            f"checkpoint {path}: the weights hash to {actual[:12]}, the card says {card.sha256[:12]}; "
+            "the file was altered"
+        )
+    return card, tensors

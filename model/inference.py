@@ -1,0 +1,228 @@
+"""Inference: a volume in physical units in, the denoised volume out.
+
+``Denoiser.load`` reads and verifies a checkpoint, builds the network from its card and keeps
+it warm on a device; ``denoise`` normalises the volume by its robust scale, estimates the noise
+sigma of each slice (the estimator used in training), turns it into the timestep through the
+card's noise schedule, pads rows and columns to what the network needs, runs one deterministic
+forward pass per slice (batched, mixed precision on a GPU) and crops back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import ModelCard, read_checkpoint
+from .errors import CheckpointMismatchError, DeviceUnavailableError, InputVolumeError
+from .network import DenoiseNet, build_network
+from .noise import estimate_sigma, robust_scale
+from .schedule import NoiseSchedule
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+
+Progress = Callable[[int, int], None]
+
+
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """``"default"`` (or another bare name) is a checkpoint shipped in the package; else a path."""
+    text = str(checkpoint)
+    if "/" not in text and "\\" not in text and not text.endswith(".safetensors"):
+        return CHECKPOINT_DIR / f"{text}.safetensors"
+    return Path(text).expanduser()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return torch.device("cpu")
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"device {device!r} was asked for but CUDA is not available on this host")
+        index = int(device[5:]) if device.startswith("cuda:") else 0
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"device {device!r} does not exist: this host has {torch.cuda.device_count()} CUDA device(s)"
+            )
+        return torch.device("cuda", index)
+    raise DeviceUnavailableError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
+
+
+def _pad_to(x: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    pad = [(0, 0)] * (x.ndim - 2) + [(ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)]
+    return np.pad(x, pad, mode="symmetric"), (h, w)
+
+
+def _crop(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    h, w = hw
+    top, left = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    return x[..., top : top + h, left : left + w]
+
+
+def check_volume(volume: np.ndarray) -> np.ndarray:
+    vol = np.asarray(volume)
+    if vol.ndim == 2:
+        vol = vol[None]
+    if vol.ndim != 3 or min(vol.shape) == 0:
+        raise InputVolumeError(f"expected a (slices, rows, cols) volume, got shape {vol.shape}")
+    vol = vol.astype(np.float32, copy=False)
+    if not np.isfinite(vol).all():
+        raise InputVolumeError("the volume holds NaN or infinite values")
+    return vol
+
+
+def slice_timesteps(vol_n: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
+    """Per-slice timesteps from the noise estimate of the normalised volume."""
+    return schedule.timestep(np.array([estimate_sigma(s) for s in vol_n], dtype=np.float32))
+
+
+@torch.inference_mode()
+def denoise_volume(
+    net: DenoiseNet,
+    volume: np.ndarray,
+    schedule: NoiseSchedule,
+    *,
+    device: torch.device | None = None,
+    batch_size: int = 8,
+    amp: bool = False,
+    progress: Progress | None = None,
+) -> np.ndarray:
+    """The whole inference path on an in-memory network (also used by training's validation)."""
+    vol = check_volume(volume)
+    squeeze = np.asarray(volume).ndim == 2
+    device = device or next(net.parameters()).device
+    scale = robust_scale(vol)
+    vol_n = vol / scale
+    t_all = slice_timesteps(vol_n, schedule)
+    padded, hw = _pad_to(vol_n, net.multiple)
+    n = padded.shape[0]
+    out = np.empty_like(padded)
+    use_amp = amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    if net.spatial_dims == 2:
+        half = net.in_slices // 2
+        offsets = np.arange(-half, half + 1)
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(n, start + batch_size))
+            nb = np.clip(idx[:, None] + offsets[None, :], 0, n - 1)
+            x = torch.from_numpy(np.ascontiguousarray(padded[nb])).to(device)
+            t = torch.from_numpy(t_all[idx]).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                y = net(x, t)
+            out[idx] = y[:, 0].float().cpu().numpy()
+            if progress is not None:
+                progress(int(idx[-1]) + 1, n)
+    else:
+        out = _denoise_3d(net, padded, t_all, device, use_amp, amp_dtype, progress)
+    result = _crop(out, hw) * scale
+    if vol.min() >= 0:
+        np.maximum(result, 0.0, out=result)
+    result = result.astype(np.float32, copy=False)
+    return result[0] if squeeze else result
+
+
+def _denoise_3d(
+    net: DenoiseNet,
+    padded: np.ndarray,
+    t_all: np.ndarray,
+    device: torch.device,
+    use_amp: bool,
+    amp_dtype: torch.dtype,
+    progress: Progress | None,
+) -> np.ndarray:
+    """3D variant: overlapping blocks along the slice axis, averaged where they overlap."""
+    depth = int(net.cfg.get("block_depth", 16))
+    step = max(1, depth - 4)
+    n = padded.shape[0]
+    acc = np.zeros_like(padded)
+    weight = np.zeros((n, 1, 1), dtype=np.float32)
+    starts = list(range(0, max(1, n - depth + 1), step))
+    if starts[-1] + depth < n:
+        starts.append(n - depth)
+    for s in starts:
+        idx = np.clip(np.arange(s, s + depth), 0, n - 1)
+        x = torch.from_numpy(np.ascontiguousarray(padded[idx]))[None, None].to(device)
+        t = torch.tensor([float(np.median(t_all[idx]))], device=device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            y = net(x, t)[0, 0].float().cpu().numpy()
+        for k, i in enumerate(idx):
+            if s + k < n:
+                acc[i] += y[k]
+                weight[i] += 1
+        if progress is not None:
+            progress(min(n, s + depth), n)
+    return acc / np.maximum(weight, 1)
+
+
+@dataclass
+class Denoiser:
+    """A loaded, verified model kept warm on a device."""
+
+    card: ModelCard
+    net: DenoiseNet
+    schedule: NoiseSchedule
+    device: torch.device
+    batch_size: int = 8
+    amp: bool = True
+    path: Path | None = None
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path = "default",
+        device: str = "auto",
+        batch_size: int = 8,
+        amp: bool = True,
+        threads: int = 0,
+    ) -> Denoiser:
+        path = resolve_checkpoint(checkpoint)
+        dev = resolve_device(device)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        card, tensors = read_checkpoint(path)
+        try:
+            net = build_network(card.architecture)
+            net.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointMismatchError(
+                f"checkpoint {path}: the weights do not fit the architecture in its card: {exc}"
+            ) from None
+        schedule = NoiseSchedule.from_dict(card.schedule)
+        net.eval().to(dev)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        logger.info("loaded model %s on %s", card.identity, dev, extra={"model": card.identity})
+        return cls(card=card, net=net, schedule=schedule, device=dev, batch_size=batch_size, amp=amp, path=path)
+
+    @property
+    def identity(self) -> str:
+        return self.card.identity
+
+    def denoise(self, volume: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = denoise_volume(
+            self.net,
+            volume,
+            self.schedule,
+            device=self.device,
+            batch_size=self.batch_size,
+            amp=self.amp,
+            progress=progress,
+        )
+        logger.debug(
+            "denoised %s in %.2f s", tuple(np.shape(volume)), time.perf_counter() - t0, extra={"model": self.identity}
+        )
+        return out

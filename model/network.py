@@ -1,0 +1,163 @@
+"""The denoising network, built from a plain config dict (``build_network(cfg)``).
+
+A checkpoint stores this dict in its model card, so loading needs nothing but the file.
+
+Shape of the model (2.5D, ``spatial_dims=2``): the input is ``in_slices`` neighbouring slices
+as channels, ``(B, in_slices, H, W)``. A space-to-depth stem (pixel unshuffle by
+``space_to_depth``) folds each 2x2 block into channels so the U-Net runs at half resolution
+(four times fewer pixels: this is what makes a 256x256 slice fast enough on a CPU), and a
+depth-to-space head unfolds the U-Net's output back to full resolution. The U-Net predicts the
+noise residual; the output is the centre slice minus it. The U-Net's last convolution starts at
+zero, so an untrained network is the identity.
+
+``kind``:
+- ``diffusion_unet``: MONAI ``DiffusionModelUNet``; its timestep input carries the noise level
+  (see ``schedule.py``); attention only at the smallest level, through torch SDPA.
+- ``basic_unet``: MONAI ``BasicUNet``, blind to the noise level: the plain baseline.
+
+With ``spatial_dims=3`` the input is ``(B, 1, D, H, W)`` and the output the whole denoised
+block ``(B, 1, D, H, W)``; the stem folds only H and W.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("diffusion_unet", "basic_unet")
+
+
+def default_config(kind: str = "diffusion_unet") -> dict[str, Any]:
+    """The architecture of the shipped model (and of its plain baseline)."""
+    if kind == "diffusion_unet":
+        return {
+            "kind": "diffusion_unet",
+            "spatial_dims": 2,
+            "in_slices": 5,
+            "space_to_depth": 2,
+            "unet": {
+                "channels": [48, 64, 96, 96],
+                "attention_levels": [False, False, False, True],
+                "num_res_blocks": 1,
+                "num_head_channels": 32,
+                "norm_num_groups": 16,
+            },
+        }
+    if kind == "basic_unet":
+        return {
+            "kind": "basic_unet",
+            "spatial_dims": 2,
+            "in_slices": 5,
+            "space_to_depth": 2,
+            "unet": {"features": [48, 64, 96, 192, 256, 48]},
+        }
+    raise ValueError(f"unknown network kind {kind!r}; known: {', '.join(KINDS)}")
+
+
+def _fold(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Space-to-depth over the last two axes: (B, C, [D,] H, W) -> (B, C*r*r, [D,] H/r, W/r)."""
+    if r == 1:
+        return x
+    if x.ndim == 4:
+        return nn.functional.pixel_unshuffle(x, r)
+    b, c, d, h, w = x.shape
+    y = x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+    y = nn.functional.pixel_unshuffle(y, r)
+    return y.reshape(b, d, c * r * r, h // r, w // r).permute(0, 2, 1, 3, 4)
+
+
+def _unfold(x: torch.Tensor, r: int) -> torch.Tensor:
+    if r == 1:
+        return x
+    if x.ndim == 4:
+        return nn.functional.pixel_shuffle(x, r)
+    b, c, d, h, w = x.shape
+    y = x.permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
+    y = nn.functional.pixel_shuffle(y, r)
+    return y.reshape(b, d, c // (r * r), h * r, w * r).permute(0, 2, 1, 3, 4)
+
+
+class DenoiseNet(nn.Module):
+    """Residual denoiser around a MONAI U-Net; see the module docstring."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        cfg = copy.deepcopy(cfg)
+        kind = cfg.get("kind")
+        if kind not in KINDS:
+            raise ValueError(f"unknown network kind {kind!r}; known: {', '.join(KINDS)}")
+        self.cfg = cfg
+        self.kind: str = kind
+        self.spatial_dims = int(cfg.get("spatial_dims", 2))
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, not {self.spatial_dims}")
+        self.in_slices = int(cfg.get("in_slices", 1)) if self.spatial_dims == 2 else 1
+        self.r = int(cfg.get("space_to_depth", 1))
+        self.conditioned = kind == "diffusion_unet"
+        unet = dict(cfg.get("unet", {}))
+        cin = self.in_slices * self.r * self.r
+        cout = self.r * self.r
+        if kind == "diffusion_unet":
+            from monai.networks.nets import DiffusionModelUNet
+
+            channels = tuple(unet.pop("channels"))
+            self.levels = len(channels)
+            self.net: nn.Module = DiffusionModelUNet(
+                spatial_dims=self.spatial_dims,
+                in_channels=cin,
+                out_channels=cout,
+                channels=channels,
+                attention_levels=tuple(unet.pop("attention_levels")),
+                use_flash_attention=True,  # torch scaled_dot_product_attention
+                **unet,
+            )
+        else:
+            from monai.networks.nets import BasicUNet
+
+            self.levels = 5
+            self.net = BasicUNet(
+                spatial_dims=self.spatial_dims,
+                in_channels=cin,
+                out_channels=cout,
+                features=tuple(unet.pop("features")),
+                **unet,
+            )
+            for p in self.net.final_conv.parameters():
+                nn.init.zeros_(p)  # start as the identity, like DiffusionModelUNet's out conv
+
+    @property
+    def multiple(self) -> int:
+        """Height and width must be multiples of this (the caller pads)."""
+        return self.r * 2 ** (self.levels - 1)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.multiple
+        if x.shape[-1] % m or x.shape[-2] % m:
+            raise ValueError(f"height and width must be multiples of {m}, got {tuple(x.shape[-2:])}")
+        if self.spatial_dims == 2:
+            centre = x[:, self.in_slices // 2 : self.in_slices // 2 + 1]
+        else:
+            centre = x
+        y = _fold(x, self.r)
+        if self.conditioned:
+            if timesteps is None:
+                raise ValueError("this network is conditioned on the noise level: pass timesteps")
+            res = self.net(y, timesteps.to(y.dtype))
+        else:
+            res = self.net(y)
+        return centre - _unfold(res, self.r)
+
+
+def build_network(cfg: dict[str, Any]) -> DenoiseNet:
+    """``Net(**cfg)``: the whole architecture comes from the config dict."""
+    return DenoiseNet(cfg)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
