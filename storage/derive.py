@@ -143,9 +143,11 @@ class DerivedSeriesWriter:
         ds.set_pixel_data(stored, str(ds.PhotometricInterpretation), int(ds.BitsStored),
                           generate_instance_uid=False)
         syntax = OUTPUT_TRANSFER_SYNTAXES[self.info.transfer_syntax]
-        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # native pixels, as set above
         if syntax == RLELossless:
             ds.compress(RLELossless, encoding_plugin="pydicom")
+        else:
+            ds.file_meta.TransferSyntaxUID = syntax
         ds.file_meta.MediaStorageSOPClassUID = source_sop_class
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.SourceApplicationEntityTitle = self.info.station_ae_title

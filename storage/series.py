@@ -85,7 +85,8 @@ def plan_stacks(paths: Iterable[Path]) -> StackPlan:
     candidates: list[_Candidate] = []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # Large values (pixel data) are deferred: present, but not read into memory.
+            ds = pydicom.dcmread(path, defer_size=4096)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped with a reason
             plan.skipped.append((path.stem, f"unreadable: {exc}"))
             continue

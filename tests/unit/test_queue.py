@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import multiprocessing
+import random
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from denoised_node.daemon.runtime import Runtime
+from denoised_node.storage.db import make_engine, make_session_factory
+from denoised_node.storage.models import Job, JobEvent, Series, utcnow
+from denoised_node.storage.queue import (
+    TRANSITIONS,
+    IllegalTransition,
+    JobState,
+    StaleState,
+    backoff_seconds,
+    claim,
+    counts_by_state,
+    enqueue,
+    release_expired_leases,
+    renew_lease,
+    transition,
+)
+
+
+def _series(runtime: Runtime, uid: str = "1.2.3.4") -> int:
+    with runtime.sessions.begin() as session:
+        series = Series(study_uid="1.2.3", series_uid=uid, state="receiving", revision=3,
+                        queued_revision=0, instance_count=3)
+        session.add(series)
+        session.flush()
+        return series.id
+
+
+def _job(runtime: Runtime, series_id: int) -> int:
+    with runtime.sessions.begin() as session:
+        return enqueue(session, session.get_one(Series, series_id), reason="test").id
+
+
+def test_every_state_has_transitions_and_terminal_states_only_requeue() -> None:
+    assert set(TRANSITIONS) == set(JobState)
+    for state in (JobState.DONE, JobState.FAILED, JobState.IGNORED):
+        assert TRANSITIONS[state] == {JobState.QUEUED}
+
+
+def test_transition_moves_and_audits(runtime: Runtime) -> None:
+    job_id = _job(runtime, _series(runtime))
+    with runtime.sessions.begin() as session:
+        transition(session, job_id, JobState.QUEUED, JobState.PROCESSING, worker="w1",
+                   reason="claimed")
+    with runtime.sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert job.state == "processing"
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
+        assert [(e.from_state, e.to_state, e.worker) for e in events] == [
+            (None, "queued", None), ("queued", "processing", "w1")]
+
+
+def test_illegal_and_stale_moves_raise(runtime: Runtime) -> None:
+    job_id = _job(runtime, _series(runtime))
+    with runtime.sessions.begin() as session:
+        with pytest.raises(IllegalTransition):
+            transition(session, job_id, JobState.QUEUED, JobState.DONE)
+        with pytest.raises(StaleState):
+            transition(session, job_id, JobState.PROCESSING, JobState.PROCESSED)
+
+
+def test_claim_takes_the_oldest_and_leases_it(runtime: Runtime) -> None:
+    series_id = _series(runtime)
+    first = _job(runtime, series_id)
+    claimed = claim(runtime.sessions, "w1", 30)
+    assert claimed is not None and claimed.id == first and claimed.stage == JobState.PROCESSING
+    assert claim(runtime.sessions, "w2", 30) is None
+    with runtime.sessions() as session:
+        job = session.get_one(Job, first)
+        assert job.lease_owner == "w1" and job.lease_expires_at > utcnow()
+
+
+def test_new_job_supersedes_a_queued_one(runtime: Runtime) -> None:
+    series_id = _series(runtime)
+    old = _job(runtime, series_id)
+    new = _job(runtime, series_id)
+    with runtime.sessions() as session:
+        assert session.get_one(Job, old).state == "ignored"
+        assert session.get_one(Job, old).reason == f"superseded by job {new}"
+        assert session.get_one(Job, new).state == "queued"
+
+
+def test_expired_lease_returns_job_to_its_stage(runtime: Runtime) -> None:
+    job_id = _job(runtime, _series(runtime))
+    claimed = claim(runtime.sessions, "dead-worker", 30)
+    assert claimed is not None
+    assert release_expired_leases(runtime.sessions) == []
+    later = utcnow() + timedelta(seconds=31)
+    assert release_expired_leases(runtime.sessions, later) == [job_id]
+    assert not renew_lease(runtime.sessions, job_id, "dead-worker", 30)
+    again = claim(runtime.sessions, "w2", 30, now=later)
+    assert again is not None and again.id == job_id
+    assert renew_lease(runtime.sessions, job_id, "w2", 30)
+
+
+def test_sending_lease_expiry_returns_to_processed(runtime: Runtime) -> None:
+    job_id = _job(runtime, _series(runtime))
+    with runtime.sessions.begin() as session:
+        transition(session, job_id, JobState.QUEUED, JobState.PROCESSING)
+        transition(session, job_id, JobState.PROCESSING, JobState.PROCESSED)
+    claimed = claim(runtime.sessions, "w1", 10)
+    assert claimed is not None and claimed.stage == JobState.SENDING
+    release_expired_leases(runtime.sessions, utcnow() + timedelta(seconds=11))
+    with runtime.sessions() as session:
+        assert session.get_one(Job, job_id).state == "processed"
+
+
+def test_jobs_in_backoff_are_not_claimed(runtime: Runtime) -> None:
+    job_id = _job(runtime, _series(runtime))
+    with runtime.sessions.begin() as session:
+        session.get_one(Job, job_id).available_at = utcnow() + timedelta(minutes=5)
+    assert claim(runtime.sessions, "w1", 30) is None
+    assert claim(runtime.sessions, "w1", 30, now=utcnow() + timedelta(minutes=6)) is not None
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    rng = random.Random(1)
+    assert 2 <= backoff_seconds(1, 2, 600, rng) <= 2
+    assert 2 <= backoff_seconds(4, 2, 600, rng) <= 16
+    assert all(backoff_seconds(30, 2, 600, rng) <= 600 for _ in range(20))
+
+
+def test_counts_by_state_lists_every_state(runtime: Runtime) -> None:
+    _job(runtime, _series(runtime))
+    with runtime.sessions() as session:
+        counts = counts_by_state(session)
+    assert counts["queued"] == 1 and counts["done"] == 0 and len(counts) == len(JobState)
+
+
+def _claim_all(url: str, worker: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    sessions = make_session_factory(make_engine(url))
+    got = []
+    while (job := claim(sessions, worker, 60)) is not None:
+        got.append(job.id)
+    out.put(got)
+
+
+def test_concurrent_claimers_take_each_job_once(runtime: Runtime, tmp_path: Path) -> None:
+    ids = []
+    for n in range(40):
+        ids.append(_job(runtime, _series(runtime, f"1.2.3.{n}")))
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    procs = [context.Process(target=_claim_all, args=(runtime.settings.database_url, f"w{i}", out))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    claimed = [job for _ in procs for job in out.get(timeout=60)]
+    for p in procs:
+        p.join(30)
+    assert sorted(claimed) == sorted(ids)

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from denoised_node.storage.derive import (
+    DerivationInfo,
+    DerivedSeriesWriter,
+    derived_uid,
+    is_own_output,
+)
+from denoised_node.storage.series import load_volume, plan_stacks
+
+NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+INFO = DerivationInfo(model_identity="model-a", model_name="unet", model_version="1.0",
+                      software_version="0.1.0")
+
+
+def _real(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    return stored.astype(np.float64) * slope + intercept
+
+
+def test_stack_is_sorted_along_the_normal(mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    series = mr_series_factory(slices=9, shuffle=True, orientation="oblique")
+    plan = plan_stacks(series.paths)
+    assert len(plan.stacks) == 1 and not plan.skipped
+    positions = [ref.position for ref in plan.stacks[0].slices]
+    assert positions == sorted(positions)
+    assert len(set(np.round(np.diff(positions), 3))) == 1
+
+
+def test_volume_applies_rescale(mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    series = mr_series_factory(slices=4, rescale_slope=2.5, rescale_intercept=-100.0)
+    stack = plan_stacks(series.paths).stacks[0]
+    volume = load_volume(stack)
+    by_uid = series.pixels_by_uid
+    for index, ref in enumerate(stack.slices):
+        np.testing.assert_allclose(volume[index], _real(by_uid[ref.sop_instance_uid], 2.5, -100),
+                                   rtol=1e-6)
+
+
+def test_echoes_and_localizers_are_separated(mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    series = mr_series_factory(slices=5, echoes=2, localizers=2)
+    plan = plan_stacks(series.paths)
+    assert sorted(stack.depth for stack in plan.stacks) == [5, 5]
+    assert [reason for _, reason in plan.skipped] == ["localizer", "localizer"]
+    assert {stack.label for stack in plan.stacks} == {"64x56, echo 1", "64x56, echo 2"}
+
+
+def _write_identity(series, tmp_path: Path, info: DerivationInfo = INFO) -> list[Path]:  # type: ignore[no-untyped-def]
+    writer = DerivedSeriesWriter(tmp_path / "out", info, NOW)
+    for stack in plan_stacks(series.paths).stacks:
+        writer.add_stack(stack, load_volume(stack))
+    return writer.close()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"signed": True, "bits_stored": 16},
+    {"rescale_slope": 0.5, "rescale_intercept": 10.0},
+    {"bits_stored": 12, "rows": 27, "columns": 31},
+])
+def test_identity_denoise_gives_the_source_pixels_back(mr_series_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                      overrides: dict) -> None:
+    series = mr_series_factory(slices=3, **overrides)
+    files = _write_identity(series, tmp_path)
+    assert len(files) == 3
+    by_uid = series.pixels_by_uid
+    for path in files:
+        derived = pydicom.dcmread(path)
+        source_uid = derived.SourceImageSequence[0].ReferencedSOPInstanceUID
+        np.testing.assert_array_equal(derived.pixel_array, by_uid[source_uid])
+        assert derived.pixel_array.dtype == by_uid[source_uid].dtype
+
+
+def test_derived_attributes(mr_series, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    files = _write_identity(mr_series, tmp_path)
+    sources = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p) for p in mr_series.paths}
+    series_uids = set()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        src = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        series_uids.add(ds.SeriesInstanceUID)
+        assert ds.SOPClassUID == src.SOPClassUID
+        assert ds.SOPInstanceUID == derived_uid("model-a", src.SOPInstanceUID)
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.SeriesInstanceUID == derived_uid("model-a", src.SeriesInstanceUID)
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
+        assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+        assert ds.SeriesDescription == f"{src.SeriesDescription} DENOISED"
+        assert ds.SeriesNumber == src.SeriesNumber + 1000
+        assert ds.ImagePositionPatient == src.ImagePositionPatient
+        assert ds.ImageOrientationPatient == src.ImageOrientationPatient
+        assert ds.PixelSpacing == src.PixelSpacing
+        assert ds.WindowCenter == src.WindowCenter and ds.WindowWidth == src.WindowWidth
+        assert ds.PatientName == src.PatientName
+        assert ds.DerivationCodeSequence[0].CodeValue == "113087"
+        assert "model-a" in ds.DerivationDescription
+        ref = ds.SourceImageSequence[0]
+        assert ref.ReferencedSOPClassUID == src.SOPClassUID
+        assert ref.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        equipment = ds.ContributingEquipmentSequence[-1]
+        assert equipment.Manufacturer == "denoised-node"
+        assert is_own_output(ds) and not is_own_output(src)
+        assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert len(series_uids) == 1
+
+
+def test_uids_are_deterministic_and_depend_on_the_model(mr_series, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = sorted(p.name for p in _write_identity(mr_series, tmp_path / "a"))
+    again = sorted(p.name for p in _write_identity(mr_series, tmp_path / "b"))
+    other = DerivationInfo(model_identity="model-b", model_name="unet", model_version="2.0",
+                           software_version="0.1.0")
+    different = sorted(p.name for p in _write_identity(mr_series, tmp_path / "c", other))
+    assert first == again
+    assert not set(first) & set(different)
+
+
+def test_compressed_input_and_rle_output(mr_series_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    series = mr_series_factory(slices=2, transfer_syntax=RLELossless)
+    info = DerivationInfo(model_identity="m", model_name="n", model_version="1",
+                          software_version="0", transfer_syntax="rle")
+    files = _write_identity(series, tmp_path, info)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == RLELossless
+        source = series.pixels_by_uid[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        np.testing.assert_array_equal(ds.pixel_array, source)
+
+
+def test_long_description_keeps_the_suffix(mr_series_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    series = mr_series_factory(slices=1, series_description="X" * 64)
+    ds = pydicom.dcmread(_write_identity(series, tmp_path)[0])
+    assert len(ds.SeriesDescription) <= 64 and ds.SeriesDescription.endswith(" DENOISED")
+
+
+def test_values_are_clipped_to_the_stored_range(mr_series_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    series = mr_series_factory(slices=2, bits_stored=12)
+    stack = plan_stacks(series.paths).stacks[0]
+    writer = DerivedSeriesWriter(tmp_path / "out", INFO, NOW)
+    volume = load_volume(stack)
+    volume[:, 0, 0] = 1e9
+    volume[:, 0, 1] = -1e9
+    writer.add_stack(stack, volume)
+    for path in writer.close():
+        pixels = pydicom.dcmread(path).pixel_array
+        assert pixels[0, 0] == 4095 and pixels[0, 1] == 0
