@@ -16,7 +16,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries
+from tests.fixtures.other_objects import (
+    write_ct_image,
+    write_legacy_converted,
+    write_secondary_capture,
+)
 from tests.integration.peers import (
     Modality,
     Orthanc,
@@ -114,3 +120,43 @@ def test_dcm2niix_sees_the_generated_geometry(
     normal_ras = series.instances[0].geometry.normal * np.array([-1.0, -1.0, 1.0])
     slice_axis = affine[:3, 2] / 4.0
     np.testing.assert_allclose(np.abs(slice_axis @ normal_ras), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"echoes": 3, "orientation": "oblique", "rescale_slope": 0.5, "rescale_intercept": 10.0},
+    {"signed": True, "bits_stored": 16, "transfer_syntax": JPEG2000Lossless},
+], ids=["plain", "echoes-oblique-rescaled", "signed-j2k"])
+def test_generated_enhanced_mr_passes_dciodvfy(
+        overrides: dict[str, object], mr_series_factory: Callable[..., GeneratedSeries]) -> None:
+    series = mr_series_factory(enhanced=True, slices=4, **overrides)
+    assert dciodvfy(series.paths[0]) == []
+
+
+def test_non_mr_objects_pass_dciodvfy(tmp_path: Path) -> None:
+    study = StudyInfo(seed=5)
+    for path in (write_secondary_capture(tmp_path, study), write_ct_image(tmp_path, study)):
+        assert dciodvfy(path) == [], path
+
+
+def test_orthanc_takes_a_mixed_study(orthanc: Orthanc, tmp_path: Path,
+                                     mr_series_factory: Callable[..., GeneratedSeries]) -> None:
+    study = StudyInfo(seed=6)
+    classic = mr_series_factory(study=study, series_number=3, slices=4)
+    enhanced = mr_series_factory(study=study, series_number=4, slices=4, enhanced=True)
+    others = tmp_path / "others"
+    write_secondary_capture(others, study)
+    write_ct_image(others, study)
+    write_legacy_converted(others, classic.paths, seed=6)
+    for folder in (classic.directory, enhanced.directory):
+        storescu(folder, "127.0.0.1", orthanc.dicom_port, MODALITY_AET, orthanc.aet)
+    # storescu's default proposal list lacks Legacy Converted Enhanced MR: -R proposes
+    # exactly the SOP classes and transfer syntaxes of the files instead.
+    storescu(others, "127.0.0.1", orthanc.dicom_port, MODALITY_AET, orthanc.aet, ["-R"])
+
+    found = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in orthanc.find_series(study.study_uid)}
+    assert len(found) == 5
+    assert len(found[classic.series_uid]["Instances"]) == 4
+    assert len(found[enhanced.series_uid]["Instances"]) == 1
+    (back,) = orthanc.series_datasets(enhanced.series_uid)
+    np.testing.assert_array_equal(back.pixel_array, enhanced.instances[0].stored)
