@@ -1,0 +1,238 @@
+"""Model package: network shapes, noise and schedule, checkpoints, inference padding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from denoised_node.model.checkpoint import ModelCard, read_checkpoint, write_checkpoint
+from denoised_node.model.errors import (
+    CheckpointInvalidError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    DeviceUnavailableError,
+    InputVolumeError,
+    ModelError,
+)
+from denoised_node.model.inference import Denoiser
+from denoised_node.model.network import build_network, default_config
+from denoised_node.model.noise import add_rician, estimate_sigma, robust_scale
+from denoised_node.model.schedule import NoiseSchedule
+
+TINY: dict[str, Any] = {
+    "kind": "diffusion_unet",
+    "spatial_dims": 2,
+    "in_slices": 3,
+    "space_to_depth": 2,
+    "unet": {
+        "channels": [16, 16],
+        "attention_levels": [False, True],
+        "num_res_blocks": 1,
+        "num_head_channels": 16,
+        "norm_num_groups": 8,
+    },
+}
+
+
+def tiny_checkpoint(path: Path, *, perturb: bool = True, sidecar: bool = False) -> ModelCard:
+    torch.manual_seed(0)
+    net = build_network(TINY)
+    if perturb:  # leave the identity so outputs depend on the weights
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    card = ModelCard(name="tiny", version="0.0", architecture=TINY, schedule=NoiseSchedule().to_dict())
+    return write_checkpoint(path, net.state_dict(), card, sidecar=sidecar)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.safetensors"
+    tiny_checkpoint(path)
+    return path
+
+
+def phantom(slices: int, rows: int, cols: int, sigma: float = 0.03, seed: int = 0) -> np.ndarray:
+    yy, xx = np.mgrid[:rows, :cols]
+    disc = (((yy - rows / 2) / (0.4 * rows)) ** 2 + ((xx - cols / 2) / (0.4 * cols)) ** 2 < 1).astype(np.float32)
+    vol = np.stack([disc * (0.6 + 0.3 * np.sin(xx / 7.0 + k)) for k in range(slices)]).astype(np.float32)
+    return add_rician(vol, sigma, np.random.default_rng(seed)) * 1000.0
+
+
+# --- network -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["diffusion_unet", "basic_unet"])
+def test_untrained_network_is_identity_on_the_centre_slice(kind: str) -> None:
+    cfg = default_config(kind)
+    net = build_network(cfg).eval()
+    x = torch.rand(2, cfg["in_slices"], 64, 64)
+    with torch.no_grad():
+        y = net(x, torch.tensor([10.0, 500.0]))
+    assert y.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(y, x[:, cfg["in_slices"] // 2 : cfg["in_slices"] // 2 + 1])
+
+
+def test_default_network_uses_sdpa_attention_at_the_smallest_level_only() -> None:
+    cfg = default_config()
+    assert cfg["unet"]["attention_levels"] == [False, False, False, True]
+    net = build_network(cfg)
+    flags = [m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention")]
+    assert flags and all(flags)
+
+
+def test_3d_variant_shapes() -> None:
+    cfg = {**TINY, "spatial_dims": 3, "unet": {**TINY["unet"]}}
+    net = build_network(cfg).eval()
+    x = torch.rand(1, 1, 4, 32, 32)
+    with torch.no_grad():
+        assert net(x, torch.tensor([100.0])).shape == x.shape
+
+
+def test_network_refuses_sizes_it_cannot_take() -> None:
+    net = build_network(TINY)
+    with pytest.raises(ValueError, match="multiples"):
+        net(torch.rand(1, 3, 30, 32), torch.tensor([1.0]))
+
+
+# --- noise and schedule --------------------------------------------------------------------
+
+
+def test_sigma_estimate_on_white_noise() -> None:
+    rng = np.random.default_rng(1)
+    img = rng.normal(5.0, 0.2, (256, 256)).astype(np.float32)
+    assert estimate_sigma(img) == pytest.approx(0.2, rel=0.05)
+
+
+def test_rician_noise_is_magnitude() -> None:
+    rng = np.random.default_rng(2)
+    out = add_rician(np.zeros((64, 64), np.float32), 1.0, rng)
+    assert out.min() >= 0
+    assert out.mean() == pytest.approx(np.sqrt(np.pi / 2), rel=0.05)  # Rayleigh mean
+
+
+def test_schedule_is_monotone_and_invertible() -> None:
+    s = NoiseSchedule()
+    sig = np.array([0.005, 0.01, 0.03, 0.09, 0.15])
+    t = s.timestep(sig)
+    assert np.all(np.diff(t) > 0) and t.min() >= 0 and t.max() <= 999
+    np.testing.assert_allclose(s.sigma(t), sig, rtol=1e-4)
+    assert s.timestep(1e-9) == 0 and s.timestep(10.0) == 999
+
+
+def test_robust_scale_ignores_hot_pixels() -> None:
+    vol = np.ones((4, 32, 32), np.float32)
+    vol[0, 0, 0] = 1e6
+    assert robust_scale(vol) == pytest.approx(1.0)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tiny: Path) -> None:
+    card, tensors = read_checkpoint(tiny)
+    assert card.architecture == TINY and card.weights_dtype == "float16"
+    den = Denoiser.load(tiny, device="cpu")
+    assert den.identity == f"dn-tiny-0.0-{card.sha256[:12]}"
+    assert den.card == card and den.device == torch.device("cpu")
+
+
+def test_tampered_weights_are_refused(tiny: Path) -> None:
+    data = bytearray(tiny.read_bytes())
+    data[-10] ^= 0xFF  # inside the last tensor's bytes
+    tiny.write_bytes(bytes(data))
+    with pytest.raises(CheckpointMismatchError, match="altered"):
+        Denoiser.load(tiny, device="cpu")
+
+
+def test_card_that_does_not_fit_the_weights_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "t.safetensors"
+    card = tiny_checkpoint(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    bad = json.loads(meta["denoised_node_card"])
+    bad["architecture"]["unet"]["channels"] = [16, 32]
+    meta["denoised_node_card"] = json.dumps(bad)
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    assert read_checkpoint(path)[0].sha256 == card.sha256
+    with pytest.raises(CheckpointMismatchError, match="do not fit"):
+        Denoiser.load(path, device="cpu")
+
+
+def test_sidecar_pins_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.safetensors"
+    tiny_checkpoint(path, sidecar=True)
+    Denoiser.load(path, device="cpu")
+    tiny_checkpoint(path, perturb=False)  # replaced, sidecar stale
+    (tmp_path / "s.json").write_text((tmp_path / "s.json").read_text())
+    with pytest.raises(CheckpointMismatchError, match="sha256"):
+        Denoiser.load(path, device="cpu")
+
+
+def test_missing_and_foreign_files_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with pytest.raises(CheckpointNotFoundError, match="does not exist"):
+        Denoiser.load(tmp_path / "nope.safetensors", device="cpu")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(CheckpointInvalidError):
+        Denoiser.load(junk, device="cpu")
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bare))
+    with pytest.raises(CheckpointInvalidError, match="no model card"):
+        Denoiser.load(bare, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA")
+def test_unavailable_device_is_refused(tiny: Path) -> None:
+    with pytest.raises(DeviceUnavailableError, match="cuda:1"):
+        Denoiser.load(tiny, device="cuda:1")
+    assert issubclass(DeviceUnavailableError, ModelError)
+
+
+# --- inference -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 270, 270), (2, 320, 260), (1, 37, 45), (5, 16, 16)])
+def test_any_size_is_padded_and_cropped_back(tiny: Path, shape: tuple[int, int, int]) -> None:
+    den = Denoiser.load(tiny, device="cpu", batch_size=2)
+    vol = phantom(*shape)
+    calls: list[tuple[int, int]] = []
+    out = den.denoise(vol, progress=lambda done, total: calls.append((done, total)))
+    assert out.shape == vol.shape and out.dtype == np.float32
+    assert calls[-1] == (shape[0], shape[0])
+    assert np.isfinite(out).all()
+
+
+def test_denoise_is_deterministic(tiny: Path) -> None:
+    den = Denoiser.load(tiny, device="cpu")
+    vol = phantom(3, 64, 64)
+    a, b = den.denoise(vol), Denoiser.load(tiny, device="cpu").denoise(vol)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_identity_network_returns_the_input(tmp_path: Path) -> None:
+    path = tmp_path / "id.safetensors"
+    tiny_checkpoint(path, perturb=False)
+    vol = phantom(2, 40, 40)
+    np.testing.assert_allclose(Denoiser.load(path, device="cpu").denoise(vol), vol, rtol=1e-5, atol=1e-3)
+
+
+def test_bad_volumes_are_refused(tiny: Path) -> None:
+    den = Denoiser.load(tiny, device="cpu")
+    with pytest.raises(InputVolumeError):
+        den.denoise(np.zeros((1, 1, 4, 4), np.float32))
+    bad = phantom(1, 16, 16)
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InputVolumeError, match="NaN"):
+        den.denoise(bad)
