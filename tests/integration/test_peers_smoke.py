@@ -16,6 +16,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from tests.fixtures.encoding import truncated_copy
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries
 from tests.fixtures.other_objects import (
@@ -30,6 +31,7 @@ from tests.integration.peers import (
     dciodvfy,
     dcm2niix_affine,
     echoscu,
+    send_files,
     storescu,
     storescu_syntax_args,
 )
@@ -160,3 +162,16 @@ def test_orthanc_takes_a_mixed_study(orthanc: Orthanc, tmp_path: Path,
     assert len(found[enhanced.series_uid]["Instances"]) == 1
     (back,) = orthanc.series_datasets(enhanced.series_uid)
     np.testing.assert_array_equal(back.pixel_array, enhanced.instances[0].stored)
+
+
+def test_orthanc_acknowledges_a_truncated_file(
+        orthanc: Orthanc, tmp_path: Path, mr_series_factory: Callable[..., GeneratedSeries]) -> None:
+    """The PACS does not filter garbage: a cut file sent with pynetdicom is answered 0x0000."""
+    series = mr_series_factory(slices=2)
+    damaged = truncated_copy(series.paths[0], tmp_path / "bad" / "cut.dcm", keep=0.8)
+
+    statuses = send_files([damaged, series.paths[1]], "127.0.0.1", orthanc.dicom_port,
+                          MODALITY_AET, orthanc.aet, timeout=10)
+
+    assert statuses == [0x0000, 0x0000]
+    assert orthanc.count_instances(series.series_uid) == 2

@@ -14,6 +14,7 @@ from tests.integration.peers.dcmtk import (
 )
 from tests.integration.peers.orthanc import Modality, Orthanc, start_orthanc
 from tests.integration.peers.process import ManagedProcess, PeerDied
+from tests.integration.peers.pynetdicom_scu import NO_ANSWER, send_files
 from tests.integration.peers.tools import (
     find_tool,
     free_port,
@@ -33,9 +34,10 @@ from tests.integration.peers.validators import (
 )
 
 __all__ = [
-    "DciodvfyReport", "ManagedProcess", "Modality", "Orthanc", "PeerDied", "StoreSCP",
+    "NO_ANSWER", "DciodvfyReport", "ManagedProcess", "Modality", "Orthanc", "PeerDied", "StoreSCP",
     "dciodvfy", "dciodvfy_report", "dcm2niix_affine", "dcm2niix_affines", "echoscu",
     "find_tool", "free_port", "in_ci", "nifti_affine", "nodelay_env", "port_open",
-    "require_tool", "start_orthanc", "start_storescp", "storescu", "storescu_syntax_args",
+    "require_tool", "send_files", "start_orthanc", "start_storescp", "storescu",
+    "storescu_syntax_args",
     "wait_until",
 ]
