@@ -48,8 +48,9 @@ def node_port() -> int:
 
 
 @pytest.fixture
-def orthanc_factory(tmp_path_factory: pytest.TempPathFactory,
-                    process_reaper: list[ManagedProcess]) -> Iterator[Callable[..., Orthanc]]:
+def orthanc_factory(
+    tmp_path_factory: pytest.TempPathFactory, process_reaper: list[ManagedProcess]
+) -> Iterator[Callable[..., Orthanc]]:
     """start(**kwargs of start_orthanc) -> Orthanc; every one started is stopped afterwards."""
     started: list[Orthanc] = []
 
@@ -65,8 +66,9 @@ def orthanc_factory(tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture
-def orthanc(request: pytest.FixtureRequest, orthanc_factory: Callable[..., Orthanc],
-            node_port: int) -> Orthanc:
+def orthanc(
+    request: pytest.FixtureRequest, orthanc_factory: Callable[..., Orthanc], node_port: int
+) -> Orthanc:
     """Orthanc (AET ORTHANC) with the node declared as modality DENOISER at node_port.
 
     Parameterise with indirect=True and a dict of start_orthanc keywords, e.g.

@@ -28,8 +28,15 @@ Factory = Callable[..., GeneratedSeries]
 
 
 def test_enhanced_mr_is_one_multiframe_object(mr_series_factory: Factory) -> None:
-    series = mr_series_factory(enhanced=True, slices=5, rows=41, columns=37, orientation="oblique",
-                               rescale_slope=0.5, rescale_intercept=10.0)
+    series = mr_series_factory(
+        enhanced=True,
+        slices=5,
+        rows=41,
+        columns=37,
+        orientation="oblique",
+        rescale_slope=0.5,
+        rescale_intercept=10.0,
+    )
     (instance,) = series.instances
     ds = pydicom.dcmread(instance.path)
     assert ds.SOPClassUID == EnhancedMRImageStorage
@@ -40,22 +47,29 @@ def test_enhanced_mr_is_one_multiframe_object(mr_series_factory: Factory) -> Non
     assert "RescaleSlope" not in ds
     iop = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
     assert iop == pytest.approx(instance.geometry.orientation_values)
-    positions = [frame.PlanePositionSequence[0].ImagePositionPatient
-                 for frame in ds.PerFrameFunctionalGroupsSequence]
+    positions = [
+        frame.PlanePositionSequence[0].ImagePositionPatient
+        for frame in ds.PerFrameFunctionalGroupsSequence
+    ]
     for position, geometry in zip(positions, instance.geometries, strict=True):
         np.testing.assert_allclose([float(v) for v in position], geometry.position, atol=1e-5)
 
 
 def test_enhanced_mr_with_echoes_has_two_dimensions(mr_series_factory: Factory) -> None:
-    series = mr_series_factory(enhanced=True, slices=3, echoes=2, localizers=1,
-                               transfer_syntax=JPEG2000Lossless)
+    series = mr_series_factory(
+        enhanced=True, slices=3, echoes=2, localizers=1, transfer_syntax=JPEG2000Lossless
+    )
     ds = pydicom.dcmread(series.paths[0])
     assert int(ds.NumberOfFrames) == 6  # localizers are left out of the multi-frame object
     assert len(ds.DimensionIndexSequence) == 2
-    indices = [tuple(f.FrameContentSequence[0].DimensionIndexValues)
-               for f in ds.PerFrameFunctionalGroupsSequence]
+    indices = [
+        tuple(f.FrameContentSequence[0].DimensionIndexValues)
+        for f in ds.PerFrameFunctionalGroupsSequence
+    ]
     assert len(set(indices)) == 6
-    echo_times = {float(f.MREchoSequence[0].EffectiveEchoTime) for f in ds.PerFrameFunctionalGroupsSequence}
+    echo_times = {
+        float(f.MREchoSequence[0].EffectiveEchoTime) for f in ds.PerFrameFunctionalGroupsSequence
+    }
     assert len(echo_times) == 2
     np.testing.assert_array_equal(ds.pixel_array, series.instances[0].stored)
 

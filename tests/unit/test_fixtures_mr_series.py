@@ -37,8 +37,12 @@ def test_same_seed_same_bytes_other_seed_other_uids(tmp_path: Path) -> None:
 
 def test_uids_are_valid_and_unique(mr_series_factory: Factory) -> None:
     series = mr_series_factory(slices=6, echoes=2, localizers=1)
-    uids = [*series.sop_instance_uids, series.series_uid, series.study_uid,
-            series.frame_of_reference_uid]
+    uids = [
+        *series.sop_instance_uids,
+        series.series_uid,
+        series.study_uid,
+        series.frame_of_reference_uid,
+    ]
     assert len(set(uids)) == len(uids)
     assert all(UID(uid).is_valid for uid in uids)
     ds = pydicom.dcmread(series.paths[0])
@@ -48,18 +52,35 @@ def test_uids_are_valid_and_unique(mr_series_factory: Factory) -> None:
 
 
 @pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal", "oblique"])
-def test_slices_are_parallel_and_evenly_spaced(orientation: str, mr_series_factory: Factory) -> None:
-    series = mr_series_factory(slices=5, rows=31, columns=27, orientation=orientation,
-                               slice_thickness=3.0, slice_spacing=4.0, pixel_spacing=(1.5, 2.0))
+def test_slices_are_parallel_and_evenly_spaced(
+    orientation: str, mr_series_factory: Factory
+) -> None:
+    series = mr_series_factory(
+        slices=5,
+        rows=31,
+        columns=27,
+        orientation=orientation,
+        slice_thickness=3.0,
+        slice_spacing=4.0,
+        pixel_spacing=(1.5, 2.0),
+    )
     datasets = [pydicom.dcmread(p) for p in series.paths]
     iop = np.asarray(datasets[0].ImageOrientationPatient, dtype=float)
     row, col = iop[:3], iop[3:]
-    assert abs(row @ col) < 1e-6 and np.isclose(np.linalg.norm(row), 1) and np.isclose(np.linalg.norm(col), 1)
+    assert (
+        abs(row @ col) < 1e-6
+        and np.isclose(np.linalg.norm(row), 1)
+        and np.isclose(np.linalg.norm(col), 1)
+    )
     normal = np.cross(row, col)
-    along = sorted(float(np.asarray(ds.ImagePositionPatient, dtype=float) @ normal) for ds in datasets)
+    along = sorted(
+        float(np.asarray(ds.ImagePositionPatient, dtype=float) @ normal) for ds in datasets
+    )
     np.testing.assert_allclose(np.diff(along), 4.0, atol=1e-4)
-    assert all(list(ds.ImageOrientationPatient) == list(datasets[0].ImageOrientationPatient)
-               for ds in datasets)
+    assert all(
+        list(ds.ImageOrientationPatient) == list(datasets[0].ImageOrientationPatient)
+        for ds in datasets
+    )
     assert [float(v) for v in datasets[0].PixelSpacing] == [1.5, 2.0]
     assert (datasets[0].Rows, datasets[0].Columns) == (31, 27)
 
@@ -71,13 +92,29 @@ def test_shuffle_sends_slices_out_of_order(mr_series_factory: Factory) -> None:
     assert numbers != sorted(numbers)
 
 
-@pytest.mark.parametrize("bits_stored, signed, slope, intercept", [
-    (12, False, None, None), (16, False, 0.5, 0.0), (12, True, 1.0, 1000.0), (16, True, 2.0, -50.0),
-])
-def test_stored_values_fit_the_pixel_format(bits_stored: int, signed: bool, slope: float | None,
-                                            intercept: float | None, mr_series_factory: Factory) -> None:
-    series = mr_series_factory(slices=2, bits_stored=bits_stored, signed=signed,
-                               rescale_slope=slope, rescale_intercept=intercept)
+@pytest.mark.parametrize(
+    "bits_stored, signed, slope, intercept",
+    [
+        (12, False, None, None),
+        (16, False, 0.5, 0.0),
+        (12, True, 1.0, 1000.0),
+        (16, True, 2.0, -50.0),
+    ],
+)
+def test_stored_values_fit_the_pixel_format(
+    bits_stored: int,
+    signed: bool,
+    slope: float | None,
+    intercept: float | None,
+    mr_series_factory: Factory,
+) -> None:
+    series = mr_series_factory(
+        slices=2,
+        bits_stored=bits_stored,
+        signed=signed,
+        rescale_slope=slope,
+        rescale_intercept=intercept,
+    )
     ds = pydicom.dcmread(series.paths[0])
     assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, bits_stored, bits_stored - 1)
     assert ds.PixelRepresentation == int(signed)
@@ -94,19 +131,33 @@ def test_stored_values_fit_the_pixel_format(bits_stored: int, signed: bool, slop
         assert 700 < np.percentile(real, 99) < 1400
 
 
-TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEGLSLossless,
-                     JPEG2000Lossless, JPEGLosslessSV1]
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+]
 
 
 @pytest.mark.parametrize("transfer_syntax", TRANSFER_SYNTAXES, ids=lambda uid: UID(uid).name)
 @pytest.mark.parametrize("signed", [False, True])
-def test_every_transfer_syntax_reads_back_losslessly(transfer_syntax: str, signed: bool,
-                                                     mr_series_factory: Factory) -> None:
+def test_every_transfer_syntax_reads_back_losslessly(
+    transfer_syntax: str, signed: bool, mr_series_factory: Factory
+) -> None:
     if transfer_syntax == JPEGLosslessSV1 and dcmcjpeg_path() is None:
         from tests.integration.peers import require_tool
+
         require_tool("dcmcjpeg")
-    series = mr_series_factory(slices=2, rows=45, columns=38, transfer_syntax=transfer_syntax,
-                               signed=signed, rescale_intercept=500.0 if signed else None)
+    series = mr_series_factory(
+        slices=2,
+        rows=45,
+        columns=38,
+        transfer_syntax=transfer_syntax,
+        signed=signed,
+        rescale_intercept=500.0 if signed else None,
+    )
     for instance in series.instances:
         ds = pydicom.dcmread(instance.path)
         assert ds.file_meta.TransferSyntaxUID == transfer_syntax

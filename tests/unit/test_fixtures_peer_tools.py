@@ -7,13 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.peers import find_tool, free_port, in_ci, nodelay_env, require_tool, wait_until
+from tests.integration.peers import (
+    find_tool,
+    free_port,
+    in_ci,
+    nodelay_env,
+    require_tool,
+    wait_until,
+)
 
 
-@pytest.mark.parametrize("value, expected", [("", False), ("0", False), ("false", False),
-                                             ("1", True), ("true", True)])
-def test_ci_is_read_from_the_environment(value: str, expected: bool,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "value, expected", [("", False), ("0", False), ("false", False), ("1", True), ("true", True)]
+)
+def test_ci_is_read_from_the_environment(
+    value: str, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CI", value)
     assert in_ci() is expected
 
@@ -30,7 +39,9 @@ def test_a_missing_tool_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
         require_tool("no-such-dicom-tool")
 
 
-def test_python_scripts_never_stand_in_for_dcmtk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_python_scripts_never_stand_in_for_dcmtk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fake = tmp_path / "fake-storescu"
     fake.write_text("#!/usr/bin/env python3\nprint('pynetdicom')\n")
     fake.chmod(0o755)

@@ -32,9 +32,17 @@ class Modality:
         return {"AET": self.aet, "Host": self.host, "Port": self.port}
 
 
-def orthanc_config(workdir: Path, *, aet: str, dicom_port: int, http_port: int,
-                   modalities: dict[str, Modality], overwrite_instances: bool, stable_age: int,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def orthanc_config(
+    workdir: Path,
+    *,
+    aet: str,
+    dicom_port: int,
+    http_port: int,
+    modalities: dict[str, Modality],
+    overwrite_instances: bool,
+    stable_age: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "Name": f"test-orthanc-{dicom_port}",
         "StorageDirectory": str(workdir / "storage"),
@@ -93,12 +101,16 @@ class Orthanc:
     # --- queries ----------------------------------------------------------------------------
     def find_series(self, study_uid: str) -> list[dict[str, Any]]:
         """Every series of the study, expanded: MainDicomTags, Instances (Orthanc IDs), ID."""
-        return self.post("/tools/find", {"Level": "Series", "Expand": True,
-                                         "Query": {"StudyInstanceUID": study_uid}})
+        return self.post(
+            "/tools/find",
+            {"Level": "Series", "Expand": True, "Query": {"StudyInstanceUID": study_uid}},
+        )
 
     def series_by_uid(self, series_uid: str) -> dict[str, Any] | None:
-        found = self.post("/tools/find", {"Level": "Series", "Expand": True,
-                                          "Query": {"SeriesInstanceUID": series_uid}})
+        found = self.post(
+            "/tools/find",
+            {"Level": "Series", "Expand": True, "Query": {"SeriesInstanceUID": series_uid}},
+        )
         return found[0] if found else None
 
     def series_instances(self, series_uid: str) -> list[dict[str, Any]]:
@@ -132,16 +144,28 @@ class Orthanc:
             paths.append(path)
         return paths
 
-    def wait_for_series(self, study_uid: str, predicate: Callable[[dict[str, Any]], bool],
-                        *, count: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    def wait_for_series(
+        self,
+        study_uid: str,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        count: int | None = None,
+        timeout: float = 120.0,
+    ) -> dict[str, Any]:
         """The first series of the study that matches predicate (and has count instances)."""
+
         def ready() -> dict[str, Any] | None:
             for series in self.find_series(study_uid):
                 if predicate(series) and (count is None or len(series["Instances"]) == count):
                     return series
             return None
-        return wait_until(ready, timeout=timeout, interval=0.5,
-                          what=f"a matching series in study {study_uid} on Orthanc")
+
+        return wait_until(
+            ready,
+            timeout=timeout,
+            interval=0.5,
+            what=f"a matching series in study {study_uid} on Orthanc",
+        )
 
     # --- actions ----------------------------------------------------------------------------
     def set_modality(self, name: str, modality: Modality) -> None:
@@ -153,8 +177,9 @@ class Orthanc:
         series = self.series_by_uid(series_uid)
         if series is None:
             raise LookupError(f"series {series_uid} is not in Orthanc")
-        return self.post(f"/modalities/{modality}/store",
-                         {"Resources": [series["ID"]], "Synchronous": True})
+        return self.post(
+            f"/modalities/{modality}/store", {"Resources": [series["ID"]], "Synchronous": True}
+        )
 
     def clear(self) -> None:
         for patient in self.get("/patients"):
@@ -164,30 +189,53 @@ class Orthanc:
         self.process.stop()
 
 
-def start_orthanc(workdir: Path, *, aet: str = "ORTHANC",
-                  modalities: dict[str, Modality] | None = None, overwrite_instances: bool = False,
-                  stable_age: int = 2, extra_config: dict[str, Any] | None = None,
-                  startup_timeout: float = 60.0) -> Orthanc:
+def start_orthanc(
+    workdir: Path,
+    *,
+    aet: str = "ORTHANC",
+    modalities: dict[str, Modality] | None = None,
+    overwrite_instances: bool = False,
+    stable_age: int = 2,
+    extra_config: dict[str, Any] | None = None,
+    startup_timeout: float = 60.0,
+) -> Orthanc:
     """Start Orthanc on free ports of 127.0.0.1; return once REST and C-ECHO answer."""
     binary = require_tool("Orthanc")
     workdir.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     while http_port == dicom_port:
         http_port = free_port()
-    config = orthanc_config(workdir, aet=aet, dicom_port=dicom_port, http_port=http_port,
-                            modalities=modalities or {}, overwrite_instances=overwrite_instances,
-                            stable_age=stable_age, extra=extra_config)
+    config = orthanc_config(
+        workdir,
+        aet=aet,
+        dicom_port=dicom_port,
+        http_port=http_port,
+        modalities=modalities or {},
+        overwrite_instances=overwrite_instances,
+        stable_age=stable_age,
+        extra=extra_config,
+    )
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     log = workdir / "orthanc.log"
-    process = ManagedProcess.start([binary, f"--logfile={log}", str(config_path)],
-                                   log=workdir / "orthanc.stdout", env=nodelay_env(), cwd=workdir)
+    process = ManagedProcess.start(
+        [binary, f"--logfile={log}", str(config_path)],
+        log=workdir / "orthanc.stdout",
+        env=nodelay_env(),
+        cwd=workdir,
+    )
     orthanc = Orthanc(aet, dicom_port, http_port, workdir, process)
     try:
-        wait_until(lambda: process.check_alive() and _answers(orthanc), timeout=startup_timeout,
-                   what=f"Orthanc REST on port {http_port}")
-        wait_until(lambda: process.check_alive() and echoscu(HOST, dicom_port, aet),
-                   timeout=startup_timeout, what=f"Orthanc C-ECHO on port {dicom_port}")
+        wait_until(
+            lambda: process.check_alive() and _answers(orthanc),
+            timeout=startup_timeout,
+            what=f"Orthanc REST on port {http_port}",
+        )
+        wait_until(
+            lambda: process.check_alive() and echoscu(HOST, dicom_port, aet),
+            timeout=startup_timeout,
+            what=f"Orthanc C-ECHO on port {dicom_port}",
+        )
     except BaseException as error:
         orthanc.stop()
         raise RuntimeError(f"Orthanc did not start: {error}\n{_tail(log)}") from error

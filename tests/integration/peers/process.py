@@ -19,11 +19,19 @@ class ManagedProcess:
     log: Path
 
     @classmethod
-    def start(cls, command: list[str], *, log: Path, env: dict[str, str],
-              cwd: Path | None = None) -> ManagedProcess:
+    def start(
+        cls, command: list[str], *, log: Path, env: dict[str, str], cwd: Path | None = None
+    ) -> ManagedProcess:
         with log.open("ab") as out:
-            popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                     cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
+            popen = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return cls(popen, log)
 
     @property
@@ -41,7 +49,9 @@ class ManagedProcess:
         code = self.popen.poll()
         if code is None:
             return True
-        raise PeerDied(f"{self.popen.args[0]} exited with {code}; log {self.log}:\n{self.log_tail()}")
+        raise PeerDied(
+            f"{self.popen.args!r} exited with {code}; log {self.log}:\n{self.log_tail()}"
+        )
 
     def terminate(self) -> None:
         """SIGTERM by PID, without waiting (Orthanc takes about 3 s to shut down)."""

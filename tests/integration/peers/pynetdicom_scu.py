@@ -12,8 +12,9 @@ from pynetdicom import AE, build_context
 NO_ANSWER = -1  # the association was aborted or the peer did not answer
 
 
-def send_files(paths: list[Path], host: str, port: int, calling: str, called: str,
-               *, timeout: float = 30.0) -> list[int]:
+def send_files(
+    paths: list[Path], host: str, port: int, calling: str, called: str, *, timeout: float = 30.0
+) -> list[int]:
     """C-STORE each file's bytes as they are, in one association, with TCP_NODELAY.
 
     pynetdicom sends a file given by path without decoding it, so a truncated file goes out
@@ -25,12 +26,15 @@ def send_files(paths: list[Path], host: str, port: int, calling: str, called: st
     for path in paths:
         meta = dcmread(path, stop_before_pixels=True, force=True).file_meta
         syntaxes = contexts.setdefault(str(meta.MediaStorageSOPClassUID), set())
-        syntaxes.update({str(meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+        syntaxes.update(
+            {str(meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+        )
     ae.requested_contexts = [build_context(sop, sorted(ts)) for sop, ts in contexts.items()]
     assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
         raise ConnectionError(f"association to {called}@{host}:{port} was not established")
-    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     statuses: list[int] = []
     try:
         for path in paths:

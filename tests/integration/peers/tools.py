@@ -17,8 +17,13 @@ T = TypeVar("T")
 # Debian installs Orthanc in /usr/sbin; DCMTK in /usr/bin. pynetdicom puts its own python
 # `storescu`/`storescp`/`echoscu` scripts in the venv's bin, which shadow DCMTK on PATH.
 SYSTEM_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin", "/bin", "/sbin")
-APT_PACKAGE = {"Orthanc": "orthanc", "dciodvfy": "dicom3tools", "dcm2niix": "dcm2niix",
-               "psql": "postgresql", "pg_ctl": "postgresql"}
+APT_PACKAGE = {
+    "Orthanc": "orthanc",
+    "dciodvfy": "dicom3tools",
+    "dcm2niix": "dcm2niix",
+    "psql": "postgresql",
+    "pg_ctl": "postgresql",
+}
 
 
 def in_ci() -> bool:
@@ -39,7 +44,11 @@ def find_tool(name: str) -> str | None:
     """Absolute path of a native binary: system folders first, never a Python look-alike."""
     for folder in SYSTEM_DIRS:
         candidate = Path(folder) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK) and not _is_python_script(candidate):
+        if (
+            candidate.is_file()
+            and os.access(candidate, os.X_OK)
+            and not _is_python_script(candidate)
+        ):
             return str(candidate)
     found = shutil.which(name)
     if found and not _is_python_script(Path(found)):
@@ -80,8 +89,13 @@ def nodelay_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_until(condition: Callable[[], T | None], *, timeout: float, interval: float = 0.2,
-               what: str = "condition") -> T:
+def wait_until(
+    condition: Callable[[], T | None],
+    *,
+    timeout: float,
+    interval: float = 0.2,
+    what: str = "condition",
+) -> T:
     """Poll until condition() returns something truthy; return it, or raise TimeoutError."""
     deadline = time.monotonic() + timeout
     while True:
