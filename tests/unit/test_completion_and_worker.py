@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from denoised_node.config.settings import Destination, Settings
+from denoised_node.daemon.completion import complete_idle_series
+from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.scu import SendError, SendResult
+from denoised_node.daemon.worker import Worker
+from denoised_node.storage.models import Job, JobEvent, Series, utcnow
+from denoised_node.storage.queue import JobState
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+class RecordingSender:
+    def __init__(self, failures: int = 0) -> None:
+        self.failures = failures
+        self.sent: list[list[Path]] = []
+
+    def __call__(self, settings: Settings, destination: Destination,
+                 files: Sequence[Path]) -> SendResult:
+        if self.failures > 0:
+            self.failures -= 1
+            raise SendError(f"{destination.name}: association rejected")
+        self.sent.append(list(files))
+        return SendResult(destination.name, len(files))
+
+
+def _receive(runtime: Runtime, paths: Sequence[Path]) -> Counter[int]:
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    return Counter(receiver.receive(p.read_bytes(), MR, "MOD").series_id for p in paths)
+
+
+def _job_states(runtime: Runtime) -> list[str]:
+    with runtime.sessions() as session:
+        return [j.state for j in session.scalars(select(Job).order_by(Job.id))]
+
+
+def test_series_completes_after_idle_time(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
+    _receive(runtime, mr_series.paths)
+    assert complete_idle_series(runtime.sessions, runtime.settings.series) == []
+    later = utcnow() + timedelta(seconds=runtime.settings.series.idle_seconds + 1)
+    assert len(complete_idle_series(runtime.sessions, runtime.settings.series, later)) == 1
+    assert complete_idle_series(runtime.sessions, runtime.settings.series, later) == []
+    assert _job_states(runtime) == ["queued"]
+
+
+def test_released_gap_free_series_completes_early(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
+    delivered = _receive(runtime, mr_series.paths)
+    Receiver(runtime.store, runtime.sessions, runtime.settings).mark_released(delivered)
+    soon = utcnow() + timedelta(seconds=runtime.settings.series.released_grace_seconds + 0.1)
+    assert len(complete_idle_series(runtime.sessions, runtime.settings.series, soon)) == 1
+
+
+def test_released_series_with_gaps_waits_for_idle(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
+    paths = [p for i, p in enumerate(mr_series.paths)
+             if pydicom.dcmread(p).InstanceNumber != 5]
+    delivered = _receive(runtime, paths)
+    Receiver(runtime.store, runtime.sessions, runtime.settings).mark_released(delivered)
+    soon = utcnow() + timedelta(seconds=2)
+    assert complete_idle_series(runtime.sessions, runtime.settings.series, soon) == []
+
+
+def test_late_instances_queue_the_series_again(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
+    _receive(runtime, mr_series.paths[:-1])
+    later = utcnow() + timedelta(seconds=60)
+    complete_idle_series(runtime.sessions, runtime.settings.series, later)
+    _receive(runtime, mr_series.paths[-1:])
+    complete_idle_series(runtime.sessions, runtime.settings.series, later + timedelta(seconds=60))
+    assert _job_states(runtime) == ["ignored", "queued"]
+
+
+def test_series_without_mr_is_ignored_with_the_reason(runtime: Runtime, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    ct = mr_series_factory(slices=2, sop_class_uid=pydicom.uid.CTImageStorage, modality="CT")
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in ct.paths:
+        receiver.receive(path.read_bytes(), pydicom.uid.CTImageStorage, "MOD")
+    complete_idle_series(runtime.sessions, runtime.settings.series, utcnow() + timedelta(minutes=1))
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.state == "ignored" and "not an MR image" in (job.reason or "")
+
+
+def _worker(runtime: Runtime, denoiser, sender) -> Worker:  # type: ignore[no-untyped-def]
+    return Worker(runtime.settings, runtime.sessions, runtime.store, denoiser,
+                  worker_id="test-worker", sender=sender)
+
+
+def _complete(runtime: Runtime) -> None:
+    """Age every series past its idle time, then run completion at the real time."""
+    with runtime.sessions.begin() as session:
+        for series in session.scalars(select(Series)):
+            series.last_received_at -= timedelta(minutes=5)
+    assert complete_idle_series(runtime.sessions, runtime.settings.series)
+
+
+def test_worker_denoises_and_sends_every_instance(runtime: Runtime, mr_series,  # type: ignore[no-untyped-def]
+                                                 fake_denoiser) -> None:
+    _receive(runtime, mr_series.paths)
+    _complete(runtime)
+    sender = RecordingSender()
+    assert _worker(runtime, fake_denoiser, sender).run(burst=True) == 1
+    assert _job_states(runtime) == ["done"]
+    assert len(sender.sent) == 1 and len(sender.sent[0]) == len(mr_series.paths)
+    refs = {pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID
+            for p in sender.sent[0]}
+    assert refs == set(mr_series.sop_instance_uids)
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.derived_count == len(mr_series.paths)
+        assert job.model_identity == fake_denoiser.identity
+        moves = [(e.from_state, e.to_state) for e in session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))]
+    assert moves == [(None, "queued"), ("queued", "processing"), ("processing", "processed"),
+                     ("processed", "sending"), ("sending", "done")]
+
+
+def test_send_failure_retries_then_succeeds(runtime: Runtime, mr_series, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
+    _receive(runtime, mr_series.paths)
+    _complete(runtime)
+    sender = RecordingSender(failures=1)
+    worker = _worker(runtime, fake_denoiser, sender)
+    worker.run(burst=True)
+    assert _job_states(runtime) == ["processed"]  # waiting out its backoff
+    with runtime.sessions.begin() as session:
+        session.scalars(select(Job)).one().available_at = utcnow()
+    worker.run(burst=True)
+    assert _job_states(runtime) == ["done"] and fake_denoiser.calls == 1
+
+
+def test_send_fails_after_the_attempt_limit(settings_factory, mr_series_factory,  # type: ignore[no-untyped-def]
+                                            fake_denoiser) -> None:
+    from denoised_node.daemon.runtime import open_runtime
+
+    settings = settings_factory(send__max_attempts=1)
+    runtime = open_runtime(settings, initialise_empty=True)
+    _receive(runtime, mr_series_factory(slices=2).paths)
+    _complete(runtime)
+    _worker(runtime, fake_denoiser, RecordingSender(failures=5)).run(burst=True)
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+    assert job.state == "failed" and "association rejected" in (job.reason or "")
+
+
+class ExplodingDenoiser:
+    identity = "boom"
+    card = None
+
+    def denoise(self, volume, progress=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: out of memory")
+
+
+def test_processing_errors_retry_a_bounded_number_of_times(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
+    _receive(runtime, mr_series.paths)
+    _complete(runtime)
+    worker = _worker(runtime, ExplodingDenoiser(), RecordingSender())
+    for _ in range(runtime.settings.worker.max_processing_attempts):
+        with runtime.sessions.begin() as session:
+            session.scalars(select(Job)).one().available_at = utcnow()
+        worker.run(burst=True)
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+    assert job.state == "failed" and "out of memory" in (job.reason or "")
+    assert job.processing_attempts == runtime.settings.worker.max_processing_attempts
+
+
+def test_missing_source_files_fail_with_a_clear_reason(runtime: Runtime, mr_series,  # type: ignore[no-untyped-def]
+                                                      fake_denoiser) -> None:
+    _receive(runtime, mr_series.paths)
+    _complete(runtime)
+    for path in runtime.store.instances.rglob("*.dcm"):
+        path.unlink()
+    _worker(runtime, fake_denoiser, RecordingSender()).run(burst=True)
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+    assert job.state == "failed" and "missing" in (job.reason or "")
+
+
+def test_stop_request_releases_nothing_when_idle(runtime: Runtime, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
+    worker = _worker(runtime, fake_denoiser, RecordingSender())
+    worker.request_stop()
+    assert worker.run() == 0
+
+
+def test_second_stop_returns_the_job_to_the_queue(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
+    from denoised_node.daemon.worker import StopNow
+
+    class Interrupted:
+        identity = "x"
+        card = None
+
+        def denoise(self, volume, progress=None):  # type: ignore[no-untyped-def]
+            raise StopNow()
+
+    _receive(runtime, mr_series.paths)
+    _complete(runtime)
+    with pytest.raises(StopNow):
+        _worker(runtime, Interrupted(), RecordingSender()).run()
+    assert _job_states(runtime) == ["queued"]
