@@ -45,7 +45,7 @@ class NodeSettings(_Section):
     ae_title: AETitle = "DENOISER"
     # Loopback unless configured: a node is never exposed on the network by accident.
     host: str = "127.0.0.1"
-    port: Port = 11112
+    port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
     data_dir: Path = Field(default_factory=default_data_dir)
     max_associations: int = Field(default=16, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)

@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select
+
+from denoised_node.daemon.cli import main
+from denoised_node.daemon.completion import complete_idle_series
+from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.runtime import open_runtime
+from denoised_node.storage.models import Job, Series
+from denoised_node.storage.queue import JobState, transition
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nmin_free_mb = 0\n')
+    return path
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _failed_job(config: Path, mr_series) -> int:  # type: ignore[no-untyped-def]
+    from denoised_node.config.settings import load_settings
+
+    runtime = open_runtime(load_settings(config, environ={}))
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in mr_series.paths:
+        receiver.receive(path.read_bytes(), MR, "MOD")
+    with runtime.sessions.begin() as session:
+        session.scalars(select(Series)).one().last_received_at -= timedelta(minutes=1)
+    (job_id,) = complete_idle_series(runtime.sessions, runtime.settings.series)
+    with runtime.sessions.begin() as session:
+        transition(session, job_id, JobState.QUEUED, JobState.PROCESSING, worker="w")
+        transition(session, job_id, JobState.PROCESSING, JobState.FAILED, worker="w",
+                   reason="safety gate failed")
+    return job_id
+
+
+def test_db_upgrade_then_status(config: Path) -> None:
+    code, out, _ = run("db", "upgrade", "--config", str(config))
+    assert code == 0 and "upgraded from empty" in out
+    code, out, _ = run("db", "upgrade", "--config", str(config))
+    assert code == 0 and "already at revision" in out
+    code, out, _ = run("status", "--config", str(config), "--json")
+    assert code == 0
+    assert json.loads(out)["jobs"]["queued"] == 0
+
+
+def test_status_on_missing_schema_is_one_clear_line(config: Path) -> None:
+    code, out, err = run("status", "--config", str(config))
+    assert code == 1
+    assert err.strip().count("\n") == 0 and "denoised-node db upgrade" in err
+
+
+def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nportt = 1\n")
+    code, _, err = run("status", "--config", str(bad))
+    assert code == 1 and err.startswith("error: ") and "node.portt" in err
+
+
+def test_jobs_list_show_and_replay(config: Path, mr_series) -> None:  # type: ignore[no-untyped-def]
+    run("db", "upgrade", "--config", str(config))
+    job_id = _failed_job(config, mr_series)
+    code, out, _ = run("jobs", "list", "--config", str(config), "--state", "failed")
+    assert code == 0 and mr_series.series_uid in out and "safety gate failed" in out
+    code, out, _ = run("jobs", "list", "--config", str(config), "--json", "--state", "done")
+    assert code == 0 and json.loads(out) == []
+    code, out, _ = run("jobs", "show", str(job_id), "--config", str(config), "--json")
+    detail = json.loads(out)
+    assert [e["to_state"] for e in detail["events"]] == ["queued", "processing", "failed"]
+    code, out, _ = run("jobs", "show", str(job_id), "--config", str(config))
+    assert "processing -> failed" in out
+    code, out, _ = run("replay", "--failed", "--config", str(config))
+    assert code == 0 and f"job {job_id} queued" in out
+    code, out, _ = run("replay", "--job", str(job_id), "--config", str(config))
+    assert code == 1 and "already queued" in out
+    code, _, err = run("replay", "--series", "1.2.3.999", "--config", str(config))
+    assert code == 1 and "no series" in err
+
+
+def test_replay_of_purged_series_says_so(config: Path, mr_series) -> None:  # type: ignore[no-untyped-def]
+    from denoised_node.config.settings import load_settings
+
+    run("db", "upgrade", "--config", str(config))
+    job_id = _failed_job(config, mr_series)
+    runtime = open_runtime(load_settings(config, environ={}))
+    with runtime.sessions.begin() as session:
+        series = session.scalars(select(Series)).one()
+        series.state = "purged"
+        series.purged_at = session.get_one(Job, job_id).updated_at
+    code, out, _ = run("replay", "--job", str(job_id), "--config", str(config))
+    assert code == 1 and "purged" in out
+
+
+def test_replay_needs_exactly_one_selector(config: Path) -> None:
+    code, _, err = run("replay", "--config", str(config))
+    assert code != 0 and "exactly one" in err
+
+
+def test_jobs_show_unknown_job(config: Path) -> None:
+    run("db", "upgrade", "--config", str(config))
+    code, _, err = run("jobs", "show", "42", "--config", str(config))
+    assert code == 1 and "no job with id 42" in err
+
+
+def test_echo_unknown_destination(config: Path) -> None:
+    code, _, err = run("echo", "nowhere", "--config", str(config))
+    assert code == 1 and "no destination named 'nowhere'" in err
+
+
+def test_echo_unreachable_destination(tmp_path: Path) -> None:
+    from tests.integration.peers.tools import free_port
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[node]\nacse_timeout = 2\n[[destinations]]\nname = "pacs"\n'
+                      f'ae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n')
+    code, _, err = run("echo", "pacs", "--config", str(config))
+    assert code == 1 and "association failed" in err

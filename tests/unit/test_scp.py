@@ -1,0 +1,91 @@
+"""The SCP in this process on a free port, driven by a pynetdicom SCU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  # type: ignore[attr-defined]
+from sqlalchemy import select
+
+from denoised_node.config.settings import Settings
+from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.runtime import Runtime, open_runtime
+from denoised_node.daemon.scp import start_scp
+from denoised_node.daemon.status import Status
+from denoised_node.storage.models import Instance, Series
+
+
+@pytest.fixture
+def node(settings_factory) -> Iterator[tuple[Runtime, int]]:  # type: ignore[no-untyped-def]
+    settings: Settings = settings_factory(node__port=0, node__allowed_calling_ae_titles='["MOD", "PACS"]')
+    runtime = open_runtime(settings, initialise_empty=True)
+    server = start_scp(settings, Receiver(runtime.store, runtime.sessions, settings))
+    yield runtime, server.server_address[1]
+    server.shutdown()
+
+
+def _associate(port: int, contexts: list[Any], calling: str = "MOD", called: str = "DENOISER"):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=calling)
+    for context in contexts:
+        ae.add_requested_context(context)
+    return ae.associate("127.0.0.1", port, ae_title=called)
+
+
+def test_echo(node) -> None:  # type: ignore[no-untyped-def]
+    _, port = node
+    assoc = _associate(port, [Verification])
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_store_series_over_the_network(node, mr_series) -> None:  # type: ignore[no-untyped-def]
+    runtime, port = node
+    assoc = _associate(port, [MRImageStorage])
+    assert assoc.is_established
+    for path in mr_series.paths:
+        assert assoc.send_c_store(path).Status == Status.SUCCESS
+    assoc.release()
+    with runtime.sessions() as session:
+        series = session.scalars(select(Series)).one()
+        assert series.instance_count == len(mr_series.paths)
+        assert series.released_at is not None  # whole series in one released association
+
+
+def test_other_sop_class_is_accepted_and_ignored(node, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    runtime, port = node
+    ct = mr_series_factory(slices=1, sop_class_uid=CTImageStorage, modality="CT")
+    assoc = _associate(port, [CTImageStorage])
+    assert assoc.send_c_store(ct.paths[0]).Status == Status.SUCCESS
+    assoc.release()
+    with runtime.sessions() as session:
+        assert session.scalars(select(Instance)).one().ignored_reason
+
+
+def test_corrupt_dataset_gets_a_failure_status(node, mr_series, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    runtime, port = node
+    ds = pydicom.dcmread(mr_series.paths[0])
+    ds.PixelData = ds.PixelData[:100]  # lengths consistent, image too short
+    assoc = _associate(port, [MRImageStorage])
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == Status.CANNOT_UNDERSTAND
+    with runtime.sessions() as session:
+        assert session.scalars(select(Instance)).all() == []
+
+
+def test_wrong_called_ae_title_is_rejected(node) -> None:  # type: ignore[no-untyped-def]
+    _, port = node
+    assoc = _associate(port, [Verification], called="SOMEONE")
+    assert assoc.is_rejected
+
+
+def test_calling_ae_title_not_allowed_is_rejected(node) -> None:  # type: ignore[no-untyped-def]
+    _, port = node
+    assoc = _associate(port, [Verification], calling="STRANGER")
+    assert assoc.is_rejected
