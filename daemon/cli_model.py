@@ -64,10 +64,60 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     click.echo(f"best checkpoint: {best}")
 
 
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) / 100.0 for x in text.split(",") if x.strip())
+
+
+@click.command("evaluate")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
+@click.option("--checkpoint", default=None, help="Model to evaluate (default: [model] checkpoint, else the shipped one).")
+@click.option("--baseline", default="baseline-unet", show_default=True,
+              help="Plain U-Net checkpoint (name or path); 'none' to leave it out.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default="eval", show_default=True)
+@click.option("--levels", default="1,3,5,7,9", show_default=True, help="Rician noise, % of the max.")
+@click.option("--seeds", type=int, default=3, show_default=True)
+@click.option("--methods", default="noisy,nlm,bm4d,baseline,ours", show_default=True)
+@click.option("--contrasts", default="t1,t2like", show_default=True)
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: [model] device).")
+@click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
+def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: str, out_dir: str, levels: str,
+                     seeds: int, methods: str, contrasts: str, device: str | None, threads: int, as_json: bool) -> None:
+    """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG)."""
+    import json
+
+    from denoised_node.model.errors import ModelError
+    from denoised_node.model.evaluate import EvalConfig, evaluate, to_markdown
+
+    settings = _load_config(config_path)
+    model_settings = getattr(settings, "model", None)
+    cfg = EvalConfig(
+        checkpoint=checkpoint or (model_settings.checkpoint if model_settings else "default"),
+        baseline=None if baseline.lower() == "none" else baseline,
+        levels=_floats(levels),
+        seeds=tuple(range(seeds)),
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        contrasts=tuple(c.strip() for c in contrasts.split(",") if c.strip()),
+        out_dir=Path(out_dir),
+        device=device or (model_settings.device if model_settings else "auto"),
+        threads=threads,
+    )
+    try:
+        result = evaluate(cfg, echo=lambda line: click.echo(line, err=True))
+    except ModelError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(result["summary"], indent=1))
+    else:
+        click.echo(to_markdown(result["summary"], tuple(dict.fromkeys(s["method"] for s in result["summary"]))))
+    click.echo(f"wrote {Path(out_dir) / 'results.md'}, results.json and figure.png", err=True)
+
 if __name__ == "__main__":  # python -m denoised_node.daemon.cli_model train ...
     @click.group()
     def _main() -> None:
         """The model commands on their own."""
 
     _main.add_command(train_command)
+    _main.add_command(evaluate_command)
     _main()

@@ -96,6 +96,7 @@ def write_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": FORMAT, CARD_KEY: card.to_json()})
+    tmp.chmod(0o644)
     tmp.replace(path)
     if sidecar:
         side = {"file_sha256": file_sha256(path), "card": json.loads(card.to_json())}
@@ -142,3 +143,14 @@ def read_checkpoint(path: str | Path) -> tuple[ModelCard, dict[str, torch.Tensor
             "the file was altered"
         )
     return card, tensors
+
+
+def publish(src: str | Path, dst: str | Path) -> ModelCard:
+    """Copy a verified checkpoint to ``dst`` (e.g. ``model/checkpoints/default.safetensors``)
+    with a sidecar card ``dst.json`` that pins the file's sha256."""
+    card, tensors = read_checkpoint(src)
+    dtype = getattr(torch, card.weights_dtype)
+    out = write_checkpoint(dst, tensors, card, dtype=dtype, sidecar=True)
+    if out.sha256 != card.sha256:  # same tensors, same dtype: cannot differ
+        raise CheckpointMismatchError(f"publishing {src} changed its weights")
+    return out
