@@ -204,3 +204,21 @@ def test_noise_free_pixels_are_given_too(mr_series_factory: Factory) -> None:
     residual = instance.stored.astype(float) - instance.clean_stored.astype(float)
     brain = instance.clean_stored > 400
     assert 15 < residual[brain].std() < 35
+
+
+def test_volume_is_sorted_along_the_normal_and_rescaled(mr_series_factory: Factory) -> None:
+    series = mr_series_factory(
+        slices=6, echoes=2, shuffle=True, localizers=1, rescale_slope=0.5, rescale_intercept=100.0
+    )
+    stack = series.stack(echo=2)
+    along = [float(i.geometry.position @ i.geometry.normal) for i in stack]
+    assert len(stack) == 6 and along == sorted(along)
+    volume = series.volume(echo=2)
+    assert volume.shape == (6, 64, 56)
+    np.testing.assert_allclose(volume[0], stack[0].stored * 0.5 + 100.0)
+    enhanced = mr_series_factory(
+        slices=6, echoes=2, enhanced=True, rescale_slope=0.5, rescale_intercept=100.0
+    )
+    np.testing.assert_allclose(
+        enhanced.volume(echo=2, clean=True), series.volume(echo=2, clean=True)
+    )
