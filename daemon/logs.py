@@ -66,6 +66,7 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO, and some of it (A-ASSOCIATE dumps) is noise.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     # pydicom's validation warnings quote element values, which may be patient names.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")
