@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import click
 
 from denoised_node.config.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from denoised_node.daemon.cli_model import evaluate_command, train_command
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -299,16 +300,30 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None) -> No
     click.echo(message)
 
 
-def _register_model_commands() -> None:
-    try:
-        from denoised_node.daemon.cli_model import evaluate, train
-    except ImportError:
-        return
-    main.add_command(train)
-    main.add_command(evaluate)
+@main.command()
+@config_option
+@json_option
+def doctor(config_path: Path | None, as_json: bool) -> None:
+    """Check config, database, model, GPU, disk and destinations; say how to fix problems."""
+    from denoised_node.daemon.doctor import run_checks
+
+    settings = settings_from(config_path)
+    _setup_logging(settings, "ERROR")
+    checks = run_checks(settings)
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in checks]))
+    else:
+        click.echo("config: ok")
+        for check in checks:
+            click.echo(f"{check.name}: {'ok' if check.ok else 'PROBLEM'}: {check.detail}")
+            if not check.ok and check.fix:
+                click.echo(f"  fix: {check.fix}")
+    if not all(c.ok for c in checks):
+        sys.exit(1)
 
 
-_register_model_commands()
+main.add_command(train_command)
+main.add_command(evaluate_command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""`denoised-node doctor`: check everything the node needs and say how to fix what is wrong."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from denoised_node.config.settings import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+def _database(settings: Settings) -> Check:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from denoised_node.storage.db import make_engine
+    from denoised_node.storage.schema import SchemaOutOfDate, check_schema
+
+    where = settings.database_url.split("@")[-1]
+    try:
+        engine = make_engine(settings.database_url)
+        check_schema(engine)
+    except SchemaOutOfDate as exc:
+        return Check("database", False, str(exc), "run `denoised-node db upgrade`")
+    except (SQLAlchemyError, OSError) as exc:
+        return Check("database", False, f"{where}: {exc}".splitlines()[0],
+                     "check database.url and that the server is running")
+    return Check("database", True, f"{where}: schema up to date")
+
+
+def _model(settings: Settings) -> Check:
+    from denoised_node.model.errors import ModelError
+    from denoised_node.model.inference import Denoiser
+
+    try:
+        denoiser = Denoiser.load(checkpoint=settings.model.checkpoint, device=settings.model.device,
+                                 batch_size=settings.model.batch_size, amp=settings.model.amp)
+    except ModelError as exc:
+        return Check("model", False, str(exc),
+                     "set model.checkpoint to a checkpoint made by `denoised-node train`, "
+                     "or to \"default\"")
+    return Check("model", True, f"{denoiser.identity} on {denoiser.device} (sha256 verified)")
+
+
+def _gpu(settings: Settings) -> Check:
+    import torch
+
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        return Check("gpu", True, names)
+    if settings.model.device.startswith("cuda"):
+        return Check("gpu", False, f"model.device is {settings.model.device} but no CUDA GPU "
+                     "is visible", "install the NVIDIA driver and a CUDA build of torch, or set "
+                     "model.device = \"auto\"")
+    return Check("gpu", True, "none; inference runs on the CPU (slower)")
+
+
+def _disk(settings: Settings) -> Check:
+    data_dir = settings.node.data_dir
+    probe = data_dir if data_dir.exists() else next(
+        (p for p in data_dir.parents if p.exists()), data_dir.anchor)
+    free_mb = shutil.disk_usage(probe).free // 2**20
+    if free_mb < settings.node.min_free_mb:
+        return Check("disk", False, f"{free_mb} MiB free at {data_dir}, under the "
+                     f"{settings.node.min_free_mb} MiB watermark (the SCP refuses instances)",
+                     "free space, or lower node.min_free_mb")
+    return Check("disk", True, f"{free_mb} MiB free at {data_dir}")
+
+
+def _destinations(settings: Settings) -> Iterator[Check]:
+    from denoised_node.daemon.scu import SendError, echo
+
+    if not settings.destinations:
+        yield Check("destinations", False, "none configured: derived series go nowhere",
+                    "add a [[destinations]] entry for the PACS")
+    for destination in settings.destinations:
+        name = f"destination {destination.name}"
+        try:
+            code = echo(settings, destination)
+        except SendError as exc:
+            yield Check(name, False, str(exc),
+                        f"check that {destination.host}:{destination.port} is reachable and "
+                        f"that the PACS knows this node's AE title {settings.node.ae_title}")
+            continue
+        ok = code == 0
+        yield Check(name, ok, f"C-ECHO status 0x{code:04X}",
+                    "" if ok else "the PACS answered but refused the echo")
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    steps: list[Callable[[Settings], Check]] = [_database, _model, _gpu, _disk]
+    checks = []
+    for step in steps:
+        try:
+            checks.append(step(settings))
+        except Exception as exc:  # noqa: BLE001 - doctor reports every failure, never crashes
+            checks.append(Check(step.__name__.strip("_"), False, f"{type(exc).__name__}: {exc}"))
+    checks.extend(_destinations(settings))
+    return checks

@@ -1,0 +1,79 @@
+"""`denoised-node denoise` and `doctor` with the shipped model (no network peers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from click.testing import CliRunner
+
+from denoised_node.daemon.cli import main
+from denoised_node.storage.derive import is_own_output
+
+
+def _config(tmp_path: Path, port: int = 1) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nmin_free_mb = 0\nacse_timeout = 2\n'
+                    '[model]\ndevice = "cpu"\n'
+                    f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+                    f'port = {port}\n')
+    return path
+
+
+def test_denoise_dicom_folder_writes_the_derived_series(tmp_path: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    source = mr_series_factory(slices=4, rows=128, columns=112, noise_sigma=30.0)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(out),
+                                       "--config", str(_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("*.dcm"))
+    assert len(files) == 4 and "4 derived instance(s)" in result.stdout
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert is_own_output(ds) and ds.ImageType[0] == "DERIVED"
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID in source.sop_instance_uids
+
+
+def test_denoise_nifti_keeps_affine_and_shape(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:96, :80]
+    clean = np.repeat(((np.hypot(yy - 48, xx - 40) < 30) * 800.0)[:, :, None], 5, axis=2)
+    noisy = np.abs(clean + rng.normal(0, 40, clean.shape) + 1j * rng.normal(0, 40, clean.shape))
+    affine = np.diag([0.9, 0.9, 3.0, 1.0])
+    source = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(noisy.astype(np.float32), affine), str(source))
+    target = tmp_path / "t1_denoised.nii.gz"
+    result = CliRunner().invoke(main, ["denoise", str(source), str(target),
+                                       "--config", str(_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    image = nib.load(str(target))
+    assert image.shape == noisy.shape
+    np.testing.assert_allclose(image.affine, affine)
+    data = np.asarray(image.dataobj)
+    inside = clean > 0
+    assert np.std(data[inside]) < 0.7 * np.std(noisy[inside])
+
+
+def test_denoise_rejects_other_inputs(tmp_path: Path) -> None:
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    result = CliRunner().invoke(main, ["denoise", str(other), str(tmp_path / "x"),
+                                       "--config", str(_config(tmp_path))])
+    assert result.exit_code != 0
+
+
+def test_doctor_reports_what_is_wrong_and_how_to_fix_it(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    result = CliRunner().invoke(main, ["doctor", "--config", str(config), "--json"])
+    assert result.exit_code == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert not checks["database"]["ok"] and "db upgrade" in checks["database"]["fix"]
+    assert checks["model"]["ok"] and "sha256" in checks["model"]["detail"]
+    assert checks["disk"]["ok"]
+    assert not checks["destination pacs"]["ok"]
+    CliRunner().invoke(main, ["db", "upgrade", "--config", str(config)])
+    result = CliRunner().invoke(main, ["doctor", "--config", str(config)])
+    assert "database: ok" in result.stdout and "fix:" in result.stdout
