@@ -31,9 +31,11 @@ class NodeGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         from denoised_node.daemon.admin import AdminError
+        from denoised_node.daemon.offline import OfflineError
         from denoised_node.storage.schema import SchemaOutOfDate
 
-        known: tuple[type[BaseException], ...] = (ConfigError, SchemaOutOfDate, AdminError)
+        known: tuple[type[BaseException], ...] = (ConfigError, SchemaOutOfDate, AdminError,
+                                                  OfflineError)
         try:
             from denoised_node.model.errors import ModelError
             known += (ModelError,)
@@ -286,12 +288,16 @@ def db_upgrade(config_path: Path | None) -> None:
 @click.argument("input_path", type=click.Path(exists=True, path_type=Path))
 @click.argument("output_path", type=click.Path(path_type=Path))
 @config_option
-def denoise(input_path: Path, output_path: Path, config_path: Path | None) -> None:
+@click.option("--no-gate", is_flag=True, help="Write the result even if the safety gate fails.")
+def denoise(input_path: Path, output_path: Path, config_path: Path | None, no_gate: bool) -> None:
     """Denoise a DICOM series folder (writing the derived series as the node would) or a
     NIfTI file, without the network."""
     from denoised_node.daemon.offline import denoise_path
 
     settings = settings_from(config_path)
+    if no_gate:
+        settings = settings.model_copy(update={"gate": settings.gate.model_copy(
+            update={"enabled": False})})
     _setup_logging(settings, "WARNING")
     message = denoise_path(settings, input_path, output_path,
                            progress=lambda done, total: click.echo(

@@ -75,7 +75,8 @@ def _denoise_dicom_folder(settings: Settings, source: Path, target: Path, denois
             outcome = denoise_series(paths, series_uid, denoiser, settings,  # type: ignore[arg-type]
                                      out_dir, utcnow(), progress=progress)
         except GateFailed as exc:
-            raise OfflineError(f"series {series_uid}: {exc}") from None
+            raise OfflineError(f"series {series_uid}: {exc}; nothing written for it "
+                               "(--no-gate writes it anyway)") from None
         lines.append(f"{len(outcome.files)} derived instance(s) of series "
                      f"{outcome.derived_series_uid} written to {out_dir}")
     return "\n".join(lines)

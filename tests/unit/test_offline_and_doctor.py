@@ -57,6 +57,20 @@ def test_denoise_nifti_keeps_affine_and_shape(tmp_path: Path) -> None:
     assert np.std(data[inside]) < 0.7 * np.std(noisy[inside])
 
 
+def test_gate_failure_is_one_line_and_no_gate_writes_anyway(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                            mr_series_factory) -> None:
+    config = tmp_path / "strict.toml"
+    config.write_text(_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
+    source = mr_series_factory(slices=2, rows=96, columns=96)
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
+                                       "--config", str(config)])
+    assert result.exit_code == 1 and "safety gate failed" in result.stderr
+    assert result.stderr.count("\n") == 1
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"),
+                                       "--config", str(config), "--no-gate"])
+    assert result.exit_code == 0 and len(list((tmp_path / "b").glob("*.dcm"))) == 2
+
+
 def test_denoise_rejects_other_inputs(tmp_path: Path) -> None:
     other = tmp_path / "notes.txt"
     other.write_text("hello")
