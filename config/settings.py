@@ -6,6 +6,7 @@ Unknown keys are errors that name the key, so a typo never silently falls back t
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -41,6 +42,25 @@ def default_data_dir() -> Path:
     return Path.cwd() / "var"
 
 
+class AllowedPeer(_Section):
+    """A calling AE title allowed to associate, optionally only from some addresses."""
+
+    ae_title: AETitle
+    # IP addresses or networks (CIDR); empty: from any address.
+    hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts_are_addresses(cls, value: list[str]) -> list[str]:
+        for host in value:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address or network (CIDR), e.g. "
+                                 "10.0.0.5 or 10.0.0.0/24; host names are not accepted") from None
+        return value
+
+
 class NodeSettings(_Section):
     ae_title: AETitle = "DENOISER"
     # Loopback unless configured: a node is never exposed on the network by accident.
@@ -57,6 +77,38 @@ class NodeSettings(_Section):
     max_instance_mb: int = Field(default=2048, ge=1)
     # Calling AE titles allowed to associate; empty means any.
     allowed_calling_ae_titles: list[AETitle] = Field(default_factory=list)
+    # Calling AE titles allowed from some addresses only (with allowed_calling_ae_titles:
+    # either list admits a peer; both empty: anyone may associate).
+    allowed_peers: list[AllowedPeer] = Field(default_factory=list)
+
+
+class TLSSettings(_Section):
+    """DICOM TLS (PS3.15 BCP 195 profile): the SCP's TLS port and the trust for sends."""
+
+    # Listen on tls.port with TLS too (needs certificate and private_key).
+    enabled: bool = False
+    port: int = Field(default=2762, ge=0, le=65535)  # 2762: the registered dicom-tls port
+    # Keep node.port (no TLS) open beside the TLS port; false: TLS only.
+    plain_port: bool = True
+    certificate: Path | None = None  # PEM: the node's certificate (and chain)
+    private_key: Path | None = None  # PEM, unencrypted, readable by the node's user only
+    # PEM bundle of the CAs that issue peers' certificates: verifies clients (mutual TLS)
+    # and the destinations' servers. None: the system's trust store for sends.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+    minimum_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled:
+            missing = [k for k in ("certificate", "private_key") if getattr(self, k) is None]
+            if self.require_client_certificate and self.ca_certificates is None:
+                missing.append("ca_certificates (or require_client_certificate = false)")
+            if missing:
+                raise ValueError(f"tls.enabled needs {', '.join(missing)}")
+        elif not self.plain_port:
+            raise ValueError("plain_port = false needs tls.enabled = true (no port would listen)")
+        return self
 
 
 class DatabaseSettings(_Section):
@@ -108,6 +160,8 @@ class WorkerSettings(_Section):
     poll_seconds: float = Field(default=0.5, gt=0)
     max_processing_attempts: int = Field(default=3, ge=1)
     worker_id: str | None = None
+    # `serve` kills (and restarts) a worker that sent no heartbeat for this long.
+    watchdog_seconds: float = Field(default=600.0, gt=0)
 
 
 class SendSettings(_Section):
@@ -141,6 +195,10 @@ class Destination(_Section):
     ae_title: AETitle
     host: str
     port: Port
+    # Send over TLS (trust: tls.ca_certificates; client certificate: tls.certificate).
+    tls: bool = False
+    # Check that the destination's certificate names `host`.
+    tls_verify_hostname: bool = True
 
 
 def _default_destinations() -> list[Destination]:
@@ -157,6 +215,7 @@ class Settings(_Section):
     send: SendSettings = Field(default_factory=SendSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     destinations: list[Destination] = Field(default_factory=_default_destinations)
 
