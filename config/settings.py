@@ -165,16 +165,22 @@ class WorkerSettings(_Section):
 
 
 class SendSettings(_Section):
-    max_attempts: int = Field(default=8, ge=1)
+    # With these defaults a destination may be down for about 45 minutes (jitter included)
+    # before a series fails; a failed series can be replayed.
+    max_attempts: int = Field(default=20, ge=1)
     backoff_base_seconds: float = Field(default=2.0, gt=0)
-    backoff_max_seconds: float = Field(default=600.0, gt=0)
+    backoff_max_seconds: float = Field(default=300.0, gt=0)
     calling_ae_title: AETitle | None = None  # None: the node's own AE title
     output_transfer_syntax: Literal["explicit", "implicit", "rle"] = "explicit"
 
 
 class RetentionSettings(_Section):
     # Source and derived files of finished series are purged after this; 0 keeps them forever.
+    # Failed series are kept until replayed or purged with `denoised-node purge --failed`.
     done_after_hours: float = Field(default=72.0, ge=0)
+    # Rows of purged series (and their job history) are deleted after this; 0 keeps them.
+    forget_after_days: float = Field(default=90.0, ge=0)
+    check_minutes: float = Field(default=10.0, gt=0)
 
 
 class HttpSettings(_Section):

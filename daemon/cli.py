@@ -245,6 +245,36 @@ def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_u
 
 
 @main.command()
+@config_option
+@json_option
+@click.option("--older-than", "older_than_hours", type=float, default=None,
+              help="Hours since the series finished (default: retention.done_after_hours).")
+@click.option("--failed", "include_failed", is_flag=True,
+              help="Purge failed series too (they are kept otherwise).")
+@click.option("--series", "series_uid", default=None, help="Only this SeriesInstanceUID.")
+@click.option("--dry-run", is_flag=True, help="Count what would be purged, remove nothing.")
+def purge(config_path: Path | None, as_json: bool, older_than_hours: float | None,
+          include_failed: bool, series_uid: str | None, dry_run: bool) -> None:
+    """Remove the files of finished series (received and derived); keep their history."""
+    from datetime import timedelta
+
+    from denoised_node.storage.retention import purge_finished
+
+    settings = settings_from(config_path)
+    runtime = _runtime(settings)
+    hours = settings.retention.done_after_hours if older_than_hours is None else older_than_hours
+    result = purge_finished(runtime.sessions, runtime.store, timedelta(hours=hours),
+                            include_failed=include_failed, series_uid=series_uid,
+                            dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"series": result.series, "files": result.files,
+                               "dry_run": dry_run}))
+    else:
+        verb = "would purge" if dry_run else "purged"
+        click.echo(f"{verb} {result.series} series ({result.files} files)")
+
+
+@main.command()
 @click.argument("destination")
 @config_option
 def echo(destination: str, config_path: Path | None) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.completion import CompletionLoop
+from denoised_node.daemon.maintenance import RetentionLoop, release_dead_local_leases
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import open_runtime
 from denoised_node.daemon.scp import start_scp
@@ -52,7 +53,7 @@ class WorkerPool:
             self._spawn(child)
 
     def _spawn(self, child: _Child) -> None:
-        child.process = subprocess.Popen(self.command)
+        child.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
         child.started_at = time.monotonic()
         log.info("worker process started", extra={"worker_index": child.index,
                                                    "pid": child.process.pid})
@@ -93,10 +94,22 @@ class WorkerPool:
                     process.kill()
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to send SIGTERM when `serve` dies, even by
+    SIGKILL, so no orphaned worker keeps claiming jobs (it finishes the job in hand)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(settings: Settings, config_path: Path | None,
           ready: threading.Event | None = None) -> int:
     runtime = open_runtime(settings, initialise_empty=True)
     runtime.store.clean_incoming()
+    release_dead_local_leases(runtime.sessions)
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -110,6 +123,8 @@ def serve(settings: Settings, config_path: Path | None,
     server = start_scp(settings, receiver)
     completion = CompletionLoop(runtime.sessions, settings.series)
     completion.start()
+    retention = RetentionLoop(runtime.sessions, runtime.store, settings.retention)
+    retention.start()
     pool = WorkerPool(settings.worker.count, config_path)
     pool.start()
     if ready is not None:
@@ -123,6 +138,7 @@ def serve(settings: Settings, config_path: Path | None,
     finally:
         server.shutdown()  # no new associations; the ones in progress finish first
         completion.stop()
+        retention.stop()
         pool.stop()
         completion.join(timeout=5)
         runtime.engine.dispose()

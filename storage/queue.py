@@ -211,9 +211,10 @@ def release_expired_leases(sessions: SessionFactory, now: datetime | None = None
 
 
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
-    """Exponential backoff with full jitter: uniform in [base, min(cap, base * 2**attempt)]."""
-    ceiling = min(cap, base * (2 ** max(attempt - 1, 0)))
-    return (rng or random).uniform(min(base, ceiling), ceiling)
+    """Exponential backoff with "equal jitter": uniform in [c/2, c] for c = min(cap,
+    base * 2**(attempt-1)), so retries of many series spread out but never come early."""
+    ceiling = min(cap, base * (2 ** min(max(attempt - 1, 0), 62)))
+    return (rng or random).uniform(ceiling / 2, ceiling)
 
 
 def counts_by_state(session: Session) -> dict[str, int]:
