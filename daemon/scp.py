@@ -1,23 +1,49 @@
 """The Storage SCP: an AE that accepts MR (and, to ignore them politely, all other storage
-SOP classes) in every transfer syntax, with handlers bound to the receiver they need."""
+SOP classes) in every transfer syntax, with handlers bound to the receiver they need.
+
+It listens on node.port, on tls.port with DICOM TLS, or on both; every association is first
+checked against the access policy (access.py)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
-from denoised_node.config.settings import Settings
+from denoised_node.config.settings import ConfigError, Settings
+from denoised_node.daemon.access import AccessPolicy, Refusal, handle_requested
 from denoised_node.daemon.network import make_ae, set_tcp_nodelay
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.status import Status, status_for
+from denoised_node.daemon.tls import TLSAssociationServer, server_context
 
 log = logging.getLogger(__name__)
+
+PLAIN, TLS = "plain", "tls"
+
+
+class ScpCounts(Protocol):
+    """What the SCP reports (metrics.ScpMetrics implements it)."""
+
+    def instance(self, outcome: str, size: int = 0) -> None: ...
+
+    def association(self, result: str, transport: str) -> None: ...
+
+
+class _NoCounts:
+    def instance(self, outcome: str, size: int = 0) -> None:
+        pass
+
+    def association(self, result: str, transport: str) -> None:
+        pass
 
 
 class DeliveryTracker:
@@ -37,12 +63,15 @@ class DeliveryTracker:
             return self._by_assoc.pop(id(assoc), Counter())
 
 
-def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker) -> int:
+def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker,
+                 counts: ScpCounts | None = None) -> int:
+    counts = counts or _NoCounts()
     calling = event.assoc.requestor.ae_title
     try:
         data = event.encoded_dataset(include_meta=True)
         received = receiver.receive(data, str(event.context.abstract_syntax), calling)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a DIMSE status, never success
+        counts.instance("refused")
         status = status_for(exc)
         level = logging.ERROR if status == Status.PROCESSING_FAILURE else logging.WARNING
         log.log(level, "instance refused: %s", exc, exc_info=status == Status.PROCESSING_FAILURE,
@@ -51,6 +80,9 @@ def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker) -> in
         return int(status)
     if not received.duplicate and received.ignored_reason is None:
         tracker.count(event.assoc, received.series_id)
+    outcome = ("duplicate" if received.duplicate
+               else "ignored" if received.ignored_reason is not None else "stored")
+    counts.instance(outcome, len(data))
     log.debug("instance stored", extra={"sop_instance_uid": received.sop_instance_uid,
                                         "duplicate": received.duplicate})
     return int(Status.SUCCESS)
@@ -72,31 +104,113 @@ def handle_closed(event: Any, tracker: DeliveryTracker) -> None:
     tracker.pop(event.assoc)  # aborted or dropped: no completion hint
 
 
-def build_scp(settings: Settings, receiver: Receiver) -> tuple[Any, list[Any]]:
-    """The AE and its bound handlers, ready for ``start_server``."""
+def build_ae(settings: Settings) -> AE:
+    """The SCP's AE: every storage SOP class in every transfer syntax, and Verification."""
     ae = make_ae(settings)
-    ae.require_called_aet = True
-    if settings.node.allowed_calling_ae_titles:
-        ae.require_calling_aet = list(settings.node.allowed_calling_ae_titles)
+    ae.require_called_aet = True  # also checked by the access policy, which logs it
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
-    tracker = DeliveryTracker()
-    handlers = [
+    return ae
+
+
+def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, policy: AccessPolicy,
+                 counts: ScpCounts, transport: str) -> list[Any]:
+    def decided(refusal: Refusal | None) -> None:
+        counts.association("accepted" if refusal is None else "rejected", transport)
+
+    return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
-        (evt.EVT_C_STORE, handle_store, [receiver, tracker]),
+        (evt.EVT_REQUESTED, handle_requested, [policy, decided]),
+        (evt.EVT_C_STORE, handle_store, [receiver, tracker, counts]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_RELEASED, handle_released, [receiver, tracker]),
         (evt.EVT_ABORTED, handle_closed, [tracker]),
     ]
-    return ae, handlers
 
 
-def start_scp(settings: Settings, receiver: Receiver) -> ThreadedAssociationServer:
-    ae, handlers = build_scp(settings, receiver)
-    server = ae.start_server((settings.node.host, settings.node.port), block=False,
-                             evt_handlers=handlers)
-    log.info("storage SCP listening", extra={"ae_title": settings.node.ae_title,
-                                             "host": settings.node.host,
-                                             "port": server.server_address[1]})
-    return server  # type: ignore[no-any-return]
+def build_scp(settings: Settings, receiver: Receiver,
+              counts: ScpCounts | None = None) -> tuple[AE, list[Any]]:
+    """The AE and its bound handlers (for the plain port), ready for ``start_server``."""
+    handlers = scp_handlers(receiver, DeliveryTracker(), AccessPolicy.from_settings(settings.node),
+                            counts or _NoCounts(), PLAIN)
+    return build_ae(settings), handlers
+
+
+@dataclass
+class ScpListeners:
+    """The running SCP: one server per transport (plain and/or TLS) sharing one AE."""
+
+    servers: dict[str, ThreadedAssociationServer]
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        """The first listener's address (the plain port when there is one)."""
+        return next(iter(self.servers.values())).server_address  # type: ignore[return-value]
+
+    def port(self, transport: str) -> int:
+        return int(self.servers[transport].server_address[1])
+
+    def alive(self) -> bool:
+        return all(thread.is_alive() for thread in self.threads)
+
+    def shutdown(self) -> None:
+        """No new associations; the ones in progress finish first."""
+        for server in self.servers.values():
+            server.shutdown()
+
+
+def start_scp(settings: Settings, receiver: Receiver,
+              counts: ScpCounts | None = None) -> ScpListeners:
+    ae = build_ae(settings)
+    tracker = DeliveryTracker()
+    policy = AccessPolicy.from_settings(settings.node)
+    counts = counts or _NoCounts()
+    tls = settings.tls
+    plan: list[tuple[str, int]] = []
+    if tls.plain_port:
+        plan.append((PLAIN, settings.node.port))
+    if tls.enabled:
+        plan.append((TLS, tls.port))
+    tls_context = server_context(tls) if tls.enabled else None  # file errors before binding
+    listeners = ScpListeners({})
+    try:
+        for transport, port in plan:
+            handlers = scp_handlers(receiver, tracker, policy, counts, transport)
+            server = _make_server(ae, settings, transport, port, handlers, tls_context)
+            thread = threading.Thread(target=make_target(server.serve_forever),
+                                      name=f"scp-{transport}", daemon=True)
+            thread.start()
+            # As AE.start_server does: the AE counts associations over its servers, and a
+            # server's shutdown() removes itself from this list.
+            ae._servers.append(server)
+            listeners.servers[transport] = server
+            listeners.threads.append(thread)
+            log.info("storage SCP listening", extra={
+                "ae_title": settings.node.ae_title, "host": settings.node.host,
+                "port": server.server_address[1], "transport": transport,
+                "mutual_tls": transport == TLS and tls.require_client_certificate,
+                "access": "any calling AE title" if policy.anyone else "allowlist"})
+    except BaseException:
+        listeners.shutdown()
+        raise
+    return listeners
+
+
+def _make_server(ae: AE, settings: Settings, transport: str, port: int, handlers: list[Any],
+                 tls_context: Any) -> ThreadedAssociationServer:
+    address = (settings.node.host, port)
+    key = "tls.port" if transport == TLS else "node.port"
+    try:
+        if transport == TLS:
+            return ae.make_server(address, evt_handlers=handlers,  # type: ignore[no-any-return]
+                                  server_class=TLSAssociationServer, tls_context=tls_context,
+                                  handshake_timeout=settings.node.acse_timeout)
+        return ae.make_server(address, evt_handlers=handlers,  # type: ignore[return-value]
+                              server_class=ThreadedAssociationServer)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise ConfigError(f"cannot listen on {settings.node.host}:{port} ({key}): "
+                              f"{exc.strerror}; choose another {key} or node.host") from None
+        raise
