@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -14,6 +15,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Destination, Settings
 from denoised_node.daemon.network import make_ae, set_tcp_nodelay
+from denoised_node.daemon.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,7 @@ def send_files(settings: Settings, destination: Destination, files: Sequence[Pat
     ae = _scu_ae(settings)
     for sop_class, syntaxes in contexts.items():
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
-    if not assoc.is_established:
-        raise SendError(f"{_where(destination)}: association "
-                        f"{'rejected' if assoc.is_rejected else 'failed'}")
+    assoc = _associate(ae, settings, destination)
     sent = 0
     try:
         for path in files:
@@ -74,11 +72,7 @@ def echo(settings: Settings, destination: Destination) -> int:
     """C-ECHO the destination; returns the status (0 success) or raises SendError."""
     ae = _scu_ae(settings)
     ae.add_requested_context(Verification)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
-    if not assoc.is_established:
-        raise SendError(f"{_where(destination)}: association "
-                        f"{'rejected' if assoc.is_rejected else 'failed'}")
+    assoc = _associate(ae, settings, destination)
     try:
         status = assoc.send_c_echo()
     finally:
@@ -87,6 +81,20 @@ def echo(settings: Settings, destination: Destination) -> int:
     if code is None:
         raise SendError(f"{_where(destination)}: no answer to C-ECHO")
     return int(code)
+
+
+def _associate(ae: Any, settings: Settings, destination: Destination) -> Any:
+    """An established association to ``destination`` (over TLS where it says so)."""
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+                         tls_args=client_tls_args(settings.tls, destination))
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        raise SendError(f"{_where(destination)}: association rejected")
+    hint = (" (is the port open? for TLS: does tls.ca_certificates trust its certificate, "
+            "and does the certificate name the host?)" if destination.tls else "")
+    raise SendError(f"{_where(destination)}: association failed{hint}")
 
 
 def _contexts_for(files: Sequence[Path]) -> dict[str, list[str]]:
@@ -104,4 +112,5 @@ def _contexts_for(files: Sequence[Path]) -> dict[str, list[str]]:
 
 
 def _where(destination: Destination) -> str:
-    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port})"
+    tls = ", TLS" if destination.tls else ""
+    return f"{destination.name} ({destination.ae_title}@{destination.host}:{destination.port}{tls})"
