@@ -30,6 +30,29 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 Progress = Callable[[int, int], None]
 
+# Test-time augmentation: the network is run on these rotations (k * 90 degrees) and mirror
+# images of each slice and the results, mapped back, are averaged (deterministic; 2 gains about
+# 0.2 dB, 8 about 0.45 dB over a single pass on the validation slices).
+TTA_TRANSFORMS: tuple[tuple[int, bool], ...] = (
+    (0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True)
+)
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def _run_tta(net: DenoiseNet, x: torch.Tensor, t: torch.Tensor, tta: int) -> torch.Tensor:
+    acc: torch.Tensor | None = None
+    for k, flip in TTA_TRANSFORMS[:tta]:
+        xi = torch.rot90(x, k, dims=(-2, -1))
+        if flip:
+            xi = torch.flip(xi, dims=(-1,))
+        yi = net(xi, t).float()
+        if flip:
+            yi = torch.flip(yi, dims=(-1,))
+        yi = torch.rot90(yi, -k, dims=(-2, -1))
+        acc = yi if acc is None else acc + yi
+    assert acc is not None
+    return acc / tta
+
 
 def resolve_checkpoint(checkpoint: str | Path) -> Path:
     """``"default"`` (or another bare name) is a checkpoint shipped in the package; else a path."""
@@ -98,8 +121,11 @@ def denoise_volume(
     batch_size: int = 8,
     amp: bool = False,
     progress: Progress | None = None,
+    tta: int = 1,
 ) -> np.ndarray:
     """The whole inference path on an in-memory network (also used by training's validation)."""
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"tta must be one of {TTA_CHOICES}, not {tta}")
     vol = check_volume(volume)
     squeeze = np.asarray(volume).ndim == 2
     device = device or next(net.parameters()).device
@@ -120,12 +146,12 @@ def denoise_volume(
             x = torch.from_numpy(np.ascontiguousarray(padded[nb])).to(device)
             t = torch.from_numpy(t_all[idx]).to(device)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                y = net(x, t)
-            out[idx] = y[:, 0].float().cpu().numpy()
+                y = _run_tta(net, x, t, tta)
+            out[idx] = y[:, 0].cpu().numpy()
             if progress is not None:
                 progress(int(idx[-1]) + 1, n)
     else:
-        out = _denoise_3d(net, padded, t_all, device, use_amp, amp_dtype, progress)
+        out = _denoise_3d(net, padded, t_all, device, use_amp, amp_dtype, progress, tta)
     result = _crop(out, hw) * scale
     if vol.min() >= 0:
         np.maximum(result, 0.0, out=result)
@@ -141,6 +167,7 @@ def _denoise_3d(
     use_amp: bool,
     amp_dtype: torch.dtype,
     progress: Progress | None,
+    tta: int = 1,
 ) -> np.ndarray:
     """3D variant: overlapping blocks along the slice axis, averaged where they overlap."""
     depth = int(net.cfg.get("block_depth", 16))
@@ -156,7 +183,7 @@ def _denoise_3d(
         x = torch.from_numpy(np.ascontiguousarray(padded[idx]))[None, None].to(device)
         t = torch.tensor([float(np.median(t_all[idx]))], device=device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-            y = net(x, t)[0, 0].float().cpu().numpy()
+            y = _run_tta(net, x, t, tta)[0, 0].cpu().numpy()
         for k, i in enumerate(idx):
             if s + k < n:
                 acc[i] += y[k]
@@ -177,6 +204,7 @@ class Denoiser:
     batch_size: int = 8
     amp: bool = True
     path: Path | None = None
+    tta: int = 1
 
     @classmethod
     def load(
@@ -186,7 +214,10 @@ class Denoiser:
         batch_size: int = 8,
         amp: bool = True,
         threads: int = 0,
+        tta: int | None = None,
     ) -> Denoiser:
+        """Load and verify ``checkpoint``. ``tta``: passes averaged per slice (1, 2, 4, 8);
+        None picks 8 on a GPU and 2 on a CPU (2 keeps a 256x256 slice under 0.3 s on 2 cores)."""
         path = resolve_checkpoint(checkpoint)
         dev = resolve_device(device)
         if threads > 0:
@@ -205,7 +236,11 @@ class Denoiser:
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         logger.info("loaded model %s on %s", card.identity, dev, extra={"model": card.identity})
-        return cls(card=card, net=net, schedule=schedule, device=dev, batch_size=batch_size, amp=amp, path=path)
+        if tta is None:
+            tta = 8 if dev.type == "cuda" else 2
+        if tta not in TTA_CHOICES:
+            raise ValueError(f"tta must be one of {TTA_CHOICES}, not {tta}")
+        return cls(card=card, net=net, schedule=schedule, device=dev, batch_size=batch_size, amp=amp, path=path, tta=tta)
 
     @property
     def identity(self) -> str:
@@ -221,6 +256,7 @@ class Denoiser:
             batch_size=self.batch_size,
             amp=self.amp,
             progress=progress,
+            tta=self.tta,
         )
         logger.debug(
             "denoised %s in %.2f s", tuple(np.shape(volume)), time.perf_counter() - t0, extra={"model": self.identity}

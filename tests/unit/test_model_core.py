@@ -228,6 +228,31 @@ def test_identity_network_returns_the_input(tmp_path: Path) -> None:
     np.testing.assert_allclose(Denoiser.load(path, device="cpu").denoise(vol), vol, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("tta", [1, 2, 4, 8])
+def test_test_time_augmentation(tiny: Path, tta: int) -> None:
+    den = Denoiser.load(tiny, device="cpu", tta=tta)
+    vol = phantom(2, 48, 80)
+    out = den.denoise(vol)
+    assert out.shape == vol.shape and np.isfinite(out).all()
+
+
+def test_tta_defaults_and_refusal(tiny: Path) -> None:
+    assert Denoiser.load(tiny, device="cpu").tta == 2
+    with pytest.raises(ValueError, match="tta"):
+        Denoiser.load(tiny, device="cpu", tta=3)
+
+
+def test_3d_variant_denoises_a_volume(tmp_path: Path) -> None:
+    cfg = {**TINY, "spatial_dims": 3, "block_depth": 4}
+    torch.manual_seed(0)
+    card = ModelCard(name="tiny3d", version="0.0", architecture=cfg, schedule=NoiseSchedule().to_dict())
+    path = tmp_path / "t3.safetensors"
+    write_checkpoint(path, build_network(cfg).state_dict(), card)
+    vol = phantom(7, 36, 40)
+    out = Denoiser.load(path, device="cpu").denoise(vol)
+    np.testing.assert_allclose(out, vol, rtol=1e-5, atol=1e-3)  # zero-initialised: the identity
+
+
 def test_bad_volumes_are_refused(tiny: Path) -> None:
     den = Denoiser.load(tiny, device="cpu")
     with pytest.raises(InputVolumeError):
