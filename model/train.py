@@ -210,9 +210,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         record = {"steps": step, "wall_seconds": round(wall), "parameters": count_parameters(ema)}
         write_checkpoint(path, {k: v for k, v in ema.state_dict().items()}, make_card(cfg, arch, schedule, record, metrics))
 
+    stop = _StopFlag()
     last_save = time.monotonic()
     loss_avg, t_mark, s_mark = None, time.perf_counter(), step
-    while step < cfg.steps:
+    while step < cfg.steps and not stop.requested:
         t_step = time.perf_counter()
         x, y, t, _ = sampler.batch(cfg.batch_size)
         xt, yt, tt = (torch.from_numpy(a).to(device) for a in (x, y, t))
@@ -254,8 +255,35 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             save_state()
             last_save = time.monotonic()
     save_state()
-    logger.info("finished %s at step %d, best validation %.3f dB", run, step, best)
+    stop.restore()
+    if stop.requested:
+        logger.info("stopped %s at step %d on a signal; state saved, continue with --resume", run, step)
+    else:
+        logger.info("finished %s at step %d, best validation %.3f dB", run, step, best)
     return run / "best.safetensors"
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to save its state and stop after the current step."""
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def setup_run_logging(run_dir: Path) -> None:
