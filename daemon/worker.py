@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from denoised_node.config.settings import Destination, Settings
+from denoised_node.daemon.notify import Heartbeat
 from denoised_node.daemon.pipeline import Denoises, PermanentError, denoise_series
 from denoised_node.daemon.scu import SendResult, send_files
 from denoised_node.storage.db import SessionFactory
@@ -90,7 +91,10 @@ class Worker:
         self.denoiser = denoiser
         self.worker_id = worker_id or settings.worker.worker_id or default_worker_id()
         self.sender = sender
-        self.on_idle = on_idle  # called once per loop pass (the systemd watchdog feeds here)
+        # READY=1 and WATCHDOG=1 to $NOTIFY_SOCKET: `serve` listens there (or systemd, for a
+        # worker unit of its own); beats come from this loop and from denoising progress.
+        self.heartbeat = Heartbeat()
+        self.on_idle = on_idle or self.heartbeat.beat  # called once per loop pass
         self.stop_requested = threading.Event()
         self.current: ClaimedJob | None = None
 
@@ -100,6 +104,7 @@ class Worker:
         handled = 0
         log.info("worker started", extra={"worker": self.worker_id,
                                           "model": self.denoiser.identity})
+        self.heartbeat.ready(f"model {self.denoiser.identity} loaded")
         try:
             while not self.stop_requested.is_set():
                 if self.on_idle:
@@ -149,7 +154,8 @@ class Worker:
                                             "instances": len(paths)})
         try:
             outcome = denoise_series(paths, series_uid, self.denoiser, self.settings, out_dir,
-                                     utcnow(), progress=_progress_logger(job.id))
+                                     utcnow(), progress=_progress_logger(job.id,
+                                                                         self.heartbeat.beat))
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, str(exc))
             return False
@@ -274,10 +280,13 @@ class Worker:
         self.current = None
 
 
-def _progress_logger(job_id: int) -> Callable[[int, int], None]:
+def _progress_logger(job_id: int,
+                     beat: Callable[[], None] | None = None) -> Callable[[int, int], None]:
     last = {"quarter": -1}
 
     def report(done: int, total: int) -> None:
+        if beat is not None:
+            beat()  # a long series still feeds the watchdog, batch by batch
         quarter = (4 * done) // max(total, 1)
         if quarter != last["quarter"]:
             last["quarter"] = quarter
