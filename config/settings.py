@@ -171,7 +171,9 @@ class SendSettings(_Section):
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     backoff_max_seconds: float = Field(default=300.0, gt=0)
     calling_ae_title: AETitle | None = None  # None: the node's own AE title
-    output_transfer_syntax: Literal["explicit", "implicit", "rle"] = "explicit"
+    # Lossless only; a compressed one must be accepted by every destination.
+    output_transfer_syntax: Literal[
+        "explicit", "implicit", "rle", "jpeg-ls", "jpeg2000"] = "explicit"
 
 
 class RetentionSettings(_Section):
