@@ -2,7 +2,10 @@
 
 New UIDs are derived deterministically from the source UIDs and the model's identity, so a
 replay replaces (never duplicates) the derived series in the PACS, while a new model gives a
-new series beside the old one.
+new series beside the old one. A multi-frame source (Enhanced or Legacy Converted Enhanced
+MR) gives a multi-frame object with the same functional groups, each frame marked DERIVED and
+pointing at its source frame. Everything else of the source is kept: private tags, the
+specific character set and its values, window, geometry.
 """
 
 from __future__ import annotations
@@ -17,15 +20,25 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
     RLELossless,
     generate_uid,
 )
 
 from denoised_node.storage.files import write_atomic
-from denoised_node.storage.series import MULTIFRAME_MR_SOP_CLASSES, SeriesError, SliceRef, Stack
+from denoised_node.storage.series import (
+    ENHANCED_MR_IMAGE_STORAGE,
+    MULTIFRAME_MR_SOP_CLASSES,
+    SeriesError,
+    SliceRef,
+    Stack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +47,29 @@ OUTPUT_TRANSFER_SYNTAXES = {
     "explicit": ExplicitVRLittleEndian,
     "implicit": ImplicitVRLittleEndian,
     "rle": RLELossless,
+    "jpeg-ls": JPEGLSLossless,
+    "jpeg2000": JPEG2000Lossless,
 }
+_ENCAPSULATED = frozenset({RLELossless, JPEGLSLossless, JPEG2000Lossless})
 SERIES_NUMBER_OFFSET = 1000
 # Attributes that describe the source's pixel values and would be wrong in the derived object.
 _STALE_ATTRIBUTES = (
     "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
     "LargestPixelValueInSeries", "IconImageSequence", "PixelDataProviderURL",
 )
+# MR Pulse Sequence module: dciodvfy (dicom3tools) allows these in Enhanced MR only when
+# ImageType value 1 is ORIGINAL or MIXED, so a DERIVED object must leave them out.
+_ORIGINAL_ONLY_ENHANCED_MR = (
+    "PulseSequenceName", "MRAcquisitionType", "EchoPulseSequence", "MultipleSpinEcho",
+    "MultiPlanarExcitation", "PhaseContrast", "TimeOfFlightContrast",
+    "SteadyStatePulseSequence", "EchoPlanarPulseSequence", "SaturationRecovery",
+    "SpectrallySelectedSuppression", "OversamplingPhase", "GeometryOfKSpaceTraversal",
+    "RectilinearPhaseEncodeReordering", "SegmentedKSpaceTraversal", "CoverageOfKSpace",
+    "NumberOfKSpaceTrajectories",
+)
+SMOOTHING = ("113087", "DCM", "Smoothing")
+SOURCE_IMAGE = ("121322", "DCM", "Source image for image processing operation")
+PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
 
 
 @dataclass(frozen=True)
@@ -57,9 +86,19 @@ class DerivationInfo:
 
     def __post_init__(self) -> None:
         if self.transfer_syntax not in OUTPUT_TRANSFER_SYNTAXES:
-            raise ValueError(f"unknown output transfer syntax {self.transfer_syntax!r}")
+            raise ValueError(f"unknown output transfer syntax {self.transfer_syntax!r}; use "
+                             f"one of {', '.join(OUTPUT_TRANSFER_SYNTAXES)}")
+        syntax = OUTPUT_TRANSFER_SYNTAXES[self.transfer_syntax]
+        if syntax in _ENCAPSULATED and not get_encoder(syntax).is_available:
+            raise ValueError(f"output transfer syntax {self.transfer_syntax!r} needs an encoder "
+                             "plugin that is not installed (pyjpegls for jpeg-ls, "
+                             "pylibjpeg-openjpeg for jpeg2000)")
         if not self.model_identity:
             raise ValueError("model_identity must not be empty")
+
+    @property
+    def transfer_syntax_uid(self) -> UID:
+        return OUTPUT_TRANSFER_SYNTAXES[self.transfer_syntax]
 
 
 def derived_uid(model_identity: str, source_uid: str) -> str:
@@ -140,12 +179,15 @@ class DerivedSeriesWriter:
         source_sop_uid = str(ds.SOPInstanceUID)
         source_sop_class = str(ds.SOPClassUID)
         derive_attributes(ds, self.info, self.now)
+        _decode_big_endian(ds)
+        stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)  # '>u2' from BE
+        # Native pixels first (whatever the source's syntax), then the configured encoding.
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.set_pixel_data(stored, str(ds.PhotometricInterpretation), int(ds.BitsStored),
                           generate_instance_uid=False)
-        syntax = OUTPUT_TRANSFER_SYNTAXES[self.info.transfer_syntax]
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # native pixels, as set above
-        if syntax == RLELossless:
-            ds.compress(RLELossless, encoding_plugin="pydicom")
+        syntax = self.info.transfer_syntax_uid
+        if syntax in _ENCAPSULATED:
+            ds.compress(syntax, generate_instance_uid=False)
         else:
             ds.file_meta.TransferSyntaxUID = syntax
         ds.file_meta.MediaStorageSOPClassUID = source_sop_class
@@ -160,13 +202,31 @@ class DerivedSeriesWriter:
         log.debug("derived instance written", extra={"source_sop": source_sop_uid})
 
 
+def _decode_big_endian(ds: Dataset) -> None:
+    """A source in (retired) Explicit VR Big Endian: decode every element, so that the
+    derived object can be written little endian (pydicom cannot re-encode raw elements)."""
+    if ds.original_encoding[1] is not False:
+        return
+    for _ in ds.iterall():  # iterating converts each raw element to a decoded one
+        pass
+    ds.set_original_encoding(False, True, ds.original_character_set)
+
+
+@dataclass(frozen=True)
+class _Source:
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_uid: str
+    frames: int
+
+
 def derive_attributes(ds: Dataset, info: DerivationInfo, now: datetime) -> None:
     """Turn a copy of a source dataset into its derived counterpart (all but pixel data)."""
-    source_sop_uid = str(ds.SOPInstanceUID)
-    source_sop_class = str(ds.SOPClassUID)
-    multiframe = source_sop_class in MULTIFRAME_MR_SOP_CLASSES
-    ds.SOPInstanceUID = derived_uid(info.model_identity, source_sop_uid)
-    ds.SeriesInstanceUID = derived_uid(info.model_identity, str(ds.SeriesInstanceUID))
+    source = _Source(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                     int(ds.get("NumberOfFrames", 1) or 1))
+    multiframe = source.sop_class_uid in MULTIFRAME_MR_SOP_CLASSES
+    ds.SOPInstanceUID = derived_uid(info.model_identity, source.sop_instance_uid)
+    ds.SeriesInstanceUID = derived_uid(info.model_identity, source.series_uid)
     _set_image_type(ds, multiframe)
     ds.SeriesDescription = _with_suffix(str(ds.get("SeriesDescription", "") or ""),
                                         info.description_suffix)
@@ -174,30 +234,107 @@ def derive_attributes(ds: Dataset, info: DerivationInfo, now: datetime) -> None:
         ds.SeriesNumber = int(ds.SeriesNumber) + SERIES_NUMBER_OFFSET
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
-    ds.DerivationDescription = (
-        f"Denoised by {PRODUCER_MANUFACTURER} {info.software_version} with model "
-        f"{info.model_name} {info.model_version} ({info.model_identity})"
-    )[:1024]
-    ds.DerivationCodeSequence = DicomSequence([_code("113087", "DCM", "Smoothing")])
-    source_ref = Dataset()
-    source_ref.ReferencedSOPClassUID = source_sop_class
-    source_ref.ReferencedSOPInstanceUID = source_sop_uid
-    source_ref.PurposeOfReferenceCodeSequence = DicomSequence(
-        [_code("121322", "DCM", "Source image for image processing operation")])
-    ds.SourceImageSequence = DicomSequence([source_ref])
+    ds.ContributingEquipmentSequence = DicomSequence(
+        list(ds.get("ContributingEquipmentSequence", [])) + [_equipment(info, now)])
+    if multiframe:
+        _derive_frames(ds, info, source)
+        _source_evidence(ds, source)
+        _reference_source_series(ds, source)
+        if source.sop_class_uid == ENHANCED_MR_IMAGE_STORAGE:
+            _remove(ds, _ORIGINAL_ONLY_ENHANCED_MR)
+    else:
+        ds.DerivationDescription = _derivation_description(info)
+        ds.DerivationCodeSequence = DicomSequence([_code(*SMOOTHING)])
+        ds.SourceImageSequence = DicomSequence([_source_reference(source, None)])
+    _remove(ds, _STALE_ATTRIBUTES)
+
+
+def _derivation_description(info: DerivationInfo) -> str:
+    return (f"Denoised by {PRODUCER_MANUFACTURER} {info.software_version} with model "
+            f"{info.model_name} {info.model_version} ({info.model_identity})")[:1024]
+
+
+def _source_reference(source: _Source, frame_number: int | None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.sop_class_uid
+    item.ReferencedSOPInstanceUID = source.sop_instance_uid
+    if frame_number is not None:
+        item.ReferencedFrameNumber = frame_number
+    item.PurposeOfReferenceCodeSequence = DicomSequence([_code(*SOURCE_IMAGE)])
+    return item
+
+
+def _equipment(info: DerivationInfo, now: datetime) -> Dataset:
     equipment = Dataset()
     equipment.Manufacturer = PRODUCER_MANUFACTURER
     equipment.ManufacturerModelName = info.model_name[:64]
     equipment.SoftwareVersions = [info.software_version[:64], info.model_identity[:64]]
     equipment.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
     equipment.ContributionDescription = f"Denoising with model {info.model_identity}"[:64]
-    equipment.PurposeOfReferenceCodeSequence = DicomSequence(
-        [_code("109102", "DCM", "Processing Equipment")])
-    previous = list(ds.get("ContributingEquipmentSequence", []))
-    ds.ContributingEquipmentSequence = DicomSequence(previous + [equipment])
-    if multiframe:
-        _derive_frame_types(ds)
-    for keyword in _STALE_ATTRIBUTES:
+    equipment.PurposeOfReferenceCodeSequence = DicomSequence([_code(*PROCESSING_EQUIPMENT)])
+    return equipment
+
+
+def _derive_frames(ds: Dataset, info: DerivationInfo, source: _Source) -> None:
+    """Per frame: FrameType DERIVED and a Derivation Image item naming the source frame
+    (the multi-frame IODs keep derivation in the functional groups, not at the top level)."""
+    description = _derivation_description(info)
+    for number, group in enumerate(ds.get("PerFrameFunctionalGroupsSequence", []), start=1):
+        derivation = Dataset()
+        derivation.DerivationDescription = description
+        derivation.DerivationCodeSequence = DicomSequence([_code(*SMOOTHING)])
+        frame_number = number if source.frames > 1 else None
+        derivation.SourceImageSequence = DicomSequence([_source_reference(source, frame_number)])
+        group.DerivationImageSequence = DicomSequence([derivation])
+    shared = list(ds.get("SharedFunctionalGroupsSequence", []))
+    for group in shared:
+        if "DerivationImageSequence" in group:  # a derived source's; ours is per frame
+            del group.DerivationImageSequence
+    for group in list(ds.get("PerFrameFunctionalGroupsSequence", [])) + shared:
+        for keyword in ("MRImageFrameTypeSequence", "FrameTypeSequence"):
+            for item in group.get(keyword, []):
+                values = [str(v) for v in item.get("FrameType", [])]
+                if values:
+                    item.FrameType = ["DERIVED", *values[1:]]
+
+
+def _source_evidence(ds: Dataset, source: _Source) -> None:
+    """Source Image Evidence: the instances the frames' Source Image Sequences name (all
+    of them: this object's source; a derived source's own evidence no longer applies)."""
+    instance = Dataset()
+    instance.ReferencedSOPClassUID = source.sop_class_uid
+    instance.ReferencedSOPInstanceUID = source.sop_instance_uid
+    series = Dataset()
+    series.SeriesInstanceUID = source.series_uid
+    series.ReferencedSOPSequence = DicomSequence([instance])
+    study = Dataset()
+    study.StudyInstanceUID = ds.StudyInstanceUID
+    study.ReferencedSeriesSequence = DicomSequence([series])
+    ds.SourceImageEvidenceSequence = DicomSequence([study])
+
+
+def _reference_source_series(ds: Dataset, source: _Source) -> None:
+    """Common Instance Reference module: every instance this one references, by series.
+    Items without instances (highdicom's legacy conversion writes such) are dropped."""
+    items = [item for item in ds.get("ReferencedSeriesSequence", [])
+             if item.get("ReferencedInstanceSequence")]
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = source.sop_class_uid
+    reference.ReferencedSOPInstanceUID = source.sop_instance_uid
+    for item in items:
+        if str(item.get("SeriesInstanceUID", "")) == source.series_uid:
+            item.ReferencedInstanceSequence.append(reference)
+            break
+    else:
+        series = Dataset()
+        series.SeriesInstanceUID = source.series_uid
+        series.ReferencedInstanceSequence = DicomSequence([reference])
+        items.append(series)
+    ds.ReferencedSeriesSequence = DicomSequence(items)
+
+
+def _remove(ds: Dataset, keywords: tuple[str, ...]) -> None:
+    for keyword in keywords:
         if keyword in ds:
             delattr(ds, keyword)
 
@@ -210,17 +347,6 @@ def _set_image_type(ds: Dataset, multiframe: bool) -> None:
         ds.ImageType = ["DERIVED", "PRIMARY", *(rest or ["VOLUME", "NONE"])]
     else:
         ds.ImageType = ["DERIVED", "SECONDARY", *rest]
-
-
-def _derive_frame_types(ds: Dataset) -> None:
-    groups: list[Dataset] = list(ds.get("PerFrameFunctionalGroupsSequence", []))
-    groups += list(ds.get("SharedFunctionalGroupsSequence", []))
-    for group in groups:
-        for keyword in ("MRImageFrameTypeSequence", "FrameTypeSequence"):
-            for item in group.get(keyword, []):
-                values = [str(v) for v in item.get("FrameType", [])]
-                if values:
-                    item.FrameType = ["DERIVED", *values[1:]]
 
 
 def _with_suffix(description: str, suffix: str) -> str:

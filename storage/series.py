@@ -1,9 +1,12 @@
 """Stored series -> stacks of slices -> volumes.
 
-A series may hold several stacks (echoes, repeated positions over time, orientations);
-each is denoised on its own. Headers are read first (no pixels), so grouping is cheap, and a
-volume is loaded one slice at a time into a preallocated array, so memory stays bounded.
-Both classic (one slice per instance) and enhanced (multi-frame) MR objects are handled.
+A series may hold several stacks (echoes, repeated positions over time, b-values,
+orientations, matrices); each is denoised on its own. Headers are read first (no pixels), so
+grouping is cheap, and a volume is filled one image at a time into a preallocated array, so
+memory stays bounded. Classic MR (one slice per instance), Enhanced MR and Legacy Converted
+Enhanced MR (multi-frame) objects are handled alike: a frame is just another slice.
+
+Images the network must not touch are skipped with a reason (docs/inputs.md lists them).
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels import iter_pixels
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,23 @@ LEGACY_ENHANCED_MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4.4"
 MR_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE,
                             LEGACY_ENHANCED_MR_IMAGE_STORAGE})
 MULTIFRAME_MR_SOP_CLASSES = frozenset({ENHANCED_MR_IMAGE_STORAGE, LEGACY_ENHANCED_MR_IMAGE_STORAGE})
+
+# ImageType values (classic: vendors' values 3+; enhanced: ComplexImageComponent) of images
+# that are not magnitude images: the model learnt Rician magnitude noise only.
+NON_MAGNITUDE_TYPES = {"P": "phase", "PHASE": "phase", "PHASE MAP": "phase", "R": "real",
+                       "REAL": "real", "I": "imaginary", "IMAGINARY": "imaginary",
+                       "MIXED": "mixed complex components"}
+# Quantitative maps and projections: their values are measurements or maxima, not a noisy
+# magnitude; smoothing them would change what a radiologist measures.
+NOT_DENOISED_TYPES = {
+    "ADC": "quantitative map (ADC)", "EADC": "quantitative map (eADC)",
+    "FA": "quantitative map (FA)", "DIFFUSION_ANISO": "quantitative map (anisotropy)",
+    "T1 MAP": "quantitative map (T1)", "T2 MAP": "quantitative map (T2)",
+    "T2* MAP": "quantitative map (T2*)", "VELOCITY": "quantitative map (velocity)",
+    "METABOLITE_MAP": "quantitative map (metabolite)", "QUANTITY": "quantitative map",
+    "MIP": "projection (MIP)", "MINIP": "projection (MinIP)",
+    "PROJECTION IMAGE": "projection", "LOCALIZER": "localizer",
+}
 
 
 class SeriesError(Exception):
@@ -55,7 +78,7 @@ class Stack:
     rows: int
     columns: int
     slices: tuple[SliceRef, ...]
-    label: str  # e.g. "echo 2", for logs and errors
+    label: str  # e.g. "256x256, echo 2", for logs and errors
 
     @property
     def depth(self) -> int:
@@ -73,10 +96,30 @@ class StackPlan:
 
 
 @dataclass(frozen=True)
+class _StackKey:
+    """What must be equal for images to share a stack (and be denoised as one volume)."""
+
+    orientation: tuple[float, ...]
+    rows: int
+    columns: int
+    pixel_spacing: tuple[float, ...]
+    echo: object = None
+    temporal: object = None
+    b_value: object = None
+
+    @property
+    def label(self) -> str:
+        parts = [f"{self.rows}x{self.columns}"]
+        for name, value in (("echo", self.echo), ("time", self.temporal), ("b", self.b_value)):
+            if value is not None:
+                parts.append(f"{name} {value}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
 class _Candidate:
     ref: SliceRef
-    orientation: tuple[float, ...]
-    group: tuple[object, ...]
+    key: _StackKey
 
 
 def plan_stacks(paths: Iterable[Path]) -> StackPlan:
@@ -91,7 +134,7 @@ def plan_stacks(paths: Iterable[Path]) -> StackPlan:
             plan.skipped.append((path.stem, f"unreadable: {exc}"))
             continue
         sop_uid = str(ds.get("SOPInstanceUID", path.stem))
-        reason = _unusable_reason(ds)
+        reason = unusable_reason(ds)
         if reason:
             plan.skipped.append((sop_uid, reason))
             continue
@@ -103,85 +146,96 @@ def plan_stacks(paths: Iterable[Path]) -> StackPlan:
     return plan
 
 
-def _unusable_reason(ds: Dataset) -> str | None:
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
+def unusable_reason(ds: Dataset) -> str | None:
+    """Why the network must not denoise this object (None: it may)."""
+    if "PixelData" not in ds:
         return "no pixel data"
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         return "not a grayscale image"
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
-    if "LOCALIZER" in image_type:
-        return "localizer"
+    if int(ds.get("BitsAllocated", 16)) not in (8, 16):
+        return f"BitsAllocated {ds.get('BitsAllocated')} is not supported"
+    values = [str(v).strip().upper() for v in ds.get("ImageType", [])][2:]
+    component = str(ds.get("ComplexImageComponent", "") or "").upper()
+    if component and component != "MAGNITUDE":
+        values.append(component)
+    for value in values:
+        if value in NON_MAGNITUDE_TYPES:
+            return f"not a magnitude image ({NON_MAGNITUDE_TYPES[value]})"
+        if value in NOT_DENOISED_TYPES:
+            return NOT_DENOISED_TYPES[value]
     return None
 
 
 def _candidates_of(ds: Dataset, path: Path) -> list[_Candidate]:
-    sop_uid = str(ds.SOPInstanceUID)
-    sop_class = str(ds.SOPClassUID)
-    instance_number = int(ds.get("InstanceNumber", 0) or 0)
     if "PerFrameFunctionalGroupsSequence" in ds:
-        return _frame_candidates(ds, path, sop_uid, sop_class, instance_number)
+        return _frame_candidates(ds, path)
     orientation = _floats(ds.ImageOrientationPatient, 6)
     position = _floats(ds.ImagePositionPatient, 3)
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    group = (int(ds.Rows), int(ds.Columns), _echo(ds), _temporal(ds))
-    ref = SliceRef(path, sop_uid, sop_class, None, _along_normal(orientation, position),
-                   slope, intercept, instance_number)
-    return [_Candidate(ref, _rounded(orientation), group)]
+    key = _StackKey(_rounded(orientation), int(ds.Rows), int(ds.Columns),
+                    _spacing(ds.PixelSpacing), _echo(ds.get("EchoNumbers")),
+                    _integer(ds.get("TemporalPositionIdentifier")),
+                    _number(ds.get("DiffusionBValue")))
+    ref = SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), None,
+                   _along_normal(orientation, position),
+                   float(ds.get("RescaleSlope", 1) or 1),
+                   float(ds.get("RescaleIntercept", 0) or 0), _instance_number(ds))
+    return [_Candidate(ref, key)]
 
 
-def _frame_candidates(ds: Dataset, path: Path, sop_uid: str, sop_class: str,
-                      instance_number: int) -> list[_Candidate]:
+def _frame_candidates(ds: Dataset, path: Path) -> list[_Candidate]:
+    """One candidate per frame; attributes come from the frame's or the shared groups
+    (Legacy Converted objects keep unmapped classic attributes in 'unassigned' groups)."""
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     out = []
     for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
-        orientation = _floats(_group_item(frame, shared, "PlaneOrientationSequence")
-                              .ImageOrientationPatient, 6)
-        position = _floats(_group_item(frame, shared, "PlanePositionSequence")
-                           .ImagePositionPatient, 3)
-        slope, intercept = 1.0, 0.0
-        try:
-            transform = _group_item(frame, shared, "PixelValueTransformationSequence")
-            slope = float(transform.get("RescaleSlope", 1) or 1)
-            intercept = float(transform.get("RescaleIntercept", 0) or 0)
-        except KeyError:
-            pass
-        echo, temporal = None, None
-        try:
-            echo = _group_item(frame, shared, "MREchoSequence").get("EffectiveEchoTime")
-        except KeyError:
-            pass
-        try:
-            temporal = _group_item(frame, shared, "FrameContentSequence").get(
-                "TemporalPositionIndex")
-        except KeyError:
-            pass
-        group = (int(ds.Rows), int(ds.Columns), echo, temporal)
-        ref = SliceRef(path, sop_uid, sop_class, index, _along_normal(orientation, position),
-                       slope, intercept, instance_number)
-        out.append(_Candidate(ref, _rounded(orientation), group))
+        value = partial(_group_value, frame, shared)
+        orientation = _floats(value("PlaneOrientationSequence", "ImageOrientationPatient"), 6)
+        position = _floats(value("PlanePositionSequence", "ImagePositionPatient"), 3)
+        echo = value("MREchoSequence", "EffectiveEchoTime")
+        if echo is None:
+            echo = _echo(_unassigned(frame, shared, "EchoNumbers"))
+        temporal = value("FrameContentSequence", "TemporalPositionIndex")
+        if temporal is None:
+            temporal = _unassigned(frame, shared, "TemporalPositionIdentifier")
+        b_value = value("MRDiffusionSequence", "DiffusionBValue")
+        key = _StackKey(_rounded(orientation), int(ds.Rows), int(ds.Columns),
+                        _spacing(value("PixelMeasuresSequence", "PixelSpacing")),
+                        _number(echo), _integer(temporal), _number(b_value))
+        slope = value("PixelValueTransformationSequence", "RescaleSlope")
+        intercept = value("PixelValueTransformationSequence", "RescaleIntercept")
+        ref = SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), index,
+                       _along_normal(orientation, position), float(slope or 1),
+                       float(intercept or 0), _instance_number(ds))
+        out.append(_Candidate(ref, key))
     return out
 
 
-def _group_item(frame: Dataset, shared: Dataset, keyword: str) -> Dataset:
+def _group_value(frame: Dataset, shared: Dataset, sequence: str, keyword: str) -> object:
+    """``keyword`` of the first item of functional group ``sequence``: per frame, else shared."""
     for source in (frame, shared):
-        if keyword in source and len(source[keyword].value):
-            return source[keyword].value[0]
-    raise KeyError(keyword)
+        items = source.get(sequence)
+        if items and keyword in items[0]:
+            return items[0][keyword].value
+    return None
+
+
+def _unassigned(frame: Dataset, shared: Dataset, keyword: str) -> object:
+    found = _group_value(frame, shared, "UnassignedPerFrameConvertedAttributesSequence", keyword)
+    if found is None:
+        found = _group_value(frame, shared, "UnassignedSharedConvertedAttributesSequence", keyword)
+    return found
 
 
 def _group_into_stacks(candidates: list[_Candidate]) -> list[Stack]:
-    groups: dict[tuple[object, ...], list[SliceRef]] = defaultdict(list)
+    groups: dict[_StackKey, list[SliceRef]] = defaultdict(list)
     for cand in candidates:
-        groups[(cand.orientation, *cand.group)].append(cand.ref)
+        groups[cand.key].append(cand.ref)
     stacks: list[Stack] = []
-    for key, refs in sorted(groups.items(), key=lambda item: str(item[0])):
-        rows, columns = int(key[1]), int(key[2])  # type: ignore[call-overload]
-        label = _label(key)
+    for key, refs in sorted(groups.items(), key=lambda item: repr(item[0])):
         for repeat, members in enumerate(_split_repeated_positions(refs)):
-            members.sort(key=lambda ref: (ref.position, ref.instance_number))
+            members.sort(key=lambda ref: (ref.position, ref.instance_number, ref.frame or 0))
             suffix = f" repeat {repeat + 1}" if repeat else ""
-            stacks.append(Stack(rows, columns, tuple(members), label + suffix))
+            stacks.append(Stack(key.rows, key.columns, tuple(members), key.label + suffix))
     return stacks
 
 
@@ -195,28 +249,37 @@ def _split_repeated_positions(refs: list[SliceRef]) -> list[list[SliceRef]]:
     return [[v[i] for v in by_position.values() if len(v) > i] for i in range(depth)]
 
 
-def _label(key: tuple[object, ...]) -> str:
-    parts = [f"{key[1]}x{key[2]}"]
-    if key[3] is not None:
-        parts.append(f"echo {key[3]}")
-    if key[4] is not None:
-        parts.append(f"time {key[4]}")
-    return ", ".join(parts)
-
-
-def _echo(ds: Dataset) -> object:
-    value = ds.get("EchoNumbers")
+def _echo(value: object) -> object:
+    """EchoNumbers as a number (it is IS, sometimes multi-valued: the first value)."""
     if value is None or value == "":
         return None
-    return str(value)
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    return _number(value)
 
 
-def _temporal(ds: Dataset) -> object:
-    value = ds.get("TemporalPositionIdentifier")
-    return None if value in (None, "") else int(value)
+def _number(value: object) -> float | None:
+    if value is None or value == "":
+        return None
+    number = float(value)  # type: ignore[arg-type]
+    return int(number) if number.is_integer() else round(number, 3)
+
+
+def _integer(value: object) -> int | None:
+    return None if value in (None, "") else int(value)  # type: ignore[call-overload]
+
+
+def _instance_number(ds: Dataset) -> int:
+    return int(ds.get("InstanceNumber", 0) or 0)
+
+
+def _spacing(value: object) -> tuple[float, ...]:
+    return tuple(round(v, 4) for v in _floats(value, 2))
 
 
 def _floats(value: object, count: int) -> tuple[float, ...]:
+    if value is None:
+        raise ValueError("attribute missing")
     values = tuple(float(v) for v in value)  # type: ignore[attr-defined]
     if len(values) != count:
         raise ValueError(f"expected {count} values, got {len(values)}")
@@ -235,20 +298,23 @@ def _along_normal(orientation: Sequence[float], position: Sequence[float]) -> fl
 def load_volume(stack: Stack) -> np.ndarray:
     """The stack's images as float32 (slices, rows, columns) in physical units."""
     volume = np.empty((stack.depth, stack.rows, stack.columns), dtype=np.float32)
-    cache_path: Path | None = None
-    cache: np.ndarray | None = None
-    for index, ref in enumerate(stack.slices):
+    frames_by_path: dict[Path, list[tuple[int, int]]] = defaultdict(list)  # path: (frame, slot)
+    for slot, ref in enumerate(stack.slices):
         if ref.frame is None:
-            pixels = pydicom.dcmread(ref.path).pixel_array
+            _put(volume, slot, stack, ref, pydicom.dcmread(ref.path).pixel_array)
         else:
-            # Multi-frame: decode the object once for all of its frames in this stack.
-            if cache_path != ref.path:
-                cache = pydicom.dcmread(ref.path).pixel_array
-                cache = cache if cache.ndim == 3 else cache[np.newaxis]
-                cache_path = ref.path
-            pixels = cache[ref.frame]  # type: ignore[index]
-        if pixels.shape != (stack.rows, stack.columns):
-            raise SeriesError(f"image {ref.sop_instance_uid} is {pixels.shape}, "
-                              f"stack {stack.label} expects {(stack.rows, stack.columns)}")
-        volume[index] = pixels.astype(np.float32) * ref.slope + ref.intercept
+            frames_by_path[ref.path].append((ref.frame, slot))
+    for path, frames in frames_by_path.items():
+        # Multi-frame: decode only this stack's frames, one at a time, in file order.
+        frames.sort()
+        pixels = iter_pixels(path, indices=[frame for frame, _ in frames])
+        for (_, slot), image in zip(frames, pixels):
+            _put(volume, slot, stack, stack.slices[slot], image)
     return volume
+
+
+def _put(volume: np.ndarray, slot: int, stack: Stack, ref: SliceRef, pixels: np.ndarray) -> None:
+    if pixels.shape != (stack.rows, stack.columns):
+        raise SeriesError(f"image {ref.sop_instance_uid} is {pixels.shape}, "
+                          f"stack {stack.label} expects {(stack.rows, stack.columns)}")
+    volume[slot] = pixels.astype(np.float32) * ref.slope + ref.intercept
