@@ -183,31 +183,37 @@ def _candidates_of(ds: Dataset, path: Path) -> list[_Candidate]:
 
 
 def _frame_candidates(ds: Dataset, path: Path) -> list[_Candidate]:
-    """One candidate per frame; attributes come from the frame's or the shared groups
-    (Legacy Converted objects keep unmapped classic attributes in 'unassigned' groups)."""
+    """One candidate per frame; attributes come from the frame's or the shared groups."""
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     out = []
     for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
         value = partial(_group_value, frame, shared)
         orientation = _floats(value("PlaneOrientationSequence", "ImageOrientationPatient"), 6)
         position = _floats(value("PlanePositionSequence", "ImagePositionPatient"), 3)
-        echo = value("MREchoSequence", "EffectiveEchoTime")
-        if echo is None:
-            echo = _echo(_unassigned(frame, shared, "EchoNumbers"))
-        temporal = value("FrameContentSequence", "TemporalPositionIndex")
-        if temporal is None:
-            temporal = _unassigned(frame, shared, "TemporalPositionIdentifier")
-        b_value = value("MRDiffusionSequence", "DiffusionBValue")
-        key = _StackKey(_rounded(orientation), int(ds.Rows), int(ds.Columns),
-                        _spacing(value("PixelMeasuresSequence", "PixelSpacing")),
-                        _number(echo), _integer(temporal), _number(b_value))
         slope = value("PixelValueTransformationSequence", "RescaleSlope")
         intercept = value("PixelValueTransformationSequence", "RescaleIntercept")
         ref = SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), index,
                        _along_normal(orientation, position), float(slope or 1),
                        float(intercept or 0), _instance_number(ds))
-        out.append(_Candidate(ref, key))
+        out.append(_Candidate(ref, _frame_key(ds, frame, shared, orientation)))
     return out
+
+
+def _frame_key(ds: Dataset, frame: Dataset, shared: Dataset,
+               orientation: tuple[float, ...]) -> _StackKey:
+    """Legacy Converted objects keep the classic attributes that have no functional group
+    (EchoNumbers, TemporalPositionIdentifier) in 'unassigned' groups."""
+    value = partial(_group_value, frame, shared)
+    echo: object = _echo(_unassigned(frame, shared, "EchoNumbers"))
+    effective_echo_time = _number(value("MREchoSequence", "EffectiveEchoTime"))
+    if effective_echo_time is not None:
+        echo = f"TE {effective_echo_time} ms"
+    temporal = value("FrameContentSequence", "TemporalPositionIndex")
+    if temporal is None:
+        temporal = _unassigned(frame, shared, "TemporalPositionIdentifier")
+    return _StackKey(_rounded(orientation), int(ds.Rows), int(ds.Columns),
+                     _spacing(value("PixelMeasuresSequence", "PixelSpacing")), echo,
+                     _integer(temporal), _number(value("MRDiffusionSequence", "DiffusionBValue")))
 
 
 def _group_value(frame: Dataset, shared: Dataset, sequence: str, keyword: str) -> object:
