@@ -145,10 +145,18 @@ def read_checkpoint(path: str | Path) -> tuple[ModelCard, dict[str, torch.Tensor
     return card, tensors
 
 
-def publish(src: str | Path, dst: str | Path) -> ModelCard:
+def publish(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> ModelCard:
     """Copy a verified checkpoint to ``dst`` (e.g. ``model/checkpoints/default.safetensors``)
-    with a sidecar card ``dst.json`` that pins the file's sha256."""
+    with a sidecar card ``dst.json`` that pins the file's sha256; ``training`` and ``metrics``
+    are merged into the card (the weights, and so the sha256, stay as they are)."""
     card, tensors = read_checkpoint(src)
+    card = replace(card, training={**card.training, **(training or {})}, metrics={**card.metrics, **(metrics or {})})
     dtype = getattr(torch, card.weights_dtype)
     out = write_checkpoint(dst, tensors, card, dtype=dtype, sidecar=True)
     if out.sha256 != card.sha256:  # same tensors, same dtype: cannot differ

@@ -177,6 +177,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     use_amp = cfg.amp and device.type == "cuda"
     step, best, wall = 0, -math.inf, 0.0
+    commands: list[str] = []
     state_path = run / "state.pt"
     if resume and state_path.exists():
         st = torch.load(state_path, map_location=device, weights_only=True)
@@ -186,9 +187,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         step, best, wall = int(st["step"]), float(st["best"]), float(st["wall"])
         rng.bit_generator.state = json.loads(st["rng"])
         torch.set_rng_state(st["torch_rng"])
+        commands = json.loads(st.get("commands", "[]"))
         logger.info("resumed %s at step %d (best val %.3f dB)", run, step, best)
     elif state_path.exists():
         raise FileExistsError(f"{run} already holds a run; pass --resume to continue it or pick another folder")
+    commands.append(f"{cfg.command} (from step {step})")
     (run / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
     logger.info(
         "training %s (%s, %.2f M parameters) for %d steps on %s, %d thread(s)",
@@ -201,13 +204,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             {
                 "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                 "step": step, "best": best, "wall": wall, "rng": _rng_state(rng), "torch_rng": torch.get_rng_state(),
+                "commands": json.dumps(commands),
             },
             tmp,
         )
         tmp.replace(state_path)
 
     def export(path: Path, metrics: dict[str, Any]) -> None:
-        record = {"steps": step, "wall_seconds": round(wall), "parameters": count_parameters(ema)}
+        record = {"steps": step, "wall_seconds": round(wall), "parameters": count_parameters(ema),
+                  "commands": commands}
         write_checkpoint(path, {k: v for k, v in ema.state_dict().items()}, make_card(cfg, arch, schedule, record, metrics))
 
     stop = _StopFlag()

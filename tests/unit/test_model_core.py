@@ -261,3 +261,14 @@ def test_bad_volumes_are_refused(tiny: Path) -> None:
     bad[0, 0, 0] = np.nan
     with pytest.raises(InputVolumeError, match="NaN"):
         den.denoise(bad)
+
+
+def test_publish_keeps_the_weights_and_merges_the_record(tiny: Path, tmp_path: Path) -> None:
+    from denoised_node.model.checkpoint import publish
+
+    src_card, _ = read_checkpoint(tiny)
+    dst = tmp_path / "shipped" / "default.safetensors"
+    card = publish(tiny, dst, training={"machine": "test"}, metrics={"eval": {"psnr": 1.0}})
+    assert card.sha256 == src_card.sha256 and card.training["machine"] == "test"
+    assert json.loads(dst.with_suffix(".json").read_text())["card"]["metrics"]["eval"]["psnr"] == 1.0
+    assert Denoiser.load(dst, device="cpu").identity == src_card.identity
