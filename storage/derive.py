@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.pixels import get_encoder
+from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
@@ -163,17 +163,14 @@ class DerivedSeriesWriter:
 
     def _add_frame(self, ref: SliceRef, image: np.ndarray) -> None:
         if ref.path not in self._pending:
-            ds = pydicom.dcmread(ref.path)
-            pixels = ds.pixel_array
-            pixels = pixels if pixels.ndim == 3 else pixels[np.newaxis]
-            self._pending[ref.path] = (ds, pixels.copy(), np.zeros(len(pixels), dtype=bool))
+            self._pending[ref.path] = _read_multiframe(ref.path)
         ds, frames, filled = self._pending[ref.path]
         assert ref.frame is not None
         frames[ref.frame] = stored_values(image, ref.slope, ref.intercept, ds, frames.dtype)
         filled[ref.frame] = True
         if filled.all():
             del self._pending[ref.path]
-            self._finish(ds, frames if len(frames) > 1 else frames[0])
+            self._finish(ds, frames)  # (frames, rows, cols) even for one: NumberOfFrames
 
     def _finish(self, ds: Dataset, stored: np.ndarray) -> None:
         source_sop_uid = str(ds.SOPInstanceUID)
@@ -190,7 +187,7 @@ class DerivedSeriesWriter:
             ds.compress(syntax, generate_instance_uid=False)
         else:
             ds.file_meta.TransferSyntaxUID = syntax
-        ds.file_meta.MediaStorageSOPClassUID = source_sop_class
+        ds.file_meta.MediaStorageSOPClassUID = UID(source_sop_class)
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.file_meta.SourceApplicationEntityTitle = self.info.station_ae_title
         buffer = io.BytesIO()
@@ -200,6 +197,14 @@ class DerivedSeriesWriter:
         write_atomic(target, buffer.getvalue())
         self.written.append(target)
         log.debug("derived instance written", extra={"source_sop": source_sop_uid})
+
+
+def _read_multiframe(path: Path) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """The source, its frames (filled in as stacks are denoised) and which are done."""
+    ds = pydicom.dcmread(path)
+    pixels = ds.pixel_array
+    pixels = pixels if pixels.ndim == 3 else pixels[np.newaxis]
+    return ds, pixels.copy(), np.zeros(len(pixels), dtype=bool)
 
 
 def _decode_big_endian(ds: Dataset) -> None:

@@ -193,8 +193,8 @@ def _frame_candidates(ds: Dataset, path: Path) -> list[_Candidate]:
         slope = value("PixelValueTransformationSequence", "RescaleSlope")
         intercept = value("PixelValueTransformationSequence", "RescaleIntercept")
         ref = SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), index,
-                       _along_normal(orientation, position), float(slope or 1),
-                       float(intercept or 0), _instance_number(ds))
+                       _along_normal(orientation, position), _float_or(slope, 1.0) or 1.0,
+                       _float_or(intercept, 0.0), _instance_number(ds))
         out.append(_Candidate(ref, _frame_key(ds, frame, shared, orientation)))
     return out
 
@@ -269,6 +269,10 @@ def _number(value: object) -> float | None:
         return None
     number = float(value)  # type: ignore[arg-type]
     return int(number) if number.is_integer() else round(number, 3)
+
+
+def _float_or(value: object, default: float) -> float:
+    return default if value in (None, "") else float(value)  # type: ignore[arg-type]
 
 
 def _integer(value: object) -> int | None:
