@@ -34,7 +34,10 @@ def sd_notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
     if not target:
         return False
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        # Non-blocking: with the listener's queue full (it holds 10 datagrams), a heartbeat
+        # is better dropped than waited for.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                           | socket.SOCK_NONBLOCK) as sock:
             sock.connect(_address(target))
             sock.sendall(message.encode())
     except OSError as exc:

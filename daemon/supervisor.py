@@ -2,6 +2,10 @@
 
 Workers run in their own processes so that a crash, a CUDA error or an out-of-memory kill in
 one of them never takes the SCP down; a dead worker is restarted with a growing delay.
+Workers speak sd_notify to a socket of serve's own: READY=1 once the model is loaded,
+WATCHDOG=1 while they make progress; one silent for worker.watchdog_seconds is killed and
+restarted. serve tells systemd READY=1 when the SCP listens and a worker has its model, and
+feeds systemd's watchdog while its own threads run.
 SIGTERM (or SIGINT) stops accepting associations, asks the workers to finish or release the
 job in hand, and exits.
 """
@@ -9,6 +13,7 @@ job in hand, and exits.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,16 +23,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from denoised_node.config.settings import Settings
+from denoised_node.daemon import health
 from denoised_node.daemon.completion import CompletionLoop
+from denoised_node.daemon.http import Readiness, StatusServer
 from denoised_node.daemon.maintenance import RetentionLoop, release_dead_local_leases
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import open_runtime
+from denoised_node.daemon.metrics import node_registry
+from denoised_node.daemon.notify import (
+    NOTIFY_SOCKET,
+    Notification,
+    NotifyListener,
+    sd_notify,
+    watchdog_seconds,
+)
 from denoised_node.daemon.scp import start_scp
+from denoised_node.storage.db import is_sqlite
 
 log = logging.getLogger(__name__)
 
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 60.0)
 _WORKER_STOP_SECONDS = 60.0
+_WORKER_START_SECONDS = 600.0
 
 
 @dataclass
@@ -37,24 +54,74 @@ class _Child:
     failures: int = 0
     restart_at: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+    ready: bool = False  # said READY=1: its model is loaded
+    last_heard: float = field(default_factory=time.monotonic)
 
 
 class WorkerPool:
     """Keeps ``count`` worker processes running."""
 
-    def __init__(self, count: int, config_path: Path | None) -> None:
+    def __init__(self, count: int, config_path: Path | None, *, notify_socket: str | None = None,
+                 watchdog_seconds: float = 600.0) -> None:
         self.command = [sys.executable, "-m", "denoised_node.daemon.cli", "worker"]
         if config_path is not None:
             self.command += ["--config", str(config_path)]
         self.children = [_Child(i) for i in range(count)]
+        self.notify_socket = notify_socket
+        self.watchdog_seconds = watchdog_seconds
+
+    @property
+    def ready_count(self) -> int:
+        return sum(1 for c in self.children
+                   if c.ready and c.process is not None and c.process.poll() is None)
+
+    def notified(self, notifications: list[Notification]) -> None:
+        """Take the workers' sd_notify messages: any message proves the sender alive."""
+        by_pid = {c.process.pid: c for c in self.children if c.process is not None}
+        now = time.monotonic()
+        for note in notifications:
+            child = by_pid.get(note.pid)
+            if child is None:
+                continue
+            child.last_heard = now
+            if note.fields.get("READY") == "1" and not child.ready:
+                child.ready = True
+                log.info("worker ready", extra={"worker_index": child.index, "pid": note.pid,
+                                                "status": note.fields.get("STATUS", "")})
+
+    def _hung(self, child: _Child, now: float) -> bool:
+        """Silent for worker.watchdog_seconds once ready; before that, loading the model
+        (CUDA start-up included) may take up to _WORKER_START_SECONDS."""
+        if not self.notify_socket or child.process is None:
+            return False
+        silent = now - child.last_heard
+        if child.ready and silent > self.watchdog_seconds:
+            log.error("worker sent no heartbeat for %.0f s; killing it", silent,
+                      extra={"worker_index": child.index, "pid": child.process.pid})
+            return True
+        if not child.ready and silent > max(self.watchdog_seconds, _WORKER_START_SECONDS):
+            log.error("worker did not load its model in %.0f s; killing it", silent,
+                      extra={"worker_index": child.index, "pid": child.process.pid})
+            return True
+        return False
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for name in (NOTIFY_SOCKET, "WATCHDOG_USEC", "WATCHDOG_PID"):  # systemd's are for serve
+            env.pop(name, None)
+        if self.notify_socket:
+            env[NOTIFY_SOCKET] = self.notify_socket
+        return env
 
     def start(self) -> None:
         for child in self.children:
             self._spawn(child)
 
     def _spawn(self, child: _Child) -> None:
-        child.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent)
-        child.started_at = time.monotonic()
+        child.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent,
+                                         env=self._environment())
+        child.started_at = child.last_heard = time.monotonic()
+        child.ready = False
         log.info("worker process started", extra={"worker_index": child.index,
                                                    "pid": child.process.pid})
 
@@ -65,6 +132,12 @@ class WorkerPool:
             if process is not None and process.poll() is None:
                 if now - child.started_at > 300:
                     child.failures = 0  # it has been healthy for a while
+                if self._hung(child, now):
+                    # A stuck CUDA call, a deadlock: its lease expires and the job goes
+                    # back to the queue; the next check restarts it.
+                    process.kill()
+                    process.wait(10)
+                    child.ready = False
                 continue
             if process is not None:
                 child.failures += 1
@@ -105,6 +178,36 @@ def _die_with_parent() -> None:
         pass
 
 
+class SystemdLink:
+    """What serve tells systemd: READY=1 once the SCP listens and a worker has its model
+    loaded (at once when worker.count = 0), WATCHDOG=1 while serve's own threads run."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.announced = False
+        self.watchdog = watchdog_seconds()
+        self._starving = False
+
+    @property
+    def interval(self) -> float:
+        return min(1.0, self.watchdog / 4) if self.watchdog else 1.0
+
+    def tick(self, ready_workers: int, healthy: bool, status: str) -> bool:
+        """Returns True the moment the node becomes ready."""
+        became_ready = False
+        if not self.announced and (ready_workers > 0 or self.workers == 0):
+            self.announced = became_ready = True
+            sd_notify(f"READY=1\nSTATUS={status}")
+        if self.watchdog:
+            if healthy:
+                sd_notify("WATCHDOG=1")
+            elif not self._starving:
+                log.error("an SCP or completion thread stopped; no longer feeding the systemd "
+                          "watchdog, so systemd restarts the node")
+            self._starving = not healthy
+        return became_ready
+
+
 def serve(settings: Settings, config_path: Path | None,
           ready: threading.Event | None = None) -> int:
     runtime = open_runtime(settings, initialise_empty=True)
@@ -119,28 +222,57 @@ def serve(settings: Settings, config_path: Path | None,
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    listener = NotifyListener()
+    pool = WorkerPool(settings.worker.count, config_path, notify_socket=listener.name,
+                      watchdog_seconds=settings.worker.watchdog_seconds)
+    registry, scp_counts = node_registry(runtime.sessions, postgres=not is_sqlite(runtime.engine),
+                                         gauges={
+        "workers_ready": ("Local worker processes with the model loaded",
+                          lambda: float(pool.ready_count)),
+        "disk_free_bytes": ("Free space where node.data_dir is",
+                            lambda: float(runtime.store.free_bytes())),
+    })
     receiver = Receiver(runtime.store, runtime.sessions, settings)
-    server = start_scp(settings, receiver)
+    server = start_scp(settings, receiver, scp_counts)
+    http: StatusServer | None = None
     completion = CompletionLoop(runtime.sessions, settings.series)
-    completion.start()
     retention = RetentionLoop(runtime.sessions, runtime.store, settings.retention)
+    try:
+        if settings.http.enabled:
+            http = StatusServer(settings.http, registry, Readiness([
+                ("database", health.database(runtime.engine)),
+                ("model", health.model_loaded(lambda: pool.ready_count, settings.worker.count)),
+                ("disk", health.disk(runtime.store, settings.node.min_free_mb)),
+                ("scp", health.listening(server.alive, "storage SCP")),
+            ])).start()
+    except BaseException:
+        server.shutdown()
+        raise
+    completion.start()
     retention.start()
-    pool = WorkerPool(settings.worker.count, config_path)
     pool.start()
     if ready is not None:
         ready.set()
-    log.info("node ready", extra={"ae_title": settings.node.ae_title,
-                                  "workers": settings.worker.count,
-                                  "data_dir": str(settings.node.data_dir)})
+    systemd = SystemdLink(settings.worker.count)
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(systemd.interval):
+            pool.notified(listener.receive())
             pool.check()
+            status = f"{pool.ready_count} of {settings.worker.count} worker(s) ready"
+            if systemd.tick(pool.ready_count, server.alive() and completion.is_alive(), status):
+                log.info("node ready", extra={"ae_title": settings.node.ae_title,
+                                              "workers": settings.worker.count,
+                                              "data_dir": str(settings.node.data_dir)})
     finally:
+        sd_notify("STOPPING=1")
         server.shutdown()  # no new associations; the ones in progress finish first
         completion.stop()
         retention.stop()
         pool.stop()
         completion.join(timeout=5)
+        if http is not None:
+            http.shutdown()
+        listener.close()
         runtime.engine.dispose()
         log.info("node stopped")
     return 0

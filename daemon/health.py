@@ -1,0 +1,52 @@
+"""The checks behind /readyz: each returns whether that part of the node can do its job now."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import Engine, text
+
+from denoised_node.daemon.http import Check, CheckResult
+from denoised_node.storage.files import FileStore
+
+
+def database(engine: Engine) -> Check:
+    def check() -> CheckResult:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return CheckResult(True, f"{engine.dialect.name} reachable")
+
+    return check
+
+
+def model_loaded(ready_workers: Callable[[], int], configured: int) -> Check:
+    """At least one local worker said READY=1 (its model is loaded). With worker.count = 0
+    the workers run elsewhere and are not this node's to check."""
+
+    def check() -> CheckResult:
+        if configured == 0:
+            return CheckResult(True, "no local workers (worker.count = 0)")
+        ready = ready_workers()
+        if ready == 0:
+            return CheckResult(False, f"no worker has loaded the model yet (0 of {configured})")
+        return CheckResult(True, f"{ready} of {configured} worker(s) with the model loaded")
+
+    return check
+
+
+def disk(store: FileStore, min_free_mb: int) -> Check:
+    def check() -> CheckResult:
+        free_mb = store.free_bytes() // 2**20
+        detail = f"{free_mb} MiB free, watermark {min_free_mb} MiB"
+        if free_mb < min_free_mb:
+            return CheckResult(False, detail + ": instances are refused (0xA700)")
+        return CheckResult(True, detail)
+
+    return check
+
+
+def listening(alive: Callable[[], bool], what: str) -> Check:
+    def check() -> CheckResult:
+        return CheckResult(alive(), f"{what} {'running' if alive() else 'stopped'}")
+
+    return check

@@ -1,0 +1,117 @@
+"""The node's HTTP endpoint (loopback by default): /metrics for Prometheus, /healthz (the
+process answers) and /readyz (database, a worker with its model loaded, disk space, SCP).
+
+The standard library's threading server is enough for a scrape every few seconds; nothing
+here takes input beyond the path, and every handler's dependencies are bound, not global.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from denoised_node.config.settings import ConfigError, HttpSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    ok: bool
+    detail: str
+
+
+Check = Callable[[], CheckResult]
+
+
+class Readiness:
+    """Named checks; ready when every one passes. A check that raises has failed."""
+
+    def __init__(self, checks: Sequence[tuple[str, Check]]) -> None:
+        self.checks = list(checks)
+
+    def report(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        results: dict[str, dict[str, Any]] = {}
+        for name, check in self.checks:
+            try:
+                result = check()
+            except Exception as exc:  # noqa: BLE001 - a failing check is a finding, not a crash
+                result = CheckResult(False, f"{type(exc).__name__}: {exc}".splitlines()[0])
+            results[name] = {"ok": result.ok, "detail": result.detail}
+        return all(r["ok"] for r in results.values()), results
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "denoised-node"
+
+    def __init__(self, *args: Any, registry: CollectorRegistry, readiness: Readiness,
+                 **kwargs: Any) -> None:
+        self.registry = registry
+        self.readiness = readiness
+        super().__init__(*args, **kwargs)
+
+    def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b"ok\n", "text/plain; charset=utf-8")
+        elif path == "/readyz":
+            ready, checks = self.readiness.report()
+            body = json.dumps({"ready": ready, "checks": checks}, indent=1).encode() + b"\n"
+            self._send(200 if ready else 503, body, "application/json")
+        else:
+            self._send(404, b"not found: try /metrics, /healthz or /readyz\n",
+                       "text/plain; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("http %s", format % args)  # every scrape at INFO would drown the log
+
+
+class StatusServer:
+    """The HTTP server on its own thread."""
+
+    def __init__(self, settings: HttpSettings, registry: CollectorRegistry,
+                 readiness: Readiness) -> None:
+        handler = partial(_Handler, registry=registry, readiness=readiness)
+        try:
+            self._server = ThreadingHTTPServer((settings.host, settings.port), handler)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve HTTP on {settings.host}:{settings.port} "
+                              f"(http.port): {exc.strerror}; choose another http.port or set "
+                              "http.enabled = false") from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http",
+                                        daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> StatusServer:
+        self._thread.start()
+        log.info("HTTP endpoint listening", extra={"host": self._server.server_address[0],
+                                                   "port": self.port,
+                                                   "paths": "/metrics /healthz /readyz"})
+        return self
+
+    def shutdown(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
