@@ -102,5 +102,11 @@ def run_checks(settings: Settings) -> list[Check]:
             checks.append(step(settings))
         except Exception as exc:  # noqa: BLE001 - doctor reports every failure, never crashes
             checks.append(Check(step.__name__.strip("_"), False, f"{type(exc).__name__}: {exc}"))
+    from denoised_node.daemon.doctor_security import security_checks
+
+    try:
+        checks.extend(security_checks(settings))  # access control, TLS files, HTTP port
+    except Exception as exc:  # noqa: BLE001 - doctor reports every failure, never crashes
+        checks.append(Check("security", False, f"{type(exc).__name__}: {exc}"))
     checks.extend(_destinations(settings))
     return checks
