@@ -33,7 +33,9 @@ def _command_line(name: str) -> str:
 @click.option("--kind", type=click.Choice(["diffusion_unet", "basic_unet"]), default="diffusion_unet", show_default=True)
 @click.option("--name", default=None, help="Model name in the card (default: unet25d, or basic-unet25d).")
 @click.option("--volume", "volumes", multiple=True, help="Clean NIfTI file or DICOM folder; default: the MNI152 T1 template.")
-@click.option("--steps", type=int, default=6000, show_default=True)
+@click.option("--pair", "pairs", nargs=2, multiple=True, metavar="NOISY CLEAN",
+              help="Train on a real noisy/clean pair (NIfTI files or DICOM folders) instead of simulated noise.")
+@click.option("--steps", type=int, default=5000, show_default=True)
 @click.option("--batch-size", type=int, default=12, show_default=True)
 @click.option("--patch", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -41,10 +43,12 @@ def _command_line(name: str) -> str:
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--val-every", type=int, default=250, show_default=True)
+@click.option("--holdout", type=int, default=24, show_default=True, help="Central test slab never trained on (slices).")
+@click.option("--gap", type=int, default=8, show_default=True, help="Slices either side of the slab, also never trained on.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last state.")
 def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
-                  steps: int, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
-                  val_every: int, resume: bool) -> None:
+                  pairs: tuple[tuple[str, str], ...], steps: int, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
+                  val_every: int, holdout: int, gap: int, resume: bool) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
     from denoised_node.model.train import TrainConfig, setup_run_logging, train
@@ -53,13 +57,13 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     setup_run_logging(run)
     cfg = TrainConfig(
         run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
-        volumes=list(volumes) or ["mni152-t1"], steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
-        threads=threads, device=device, val_every=val_every,
+        volumes=list(volumes) or ["mni152-t1"], pairs=[tuple(p) for p in pairs], steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+        threads=threads, device=device, val_every=val_every, holdout=holdout, gap=gap,
         command=_command_line("train"),
     )
     try:
         best = train(cfg, resume=resume)
-    except FileExistsError as exc:
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"best checkpoint: {best}")
 

@@ -53,21 +53,39 @@ def load_mni_t2_like() -> np.ndarray:
     return (vol / float(vol.max())).astype(np.float32)
 
 
-def load_volume(path: str | Path) -> np.ndarray:
-    """A clean volume from a NIfTI file or a DICOM folder, as (slices, rows, cols), max 1."""
+def load_raw(path: str | Path) -> np.ndarray:
+    """A volume from a NIfTI file or a DICOM folder as (slices, rows, cols), in its own units."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"training volume {path} does not exist")
     if path.is_dir():
         vol = _read_dicom_folder(path)
     else:
         import nibabel as nib
 
         vol = _axial(np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32))
-    vol = np.nan_to_num(vol.astype(np.float32))
+    return np.nan_to_num(vol.astype(np.float32))
+
+
+def load_volume(path: str | Path) -> np.ndarray:
+    """A clean volume from a NIfTI file or a DICOM folder, as (slices, rows, cols), max 1."""
+    vol = load_raw(path)
     vol -= min(0.0, float(vol.min()))
     peak = float(vol.max())
     if peak <= 0:
         raise ValueError(f"{path} is empty (all zero)")
     return vol / peak
+
+
+def load_pair(noisy_path: str | Path, clean_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A real noisy/clean pair (same grid), both divided by the clean maximum."""
+    noisy, clean = load_raw(noisy_path), load_raw(clean_path)
+    if noisy.shape != clean.shape:
+        raise ValueError(f"{noisy_path} {noisy.shape} and {clean_path} {clean.shape} are not on the same grid")
+    peak = float(clean.max())
+    if peak <= 0:
+        raise ValueError(f"{clean_path} is empty (all zero)")
+    return noisy / peak, clean / peak
 
 
 def _read_dicom_folder(folder: Path) -> np.ndarray:
@@ -159,10 +177,15 @@ class PatchSampler:
         schedule: NoiseSchedule,
         cfg: SamplerConfig,
         rng: np.random.Generator,
+        noisy_blocks: list[np.ndarray] | None = None,
     ) -> None:
+        """``noisy_blocks`` (real noisy data on the grid of ``blocks``) replaces simulated noise."""
         if not blocks:
             raise ValueError("no training data: every volume is too small for the held-out split")
+        if noisy_blocks is not None and [b.shape for b in noisy_blocks] != [b.shape for b in blocks]:
+            raise ValueError("noisy and clean training blocks differ in shape")
         self.blocks = blocks
+        self.noisy_blocks = noisy_blocks
         self.scale = scale  # robust_scale of the clean data (the percentile commutes with gamma)
         self.schedule = schedule
         self.cfg = cfg
@@ -170,9 +193,10 @@ class PatchSampler:
         sizes = np.array([b.size for b in blocks], dtype=np.float64)
         self.block_probs = sizes / sizes.sum()
 
-    def _slab(self) -> np.ndarray:
+    def _slab(self) -> tuple[np.ndarray, np.ndarray | None]:
         rng, cfg = self.rng, self.cfg
-        block = self.blocks[rng.choice(len(self.blocks), p=self.block_probs)]
+        b = int(rng.choice(len(self.blocks), p=self.block_probs))
+        block = self.blocks[b]
         axis = int(rng.choice(3, p=np.asarray(cfg.axis_probs)))
         v = np.moveaxis(block, axis, 0)
         stride = 2 if rng.random() < cfg.stride2_prob else 1
@@ -183,25 +207,30 @@ class PatchSampler:
                 break
         idx = np.clip(c + stride * np.arange(-half, half + 1), 0, v.shape[0] - 1)
         slab = np.asarray(v[idx], dtype=np.float32)
+        noisy = None
+        if self.noisy_blocks is not None:
+            noisy = np.asarray(np.moveaxis(self.noisy_blocks[b], axis, 0)[idx], dtype=np.float32)
         p = cfg.patch
         ph, pw = max(0, p - slab.shape[1]), max(0, p - slab.shape[2])
         if ph or pw:
-            slab = np.pad(slab, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)))
-        return slab
+            pad = ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+            slab = np.pad(slab, pad)
+            noisy = None if noisy is None else np.pad(noisy, pad)
+        return slab, noisy
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         rng, cfg = self.rng, self.cfg
-        slab = self._slab()
+        slab, real_noisy = self._slab()
         half = cfg.in_slices // 2
         scale = self.scale
-        if rng.random() < cfg.gamma_prob:
+        if real_noisy is None and rng.random() < cfg.gamma_prob:
             g = float(rng.uniform(*cfg.gamma_range))
             slab = slab**g
             scale = scale**g
         scale *= float(rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
-        sigma = float(rng.uniform(*cfg.sigma_range))
+        sigma = float(rng.uniform(*cfg.sigma_range)) if real_noisy is None else float("nan")
         # The estimate sees the whole noisy centre slice, as at inference.
-        centre_noisy = add_rician(slab[half], sigma, rng)
+        centre_noisy = add_rician(slab[half], sigma, rng) if real_noisy is None else real_noisy[half]
         sigma_hat = estimate_sigma(centre_noisy)
         p = cfg.patch
         h, w = slab.shape[1:]
@@ -210,8 +239,11 @@ class PatchSampler:
             if (slab[half, y : y + p, x : x + p] > 0.04).mean() >= cfg.min_foreground:
                 break
         clean = slab[:, y : y + p, x : x + p]
-        noisy = add_rician(clean, sigma, rng)
-        noisy[half] = centre_noisy[y : y + p, x : x + p]
+        if real_noisy is None:
+            noisy = add_rician(clean, sigma, rng)
+            noisy[half] = centre_noisy[y : y + p, x : x + p]
+        else:
+            noisy = real_noisy[:, y : y + p, x : x + p].copy()
         k = int(rng.integers(0, 4))
         noisy, clean = np.rot90(noisy, k, axes=(1, 2)), np.rot90(clean, k, axes=(1, 2))
         if rng.random() < 0.5:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelCard, write_checkpoint
-from .data import PatchSampler, SamplerConfig, Split, foreground_mask, load_mni_t1, load_volume
+from .data import PatchSampler, SamplerConfig, Split, foreground_mask, load_mni_t1, load_pair, load_volume
 from .inference import denoise_volume
 from .metrics import psnr, ssim
 from .network import build_network, count_parameters, default_config
@@ -41,6 +41,7 @@ class TrainConfig:
     kind: str = "diffusion_unet"
     name: str = "unet25d"
     volumes: list[str] = field(default_factory=lambda: ["mni152-t1"])
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # real (noisy, clean) pairs instead
     steps: int = 6000
     batch_size: int = 12
     patch: int = 128
@@ -81,24 +82,34 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 class Validator:
     """Fixed noisy validation volumes (slices in the gap, never trained on), fixed seeds."""
 
-    def __init__(self, vol: np.ndarray, split: Split, levels: tuple[float, ...], in_slices: int, seed: int) -> None:
+    def __init__(
+        self,
+        vol: np.ndarray,
+        split: Split,
+        levels: tuple[float, ...],
+        in_slices: int,
+        seed: int,
+        noisy: np.ndarray | None = None,
+    ) -> None:
+        """Simulated noise at ``levels``, or the real ``noisy`` volume of a pair."""
         a, b = split.validation
         half = in_slices // 2
         lo, hi = max(0, a - half), min(vol.shape[0], b + half)
         self.clean = vol[lo:hi]
         self.inner = slice(a - lo, b - lo)
         rng = np.random.default_rng(seed)
-        self.levels = levels
-        self.noisy = [add_rician(self.clean, lvl * float(vol.max()), rng) for lvl in levels]
+        if noisy is None:
+            self.cases = [(f"{round(lvl * 100)}%", add_rician(self.clean, lvl * float(vol.max()), rng)) for lvl in levels]
+        else:
+            self.cases = [("paired", noisy[lo:hi])]
         self.mask = foreground_mask(self.clean)[self.inner]
         self.range = float(vol.max())
 
     def run(self, net: torch.nn.Module, schedule: NoiseSchedule, device: torch.device) -> dict[str, float]:
         out: dict[str, float] = {}
         c = self.clean[self.inner]
-        for lvl, noisy in zip(self.levels, self.noisy):
+        for key, noisy in self.cases:
             den = denoise_volume(net, noisy, schedule, device=device, batch_size=8)[self.inner]  # type: ignore[arg-type]
-            key = f"{round(lvl * 100)}%"
             out[f"psnr_mask_{key}"] = round(psnr(c, den, self.range, self.mask), 3)
             out[f"ssim_mask_{key}"] = round(ssim(c, den, self.range, self.mask), 4)
         out["psnr_mask_mean"] = round(float(np.mean([v for k, v in out.items() if k.startswith("psnr")])), 3)
@@ -126,9 +137,9 @@ def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, r
             "sigma_estimator": "per-slice Haar diagonal MAD / 0.6745 on the normalised slice",
         },
         training={
-            "data": cfg.volumes,
+            "data": [f"{n} -> {c}" for n, c in cfg.pairs] if cfg.pairs else cfg.volumes,
             "holdout": {"slab": cfg.holdout, "gap": cfg.gap, "axis": "slice"},
-            "noise": {"kind": "rician", "sigma_fraction_of_max": list(cfg.sigma_range)},
+            "noise": {"kind": "real pairs"} if cfg.pairs else {"kind": "rician", "sigma_fraction_of_max": list(cfg.sigma_range)},
             "patch": cfg.patch,
             "batch_size": cfg.batch_size,
             "loss": "mse",
@@ -157,18 +168,26 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     arch = cfg.arch or default_config(cfg.kind)
     schedule = NoiseSchedule()
-    vols = _load_volumes(cfg.volumes)
+    in_slices = int(arch.get("in_slices", 1))
+    if cfg.pairs:  # real noisy/clean pairs: the noise is what the scanner made
+        pairs = [load_pair(n, c) for n, c in cfg.pairs]
+        vols = [c for _, c in pairs]
+        noisy_blocks: list[np.ndarray] | None = [
+            b for n, c in pairs for b in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(n)
+        ]
+        scale = robust_scale(pairs[0][0])
+        sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, axis_probs=(1.0, 0.0, 0.0), stride2_prob=0.0)
+    else:
+        vols = _load_volumes(cfg.volumes)
+        noisy_blocks = None
+        scale = robust_scale(vols[0])
+        sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, sigma_range=cfg.sigma_range)
     split0 = Split(vols[0].shape[0], cfg.holdout, cfg.gap)
     blocks = [b for v in vols for b in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)]
-    scale = robust_scale(vols[0])
-    sampler = PatchSampler(
-        blocks,
-        scale,
-        schedule,
-        SamplerConfig(patch=cfg.patch, in_slices=int(arch.get("in_slices", 1)), sigma_range=cfg.sigma_range),
-        rng,
+    sampler = PatchSampler(blocks, scale, schedule, sampler_cfg, rng, noisy_blocks=noisy_blocks)
+    validator = Validator(
+        vols[0], split0, cfg.val_noise, in_slices, cfg.seed + 1, noisy=pairs[0][0] if cfg.pairs else None
     )
-    validator = Validator(vols[0], split0, cfg.val_noise, int(arch.get("in_slices", 1)), cfg.seed + 1)
 
     net = build_network(arch).to(device)
     ema = build_network(arch).to(device)
@@ -291,12 +310,20 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+_RUN_HANDLERS: list[logging.Handler] = []
+
+
 def setup_run_logging(run_dir: Path) -> None:
-    """Log to runs/<name>/train.log and stderr (for the CLI)."""
+    """Log to runs/<name>/train.log and stderr (for the CLI); replaces a previous run's handlers."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    while _RUN_HANDLERS:
+        old = _RUN_HANDLERS.pop()
+        root.removeHandler(old)
+        old.close()
     for h in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
         h.setFormatter(fmt)
         root.addHandler(h)
+        _RUN_HANDLERS.append(h)

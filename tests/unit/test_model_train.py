@@ -55,3 +55,28 @@ def test_tiny_training_run_and_resume(tmp_path: Path, volume: Path, kind: str) -
     train(cfg, resume=True)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 6
+
+
+def test_train_cli_on_a_real_pair(tmp_path: Path, volume: Path) -> None:
+    import nibabel as nib
+    from click.testing import CliRunner
+
+    from denoised_node.daemon.cli_model import train_command
+    from denoised_node.model.noise import add_rician
+
+    img = nib.load(str(volume))
+    clean = np.asarray(img.get_fdata(), dtype=np.float32)
+    noisy_path = tmp_path / "noisy.nii.gz"
+    nib.save(nib.Nifti1Image(add_rician(clean, 0.04, np.random.default_rng(3)), img.affine), str(noisy_path))
+    run = tmp_path / "cli-run"
+    args = ["--run-dir", str(run), "--pair", str(noisy_path), str(volume), "--steps", "1", "--batch-size", "1",
+            "--patch", "32", "--val-every", "1", "--device", "cpu", "--holdout", "8", "--gap", "4"]
+    res = CliRunner().invoke(train_command, args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "psnr_mask_paired" in metrics
+    card = Denoiser.load(run / "best.safetensors", device="cpu").card
+    assert card.training["noise"] == {"kind": "real pairs"}
+    assert card.training["commands"][0].startswith("denoised-node train")
+    again = CliRunner().invoke(train_command, args)
+    assert again.exit_code != 0 and "--resume" in again.output
