@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -206,9 +207,9 @@ CHARACTER_SETS = {
     "latin-1": ("ISO_IR 100", "Müller^Jürgen", "Schädel axial"),
     "cyrillic": ("ISO_IR 144", "Иванов^Иван", "Голова"),
     "greek": ("ISO_IR 126", "Παπαδόπουλος^Γιώργος", "Κεφάλι"),
-    "japanese-iso-2022": (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう", "頭部"),
+    "japanese-iso-2022": (("", "ISO 2022 IR 87"), "Yamada^Tarou=山田^太郎=やまだ^たろう", "頭部"),
     "chinese-gb18030": ("GB18030", "王^小明", "头部 轴位"),
-    "korean-iso-2022": (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동", "머리"),
+    "korean-iso-2022": (("", "ISO 2022 IR 149"), "Hong^Gildong=洪^吉洞=홍^길동", "머리"),
 }
 
 
@@ -228,3 +229,23 @@ def test_specific_character_sets_are_kept(mr_series_factory: Factory, settings: 
     source_raw = pydicom.dcmread(series.paths[0])["PatientName"]
     derived_raw = pydicom.dcmread(outcome.files[0])["PatientName"]
     assert derived_raw.value == source_raw.value
+
+
+def test_lossy_source_stays_marked_lossy(mr_series_factory: Factory, settings: Settings,
+                                         tmp_path: Path) -> None:
+    """Lossy JPEG 2000 in: the derived object is written losslessly but says, as the source
+    did, that its values went through lossy compression once."""
+    series = mr_series_factory(slices=2)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000, j2k_cr=[10], generate_instance_uid=False)
+        ds.LossyImageCompression = "01"
+        ds.LossyImageCompressionRatio = 10
+        ds.LossyImageCompressionMethod = "ISO_15444_1"
+        ds.save_as(path)
+    outcome = run(series.paths, series.series_uid, settings, tmp_path / "out")
+    for path in outcome.files:
+        derived = pydicom.dcmread(path)
+        assert derived.LossyImageCompression == "01"
+        assert derived.LossyImageCompressionMethod == "ISO_15444_1"
+        assert dciodvfy(path) == []
