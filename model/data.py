@@ -173,7 +173,7 @@ class PatchSampler:
     def __init__(
         self,
         blocks: list[np.ndarray],
-        scale: float,
+        scale: float | list[float],
         schedule: NoiseSchedule,
         cfg: SamplerConfig,
         rng: np.random.Generator,
@@ -186,14 +186,17 @@ class PatchSampler:
             raise ValueError("noisy and clean training blocks differ in shape")
         self.blocks = blocks
         self.noisy_blocks = noisy_blocks
-        self.scale = scale  # robust_scale of the clean data (the percentile commutes with gamma)
+        # robust_scale of each block's volume (the percentile commutes with gamma)
+        self.scales = list(scale) if isinstance(scale, list) else [float(scale)] * len(blocks)
+        if len(self.scales) != len(blocks):
+            raise ValueError("one scale per training block")
         self.schedule = schedule
         self.cfg = cfg
         self.rng = rng
         sizes = np.array([b.size for b in blocks], dtype=np.float64)
         self.block_probs = sizes / sizes.sum()
 
-    def _slab(self) -> tuple[np.ndarray, np.ndarray | None]:
+    def _slab(self) -> tuple[np.ndarray, np.ndarray | None, float]:
         rng, cfg = self.rng, self.cfg
         b = int(rng.choice(len(self.blocks), p=self.block_probs))
         block = self.blocks[b]
@@ -216,13 +219,12 @@ class PatchSampler:
             pad = ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
             slab = np.pad(slab, pad)
             noisy = None if noisy is None else np.pad(noisy, pad)
-        return slab, noisy
+        return slab, noisy, self.scales[b]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, float, float]:
         rng, cfg = self.rng, self.cfg
-        slab, real_noisy = self._slab()
+        slab, real_noisy, scale = self._slab()
         half = cfg.in_slices // 2
-        scale = self.scale
         if real_noisy is None and rng.random() < cfg.gamma_prob:
             g = float(rng.uniform(*cfg.gamma_range))
             slab = slab**g

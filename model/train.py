@@ -175,16 +175,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         noisy_blocks: list[np.ndarray] | None = [
             b for n, c in pairs for b in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(n)
         ]
-        scale = robust_scale(pairs[0][0])
+        scales = [robust_scale(n) for n, c in pairs for _ in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(c)]
         sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, axis_probs=(1.0, 0.0, 0.0), stride2_prob=0.0)
     else:
         vols = _load_volumes(cfg.volumes)
         noisy_blocks = None
-        scale = robust_scale(vols[0])
+        scales = [robust_scale(v) for v in vols for _ in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)]
         sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, sigma_range=cfg.sigma_range)
     split0 = Split(vols[0].shape[0], cfg.holdout, cfg.gap)
     blocks = [b for v in vols for b in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)]
-    sampler = PatchSampler(blocks, scale, schedule, sampler_cfg, rng, noisy_blocks=noisy_blocks)
+    sampler = PatchSampler(blocks, scales, schedule, sampler_cfg, rng, noisy_blocks=noisy_blocks)
     validator = Validator(
         vols[0], split0, cfg.val_noise, in_slices, cfg.seed + 1, noisy=pairs[0][0] if cfg.pairs else None
     )
@@ -194,7 +194,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     ema.load_state_dict(net.state_dict())
     ema.eval()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
     step, best, wall = 0, -math.inf, 0.0
     commands: list[str] = []
     state_path = run / "state.pt"
