@@ -63,7 +63,7 @@ def load_raw(path: str | Path) -> np.ndarray:
     else:
         import nibabel as nib
 
-        vol = _axial(np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32))
+        vol = _axial(np.asarray(nib.load(str(path)).get_fdata(), dtype=np.float32))  # type: ignore[attr-defined]
     return np.nan_to_num(vol.astype(np.float32))
 
 
@@ -91,13 +91,14 @@ def load_pair(noisy_path: str | Path, clean_path: str | Path) -> tuple[np.ndarra
 def _read_dicom_folder(folder: Path) -> np.ndarray:
     import pydicom
 
-    slices = []
+    slices: list[tuple[float, np.ndarray]] = []
     for f in sorted(folder.iterdir()):
         if not f.is_file():
             continue
         try:
             ds = pydicom.dcmread(f)
-        except Exception:  # noqa: BLE001 - not DICOM: skip
+        except Exception as exc:  # noqa: BLE001 - not DICOM: skip it
+            logger.debug("skipping %s: %s", f, exc)
             continue
         if "PixelData" not in ds:
             continue

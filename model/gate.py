@@ -64,7 +64,8 @@ def measure(noisy: np.ndarray, denoised: np.ndarray) -> dict[str, float]:
         tissue = np.ones_like(tissue)
     rt = r[tissue]
     hp = y - np.stack([gaussian_filter(s, 1.5) for s in y])
-    gy, gx = np.gradient(y, axis=(1, 2))
+    gy = np.gradient(y, axis=1)
+    gx = np.gradient(y, axis=2)
     edge = max(abs(_corr(rt, hp[tissue])), abs(_corr(rt, gx[tissue])), abs(_corr(rt, gy[tissue])))
     mean_in = float(x[tissue].mean())
     return {

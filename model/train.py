@@ -23,7 +23,15 @@ import numpy as np
 import torch
 
 from .checkpoint import ModelCard, write_checkpoint
-from .data import PatchSampler, SamplerConfig, Split, foreground_mask, load_mni_t1, load_pair, load_volume
+from .data import (
+    PatchSampler,
+    SamplerConfig,
+    Split,
+    foreground_mask,
+    load_mni_t1,
+    load_pair,
+    load_volume,
+)
 from .inference import denoise_volume
 from .metrics import psnr, ssim
 from .network import build_network, count_parameters, default_config
