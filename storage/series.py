@@ -33,11 +33,12 @@ MR_SOP_CLASSES = frozenset({MR_IMAGE_STORAGE, ENHANCED_MR_IMAGE_STORAGE,
                             LEGACY_ENHANCED_MR_IMAGE_STORAGE})
 MULTIFRAME_MR_SOP_CLASSES = frozenset({ENHANCED_MR_IMAGE_STORAGE, LEGACY_ENHANCED_MR_IMAGE_STORAGE})
 
-# ImageType values (classic: vendors' values 3+; enhanced: ComplexImageComponent) of images
-# that are not magnitude images: the model learnt Rician magnitude noise only.
+# ImageType values 3+ (vendors' own) of images that are not magnitude images, and Enhanced MR's
+# ComplexImageComponent: the model learnt Rician magnitude noise only.
 NON_MAGNITUDE_TYPES = {"P": "phase", "PHASE": "phase", "PHASE MAP": "phase", "R": "real",
-                       "REAL": "real", "I": "imaginary", "IMAGINARY": "imaginary",
-                       "MIXED": "mixed complex components"}
+                       "REAL": "real", "I": "imaginary", "IMAGINARY": "imaginary"}
+COMPLEX_COMPONENTS = {"PHASE": "phase", "REAL": "real", "IMAGINARY": "imaginary",
+                      "MIXED": "mixed complex components"}
 # Quantitative maps and projections: their values are measurements or maxima, not a noisy
 # magnitude; smoothing them would change what a radiologist measures.
 NOT_DENOISED_TYPES = {
@@ -154,11 +155,12 @@ def unusable_reason(ds: Dataset) -> str | None:
         return "not a grayscale image"
     if int(ds.get("BitsAllocated", 16)) not in (8, 16):
         return f"BitsAllocated {ds.get('BitsAllocated')} is not supported"
-    values = [str(v).strip().upper() for v in ds.get("ImageType", [])][2:]
-    component = str(ds.get("ComplexImageComponent", "") or "").upper()
+    component = str(ds.get("ComplexImageComponent", "") or "").strip().upper()
     if component and component != "MAGNITUDE":
-        values.append(component)
-    for value in values:
+        return f"not a magnitude image ({COMPLEX_COMPONENTS.get(component, component.lower())})"
+    image_type = ds.get("ImageType") or []
+    values = [image_type] if isinstance(image_type, str) else list(image_type)  # VM 1: a str
+    for value in (str(v).strip().upper() for v in values[2:]):
         if value in NON_MAGNITUDE_TYPES:
             return f"not a magnitude image ({NON_MAGNITUDE_TYPES[value]})"
         if value in NOT_DENOISED_TYPES:

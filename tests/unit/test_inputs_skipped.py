@@ -83,6 +83,15 @@ def test_damaged_or_incomplete_images_are_skipped(mr_series_factory: Factory,
     assert plan.slice_count == 2
 
 
+@pytest.mark.parametrize("image_type", ["DERIVED", ["ORIGINAL", "PRIMARY", "M", "ND"],
+                                        ["DERIVED", "SECONDARY", "MPR"], []])
+def test_magnitude_images_are_denoised(image_type: Any) -> None:
+    ds = Dataset()
+    ds.PixelData = b"\0" * 8
+    ds.ImageType = image_type  # a single value reads back as a str: not its letters
+    assert unusable_reason(ds) is None
+
+
 def test_colour_and_unusual_bit_depths() -> None:
     ds = Dataset()
     ds.PixelData = b"\0" * 12
