@@ -19,18 +19,24 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class Refusal(Enum):
-    """Why an association is rejected, with its A-ASSOCIATE-RJ (result, source, diagnostic)
-    from PS3.8 9.3.4: rejected-permanent, by the DICOM UL service user."""
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4: rejected-permanent, by the
+# DICOM UL service user, for an unrecognised called or calling AE title.
+_CALLED_NOT_RECOGNISED = (0x01, 0x01, 0x07)
+_CALLING_NOT_RECOGNISED = (0x01, 0x01, 0x03)
 
-    CALLED_AE_TITLE = (0x01, 0x01, 0x07)  # called AE title not recognised
-    CALLING_AE_TITLE = (0x01, 0x01, 0x03)  # calling AE title not recognised
-    ADDRESS = (0x01, 0x01, 0x03)  # known title from an address it is not allowed at
+
+class Refusal(Enum):
+    """Why an association is rejected."""
+
+    CALLED_AE_TITLE = "called AE title is not the node's"
+    CALLING_AE_TITLE = "calling AE title not allowed"
+    ADDRESS = "calling AE title not allowed from this address"
 
     @property
     def reject_args(self) -> tuple[int, int, int]:
-        result, source, diagnostic = self.value
-        return result, source, diagnostic
+        if self is Refusal.CALLED_AE_TITLE:
+            return _CALLED_NOT_RECOGNISED
+        return _CALLING_NOT_RECOGNISED
 
 
 @dataclass(frozen=True)
@@ -99,7 +105,7 @@ def handle_requested(event: Any, policy: AccessPolicy,
         on_decision(refusal)
     if refusal is None:
         return
-    log.warning("association rejected: %s", refusal.name.lower().replace("_", " "),
+    log.warning("association rejected: %s", refusal.value,
                 extra={"calling_ae": calling.strip(), "called_ae": called.strip(),
                        "peer_address": address})
     event.assoc.acse.send_reject(*refusal.reject_args)
