@@ -98,7 +98,7 @@ class NotifyListener:
 
     def receive(self) -> list[Notification]:
         """Every message waiting now (never blocks)."""
-        received = []
+        received: list[Notification] = []
         while True:
             try:
                 data, ancillary, _flags, _addr = self._sock.recvmsg(
