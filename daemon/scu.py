@@ -46,13 +46,13 @@ def send_files(settings: Settings, destination: Destination, files: Sequence[Pat
         return SendResult(destination.name, 0)
     contexts = _contexts_for(files)
     ae = _scu_ae(settings)
-    for sop_class, syntaxes in contexts.items():
+    for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     assoc = _associate(ae, settings, destination)
     sent = 0
     try:
         for path in files:
-            status = assoc.send_c_store(path)
+            status = assoc.send_c_store(_payload(path, assoc))
             code = getattr(status, "Status", None)
             if code is None:
                 raise SendError(f"{_where(destination)}: no answer for {path.name} "
@@ -97,18 +97,37 @@ def _associate(ae: Any, settings: Settings, destination: Destination) -> Any:
     raise SendError(f"{_where(destination)}: association failed{hint}")
 
 
-def _contexts_for(files: Sequence[Path]) -> dict[str, list[str]]:
-    contexts: dict[str, list[str]] = {}
+def _contexts_for(files: Sequence[Path]) -> list[tuple[str, list[str]]]:
+    """One uncompressed context per SOP class, and each compressed syntax in a context of
+    its own: offered together, a PACS may pick the uncompressed one, and a compressed file
+    could then not be sent as it is."""
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    contexts: list[tuple[str, list[str]]] = []
     for path in files:
         meta = pydicom.filereader.read_file_meta_info(path)
-        syntaxes = contexts.setdefault(str(meta.MediaStorageSOPClassUID), [])
-        for syntax in (str(meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if syntax not in syntaxes:
-                syntaxes.append(syntax)
+        sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        for wanted in ((sop_class, uncompressed), (sop_class, [syntax])):
+            if wanted[1] == [syntax] and syntax in uncompressed:
+                continue
+            if wanted not in contexts:
+                contexts.append(wanted)
     if len(contexts) > _MAX_CONTEXTS:
-        raise SendError(f"series holds {len(contexts)} SOP classes; one association takes "
-                        f"{_MAX_CONTEXTS}")
+        raise SendError(f"series needs {len(contexts)} presentation contexts; one "
+                        f"association takes {_MAX_CONTEXTS}")
     return contexts
+
+
+def _payload(path: Path, assoc: Any) -> Path | pydicom.Dataset:
+    """The file as it is where its transfer syntax was accepted, else decompressed."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                for c in assoc.accepted_contexts}
+    if (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) in accepted:
+        return path
+    ds = pydicom.dcmread(path)
+    if ds.file_meta.TransferSyntaxUID.is_compressed:
+        ds.decompress()
+    return ds
 
 
 def _where(destination: Destination) -> str:
