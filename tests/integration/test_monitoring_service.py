@@ -148,6 +148,9 @@ def test_sigterm_finishes_or_releases_the_job_in_hand(tmp_path: Path, mr_series_
                    what="a job in hand")
         started = time.monotonic()
         process.popen.send_signal(signal.SIGTERM)
+        # No new associations at once, while the worker still finishes the job in hand.
+        wait_until(lambda: not port_open(node_port), timeout=10, what="the SCP port closed")
+        assert process.popen.poll() is None
         assert process.popen.wait(120) == 0
         assert time.monotonic() - started < 110
     finally:
