@@ -56,13 +56,15 @@ class ScpMetrics:
         self._bytes = Counter(f"{PREFIX}_received_bytes", "Bytes of instances stored",
                               registry=registry)
         self._associations = Counter(f"{PREFIX}_associations",
-                                     "Association requests, by result and transport",
+                                     "Association requests, by result (accepted, rejected by "
+                                     "access control, TLS handshake failed) and transport",
                                      ["result", "transport"], registry=registry)
         for outcome in INSTANCE_OUTCOMES:
             self._instances.labels(outcome)
         for result in ("accepted", "rejected"):
             for transport in ("plain", "tls"):
                 self._associations.labels(result, transport)
+        self._associations.labels("handshake_failed", "tls")
 
     def instance(self, outcome: str, size: int = 0) -> None:
         self._instances.labels(outcome).inc()

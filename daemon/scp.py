@@ -178,7 +178,7 @@ def start_scp(settings: Settings, receiver: Receiver,
     try:
         for transport, port in plan:
             handlers = scp_handlers(receiver, tracker, policy, counts, transport)
-            server = _make_server(ae, settings, transport, port, handlers, tls_context)
+            server = _make_server(ae, settings, transport, port, handlers, tls_context, counts)
             thread = threading.Thread(target=make_target(server.serve_forever),
                                       name=f"scp-{transport}", daemon=True)
             thread.start()
@@ -199,14 +199,16 @@ def start_scp(settings: Settings, receiver: Receiver,
 
 
 def _make_server(ae: AE, settings: Settings, transport: str, port: int, handlers: list[Any],
-                 tls_context: Any) -> ThreadedAssociationServer:
+                 tls_context: Any, counts: ScpCounts) -> ThreadedAssociationServer:
     address = (settings.node.host, port)
     key = "tls.port" if transport == TLS else "node.port"
     try:
         if transport == TLS:
             return ae.make_server(address, evt_handlers=handlers,  # type: ignore[no-any-return]
                                   server_class=TLSAssociationServer, tls_context=tls_context,
-                                  handshake_timeout=settings.node.acse_timeout)
+                                  handshake_timeout=settings.node.acse_timeout,
+                                  on_handshake_failure=lambda: counts.association(
+                                      "handshake_failed", TLS))
         return ae.make_server(address, evt_handlers=handlers,  # type: ignore[return-value]
                               server_class=ThreadedAssociationServer)
     except OSError as exc:

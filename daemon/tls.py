@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +94,11 @@ class TLSAssociationServer(ThreadedAssociationServer):
     """A threaded association server that wraps each connection in TLS in its own thread."""
 
     def __init__(self, *args: Any, tls_context: ssl.SSLContext, handshake_timeout: float,
-                 **kwargs: Any) -> None:
+                 on_handshake_failure: Callable[[], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.tls_context = tls_context
         self.handshake_timeout = handshake_timeout
+        self.on_handshake_failure = on_handshake_failure
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         raw: socket.socket = request
@@ -107,6 +109,8 @@ class TLSAssociationServer(ThreadedAssociationServer):
             log.warning("TLS handshake failed: %s", _reason(exc),
                         extra={"peer_address": str(client_address[0])})
             raw.close()
+            if self.on_handshake_failure is not None:
+                self.on_handshake_failure()
             return
         wrapped.settimeout(None)  # as a plain accepted socket: pynetdicom runs its own timers
         super().finish_request(wrapped, client_address)

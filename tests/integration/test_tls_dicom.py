@@ -150,6 +150,31 @@ def test_pynetdicom_client_certificates(scp_factory: Callable[..., RunningSCP], 
     assert scp.stored() == 1
 
 
+def test_handshake_failures_and_tls_associations_are_counted(tmp_path: Path, pki: PKI) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from denoised_node.daemon.metrics import node_registry
+
+    settings = _settings(tmp_path, pki)
+    runtime = open_runtime(settings, initialise_empty=True)
+    registry, counts = node_registry(runtime.sessions, postgres=False)
+    listeners = start_scp(settings, Receiver(runtime.store, runtime.sessions, settings), counts)
+    try:
+        port = listeners.port("tls")
+        assert not _associate(port, (_client_context(pki, pki.rogue), "127.0.0.1")).is_established
+        good = _associate(port, (_client_context(pki, pki.modality), "127.0.0.1"))
+        good.release()
+    finally:
+        listeners.shutdown()
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for f in text_string_to_metric_families(generate_latest(registry).decode())
+             for s in f.samples}
+    name = "denoised_node_associations_total"
+    assert found[(name, (("result", "handshake_failed"), ("transport", "tls")))] == 1
+    assert found[(name, (("result", "accepted"), ("transport", "tls")))] == 1
+
+
 def test_without_client_verification_any_tls_client_may_associate(
         scp_factory: Callable[..., RunningSCP], pki: PKI) -> None:
     scp = scp_factory(tls__require_client_certificate="false", tls__plain_port="false")
