@@ -235,6 +235,14 @@ class Settings(_Section):
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
         return self
 
+    @model_validator(mode="after")
+    def _tls_port_not_the_plain_port(self) -> Settings:
+        tls = self.tls
+        if tls.enabled and tls.plain_port and tls.port == self.node.port != 0:
+            raise ValueError(f"tls.port and node.port are both {tls.port}: give the TLS port "
+                             "its own number, or set tls.plain_port = false")
+        return self
+
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.node.data_dir / 'node.db'}"

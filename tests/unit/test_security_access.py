@@ -104,3 +104,15 @@ def test_others_are_rejected_at_association_time(guarded_port: int, calling: str
     assert assoc.is_rejected
     reject = assoc.acceptor.primitive
     assert (reject.result, reject.result_source, reject.diagnostic) == (0x01, 0x01, diagnostic)
+
+
+def test_tls_port_clashing_with_the_plain_port_is_a_clear_error(tmp_path: Any) -> None:
+    env = {"DENOISED_NODE_TLS__ENABLED": "true", "DENOISED_NODE_TLS__PORT": "11112",
+           "DENOISED_NODE_TLS__CERTIFICATE": "/c.pem", "DENOISED_NODE_TLS__PRIVATE_KEY": "/k.pem",
+           "DENOISED_NODE_TLS__REQUIRE_CLIENT_CERTIFICATE": "false"}
+    with pytest.raises(ConfigError, match=r"tls\.port and node\.port are both 11112"):
+        load_settings(None, environ=env)
+    with pytest.raises(ConfigError, match=r"plain_port = false needs tls\.enabled = true"):
+        load_settings(None, environ={"DENOISED_NODE_TLS__PLAIN_PORT": "false"})
+    with pytest.raises(ConfigError, match=r"tls\.minimum_version"):
+        load_settings(None, environ={"DENOISED_NODE_TLS__MINIMUM_VERSION": "SSLv3"})
