@@ -4,6 +4,11 @@ A series is complete when no instance arrived for ``series.idle_seconds``, or so
 (``series.released_grace_seconds``) when one association delivered all of it, released
 normally, and its instance numbers have no gaps. Instances arriving later raise the series'
 revision, and the next pass queues it again: the derived series is then replaced.
+
+Two `serve` processes on one database (failover) both run this. Each series is queued by
+one of them only: a completer locks the candidate rows it takes and skips those another
+holds (PostgreSQL), and queues a series with a conditional UPDATE on the revisions it read
+(``enqueue_once``), so a completer that read a stale row queues nothing.
 """
 
 from __future__ import annotations
@@ -16,9 +21,14 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from denoised_node.config.settings import SeriesSettings
-from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
-from denoised_node.storage.queue import JobState, enqueue, release_expired_leases, transition
+from denoised_node.storage.queue import (
+    JobState,
+    enqueue_once,
+    release_expired_leases,
+    transition,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +41,22 @@ def complete_idle_series(sessions: SessionFactory, settings: SeriesSettings,
     grace_cutoff = now - timedelta(seconds=settings.released_grace_seconds)
     job_ids: list[int] = []
     with sessions.begin() as session:
-        candidates = session.scalars(
-            select(Series).where(
-                Series.state == SeriesState.RECEIVING,
-                Series.revision > Series.queued_revision,
-                or_(Series.last_received_at <= idle_cutoff,
-                    and_(Series.released_at.is_not(None), Series.released_at <= grace_cutoff)),
-            ).order_by(Series.last_received_at)
-        ).all()
-        for series in candidates:
+        query = select(Series).where(
+            Series.state == SeriesState.RECEIVING,
+            Series.revision > Series.queued_revision,
+            or_(Series.last_received_at <= idle_cutoff,
+                and_(Series.released_at.is_not(None), Series.released_at <= grace_cutoff)),
+        ).order_by(Series.last_received_at)
+        if is_postgres(session):
+            # Skip series that another completer, or a receiver adding an instance, holds.
+            query = query.with_for_update(skip_locked=True)
+        for series in session.scalars(query).all():
             idle = series.last_received_at <= idle_cutoff
             if not idle and not _gap_free(session, series):
                 continue
-            job_ids.append(_queue(session, series, now, "idle" if idle else "released, no gaps"))
+            job_id = _queue(session, series, now, "idle" if idle else "released, no gaps")
+            if job_id is not None:
+                job_ids.append(job_id)
     return job_ids
 
 
@@ -58,10 +71,13 @@ def _gap_free(session: Session, series: Series) -> bool:
     return unique[-1] - unique[0] + 1 == len(unique) == len(numbers)  # type: ignore[operator]
 
 
-def _queue(session: Session, series: Series, now: datetime, signal: str) -> int:
+def _queue(session: Session, series: Series, now: datetime, signal: str) -> int | None:
     usable = series.instance_count
-    job = enqueue(session, series, reason=f"series complete ({signal}), {usable} instance(s)",
-                  now=now)
+    job = enqueue_once(session, series,
+                       reason=f"series complete ({signal}), {usable} instance(s)", now=now)
+    if job is None:
+        log.debug("series queued by another completer", extra={"series_uid": series.series_uid})
+        return None
     if usable == 0:
         reason = session.scalar(
             select(Instance.ignored_reason).where(Instance.series_id == series.id,

@@ -12,7 +12,7 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from denoised_node.config.settings import RetentionSettings
-from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.files import FileStore
 from denoised_node.storage.models import Job, utcnow
 from denoised_node.storage.queue import LEASE_RETURNS, JobState, StaleState, transition
@@ -33,14 +33,23 @@ def _process_alive(pid: int) -> bool:
 
 def release_dead_local_leases(sessions: SessionFactory) -> list[int]:
     """Jobs leased by a worker on this host whose process no longer exists go back to the
-    start of their stage now, instead of waiting for the lease to expire."""
+    start of their stage now, instead of waiting for the lease to expire.
+
+    A lease owner is "host:pid" (worker.default_worker_id), so with workers on several hosts
+    this only ever touches this host's: another host's PIDs mean nothing here, and its jobs
+    wait for their leases to expire. Host names must therefore differ between hosts.
+    """
     host = socket.gethostname()
     released = []
     now = utcnow()
     with sessions.begin() as session:
-        held = session.execute(select(Job.id, Job.state, Job.lease_owner).where(
-            Job.state.in_([s.value for s in LEASE_RETURNS]))).all()
-        for job_id, state, owner in held:
+        query = (select(Job.id, Job.state, Job.lease_owner)
+                 .where(Job.state.in_([s.value for s in LEASE_RETURNS]),
+                        Job.lease_owner.like(f"{_escape_like(host)}:%", escape="\\"))
+                 .order_by(Job.id))
+        if is_postgres(session):
+            query = query.with_for_update(skip_locked=True)  # see release_expired_leases
+        for job_id, state, owner in session.execute(query).all():
             owner_host, _, pid = (owner or "").rpartition(":")
             if owner_host != host or not pid.isdigit() or _process_alive(int(pid)):
                 continue
@@ -55,6 +64,10 @@ def release_dead_local_leases(sessions: SessionFactory) -> list[int]:
     if released:
         log.warning("recovered jobs of dead workers", extra={"jobs": len(released)})
     return released
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class RetentionLoop(threading.Thread):

@@ -19,6 +19,12 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
+def is_postgres(session: Session) -> bool:
+    """True where row locks (FOR UPDATE, SKIP LOCKED) mean something; SQLite ignores them
+    and serialises writers instead (BEGIN IMMEDIATE)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Build the engine for ``url``; for SQLite, make the file's folder and set the pragmas
     the node relies on (WAL, full sync so a commit survives power loss, a busy timeout)."""

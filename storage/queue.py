@@ -15,7 +15,7 @@ from enum import StrEnum
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,29 @@ def enqueue(session: Session, series: Series, *, reason: str, now: datetime | No
     return job
 
 
+def enqueue_once(session: Session, series: Series, *, reason: str,
+                 now: datetime | None = None) -> Job | None:
+    """Queue the series as ``enqueue`` does, unless another process (a second `serve` on the
+    same database) queued it, or an instance arrived, since this session read the row.
+
+    The claim on the series is a conditional UPDATE of queued_revision on the revisions read,
+    like a job transition: of two completers, exactly one matches a row and queues the job;
+    on PostgreSQL the loser waits for the winner's commit, then matches nothing. None means
+    the series was not queued by this call.
+    """
+    result = session.execute(
+        update(Series)
+        .where(Series.id == series.id, Series.revision == series.revision,
+               Series.queued_revision == series.queued_revision)
+        .values(queued_revision=series.revision)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        session.expire(series)
+        return None
+    return enqueue(session, series, reason=reason, now=now)
+
+
 def claim(sessions: SessionFactory, worker: str, lease_seconds: float,
           now: datetime | None = None) -> ClaimedJob | None:
     """Claim the next available job (queued to process, or processed to send) with a lease.
@@ -152,7 +175,7 @@ def claim(sessions: SessionFactory, worker: str, lease_seconds: float,
                 .order_by(Job.available_at, Job.id)
                 .limit(1)
             )
-            if session.get_bind().dialect.name == "postgresql":
+            if is_postgres(session):
                 query = query.with_for_update(skip_locked=True)
             row = session.execute(query).first()
             if row is None:
@@ -192,10 +215,15 @@ def release_expired_leases(sessions: SessionFactory, now: datetime | None = None
     now = now or utcnow()
     released: list[int] = []
     with sessions.begin() as session:
-        expired = session.execute(
-            select(Job.id, Job.state, Job.lease_owner)
-            .where(Job.state.in_(list(LEASE_RETURNS)), Job.lease_expires_at < now)
-        ).all()
+        # Every worker and completer calls this: on PostgreSQL each one locks the rows it
+        # returns and skips those another holds, so two never wait on each other (in id
+        # order, which also rules out a deadlock between two that lock in turn).
+        query = (select(Job.id, Job.state, Job.lease_owner)
+                 .where(Job.state.in_(list(LEASE_RETURNS)), Job.lease_expires_at < now)
+                 .order_by(Job.id))
+        if is_postgres(session):
+            query = query.with_for_update(skip_locked=True)
+        expired = session.execute(query).all()
         for job_id, state, owner in expired:
             from_state = JobState(state)
             try:

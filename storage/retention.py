@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.files import FileStore
 from denoised_node.storage.models import Instance, Job, JobEvent, Series, SeriesState, utcnow
 from denoised_node.storage.queue import ACTIVE_STATES, JobState
@@ -67,6 +67,11 @@ def purge_finished(sessions: SessionFactory, store: FileStore, older_than: timed
         query = select(Series).where(Series.state != SeriesState.PURGED)
         if series_uid:
             query = query.where(Series.series_uid == series_uid)
+        if is_postgres(session):
+            # A second `serve` purging too, or a receiver adding a late instance, holds the
+            # row: leave that series to the next pass (receive.py rewrites a file purged
+            # under it, since it checks the file once it holds the row).
+            query = query.with_for_update(skip_locked=True)
         for series in session.scalars(query):
             job = latest.get(series.id)
             if job is None or job.state not in states or JobState(job.state) in ACTIVE_STATES:
