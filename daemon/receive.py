@@ -135,7 +135,7 @@ class Receiver:
             self.store.check_space(0)
         try:
             return self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
-                               len(data), digest, ignored, calling_ae)
+                               data, digest, ignored, calling_ae)
         except Exception:
             # The index row is what makes a file count; without it the file is not kept.
             if relative and existing is None:
@@ -154,12 +154,16 @@ class Receiver:
         return None
 
     def _index(self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
-               relative: str, size: int, digest: str, ignored: str | None,
+               relative: str, data: bytes, digest: str, ignored: str | None,
                calling_ae: str) -> Received:
         now = utcnow()
+        size = len(data)
         with self.sessions.begin() as session:
             series = self._series_for_update(session, ds, study_uid, series_uid, sop_class,
                                              calling_ae, now)
+            if relative and not self.store.path(relative).is_file():
+                # Retention purged the series between our write and our lock: write again.
+                self.store.write_atomic(self.store.path(relative), data)
             instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
             if instance is None:
                 instance = Instance(series_id=series.id, sop_instance_uid=sop_uid)
@@ -184,7 +188,11 @@ class Receiver:
 
     def _series_for_update(self, session: Session, ds: Dataset, study_uid: str, series_uid: str,
                            sop_class: str, calling_ae: str, now: datetime) -> Series:
-        series = session.scalar(select(Series).where(Series.series_uid == series_uid))
+        # The row lock (PostgreSQL; SQLite serialises writers) makes concurrent receivers of
+        # one series take turns: no lost revision or instance_count increment, and a
+        # resent instance finds the other receiver's row instead of a unique violation.
+        locked = select(Series).where(Series.series_uid == series_uid).with_for_update()
+        series = session.scalar(locked)
         if series is not None:
             return series
         series = Series(study_uid=study_uid, series_uid=series_uid,
@@ -197,7 +205,7 @@ class Receiver:
                 session.add(series)
         except IntegrityError:
             # Another association created it first (PostgreSQL; SQLite serialises writers).
-            series = session.scalars(select(Series).where(Series.series_uid == series_uid)).one()
+            series = session.scalars(locked).one()
         return series
 
     def mark_released(self, delivered: Counter[int]) -> None:
@@ -207,8 +215,8 @@ class Receiver:
             return
         now = utcnow()
         with self.sessions.begin() as session:
-            for series_id, count in delivered.items():
-                series = session.get(Series, series_id)
+            for series_id, count in sorted(delivered.items()):  # lock order: no deadlock
+                series = session.get(Series, series_id, with_for_update=True)
                 if series is not None and series.instance_count == count:
                     series.released_at = now
 
