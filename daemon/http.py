@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)  # every scrape at INFO would drown the log
 
 
+class _IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class StatusServer:
     """The HTTP server on its own thread."""
 
@@ -91,11 +96,12 @@ class StatusServer:
                  readiness: Readiness) -> None:
         handler = partial(_Handler, registry=registry, readiness=readiness)
         try:
-            self._server = ThreadingHTTPServer((settings.host, settings.port), handler)
+            kind = _IPv6Server if ":" in settings.host else ThreadingHTTPServer
+            self._server = kind((settings.host, settings.port), handler)
         except OSError as exc:
             raise ConfigError(f"cannot serve HTTP on {settings.host}:{settings.port} "
-                              f"(http.port): {exc.strerror}; choose another http.port or set "
-                              "http.enabled = false") from None
+                              f"(http.host, http.port): {exc.strerror or exc}; choose another "
+                              "address or port, or set http.enabled = false") from None
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="http",
                                         daemon=True)

@@ -214,7 +214,19 @@ def test_http_port_in_use_is_a_clear_error(runtime: Runtime) -> None:
     first = StatusServer(HttpSettings(port=0), registry, Readiness([]))
     try:
         with pytest.raises(ConfigError, match=r"cannot serve HTTP on 127\.0\.0\.1:\d+ "
-                                              r"\(http\.port\).*http\.enabled = false"):
+                                              r"\(http\.host, http\.port\).*http\.enabled"):
             StatusServer(HttpSettings(port=first.port), registry, Readiness([]))
+        with pytest.raises(ConfigError, match=r"cannot serve HTTP on no\.such\.host\.invalid"):
+            StatusServer(HttpSettings(host="no.such.host.invalid", port=0), registry,
+                         Readiness([]))
     finally:
         first.shutdown()
+    try:
+        ipv6 = StatusServer(HttpSettings(host="::1", port=0), registry, Readiness([])).start()
+    except ConfigError:
+        pytest.skip("no IPv6 loopback on this machine")
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{ipv6.port}/healthz", timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        ipv6.shutdown()
