@@ -136,8 +136,13 @@ class WorkerPool:
                     # A stuck CUDA call, a deadlock: its lease expires and the job goes
                     # back to the queue; the next check restarts it.
                     process.kill()
-                    process.wait(10)
                     child.ready = False
+                    try:
+                        process.wait(10)
+                    except subprocess.TimeoutExpired:  # stuck in the kernel or the driver
+                        log.error("worker did not exit after SIGKILL; trying again later",
+                                  extra={"worker_index": child.index, "pid": process.pid})
+                        child.last_heard = now
                 continue
             if process is not None:
                 child.failures += 1
