@@ -1,14 +1,18 @@
+"""The job queue, on SQLite and (marked integration) on a real PostgreSQL server."""
+
 from __future__ import annotations
 
 import multiprocessing
 import random
-from datetime import timedelta
+from collections.abc import Callable, Iterator
+from datetime import timedelta, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from denoised_node.daemon.runtime import Runtime
+from denoised_node.config.settings import Settings
+from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.storage.db import make_engine, make_session_factory
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import (
@@ -20,10 +24,31 @@ from denoised_node.storage.queue import (
     claim,
     counts_by_state,
     enqueue,
+    enqueue_once,
     release_expired_leases,
     renew_lease,
     transition,
 )
+from denoised_node.storage.schema import upgrade
+from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
+
+ENGINES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)]
+
+
+@pytest.fixture(params=ENGINES)
+def runtime(request: pytest.FixtureRequest,
+            settings_factory: Callable[..., Settings]) -> Iterator[Runtime]:
+    """The conftest's runtime, once on SQLite and once on a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        settings = settings_factory(database__url=request.getfixturevalue("postgres_url"))
+    else:
+        settings = settings_factory()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    engine.dispose()
+    opened = open_runtime(settings)
+    yield opened
+    opened.engine.dispose()  # PostgreSQL: give the connections back to the server
 
 
 def _series(runtime: Runtime, uid: str = "1.2.3.4") -> int:
@@ -77,6 +102,19 @@ def test_claim_takes_the_oldest_and_leases_it(runtime: Runtime) -> None:
     with runtime.sessions() as session:
         job = session.get_one(Job, first)
         assert job.lease_owner == "w1" and job.lease_expires_at > utcnow()
+
+
+def test_claim_skips_a_job_another_transaction_holds(runtime: Runtime) -> None:
+    if runtime.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite serialises claimers (BEGIN IMMEDIATE) instead of skipping rows")
+    first = _job(runtime, _series(runtime, "1.2.3.1"))
+    second = _job(runtime, _series(runtime, "1.2.3.2"))
+    with runtime.sessions.begin() as holder:
+        holder.execute(select(Job).where(Job.id == first).with_for_update())
+        claimed = claim(runtime.sessions, "w1", 30)  # does not wait for the holder
+        assert claimed is not None and claimed.id == second
+    again = claim(runtime.sessions, "w2", 30)
+    assert again is not None and again.id == first
 
 
 def test_new_job_supersedes_a_queued_one(runtime: Runtime) -> None:
@@ -136,11 +174,47 @@ def test_counts_by_state_lists_every_state(runtime: Runtime) -> None:
     assert counts["queued"] == 1 and counts["done"] == 0 and len(counts) == len(JobState)
 
 
+def test_times_round_trip_as_aware_utc(runtime: Runtime) -> None:
+    # The PostgreSQL test server runs in Europe/Paris: naive-UTC columns must not shift.
+    moment = utcnow().replace(microsecond=123456)
+    job_id = _job(runtime, _series(runtime))
+    with runtime.sessions.begin() as session:
+        session.get_one(Job, job_id).available_at = moment
+    with runtime.sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert job.available_at == moment and job.available_at.tzinfo == timezone.utc
+        assert session.scalar(select(Job.id).where(Job.available_at <= moment)) == job_id
+        assert session.scalar(select(Job.id).where(
+            Job.available_at < moment - timedelta(microseconds=1))) is None
+
+
+def test_enqueue_once_queues_nothing_on_a_stale_read(runtime: Runtime) -> None:
+    series_id = _series(runtime)
+    with runtime.sessions.begin() as session:
+        series = session.get_one(Series, series_id)
+        # Another completer queues the series after this one read the row.
+        session.execute(update(Series).where(Series.id == series_id)
+                        .values(queued_revision=Series.revision)
+                        .execution_options(synchronize_session=False))
+        assert enqueue_once(session, series, reason="test") is None
+    with runtime.sessions.begin() as session:
+        series = session.get_one(Series, series_id)
+        series.revision += 1  # a late instance
+    with runtime.sessions.begin() as session:
+        job = enqueue_once(session, session.get_one(Series, series_id), reason="test")
+        assert job is not None and job.series_revision == 4
+    with runtime.sessions() as session:
+        assert session.get_one(Series, series_id).queued_revision == 4
+        assert len(session.scalars(select(Job)).all()) == 1
+
+
 def _claim_all(url: str, worker: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    sessions = make_session_factory(make_engine(url))
+    engine = make_engine(url)
+    sessions = make_session_factory(engine)
     got = []
     while (job := claim(sessions, worker, 60)) is not None:
         got.append(job.id)
+    engine.dispose()
     out.put(got)
 
 
