@@ -44,6 +44,9 @@ STAGES = {
     "end_to_end": "first instance received to the derived series sent",
 }
 INSTANCE_OUTCOMES = ("stored", "duplicate", "ignored", "refused")
+# How a job ends; "superseded": newer instances queued the series again before it started.
+SERIES_OUTCOMES = ("done", "failed", "ignored", "superseded")
+SUPERSEDED_REASON = "superseded by job"  # storage/queue.py's enqueue() says so
 
 
 class ScpMetrics:
@@ -105,6 +108,7 @@ class _Event:
     at: datetime
     from_state: str | None
     to_state: str
+    reason: str | None
     first_received_at: datetime
 
 
@@ -124,7 +128,7 @@ class QueueCollector(Collector):
         self._lock = threading.Lock()
         self._cursor = 0
         self._entered: dict[int, dict[str, datetime]] = {}
-        self._outcomes = {state.value: 0 for state in TERMINAL_STATES}
+        self._outcomes = {outcome: 0 for outcome in SERIES_OUTCOMES}
         self._stages = {stage: _Histogram() for stage in STAGES}
 
     def collect(self) -> Iterator[Metric]:
@@ -150,7 +154,8 @@ class QueueCollector(Collector):
         yield GaugeMetricFamily(f"{PREFIX}_series_receiving",
                                 "Series receiving instances, not complete yet", value=receiving)
         series = CounterMetricFamily(f"{PREFIX}_series_outcomes",
-                                     "Series (jobs) that ended: done (sent), failed, ignored",
+                                     "Series (jobs) that ended: done (sent), failed, ignored "
+                                     "(nothing to denoise), superseded (queued again)",
                                      labels=["outcome"])
         for outcome, count in sorted(outcomes.items()):
             series.add_metric([outcome], count)
@@ -169,7 +174,7 @@ class QueueCollector(Collector):
             with self.sessions() as session:
                 rows = session.execute(
                     select(JobEvent.id, JobEvent.job_id, JobEvent.at, JobEvent.from_state,
-                           JobEvent.to_state, Series.first_received_at)
+                           JobEvent.to_state, JobEvent.reason, Series.first_received_at)
                     .join(Job, Job.id == JobEvent.job_id)
                     .join(Series, Series.id == Job.series_id)
                     .where(JobEvent.id > self._cursor, JobEvent.at <= cutoff)
@@ -197,7 +202,9 @@ class QueueCollector(Collector):
                 self._observe("end_to_end", at - entered["first_received"])
         entered[to_state] = at
         if to_state in {state.value for state in TERMINAL_STATES}:
-            self._outcomes[to_state] += 1
+            superseded = (to_state == JobState.IGNORED
+                          and (event.reason or "").startswith(SUPERSEDED_REASON))
+            self._outcomes["superseded" if superseded else to_state] += 1
             del self._entered[event.job_id]
 
     def _observe(self, stage: str, elapsed: timedelta) -> None:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+from sqlalchemy import select
 
 from denoised_node.config.settings import HttpSettings, Settings
 from denoised_node.daemon import health
@@ -94,6 +95,7 @@ def test_stage_latencies_and_outcomes_come_from_job_events(runtime: Runtime) -> 
     assert found[("denoised_node_series_outcomes_total", (("outcome", "done"),))] == 2
     assert found[("denoised_node_series_outcomes_total", (("outcome", "ignored"),))] == 1
     assert found[("denoised_node_series_outcomes_total", (("outcome", "failed"),))] == 0
+    assert found[("denoised_node_series_outcomes_total", (("outcome", "superseded"),))] == 0
     assert found[("denoised_node_queue_jobs", (("state", "queued"),))] == 1
     assert found[("denoised_node_queue_jobs", (("state", "done"),))] == 2
     assert found[("denoised_node_queue_oldest_waiting_seconds", ())] >= 3600
@@ -111,6 +113,21 @@ def test_stage_latencies_and_outcomes_come_from_job_events(runtime: Runtime) -> 
     rebuilt_samples = samples(rebuilt)
     assert rebuilt_samples.pop(age) == pytest.approx(again.pop(age), abs=5)
     assert rebuilt_samples == again
+
+
+def test_a_superseded_job_is_its_own_outcome(runtime: Runtime) -> None:
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(runtime.sessions))
+    start = utcnow() - timedelta(minutes=5)
+    _run_job(runtime, "1.2.5.1", start, [])
+    with runtime.sessions.begin() as session:  # more instances arrived: queued again
+        series = session.scalars(select(Series)).one()
+        series.revision += 1
+        enqueue(session, series, reason="complete again", now=start + timedelta(seconds=30))
+    found = samples(registry)
+    assert found[("denoised_node_series_outcomes_total", (("outcome", "superseded"),))] == 1
+    assert found[("denoised_node_series_outcomes_total", (("outcome", "ignored"),))] == 0
+    assert found[("denoised_node_queue_jobs", (("state", "queued"),))] == 1
 
 
 def test_a_replayed_job_is_no_end_to_end_figure(runtime: Runtime) -> None:
