@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from denoised_node.storage.db import SessionFactory, is_postgres
@@ -163,6 +163,9 @@ def claim(sessions: SessionFactory, worker: str, lease_seconds: float,
           now: datetime | None = None) -> ClaimedJob | None:
     """Claim the next available job (queued to process, or processed to send) with a lease.
 
+    A processed job keeps the lease of the worker that processed it, which goes on to send
+    it; it becomes claimable when that lease expires (the worker died in between).
+
     PostgreSQL skips rows locked by other claimers; SQLite serialises writers (BEGIN
     IMMEDIATE), and the conditional UPDATE makes a lost race harmless either way.
     """
@@ -171,7 +174,10 @@ def claim(sessions: SessionFactory, worker: str, lease_seconds: float,
         with sessions.begin() as session:
             query = (
                 select(Job.id, Job.state)
-                .where(Job.state.in_(list(CLAIMABLE)), Job.available_at <= now)
+                .where(Job.state.in_(list(CLAIMABLE)), Job.available_at <= now,
+                       # A live lease on a claimable job: its worker moved it from processing
+                       # to processed and is about to send it; not another worker's to take.
+                       or_(Job.lease_expires_at.is_(None), Job.lease_expires_at <= now))
                 .order_by(Job.available_at, Job.id)
                 .limit(1)
             )
