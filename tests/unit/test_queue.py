@@ -152,6 +152,17 @@ def test_sending_lease_expiry_returns_to_processed(runtime: Runtime) -> None:
         assert session.get_one(Job, job_id).state == "processed"
 
 
+def test_a_processed_job_stays_with_its_worker_while_its_lease_lives(runtime: Runtime) -> None:
+    job_id = _job(runtime, _series(runtime))
+    claimed = claim(runtime.sessions, "w1", 30)
+    assert claimed is not None
+    with runtime.sessions.begin() as session:  # w1 finished processing; it sends next
+        transition(session, job_id, JobState.PROCESSING, JobState.PROCESSED, worker="w1")
+    assert claim(runtime.sessions, "w2", 30) is None
+    taken = claim(runtime.sessions, "w2", 30, now=utcnow() + timedelta(seconds=31))
+    assert taken is not None and taken.stage == JobState.SENDING  # w1 died in between
+
+
 def test_jobs_in_backoff_are_not_claimed(runtime: Runtime) -> None:
     job_id = _job(runtime, _series(runtime))
     with runtime.sessions.begin() as session:
