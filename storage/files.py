@@ -1,7 +1,8 @@
 """The file store: atomic, durable writes at paths built only from checked UIDs.
 
 Layout under the data dir:
-    incoming/    temp files being written (cleaned at start: a crash leaves only these)
+    incoming/    temp files being written, named <host>~*.part (cleaned at start: a crash
+                 leaves only these; another host's only once stale, as the store may be shared)
     instances/<study>/<series>/<sop>.dcm    received instances
     derived/<job id>/<sop>.dcm              derived instances waiting to be sent
 """
@@ -13,7 +14,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +96,23 @@ class FileStore:
     def derived_dir(self, job_id: int) -> Path:
         return self.derived / str(int(job_id))
 
-    def clean_incoming(self) -> int:
-        """Remove temp files a crash left behind; they were never acknowledged."""
+    def clean_incoming(self, now: float | None = None) -> int:
+        """Remove temp files a crash left behind; they were never acknowledged.
+
+        On a store shared by several hosts (a second `serve` for failover) another host may
+        be writing its own right now: those go only once untouched for STALE_TEMP_SECONDS.
+        """
         removed = 0
+        mine = _temp_prefix()
+        cutoff = (time.time() if now is None else now) - STALE_TEMP_SECONDS
         for leftover in self.incoming.glob("*.part"):
+            host_tagged = _HOST_MARK in leftover.name
+            if host_tagged and not leftover.name.startswith(mine):
+                try:
+                    if leftover.stat().st_mtime > cutoff:
+                        continue
+                except FileNotFoundError:
+                    continue  # its writer renamed it into place meanwhile
             _unlink_quietly(leftover)
             removed += 1
         if removed:
@@ -111,11 +127,21 @@ class FileStore:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# Temp files carry the writing host's name: see FileStore.clean_incoming.
+_HOST_MARK = "~"
+STALE_TEMP_SECONDS = 3600.0
+
+
+def _temp_prefix() -> str:
+    return f"{socket.gethostname()}{_HOST_MARK}"
+
+
 def write_atomic(target: Path, data: bytes, temp_dir: Path | None = None) -> None:
     """Write to a temp file, fsync it, rename it into place and fsync the folder, so a
     reader (or a crash) sees either the whole file or none of it."""
     _make_dirs_durable(target.parent)
-    fd, temp_name = tempfile.mkstemp(dir=temp_dir or target.parent, suffix=".part")
+    fd, temp_name = tempfile.mkstemp(dir=temp_dir or target.parent, prefix=_temp_prefix(),
+                                     suffix=".part")
     try:
         try:
             view = memoryview(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -33,6 +34,7 @@ from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.daemon.scu import SendResult
 from denoised_node.daemon.worker import Worker
 from denoised_node.storage.db import make_engine
+from denoised_node.storage.files import STALE_TEMP_SECONDS, FileStore
 from denoised_node.storage.models import Base, Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
 from denoised_node.storage.schema import check_schema, upgrade
@@ -285,3 +287,17 @@ def test_two_completers_queue_each_series_once(runtime: Runtime, environ: dict[s
         assert session.scalar(select(func.count()).select_from(Series)
                               .where(Series.queued_revision != 2)) == 0
     assert len(queued) == len(set(queued)) == count
+
+
+def test_a_shared_store_keeps_another_hosts_temp_files_until_stale(tmp_path: Path) -> None:
+    # A `serve` starting on host B must not delete what host A's SCP is writing right now.
+    store = FileStore(tmp_path)
+    mine = store.incoming / f"{socket.gethostname()}~a.part"
+    theirs = store.incoming / "other-host~b.part"
+    untagged = store.incoming / "c.part"
+    for leftover in (mine, theirs, untagged):
+        leftover.write_bytes(b"half")
+    assert store.clean_incoming() == 2
+    assert [p.name for p in store.incoming.iterdir()] == [theirs.name]
+    assert store.clean_incoming(now=time.time() + STALE_TEMP_SECONDS + 1) == 1
+    assert list(store.incoming.iterdir()) == []
