@@ -4,7 +4,9 @@ offline `denoised-node denoise` command, so both write exactly the same objects.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -43,6 +45,10 @@ class SeriesOutcome:
     files: list[Path]
     skipped: list[tuple[str, str]]
     gate_figures: list[dict[str, float]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # load, model, gate, write
+
+    def describe_seconds(self) -> str:
+        return ", ".join(f"{stage} {value:.2f}" for stage, value in self.seconds.items())
 
 
 def software_version() -> str:
@@ -86,25 +92,47 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     writer = DerivedSeriesWriter(out_dir, info, now)
     total, done = plan.slice_count, 0
     figures: list[dict[str, float]] = []
+    seconds = dict.fromkeys(("load", "model", "gate", "write"), 0.0)
+    clock = _StageClock(seconds)
     for stack in plan.stacks:
-        volume = load_volume(stack)
+        with clock("load"):
+            volume = load_volume(stack)
         offset = done
 
         def stack_progress(finished: int, _count: int, offset: int = offset) -> None:
             if progress:
                 progress(offset + finished, total)
 
-        denoised = denoiser.denoise(volume, progress=stack_progress)
+        with clock("model"):
+            denoised = denoiser.denoise(volume, progress=stack_progress)
         if settings.gate.enabled:
-            verdict = check_result(volume, denoised, settings.gate)
+            with clock("gate"):
+                verdict = check_result(volume, denoised, settings.gate)
             figures.append(dict(verdict.figures))
             if not verdict.passed:
                 raise GateFailed(f"safety gate failed on stack {stack.label}: {verdict.reason}")
-        writer.add_stack(stack, denoised)
+        with clock("write"):
+            writer.add_stack(stack, denoised)
         done += stack.depth
         del volume, denoised
-    files = writer.close()
+    with clock("write"):
+        files = writer.close()
     for sop_uid, reason in plan.skipped:
         log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})
     return SeriesOutcome(derived_uid(info.model_identity, source_series_uid), files,
-                         plan.skipped, figures)
+                         plan.skipped, figures, seconds)
+
+
+class _StageClock:
+    """Adds the wall time of each `with clock(stage):` block to ``seconds[stage]``."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - started

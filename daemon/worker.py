@@ -169,7 +169,8 @@ class Worker:
             return False
         seconds = time.monotonic() - started
         self._move(job, JobState.PROCESSING, JobState.PROCESSED,
-                   f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s",
+                   f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s "
+                   f"({outcome.describe_seconds()})",
                    derived_series_uid=outcome.derived_series_uid,
                    derived_count=len(outcome.files), model_identity=self.denoiser.identity)
         return True

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.queue` (queue throughput, SQLite against PostgreSQL)."""

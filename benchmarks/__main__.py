@@ -1,0 +1,74 @@
+"""`python -m benchmarks`: run the sections and print one table (Markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import DEFAULT_WORKDIR, Row, format_table, series_folder
+
+SECTIONS = ("receive", "send", "inference", "e2e")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--slices", type=int, default=500, help="series size for receive/send")
+    parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda, auto")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(unknown)}")
+    os.environ.setdefault("TCP_NODELAY", "1")
+
+    rows: list[Row] = []
+    started = time.time()
+    if "receive" in chosen or "send" in chosen:
+        from benchmarks.dicom_io import receive_rows, send_rows, tool_versions
+
+        print(f"peers: {tool_versions()}", file=sys.stderr)
+        series = series_folder(args.workdir, args.slices)
+        if "receive" in chosen:
+            rows += receive_rows(series, args.workdir)
+        if "send" in chosen:
+            rows += send_rows(series, args.workdir)
+    if "inference" in chosen:
+        from benchmarks.inference import inference_rows
+
+        rows += inference_rows(device=args.device)
+    if "e2e" in chosen:
+        from benchmarks.end_to_end import end_to_end_rows
+
+        rows += end_to_end_rows(args.workdir)
+    table = format_table(rows)
+    header = (f"Machine: {machine()}. {time.strftime('%Y-%m-%d')}, "
+              f"{time.time() - started:.0f} s.")
+    print(header)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(header + "\n\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Receive and send throughput, beside Orthanc and DCMTK on the same files in the same run.
+
+Receive: DCMTK storescu sends a 500-slice 256x256 16-bit series (one association, then the
+same files over four associations at once) into the node (durable: fsync and indexed), into
+Orthanc 1.10 (indexed; Orthanc does not fsync its files) and into DCMTK storescp (plain files,
+no index, no fsync): the performance anchor.
+Send: the node's SCU and DCMTK storescu each send the same files to a fresh Orthanc.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import threading
+from pathlib import Path
+
+from benchmarks.common import Row, fresh_dir, split_folder, timed
+from tests.integration.node import NODE_AET, node_config, start_node
+from tests.integration.peers import free_port, start_orthanc, start_storescp, storescu
+
+SECTION = "receive"
+
+
+def _send_parallel(folders: list[Path], port: int, called: str) -> None:
+    errors: list[BaseException] = []
+
+    def one(folder: Path) -> None:
+        try:
+            storescu(folder, "127.0.0.1", port, "BENCH", called)
+        except BaseException as exc:  # noqa: BLE001 - reported after the join
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(folder,)) for folder in folders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _into_node(series: Path, workdir: Path, folders: list[Path] | None) -> float:
+    port = free_port()
+    config = node_config(fresh_dir(workdir), port, None, worker={"count": 0},
+                         series={"idle_seconds": 3600}, http={"enabled": False})
+    node = start_node(config, port, workdir / "node.log")
+    try:
+        count = len(list(series.glob("*.dcm")))
+        seconds = timed(lambda: _send_parallel(folders or [series], port, NODE_AET))
+        with sqlite3.connect(workdir / "data" / "node.db") as db:
+            indexed = db.execute("SELECT count(*) FROM instances").fetchone()[0]
+        if indexed != count:
+            raise RuntimeError(f"node indexed {indexed} of {count} instances")
+        return count / seconds
+    finally:
+        node.process.stop(timeout=60)
+
+
+def _into_orthanc(series: Path, workdir: Path, folders: list[Path] | None) -> float:
+    orthanc = start_orthanc(fresh_dir(workdir))
+    try:
+        count = len(list(series.glob("*.dcm")))
+        seconds = timed(lambda: _send_parallel(folders or [series], orthanc.dicom_port,
+                                               orthanc.aet))
+        stored = orthanc.get("/statistics")["CountInstances"]
+        if stored != count:
+            raise RuntimeError(f"Orthanc stored {stored} of {count} instances")
+        return count / seconds
+    finally:
+        orthanc.stop()
+
+
+def _into_storescp(series: Path, workdir: Path, folders: list[Path] | None) -> float:
+    scp = start_storescp(fresh_dir(workdir) / "received")
+    try:
+        count = len(list(series.glob("*.dcm")))
+        seconds = timed(lambda: _send_parallel(folders or [series], scp.port, scp.aet))
+        scp.wait_for_files(count, timeout=60)
+        return count / seconds
+    finally:
+        scp.stop()
+
+
+def receive_rows(series: Path, workdir: Path) -> list[Row]:
+    count = len(list(series.glob("*.dcm")))
+    rows = []
+    four = split_folder(series, 4, workdir / "split4")
+    for label, folders in (("1 association", None), ("4 associations at once", four)):
+        node = _into_node(series, workdir / "node", folders)
+        orthanc = _into_orthanc(series, workdir / "orthanc", folders)
+        storescp = _into_storescp(series, workdir / "storescp", folders)
+        rows.append(Row(SECTION, f"{count} x 256x256, {label}", node, "img/s",
+                        {"Orthanc": orthanc, "storescp": storescp},
+                        "node: fsync + index; Orthanc: index, no fsync; storescp: files only"))
+    return rows
+
+
+def send_rows(series: Path, workdir: Path) -> list[Row]:
+    from denoised_node.config.settings import Destination, load_settings
+    from denoised_node.daemon.scu import send_files
+
+    files = sorted(series.glob("*.dcm"))
+
+    def node_rate() -> float:
+        orthanc = start_orthanc(fresh_dir(workdir / "orthanc-send"))
+        try:
+            settings = load_settings(None, environ={})
+            destination = Destination(name="o", ae_title=orthanc.aet, host="127.0.0.1",
+                                      port=orthanc.dicom_port)
+            return len(files) / timed(lambda: send_files(settings, destination, files))
+        finally:
+            orthanc.stop()
+
+    def storescu_rate() -> float:
+        orthanc = start_orthanc(fresh_dir(workdir / "orthanc-send"))
+        try:
+            return len(files) / timed(lambda: storescu(series, "127.0.0.1", orthanc.dicom_port,
+                                                       NODE_AET, orthanc.aet))
+        finally:
+            orthanc.stop()
+
+    node, dcmtk = node_rate(), storescu_rate()
+    return [Row("send", f"{len(files)} x 256x256 to Orthanc, 1 association", node, "img/s",
+                {"storescu": dcmtk}, "TCP_NODELAY on both sides")]
+
+
+def tool_versions() -> str:
+    orthanc = subprocess.run(["/usr/sbin/Orthanc", "--version"], capture_output=True,
+                             text=True).stdout.splitlines()[:1]
+    dcmtk = subprocess.run(["/usr/bin/storescu", "--version"], capture_output=True,
+                           text=True).stdout.splitlines()[:1]
+    return "; ".join(orthanc + dcmtk)

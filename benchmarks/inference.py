@@ -1,0 +1,55 @@
+"""Inference speed: slices/s of the shipped model against the plain U-Net baseline (MONAI
+BasicUNet of the same parameter count, same stem, same batching), at 256x256 and 512x512."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from benchmarks.common import Row, timed
+
+SECTION = "inference"
+
+
+def _volume(slices: int, size: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    head = ((yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.16) * 900.0
+    detail = 120.0 * np.sin(40 * xx) * np.cos(33 * yy) * (head > 0)
+    clean = np.repeat((head + detail)[None], slices, axis=0)
+    noise = rng.normal(0, 25, clean.shape) + 1j * rng.normal(0, 25, clean.shape)
+    return np.abs(clean + noise).astype(np.float32)
+
+
+def _rate(denoise, volume: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+    denoise(volume[:2])  # warm-up: allocator and kernels
+    return len(volume) / timed(lambda: denoise(volume))
+
+
+def inference_rows(device: str = "cpu", threads: int = 2) -> list[Row]:
+    from denoised_node.model.inference import Denoiser, denoise_volume
+    from denoised_node.model.network import build_network, count_parameters, default_config
+
+    if device == "cpu":
+        torch.set_num_threads(threads)
+    ours = Denoiser.load("default", device=device, batch_size=8)
+    baseline = build_network(default_config("basic_unet")).eval().to(ours.device)
+    where = (torch.cuda.get_device_name(ours.device) if ours.device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} threads")
+    rows = []
+    for size, slices in ((256, 24), (512, 8)):
+        volume = _volume(slices, size)
+        mine = _rate(ours.denoise, volume)
+
+        def plain(v: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return denoise_volume(baseline, v, ours.schedule, device=ours.device,
+                                      batch_size=8, amp=ours.amp, tta=ours.tta)
+
+        base = _rate(plain, volume)
+        rows.append(Row(SECTION, f"{size}x{size} slices/s ({where})", mine, "slices/s",
+                        {"plain U-Net": base},
+                        f"{1 / mine:.3f} s per slice; TTA {ours.tta}; "
+                        f"{count_parameters(ours.net) / 1e6:.2f} M vs "
+                        f"{count_parameters(baseline) / 1e6:.2f} M parameters"))
+    return rows
