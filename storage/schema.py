@@ -8,7 +8,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -34,11 +34,22 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+# Any fixed number: the PostgreSQL advisory lock that serialises schema upgrades.
+_UPGRADE_LOCK = 0x646E5F6E6F6465  # "dn_node"
+
+
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Bring the schema to the newest revision; returns (before, after)."""
+    """Bring the schema to the newest revision; returns (before, after).
+
+    On PostgreSQL several processes may do this at once (two `serve` instances starting on
+    an empty database): an advisory lock makes them take turns, and the later ones find the
+    schema at head. DDL is transactional there, so a failed upgrade leaves nothing half-done.
+    """
     before = current_revision(engine)
     config = alembic_config(engine)
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
     return before, head_revision(engine)

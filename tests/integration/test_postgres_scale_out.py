@@ -159,6 +159,28 @@ def test_migrations_build_the_models_schema_on_postgres(runtime: Runtime) -> Non
     assert differences == []
 
 
+def test_two_processes_creating_the_schema_at_once_both_succeed(postgres_url: str) -> None:  # noqa: F811
+    # Two `serve` instances started together on an empty database both create the schema.
+    engines = [make_engine(postgres_url) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def create(engine: Any) -> None:
+        try:
+            upgrade(engine)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=create, args=(engine,)) for engine in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    check_schema(engines[0])
+    for engine in engines:
+        engine.dispose()
+
+
 def test_workers_on_one_queue_do_every_job_exactly_once(runtime: Runtime, environ: dict[str, str],
                                                          mr_series_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     job_ids = queue_series(runtime, mr_series_factory, 16)
