@@ -10,6 +10,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pydicom
@@ -86,7 +87,7 @@ def _denoise_nifti(source: Path, target: Path, denoiser: object,
                    progress: Progress | None) -> str:
     import nibabel as nib
 
-    image = nib.load(str(source))
+    image = cast("nib.Nifti1Image", nib.load(str(source)))
     data = np.asarray(image.dataobj, dtype=np.float32)
     if data.ndim == 2:
         data = data[:, :, np.newaxis]

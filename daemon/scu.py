@@ -101,7 +101,7 @@ def _contexts_for(files: Sequence[Path]) -> list[tuple[str, list[str]]]:
     """One uncompressed context per SOP class, and each compressed syntax in a context of
     its own: offered together, a PACS may pick the uncompressed one, and a compressed file
     could then not be sent as it is."""
-    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    uncompressed = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
     contexts: list[tuple[str, list[str]]] = []
     for path in files:
         meta = pydicom.filereader.read_file_meta_info(path)
