@@ -117,10 +117,12 @@ def _env_config() -> Path | None:
 @click.option("--max-jobs", type=int, default=None, help="Stop after this many jobs.")
 def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
     """Run one worker: claim jobs, denoise, send. Needs no SCP on this host."""
+    settings = settings_from(config_path)
+    _check_shared_store(settings)
+
     from denoised_node.daemon.worker import StopNow, Worker, stop_handler
     from denoised_node.model.inference import Denoiser
 
-    settings = settings_from(config_path)
     _setup_logging(settings)
     runtime = _runtime(settings)
     model = settings.model
@@ -134,6 +136,19 @@ def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
         node_worker.run(burst=burst, max_jobs=max_jobs)
     except StopNow:
         pass
+
+
+def _check_shared_store(settings: Settings) -> None:
+    """A worker on a shared (PostgreSQL) queue reads what an SCP on another host stored:
+    refuse a data_dir that holds no store (the share not mounted) rather than start and fail
+    every job it claims for missing files."""
+    if settings.database_url.startswith("sqlite"):
+        return
+    if not (settings.node.data_dir / "instances").is_dir():
+        raise CommandError(
+            f"node.data_dir {settings.node.data_dir} holds no file store (no instances/ "
+            "folder): mount the shared store there (see docs/scale-out.md), or start "
+            "`denoised-node serve` on it first")
 
 
 @main.command()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -74,7 +75,7 @@ class FastDenoiser:
 
     identity = "postgres-test-model-1"
 
-    class card:  # noqa: N801 - mimics the model card's attributes
+    class card:  # mimics the model card's attributes
         name = "postgres-test"
         version = "1.0"
 
@@ -237,7 +238,7 @@ def test_a_killed_workers_job_is_taken_over_after_its_lease(runtime: Runtime, tm
             assert (job.state, job.lease_owner) == ("processing", "gpu-a:4242")
             renewed_until = job.lease_expires_at
         assert renewed_until > utcnow()
-        os.kill(doomed.pid, signal.SIGKILL)
+        doomed.kill()  # SIGKILL: no release, no last heartbeat
         doomed.join(10)
     finally:
         if doomed.is_alive():
@@ -323,3 +324,14 @@ def test_a_shared_store_keeps_another_hosts_temp_files_until_stale(tmp_path: Pat
     assert [p.name for p in store.incoming.iterdir()] == [theirs.name]
     assert store.clean_incoming(now=time.time() + STALE_TEMP_SECONDS + 1) == 1
     assert list(store.incoming.iterdir()) == []
+
+
+def test_a_worker_refuses_a_data_dir_without_the_shared_store(tmp_path: Path,
+                                                             postgres_url: str) -> None:  # noqa: F811
+    env = {**os.environ, **node_environ(tmp_path / "not-mounted", postgres_url)}
+    env.pop("DENOISED_NODE_CONFIG", None)
+    done = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli", "worker", "--burst"],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0
+    assert "holds no file store" in done.stderr and "mount the shared store" in done.stderr
+    assert not (tmp_path / "not-mounted").exists()  # nothing created on the local disk
