@@ -185,10 +185,44 @@ class RetentionSettings(_Section):
     check_minutes: float = Field(default=10.0, gt=0)
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or name; "" and 0.0.0.0 (every interface) are not."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Basic authentication for the status pages and /metrics (/healthz and /readyz stay
+    # open for probes): a user name and a file holding the password (never inline).
+    username: str | None = Field(default=None, min_length=1, pattern=r"^[^:\x00-\x1f]+$")
+    password_file: Path | None = None
+    # Or (and) a bearer token: `Authorization: Bearer <the file's content>`.
+    token_file: Path | None = None
+    # Serve without authentication on a host that is not loopback (behind a proxy that
+    # authenticates); otherwise such a host needs username/password_file or token_file.
+    allow_unauthenticated: bool = False
+    # Patient name, ID and birth date on the series page; off: never shown.
+    show_patient_data: bool = False
+
+    @model_validator(mode="after")
+    def _basic_auth_pairs(self) -> HttpSettings:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("http.username and http.password_file go together")
+        return self
+
+    @property
+    def authenticated(self) -> bool:
+        return self.password_file is not None or self.token_file is not None
 
 
 class LoggingSettings(_Section):
@@ -241,6 +275,17 @@ class Settings(_Section):
         if tls.enabled and tls.plain_port and tls.port == self.node.port != 0:
             raise ValueError(f"tls.port and node.port are both {tls.port}: give the TLS port "
                              "its own number, or set tls.plain_port = false")
+        return self
+
+    @model_validator(mode="after")
+    def _http_authenticated_when_exposed(self) -> Settings:
+        http = self.http
+        if (http.enabled and not is_loopback(http.host) and not http.authenticated
+                and not http.allow_unauthenticated):
+            raise ValueError(f"http.host {http.host!r} is not loopback, so the status pages "
+                             "need authentication: set http.username and http.password_file, "
+                             "or http.token_file (or http.allow_unauthenticated = true behind "
+                             "a proxy that authenticates)")
         return self
 
     @property

@@ -1,8 +1,11 @@
 """The node's HTTP endpoint (loopback by default): /metrics for Prometheus, /healthz (the
-process answers) and /readyz (database, a worker with its model loaded, disk space, SCP).
+process answers), /readyz (database, a worker with its model loaded, disk space, SCP), and
+the status pages (daemon/web) on every other path.
 
-The standard library's threading server is enough for a scrape every few seconds; nothing
-here takes input beyond the path, and every handler's dependencies are bound, not global.
+The standard library's threading server is enough for a scrape every few seconds and an
+administrator's browser; every handler's dependencies are bound, not global. When
+credentials are configured (http.password_file, http.token_file) /metrics and the pages
+need them; the probes stay open.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from denoised_node.config.settings import ConfigError, HttpSettings
+from denoised_node.daemon.web.auth import Guard, Verdict
+from denoised_node.daemon.web.request import MAX_FORM_BYTES, Request, Response
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +55,76 @@ class Readiness:
         return all(r["ok"] for r in results.values()), results
 
 
+class Pages(Protocol):
+    """The status pages (daemon.web.pages.StatusPages)."""
+
+    def handle(self, request: Request) -> Response: ...
+
+
+_PROBES = ("/healthz", "/readyz")
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = "denoised-node"
 
     def __init__(self, *args: Any, registry: CollectorRegistry, readiness: Readiness,
-                 **kwargs: Any) -> None:
+                 guard: Guard, pages: Pages | None, **kwargs: Any) -> None:
         self.registry = registry
         self.readiness = readiness
+        self.guard = guard
+        self.pages = pages
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's name
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
+        if path == "/healthz":
             self._send(200, b"ok\n", "text/plain; charset=utf-8")
         elif path == "/readyz":
             ready, checks = self.readiness.report()
             body = json.dumps({"ready": ready, "checks": checks}, indent=1).encode() + b"\n"
             self._send(200 if ready else 503, body, "application/json")
+        elif (verdict := self._admit()) is None:
+            return
+        elif path == "/metrics":
+            self._send(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        elif self.pages is not None:
+            self._respond(self.pages.handle(self._request(verdict.user, b"")))
         else:
             self._send(404, b"not found: try /metrics, /healthz or /readyz\n",
                        "text/plain; charset=utf-8")
+
+    def do_POST(self) -> None:  # noqa: N802 - the standard library's name
+        if (verdict := self._admit()) is None:
+            return
+        length = self.headers.get("Content-Length", "0")
+        if self.pages is None or self.path.split("?", 1)[0] in (*_PROBES, "/metrics"):
+            self._send(405, b"method not allowed\n", "text/plain; charset=utf-8")
+        elif not length.isdigit() or int(length) > MAX_FORM_BYTES:
+            self._send(413, b"a form of at most 64 KiB, with its Content-Length\n",
+                       "text/plain; charset=utf-8")
+        else:
+            body = self.rfile.read(int(length))
+            self._respond(self.pages.handle(self._request(verdict.user, body)))
+
+    def _admit(self) -> Verdict | None:
+        """The guard's verdict when the request may go on; None once it was refused."""
+        verdict = self.guard.check({k.lower(): v for k, v in self.headers.items()})
+        if verdict.allowed:
+            return verdict
+        extra = (("WWW-Authenticate", self.guard.challenge()),) if verdict.status == 401 else ()
+        self._respond(Response(verdict.status, (verdict.reason + "\n").encode(),
+                               "text/plain; charset=utf-8", extra))
+        return None
+
+    def _request(self, user: str | None, body: bytes) -> Request:
+        return Request.build(self.command, self.path, dict(self.headers.items()), body, user)
+
+    def _respond(self, response: Response) -> None:
+        self.send_response(response.status)
+        for name, value in response.all_headers():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(response.body)
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -93,8 +146,11 @@ class StatusServer:
     """The HTTP server on its own thread."""
 
     def __init__(self, settings: HttpSettings, registry: CollectorRegistry,
-                 readiness: Readiness) -> None:
-        handler = partial(_Handler, registry=registry, readiness=readiness)
+                 readiness: Readiness, pages: Pages | None = None) -> None:
+        guard = Guard(settings)  # reads the credential files: a ConfigError before binding
+        handler = partial(_Handler, registry=registry, readiness=readiness, guard=guard,
+                          pages=pages)
+        self._paths = "/metrics /healthz /readyz" + (" and the status pages" if pages else "")
         try:
             kind = _IPv6Server if ":" in settings.host else ThreadingHTTPServer
             self._server = kind((settings.host, settings.port), handler)
@@ -114,7 +170,7 @@ class StatusServer:
         self._thread.start()
         log.info("HTTP endpoint listening", extra={"host": self._server.server_address[0],
                                                    "port": self.port,
-                                                   "paths": "/metrics /healthz /readyz"})
+                                                   "paths": self._paths})
         return self
 
     def shutdown(self) -> None:

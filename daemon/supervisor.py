@@ -38,6 +38,7 @@ from denoised_node.daemon.notify import (
     watchdog_seconds,
 )
 from denoised_node.daemon.scp import start_scp
+from denoised_node.daemon.web.pages import StatusPages
 from denoised_node.storage.db import is_sqlite
 
 log = logging.getLogger(__name__)
@@ -244,12 +245,14 @@ def serve(settings: Settings, config_path: Path | None,
     retention = RetentionLoop(runtime.sessions, runtime.store, settings.retention)
     try:
         if settings.http.enabled:
-            http = StatusServer(settings.http, registry, Readiness([
+            readiness = Readiness([
                 ("database", health.database(runtime.engine)),
                 ("model", health.model_loaded(lambda: pool.ready_count, settings.worker.count)),
                 ("disk", health.disk(runtime.store, settings.node.min_free_mb)),
                 ("scp", health.listening(server.alive, "storage SCP")),
-            ])).start()
+            ])
+            pages = StatusPages(settings, runtime.sessions, runtime.store, readiness)
+            http = StatusServer(settings.http, registry, readiness, pages).start()
     except BaseException:
         server.shutdown()
         raise

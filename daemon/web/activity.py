@@ -1,0 +1,146 @@
+"""What the job-event audit log says: seconds per stage for each job, and the last hour's
+throughput and latency. Stages are those of the metrics (metrics.STAGES), measured alike."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from denoised_node.daemon.admin import EventRow, JobRow, list_jobs
+from denoised_node.daemon.metrics import STAGES, SUPERSEDED_REASON
+from denoised_node.storage.models import Instance, Job, JobEvent, Series
+from denoised_node.storage.queue import TERMINAL_STATES, JobState
+
+STAGE_LABELS = {"receive_to_complete": "receive", "queue_wait": "wait",
+                "inference": "denoise", "send": "send", "end_to_end": "total"}
+assert set(STAGE_LABELS) == set(STAGES)
+_TERMINAL = {state.value for state in TERMINAL_STATES}
+
+
+def stage_seconds(events: Iterable[EventRow], first_received_at: datetime) -> dict[str, float]:
+    """Seconds per stage of the job's latest run. A replay starts a new run: its stages
+    replace the old ones, and it has no end-to-end figure (as in the metrics)."""
+    seconds: dict[str, float] = {}
+    entered: dict[str, datetime] = {}
+    replayed = False
+    for event in events:
+        at, to_state = event.at, event.to_state
+        if event.from_state is None:
+            seconds["receive_to_complete"] = (at - first_received_at).total_seconds()
+        elif event.from_state in _TERMINAL and to_state == JobState.QUEUED:
+            replayed = True
+            seconds = {k: v for k, v in seconds.items() if k == "receive_to_complete"}
+        if to_state == JobState.PROCESSING and "queued" in entered:
+            seconds["queue_wait"] = (at - entered["queued"]).total_seconds()
+        elif to_state == JobState.PROCESSED and event.from_state == JobState.PROCESSING:
+            seconds["inference"] = (at - entered.get("processing", at)).total_seconds()
+        elif to_state == JobState.DONE:
+            if "sending" in entered:
+                seconds["send"] = (at - entered["sending"]).total_seconds()
+            if not replayed:
+                seconds["end_to_end"] = (at - first_received_at).total_seconds()
+        entered[to_state] = at
+    return {stage: max(value, 0.0) for stage, value in seconds.items()}
+
+
+@dataclass(frozen=True)
+class JobView:
+    job: JobRow
+    stages: dict[str, float]
+    first_received_at: datetime
+
+    @property
+    def replayable(self) -> bool:
+        return self.job.state in _TERMINAL
+
+
+def _events_by_job(session: Session, job_ids: Sequence[int]) -> dict[int, list[EventRow]]:
+    found: dict[int, list[EventRow]] = defaultdict(list)
+    if not job_ids:
+        return found
+    rows = session.scalars(select(JobEvent).where(JobEvent.job_id.in_(job_ids))
+                           .order_by(JobEvent.id))
+    for e in rows:
+        found[e.job_id].append(EventRow(e.at, e.from_state, e.to_state, e.worker, e.reason))
+    return found
+
+
+def recent_jobs(session: Session, *, states: list[str] | None = None,
+                limit: int = 50) -> list[JobView]:
+    jobs = list_jobs(session, states=states, limit=limit)
+    ids = [job.id for job in jobs]
+    events = _events_by_job(session, ids)
+    received: dict[int, datetime] = {}
+    if ids:
+        received.update(session.execute(  # type: ignore[arg-type]
+            select(Job.id, Series.first_received_at).join(Series, Job.series_id == Series.id)
+            .where(Job.id.in_(ids))).all())
+    return [JobView(job, stage_seconds(events[job.id], received[job.id]), received[job.id])
+            for job in jobs]
+
+
+@dataclass(frozen=True)
+class Spread:
+    count: int
+    median: float
+    p90: float
+    worst: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        ordered = sorted(values)
+
+        def rank(q: float) -> float:  # the nearest-rank percentile
+            return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+        return cls(len(ordered), rank(0.5), rank(0.9), ordered[-1])
+
+
+@dataclass(frozen=True)
+class HourStats:
+    since: datetime
+    # Jobs that ended in the window: done, failed, ignored, superseded.
+    ended: dict[str, int] = field(default_factory=dict)
+    instances_received: int = 0
+    instances_sent: int = 0  # derived instances of the jobs done in the window
+    latency: dict[str, Spread] = field(default_factory=dict)  # over the jobs done
+
+    @property
+    def series_done(self) -> int:
+        return self.ended.get("done", 0)
+
+
+def last_hour(session: Session, now: datetime, window: timedelta = timedelta(hours=1),
+              ) -> HourStats:
+    since = now - window
+    ended = dict.fromkeys(("done", "failed", "ignored", "superseded"), 0)
+    done_ids: set[int] = set()
+    rows = session.execute(select(JobEvent.job_id, JobEvent.to_state, JobEvent.reason).where(
+        JobEvent.at >= since, JobEvent.to_state.in_(_TERMINAL))).all()
+    for job_id, state, reason in rows:
+        superseded = state == JobState.IGNORED and (reason or "").startswith(SUPERSEDED_REASON)
+        ended["superseded" if superseded else state] += 1
+        if state == JobState.DONE:
+            done_ids.add(job_id)
+    received = session.scalar(select(func.count()).select_from(Instance)
+                              .where(Instance.received_at >= since)) or 0
+    latency: dict[str, list[float]] = defaultdict(list)
+    sent = 0
+    if done_ids:
+        ids = sorted(done_ids)
+        events = _events_by_job(session, ids)
+        jobs = session.execute(select(Job.id, Job.derived_count, Series.first_received_at)
+                               .join(Series, Job.series_id == Series.id)
+                               .where(Job.id.in_(ids))).all()
+        for job_id, derived_count, first_received_at in jobs:
+            sent += derived_count or 0
+            for stage, value in stage_seconds(events[job_id], first_received_at).items():
+                latency[stage].append(value)
+    return HourStats(since, ended, received, sent,
+                     {stage: Spread.of(latency[stage]) for stage in STAGES if latency[stage]})

@@ -1,0 +1,206 @@
+"""The overview's health rows: the readiness checks (cheap, read at each page load) and the
+slow ones (C-ECHO to each destination, the GPU, the model file), which run on a thread of
+their own and are kept for a minute so a page never waits on the network.
+
+The serve process never imports torch (hundreds of MB, seconds): the model card is read from
+the safetensors header, and the GPU from nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from denoised_node.config.settings import Destination, Settings
+from denoised_node.daemon.http import Check, CheckResult
+
+log = logging.getLogger(__name__)
+
+REFRESH_SECONDS = 60.0
+_MAX_HEADER_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class HealthRow:
+    name: str
+    ok: bool | None  # None: not checked yet
+    detail: str
+    age_seconds: float | None = None  # how old a slow check's result is
+
+
+class SlowChecks:
+    """Runs ``checks`` in the background when their results are older than ``refresh``."""
+
+    def __init__(self, checks: Sequence[tuple[str, Check]],
+                 refresh: float = REFRESH_SECONDS) -> None:
+        self.checks = list(checks)
+        self.refresh = refresh
+        self._lock = threading.Lock()
+        self._results: dict[str, tuple[CheckResult, float]] = {}
+        self._checked_at: float | None = None
+        self._running = False
+
+    def rows(self, wait: float = 0.0) -> list[HealthRow]:
+        """The latest results; starts a refresh when stale and waits at most ``wait``."""
+        thread = self._refresh_if_stale()
+        if thread is not None and wait > 0:
+            thread.join(wait)
+        now = time.monotonic()
+        with self._lock:
+            results = dict(self._results)
+        rows = []
+        for name, _ in self.checks:
+            if name in results:
+                result, at = results[name]
+                rows.append(HealthRow(name, result.ok, result.detail, now - at))
+            else:
+                rows.append(HealthRow(name, None, "checking..."))
+        return rows
+
+    def _refresh_if_stale(self) -> threading.Thread | None:
+        with self._lock:
+            fresh = (self._checked_at is not None
+                     and time.monotonic() - self._checked_at < self.refresh)
+            if self._running or fresh:
+                return None
+            self._running = True
+        thread = threading.Thread(target=self._run, name="status-checks", daemon=True)
+        thread.start()
+        return thread
+
+    def _run(self) -> None:
+        try:
+            for name, check in self.checks:
+                try:
+                    result = check()
+                except Exception as exc:  # noqa: BLE001 - a failing check is a finding
+                    result = CheckResult(False, f"{type(exc).__name__}: {exc}".splitlines()[0])
+                with self._lock:
+                    self._results[name] = (result, time.monotonic())
+        finally:
+            with self._lock:
+                self._running = False
+                self._checked_at = time.monotonic()
+
+
+def slow_checks(settings: Settings) -> SlowChecks:
+    checks: list[tuple[str, Check]] = [
+        ("model file", lambda: model_file(settings.model.checkpoint)),
+        ("gpu", lambda: gpu(settings.model.device)),
+    ]
+    for destination in settings.destinations:
+        checks.append((f"destination {destination.name}", _echo_check(settings, destination)))
+    if not settings.destinations:
+        checks.append(("destinations", lambda: CheckResult(
+            False, "none configured: derived series go nowhere")))
+    return SlowChecks(checks)
+
+
+def _echo_check(settings: Settings, destination: Destination) -> Check:
+    def check() -> CheckResult:
+        from denoised_node.daemon.scu import SendError, echo
+
+        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+        try:
+            code = echo(settings, destination)
+        except SendError as exc:
+            return CheckResult(False, str(exc))
+        if code != 0:
+            return CheckResult(False, f"{where}: C-ECHO answered 0x{code:04X}")
+        return CheckResult(True, f"{where}: C-ECHO answered"
+                           + (" over TLS" if destination.tls else ""))
+
+    return check
+
+
+def checkpoint_path(checkpoint: str) -> Path:
+    """As model.inference.resolve_checkpoint (which imports torch): a bare name is a
+    checkpoint shipped in the package, anything else a path."""
+    if "/" not in checkpoint and "\\" not in checkpoint and not checkpoint.endswith(
+            ".safetensors"):
+        return Path(str(files("denoised_node.model"))) / "checkpoints" / f"{checkpoint}.safetensors"
+    return Path(checkpoint).expanduser()
+
+
+def read_model_card(path: Path) -> dict[str, object]:
+    """The model card in a checkpoint's safetensors header, without loading the weights."""
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        if length > _MAX_HEADER_BYTES:
+            raise ValueError(f"{path} is not a safetensors file")
+        header = json.loads(handle.read(length))
+    card = (header.get("__metadata__") or {}).get("denoised_node_card")
+    if card is None:
+        raise ValueError(f"{path} holds no denoised-node model card")
+    loaded: dict[str, object] = json.loads(card)
+    return loaded
+
+
+def model_identity(card: dict[str, object]) -> str:
+    """As model.checkpoint.ModelCard.identity: what the derived UIDs and jobs name."""
+    return f"dn-{card.get('name')}-{card.get('version')}-{str(card.get('sha256', ''))[:12]}"
+
+
+def model_file(checkpoint: str) -> CheckResult:
+    path = checkpoint_path(checkpoint)
+    if not path.is_file():
+        return CheckResult(False, f"model.checkpoint {path} does not exist")
+    card = read_model_card(path)
+    detail = f"{card.get('name')} version {card.get('version')} ({model_identity(card)})"
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        expected = json.loads(sidecar.read_text()).get("file_sha256")
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**20), b""):
+                digest.update(block)
+        if expected and digest.hexdigest() != expected:
+            return CheckResult(False, f"{detail}: {path.name} does not match the sha256 in "
+                               f"{sidecar.name}; the file was altered")
+        detail += f"; sha256 matches {sidecar.name}"
+    return CheckResult(True, detail)
+
+
+def gpu(device: str, run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+        ) -> CheckResult:
+    if device == "cpu":
+        return CheckResult(True, "not used (model.device = \"cpu\")")
+    wanted = device.startswith("cuda")
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        if wanted:
+            return CheckResult(False, f"model.device is {device} but no NVIDIA driver is "
+                               "installed (nvidia-smi not found)")
+        return CheckResult(True, "none (nvidia-smi not found); the workers run on the CPU")
+    try:
+        answer = run([smi, "--query-gpu=name,memory.used,memory.total,utilization.gpu",
+                      "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                     timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return CheckResult(False, f"nvidia-smi: {exc}")
+    if answer.returncode != 0:
+        message = (answer.stderr or answer.stdout).strip().splitlines()
+        return CheckResult(False, "nvidia-smi failed: " + (message[0] if message else
+                                                            f"exit status {answer.returncode}"))
+    gpus = []
+    for line in answer.stdout.strip().splitlines():
+        name, used, total, busy = (part.strip() for part in line.split(","))
+        gpus.append(f"{name}: {_gib(used)} of {_gib(total)} GiB used, {busy} % busy")
+    return CheckResult(bool(gpus), "; ".join(gpus) or "nvidia-smi lists no GPU")
+
+
+def _gib(mib: str) -> str:
+    try:
+        return f"{float(mib) / 1024:.1f}"
+    except ValueError:
+        return mib
