@@ -192,18 +192,26 @@ class Worker:
         return uid, paths
 
     def _retry_processing(self, job: ClaimedJob, reason: str) -> None:
-        attempts = job.processing_attempts + 1
-        limit = self.settings.worker.max_processing_attempts
+        self._retry_or_fail(job, JobState.PROCESSING, JobState.QUEUED, "processing_attempts",
+                            job.processing_attempts + 1,
+                            self.settings.worker.max_processing_attempts, reason, "attempt")
+
+    def _retry_or_fail(self, job: ClaimedJob, stage: JobState, back_to: JobState,
+                       counter: str, attempts: int, limit: int, reason: str, what: str) -> None:
+        """Fail the job at the attempt limit, else send it back to ``back_to`` after an
+        exponential backoff with jitter."""
         if attempts >= limit:
-            self._move(job, JobState.PROCESSING, JobState.FAILED,
-                       f"{reason} (attempt {attempts} of {limit})", processing_attempts=attempts)
+            self._move(job, stage, JobState.FAILED, f"{reason} ({what} {attempts} of {limit})",
+                       **{counter: attempts})
             return
         delay = backoff_seconds(attempts, self.settings.send.backoff_base_seconds,
                                 self.settings.send.backoff_max_seconds)
-        self._move(job, JobState.PROCESSING, JobState.QUEUED,
-                   f"{reason} (attempt {attempts} of {limit}; retry in {delay:.0f} s)",
-                   processing_attempts=attempts, lease_owner=None, lease_expires_at=None,
-                   available_at=utcnow() + timedelta(seconds=delay))
+        log.warning("%s failed, retrying in %.0f s: %s", stage.value, delay, reason,
+                    extra={"job_id": job.id})
+        self._move(job, stage, back_to,
+                   f"{reason} ({what} {attempts} of {limit}; retry in {delay:.0f} s)",
+                   lease_owner=None, lease_expires_at=None,
+                   available_at=utcnow() + timedelta(seconds=delay), **{counter: attempts})
 
     # -- sending ------------------------------------------------------------------------
     def _start_sending(self, job: ClaimedJob) -> ClaimedJob:
@@ -238,20 +246,9 @@ class Worker:
         self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}")
 
     def _retry_sending(self, job: ClaimedJob, reason: str) -> None:
-        attempts = job.send_attempts + 1
-        limit = self.settings.send.max_attempts
-        if attempts >= limit:
-            self._move(job, JobState.SENDING, JobState.FAILED,
-                       f"{reason} (send attempt {attempts} of {limit})", send_attempts=attempts)
-            return
-        delay = backoff_seconds(attempts, self.settings.send.backoff_base_seconds,
-                                self.settings.send.backoff_max_seconds)
-        log.warning("send failed, retrying in %.0f s: %s", delay, reason,
-                    extra={"job_id": job.id})
-        self._move(job, JobState.SENDING, JobState.PROCESSED,
-                   f"{reason} (send attempt {attempts} of {limit}; retry in {delay:.0f} s)",
-                   send_attempts=attempts, lease_owner=None, lease_expires_at=None,
-                   available_at=utcnow() + timedelta(seconds=delay))
+        self._retry_or_fail(job, JobState.SENDING, JobState.PROCESSED, "send_attempts",
+                            job.send_attempts + 1, self.settings.send.max_attempts, reason,
+                            "send attempt")
 
     # -- bookkeeping --------------------------------------------------------------------
     def _move(self, job: ClaimedJob, from_state: JobState, to_state: JobState, reason: str,
