@@ -237,7 +237,7 @@ def test_test_time_augmentation(tiny: Path, tta: int) -> None:
 
 
 def test_tta_defaults_and_refusal(tiny: Path) -> None:
-    assert Denoiser.load(tiny, device="cpu").tta == 2
+    assert Denoiser.load(tiny, device="cpu").tta == 1
     with pytest.raises(ValueError, match="tta"):
         Denoiser.load(tiny, device="cpu", tta=3)
 
