@@ -45,6 +45,7 @@ class EvalConfig:
     device: str = "auto"
     threads: int = 0
     figure_level: float = 0.05
+    tta: int | None = None  # None: the Denoiser's default for the device
     holdout: int = 24
     gap: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
@@ -127,10 +128,10 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     models: dict[str, Denoiser] = {}
     if "ours" in cfg.methods:
-        models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device)
+        models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device, tta=cfg.tta)
     if "baseline" in cfg.methods and cfg.baseline:
         try:
-            models["baseline"] = Denoiser.load(cfg.baseline, device=cfg.device)
+            models["baseline"] = Denoiser.load(cfg.baseline, device=cfg.device, tta=cfg.tta)
         except CheckpointNotFoundError as exc:
             echo(f"left out the plain U-Net baseline: {exc}")
     methods = tuple(m for m in cfg.methods if m in ("noisy", "nlm", "bm4d") or m in models)
@@ -184,7 +185,8 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
     summary = summarise(rows)
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "models": {k: {"identity": m.identity, "card_training": m.card.training} for k, m in models.items()},
+        "models": {k: {"identity": m.identity, "tta": m.tta, "device": str(m.device), "card_training": m.card.training}
+                   for k, m in models.items()},
         "tuned": tuned_all,
         "summary": summary,
         "rows": rows,
