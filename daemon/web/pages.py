@@ -40,6 +40,7 @@ from denoised_node.storage.queue import JobState
 log = logging.getLogger(__name__)
 
 View = Callable[..., Response]
+STATIC = {"style.css": "text/css; charset=utf-8", "favicon.svg": "image/svg+xml"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ ROUTES = (
           "image"),
     Route("POST", re.compile(r"/jobs/(?P<job_id>[0-9]{1,18})/replay"), "replay"),
     Route("GET", re.compile(r"/series/(?P<series_uid>[0-9.]{1,64})"), "series"),
-    Route("GET", re.compile(r"/static/style\.css"), "style"),
+    Route("GET", re.compile(r"/static/(?P<name>style\.css|favicon\.svg)"), "static"),
+    Route("GET", re.compile(r"/favicon\.ico"), "favicon"),
 )
 
 
@@ -87,7 +89,8 @@ class StatusPages:
         self.csrf = csrf or CsrfTokens()
         self.clock = clock
         self.env = _environment()
-        self.stylesheet = (files("denoised_node.daemon.web") / "static" / "style.css").read_bytes()
+        folder = files("denoised_node.daemon.web") / "static"
+        self.static_files = {name: (folder / name).read_bytes() for name in STATIC}
 
     # -- dispatch -------------------------------------------------------------------------
     def handle(self, request: Request) -> Response:
@@ -195,8 +198,12 @@ class StatusPages:
                              **{"This series": f"/series/{uid}?job={int(job_id)}",
                                 "Jobs": "/jobs", "Overview": "/"})
 
-    def style(self, request: Request) -> Response:
-        return Response(200, self.stylesheet, "text/css; charset=utf-8", cache="max-age=3600")
+    def static(self, request: Request, name: str) -> Response:
+        return Response(200, self.static_files[name], STATIC[name], cache="max-age=3600")
+
+    def favicon(self, request: Request) -> Response:
+        return Response(200, self.static_files["favicon.svg"], STATIC["favicon.svg"],
+                        cache="max-age=86400")
 
 
 def _int(text: str) -> int | None:
