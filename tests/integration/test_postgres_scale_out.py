@@ -36,7 +36,7 @@ from denoised_node.daemon.scu import SendResult
 from denoised_node.daemon.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.files import STALE_TEMP_SECONDS, FileStore
-from denoised_node.storage.models import Base, Job, JobEvent, Series, utcnow
+from denoised_node.storage.models import Base, Instance, Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
 from denoised_node.storage.schema import check_schema, upgrade
 from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
@@ -158,6 +158,27 @@ def test_migrations_build_the_models_schema_on_postgres(runtime: Runtime) -> Non
     with runtime.engine.connect() as connection:
         differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert differences == []
+
+
+def test_migrations_build_the_models_schema_on_sqlite(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    upgrade(engine)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    engine.dispose()
+    assert differences == []
+
+
+def test_an_instance_of_more_than_2_gib_is_indexed(runtime: Runtime) -> None:
+    with runtime.sessions.begin() as session:
+        series = Series(study_uid="1.2.3", series_uid="1.2.3.4", state="receiving")
+        session.add(series)
+        session.flush()
+        session.add(Instance(series_id=series.id, sop_instance_uid="1.2.3.4.5",
+                             sop_class_uid=MR, transfer_syntax_uid="1.2.840.10008.1.2.1",
+                             path="instances/x.dcm", size_bytes=3 * 2**30, sha256="0" * 64))
+    with runtime.sessions() as session:
+        assert session.scalars(select(Instance.size_bytes)).one() == 3 * 2**30
 
 
 def test_two_processes_creating_the_schema_at_once_both_succeed(postgres_url: str) -> None:  # noqa: F811
