@@ -29,9 +29,9 @@ class CsrfTokens:
     def problem(self, token: str, headers: Mapping[str, str], now: float | None = None) -> str:
         """Why this POST must be refused ("" when it may go on); ``headers`` in lower case."""
         origin = headers.get("origin")
-        if origin and origin != "null":
-            if urlsplit(origin).netloc.lower() != headers.get("host", "").lower():
-                return "the form was sent from another site"
+        if origin and origin != "null" and (
+                urlsplit(origin).netloc.lower() != headers.get("host", "").lower()):
+            return "the form was sent from another site"
         if headers.get("sec-fetch-site") == "cross-site":
             return "the form was sent from another site"
         issued, _, signature = token.partition(".")

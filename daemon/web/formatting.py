@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pydicom.uid import UID
 
@@ -10,7 +10,7 @@ from pydicom.uid import UID
 def when(moment: datetime | None) -> str:
     if moment is None:
         return "-"
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def duration(seconds: float | None) -> str:

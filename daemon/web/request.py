@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, urlsplit
 
 # No scripts, nothing from elsewhere, never inside someone else's frame.
 SECURITY_HEADERS = (
-    ("Content-Security-Policy", "default-src 'none'; img-src 'self'; style-src 'self'; "
-                                "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    ("Content-Security-Policy", ("default-src 'none'; img-src 'self'; style-src 'self'; "
+                                 "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")),
     ("X-Content-Type-Options", "nosniff"),
     ("X-Frame-Options", "DENY"),
     ("Referrer-Policy", "same-origin"),

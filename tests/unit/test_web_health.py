@@ -7,7 +7,7 @@ import json
 import subprocess
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from denoised_node.daemon.admin import EventRow
@@ -16,7 +16,7 @@ from denoised_node.daemon.web import node_health
 from denoised_node.daemon.web.activity import Spread, stage_seconds
 from denoised_node.daemon.web.node_health import SlowChecks, gpu, model_file
 
-T0 = datetime(2024, 3, 15, 10, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)
 
 
 def _event(seconds: float, from_state: str | None, to_state: str) -> EventRow:
