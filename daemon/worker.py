@@ -89,7 +89,11 @@ class Worker:
         self.sessions = sessions
         self.store = store
         self.denoiser = denoiser
-        self.worker_id = worker_id or settings.worker.worker_id or default_worker_id()
+        # A configured worker_id names the host's workers; the pid keeps each process apart
+        # (serve starts several from one config), which lease recovery relies on.
+        configured = settings.worker.worker_id
+        self.worker_id = worker_id or (f"{configured}:{os.getpid()}" if configured
+                                       else default_worker_id())
         self.sender = sender
         # READY=1 and WATCHDOG=1 to $NOTIFY_SOCKET: `serve` listens there (or systemd, for a
         # worker unit of its own); beats come from this loop and from denoising progress.
@@ -135,8 +139,11 @@ class Worker:
         if job.stage == JobState.PROCESSING:
             if not self._process(job):
                 return
-            job = self._start_sending(job)
-            self.current = job
+            sending = self._start_sending(job)
+            self.current = sending
+            if sending is None:
+                return
+            job = sending
         self._send(job)
 
     # -- processing ---------------------------------------------------------------------
@@ -214,13 +221,21 @@ class Worker:
                    available_at=utcnow() + timedelta(seconds=delay), **{counter: attempts})
 
     # -- sending ------------------------------------------------------------------------
-    def _start_sending(self, job: ClaimedJob) -> ClaimedJob:
+    def _start_sending(self, job: ClaimedJob) -> ClaimedJob | None:
+        """Move the processed job on to sending; None if another worker took it meanwhile
+        (this worker's lease was lost)."""
         now = utcnow()
-        with self.sessions.begin() as session:
-            transition(session, job.id, JobState.PROCESSED, JobState.SENDING,
-                       worker=self.worker_id, reason="sending", now=now,
-                       lease_owner=self.worker_id,
-                       lease_expires_at=now + timedelta(seconds=self.settings.worker.lease_seconds))
+        try:
+            with self.sessions.begin() as session:
+                transition(session, job.id, JobState.PROCESSED, JobState.SENDING,
+                           worker=self.worker_id, reason="sending", now=now,
+                           lease_owner=self.worker_id,
+                           lease_expires_at=now + timedelta(
+                               seconds=self.settings.worker.lease_seconds))
+        except StaleState:
+            log.error("job was taken over while in hand (lease lost); not sending it",
+                      extra={"job_id": job.id})
+            return None
         return ClaimedJob(job.id, job.series_id, JobState.SENDING, job.processing_attempts,
                           job.send_attempts, job.worker)
 

@@ -206,3 +206,33 @@ def test_second_stop_returns_the_job_to_the_queue(runtime: Runtime, mr_series) -
     with pytest.raises(StopNow):
         _worker(runtime, Interrupted(), RecordingSender()).run()
     assert _job_states(runtime) == ["queued"]
+
+
+def test_configured_worker_id_gets_the_pid(settings_factory, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from denoised_node.daemon.runtime import open_runtime
+
+    settings = settings_factory(worker__worker_id="gpu-host-a")
+    runtime = open_runtime(settings, initialise_empty=True)
+    worker = Worker(settings, runtime.sessions, runtime.store, fake_denoiser)
+    assert worker.worker_id == f"gpu-host-a:{os.getpid()}"
+
+
+def test_lost_lease_before_sending_drops_the_job_quietly(runtime: Runtime, mr_series,  # type: ignore[no-untyped-def]
+                                                         fake_denoiser, monkeypatch) -> None:
+    from denoised_node.storage.queue import transition as real_transition
+
+    _receive(runtime, mr_series.paths)
+    _complete(runtime)
+    worker = _worker(runtime, fake_denoiser, RecordingSender())
+    original = worker._start_sending
+
+    def taken_over(job):  # type: ignore[no-untyped-def]
+        with runtime.sessions.begin() as session:  # another worker moved it first
+            real_transition(session, job.id, JobState.PROCESSED, JobState.SENDING, worker="other")
+        return original(job)
+
+    monkeypatch.setattr(worker, "_start_sending", taken_over)
+    assert worker.run(burst=True, max_jobs=1) == 1
+    assert _job_states(runtime) == ["sending"]
