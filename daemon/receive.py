@@ -16,9 +16,8 @@ from datetime import datetime
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import select
+from sqlalchemy import Connection, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.status import InstanceTooLarge, SOPClassMismatch, UnreadableDataset
@@ -123,24 +122,36 @@ class Receiver:
         ignored = self._ignored_reason(ds, sop_class)
         digest = hashlib.sha256(data).hexdigest()
 
-        with self.sessions() as session:
-            existing = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-            if existing is not None and existing.sha256 == digest:
-                return Received(existing.series_id, sop_uid, True, existing.ignored_reason)
-
         relative = ""
+        existed = False
         if ignored is None:
-            relative = self.store.write_instance(study_uid, series_uid, sop_uid, data).relative_path
+            relative = self.store.instance_path(study_uid, series_uid, sop_uid)
+            existed = self.store.path(relative).is_file()
+            if existed and self._same_bytes_kept(sop_uid, digest):
+                return self._duplicate(sop_uid)
+            self.store.write_instance(study_uid, series_uid, sop_uid, data)
         else:
             self.store.check_space(0)
         try:
             return self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
                                data, digest, ignored, calling_ae)
         except Exception:
-            # The index row is what makes a file count; without it the file is not kept.
-            if relative and existing is None:
+            # The index row is what makes a file count; without it a new file is not kept.
+            if relative and not existed:
                 self.store.remove(relative)
             raise
+
+    def _same_bytes_kept(self, sop_uid: str, digest: str) -> bool:
+        with self.sessions() as session:
+            kept = session.scalar(select(Instance.sha256).where(
+                Instance.sop_instance_uid == sop_uid))
+        return kept == digest
+
+    def _duplicate(self, sop_uid: str) -> Received:
+        with self.sessions() as session:
+            row = session.execute(select(Instance.series_id, Instance.ignored_reason).where(
+                Instance.sop_instance_uid == sop_uid)).one()
+        return Received(row.series_id, sop_uid, True, row.ignored_reason)
 
     def _ignored_reason(self, ds: Dataset, sop_class: str) -> str | None:
         modality = str(ds.get("Modality", "") or "")
@@ -156,57 +167,68 @@ class Receiver:
     def _index(self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
                relative: str, data: bytes, digest: str, ignored: str | None,
                calling_ae: str) -> Received:
+        """Add or update the instance row and count it in its series, in one transaction.
+        Core statements, not the ORM: this runs once per received image."""
         now = utcnow()
-        size = len(data)
         with self.sessions.begin() as session:
-            series = self._series_for_update(session, ds, study_uid, series_uid, sop_class,
-                                             calling_ae, now)
+            connection = session.connection()
+            series_id = self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
+                                                calling_ae, now)
             if relative and not self.store.path(relative).is_file():
                 # Retention purged the series between our write and our lock: write again.
                 self.store.write_atomic(self.store.path(relative), data)
-            instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
-            if instance is None:
-                instance = Instance(series_id=series.id, sop_instance_uid=sop_uid)
-                session.add(instance)
-                if ignored is None:
-                    series.instance_count += 1
-            instance.sop_class_uid = sop_class
-            instance.transfer_syntax_uid = str(ds.file_meta.TransferSyntaxUID)
-            instance.instance_number = _int_or_none(ds.get("InstanceNumber"))
-            instance.path = relative
-            instance.size_bytes = size
-            instance.sha256 = digest
-            instance.received_at = now
-            instance.ignored_reason = ignored
-            series.revision += 1
-            series.last_received_at = now
-            series.released_at = None
-            if series.state == SeriesState.PURGED:
-                series.state = SeriesState.RECEIVING
-                series.purged_at = None
-            return Received(series.id, sop_uid, False, ignored)
+            existing = connection.execute(
+                select(Instance.id, Instance.sha256, Instance.series_id, Instance.ignored_reason)
+                .where(Instance.sop_instance_uid == sop_uid)).first()
+            if existing is not None and existing.sha256 == digest:
+                return Received(existing.series_id, sop_uid, True, existing.ignored_reason)
+            values = {
+                "sop_class_uid": sop_class,
+                "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
+                "instance_number": _int_or_none(ds.get("InstanceNumber")),
+                "path": relative, "size_bytes": len(data), "sha256": digest,
+                "received_at": now, "ignored_reason": ignored,
+            }
+            added = 0
+            if existing is None:
+                connection.execute(insert(Instance).values(
+                    series_id=series_id, sop_instance_uid=sop_uid, **values))
+                added = int(ignored is None)
+            else:
+                connection.execute(update(Instance).where(Instance.id == existing.id)
+                                   .values(**values))
+            connection.execute(
+                update(Series).where(Series.id == series_id).values(
+                    revision=Series.revision + 1, instance_count=Series.instance_count + added,
+                    last_received_at=now, released_at=None,
+                    state=case((Series.state == SeriesState.PURGED, SeriesState.RECEIVING),
+                               else_=Series.state),
+                    purged_at=case((Series.state == SeriesState.PURGED, None),
+                                   else_=Series.purged_at)))
+            return Received(series_id, sop_uid, False, ignored)
 
-    def _series_for_update(self, session: Session, ds: Dataset, study_uid: str, series_uid: str,
-                           sop_class: str, calling_ae: str, now: datetime) -> Series:
+    def _series_for_update(self, connection: Connection, ds: Dataset, study_uid: str,
+                           series_uid: str, sop_class: str, calling_ae: str,
+                           now: datetime) -> int:
         # The row lock (PostgreSQL; SQLite serialises writers) makes concurrent receivers of
         # one series take turns: no lost revision or instance_count increment, and a
         # resent instance finds the other receiver's row instead of a unique violation.
-        locked = select(Series).where(Series.series_uid == series_uid).with_for_update()
-        series = session.scalar(locked)
-        if series is not None:
-            return series
-        series = Series(study_uid=study_uid, series_uid=series_uid,
-                        modality=str(ds.get("Modality", "") or "")[:16] or None,
-                        sop_class_uid=sop_class, state=SeriesState.RECEIVING,
-                        calling_ae_title=calling_ae[:16], revision=0, queued_revision=0,
-                        instance_count=0, first_received_at=now, last_received_at=now)
+        locked = select(Series.id).where(Series.series_uid == series_uid).with_for_update()
+        series_id = connection.scalar(locked)
+        if series_id is not None:
+            return int(series_id)
         try:
-            with session.begin_nested():
-                session.add(series)
+            with connection.begin_nested():
+                return int(connection.execute(insert(Series).values(
+                    study_uid=study_uid, series_uid=series_uid,
+                    modality=str(ds.get("Modality", "") or "")[:16] or None,
+                    sop_class_uid=sop_class, state=SeriesState.RECEIVING,
+                    calling_ae_title=calling_ae[:16], revision=0, queued_revision=0,
+                    instance_count=0, first_received_at=now, last_received_at=now,
+                ).returning(Series.id)).scalar_one())
         except IntegrityError:
             # Another association created it first (PostgreSQL; SQLite serialises writers).
-            series = session.scalars(locked).one()
-        return series
+            return int(connection.execute(locked).scalar_one())
 
     def mark_released(self, delivered: Counter[int]) -> None:
         """An association released normally: a series whose every instance came in it may
