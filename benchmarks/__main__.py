@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_WORKDIR, Row, format_table, series_folder
+from benchmarks.common import (DEFAULT_WORKDIR, Row, format_table, fsync_latency_ms,
+                               series_folder)
 
 SECTIONS = ("receive", "send", "inference", "e2e")
 
@@ -61,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
 
         rows += end_to_end_rows(args.workdir)
     table = format_table(rows)
+    fsync_ms = fsync_latency_ms(args.workdir / "fsync-probe")
+    load = os.getloadavg()[0]
     header = (f"Machine: {machine()}. {time.strftime('%Y-%m-%d')}, "
-              f"{time.time() - started:.0f} s.")
+              f"{time.time() - started:.0f} s; write+fsync of 128 KiB: {fsync_ms:.2f} ms; "
+              f"load average {load:.1f}.")
     print(header)
     print(table)
     if args.markdown:

@@ -61,3 +61,18 @@ def set_tcp_nodelay(event: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+
+
+def keep_responses_for_the_caller(assoc: Any) -> None:
+    """pynetdicom's association reactor also polls the DIMSE queue (for requests a peer may
+    send us) and, in a race with send_c_store's pause, sometimes takes the C-STORE response:
+    the send then waits out its timeout and the PACS aborts ("Received unexpected C-STORE
+    service message"; about one send in eight here). Our SCU associations never serve
+    requests, so the reactor's non-blocking polls see an empty queue; the blocking waits of
+    send_c_store and send_c_echo still get every message."""
+    get_msg = assoc.dimse.get_msg
+
+    def responses_only(block: bool = False) -> Any:
+        return get_msg(block=True) if block else (None, None)
+
+    assoc.dimse.get_msg = responses_only

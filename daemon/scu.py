@@ -14,7 +14,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.network import make_ae, set_tcp_nodelay
+from denoised_node.daemon.network import keep_responses_for_the_caller, make_ae, set_tcp_nodelay
 from denoised_node.daemon.tls import client_tls_args
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def _associate(ae: Any, settings: Settings, destination: Destination) -> Any:
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
                          tls_args=client_tls_args(settings.tls, destination))
     if assoc.is_established:
+        keep_responses_for_the_caller(assoc)
         return assoc
     if assoc.is_rejected:
         raise SendError(f"{_where(destination)}: association rejected")

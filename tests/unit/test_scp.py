@@ -13,6 +13,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
+from denoised_node.daemon.network import keep_responses_for_the_caller
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.daemon.scp import start_scp
@@ -33,7 +34,10 @@ def _associate(port: int, contexts: list[Any], calling: str = "MOD", called: str
     ae = AE(ae_title=calling)
     for context in contexts:
         ae.add_requested_context(context)
-    return ae.associate("127.0.0.1", port, ae_title=called)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called)
+    if assoc.is_established:
+        keep_responses_for_the_caller(assoc)  # pynetdicom's response race (see network.py)
+    return assoc
 
 
 def test_echo(node) -> None:  # type: ignore[no-untyped-def]

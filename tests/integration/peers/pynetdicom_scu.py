@@ -9,6 +9,8 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 
+from denoised_node.daemon.network import keep_responses_for_the_caller
+
 NO_ANSWER = -1  # the association was aborted or the peer did not answer
 
 
@@ -33,6 +35,8 @@ def send_files(
     assoc = ae.associate(host, port, ae_title=called)
     if not assoc.is_established:
         raise ConnectionError(f"association to {called}@{host}:{port} was not established")
+    # The node's own workaround for pynetdicom's reactor taking C-STORE responses.
+    keep_responses_for_the_caller(assoc)
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     statuses: list[int] = []
