@@ -27,23 +27,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections of {', '.join(SECTIONS)}")
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
-    parser.add_argument("--slices", type=int, default=500, help="series size for receive/send")
-    parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda, auto")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    args = parser.parse_args(argv)
-    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(chosen) - set(SECTIONS))
-    if unknown:
-        parser.error(f"unknown section(s): {', '.join(unknown)}")
-    os.environ.setdefault("TCP_NODELAY", "1")
-
-    rows: list[Row] = []
-    started = time.time()
+def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) -> None:
     if "receive" in chosen or "send" in chosen:
         from benchmarks.dicom_io import receive_rows, send_rows, tool_versions
 
@@ -61,6 +45,29 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.end_to_end import end_to_end_rows
 
         rows += end_to_end_rows(args.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--slices", type=int, default=500, help="series size for receive/send")
+    parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda, auto")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(unknown)}")
+    os.environ.setdefault("TCP_NODELAY", "1")
+
+    rows: list[Row] = []
+    started = time.time()
+    try:
+        _run_sections(args, chosen, rows)
+    except Exception as exc:  # noqa: BLE001 - still print what was measured before
+        print(f"benchmark stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
     table = format_table(rows)
     fsync_ms = fsync_latency_ms(args.workdir / "fsync-probe")
     load = os.getloadavg()[0]

@@ -44,6 +44,14 @@ def _stages(database: Path, series_uid: str) -> dict[str, float]:
     }
 
 
+def _job_done(database: Path, series_uid: str) -> bool:
+    with sqlite3.connect(database) as db:
+        row = db.execute("SELECT j.state FROM jobs j JOIN series s ON s.id = j.series_id "
+                         "WHERE s.series_uid = ? ORDER BY j.id DESC LIMIT 1",
+                         (series_uid,)).fetchone()
+    return row is not None and row[0] == "done"
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -68,6 +76,8 @@ def _one_series(node: Node, orthanc: Orthanc, folder: Path, database: Path) -> d
                            for s in orthanc.find_series(str(source.StudyInstanceUID))),
                timeout=1800, interval=0.05, what="the derived series in Orthanc")
     stored = time.time()
+    wait_until(lambda: _job_done(database, str(source.SeriesInstanceUID)), timeout=120,
+               interval=0.1, what="the job to be recorded done")
     stages = _stages(database, str(source.SeriesInstanceUID))
     stages["end to end"] = stored - stages.pop("received")
     return stages

@@ -31,7 +31,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from denoised_node.storage.files import write_atomic
+from denoised_node.storage.files import sync_filesystem, write_atomic
 from denoised_node.storage.series import (
     ENHANCED_MR_IMAGE_STORAGE,
     MULTIFRAME_MR_SOP_CLASSES,
@@ -153,6 +153,9 @@ class DerivedSeriesWriter:
         if incomplete:
             raise SeriesError(f"multi-frame objects with frames missing: {', '.join(incomplete)}")
         self._pending.clear()
+        # Files are written without fsync; one flush here makes the whole series durable
+        # before the job is marked processed (a crash before that reprocesses the series).
+        sync_filesystem(self.out_dir)
         return list(self.written)
 
     def _write_classic(self, ref: SliceRef, image: np.ndarray) -> None:
@@ -194,7 +197,7 @@ class DerivedSeriesWriter:
         ds.save_as(buffer, enforce_file_format=True,
                    implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
         target = self.out_dir / f"{ds.SOPInstanceUID}.dcm"
-        write_atomic(target, buffer.getvalue())
+        write_atomic(target, buffer.getvalue(), durable=False)
         self.written.append(target)
         log.debug("derived instance written", extra={"source_sop": source_sop_uid})
 

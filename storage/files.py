@@ -9,6 +9,8 @@ Layout under the data dir:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -19,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +139,11 @@ def _temp_prefix() -> str:
     return f"{socket.gethostname()}{_HOST_MARK}"
 
 
-def write_atomic(target: Path, data: bytes, temp_dir: Path | None = None) -> None:
+def write_atomic(target: Path, data: bytes, temp_dir: Path | None = None, *,
+                 durable: bool = True) -> None:
     """Write to a temp file, fsync it, rename it into place and fsync the folder, so a
-    reader (or a crash) sees either the whole file or none of it."""
+    reader (or a crash) sees either the whole file or none of it. ``durable=False`` skips
+    both fsyncs for a caller that flushes a whole batch at once with ``sync_filesystem``."""
     _make_dirs_durable(target.parent)
     fd, temp_name = tempfile.mkstemp(dir=temp_dir or target.parent, prefix=_temp_prefix(),
                                      suffix=".part")
@@ -148,7 +153,8 @@ def write_atomic(target: Path, data: bytes, temp_dir: Path | None = None) -> Non
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp_name, target)
@@ -157,7 +163,30 @@ def write_atomic(target: Path, data: bytes, temp_dir: Path | None = None) -> Non
         if exc.errno == errno.ENOSPC:
             raise OutOfSpace(f"disk full while writing {target.name}") from exc
         raise
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
+
+
+def sync_filesystem(folder: Path) -> None:
+    """Flush every write of the file system holding ``folder`` (syncfs(2)): one flush for a
+    batch of files instead of two fsyncs per file."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _LIBC is not None and _LIBC.syncfs(fd) == 0:
+            return
+        os.sync()
+    finally:
+        os.close(fd)
+
+
+def _load_libc() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _make_dirs_durable(folder: Path) -> None:
