@@ -81,6 +81,28 @@ def _into_storescp(series: Path, workdir: Path, folders: list[Path] | None) -> f
         scp.stop()
 
 
+def _into_bare_pynetdicom(series: Path, workdir: Path, folders: list[Path] | None) -> float:
+    """pynetdicom with the node's network knobs and a handler that keeps nothing: the
+    ceiling of any pynetdicom-based receiver on this machine."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+    from denoised_node.config.settings import load_settings
+    from denoised_node.daemon.network import make_ae, set_tcp_nodelay
+
+    ae = make_ae(load_settings(None, environ={}), "BARE")
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    port = free_port()
+    handlers = [(evt.EVT_CONN_OPEN, set_tcp_nodelay),
+                (evt.EVT_C_STORE, lambda event: (event.encoded_dataset(), 0)[1])]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    try:
+        count = len(list(series.glob("*.dcm")))
+        return count / timed(lambda: _send_parallel(folders or [series], port, "BARE"))
+    finally:
+        server.shutdown()
+
+
 def receive_rows(series: Path, workdir: Path) -> list[Row]:
     count = len(list(series.glob("*.dcm")))
     rows = []
@@ -89,9 +111,11 @@ def receive_rows(series: Path, workdir: Path) -> list[Row]:
         node = _into_node(series, workdir / "node", folders)
         orthanc = _into_orthanc(series, workdir / "orthanc", folders)
         storescp = _into_storescp(series, workdir / "storescp", folders)
+        bare = _into_bare_pynetdicom(series, workdir, folders)
         rows.append(Row(SECTION, f"{count} x 256x256, {label}", node, "img/s",
-                        {"Orthanc": orthanc, "storescp": storescp},
-                        "node: fsync + index; Orthanc: index, no fsync; storescp: files only"))
+                        {"Orthanc": orthanc, "storescp": storescp, "bare pynetdicom": bare},
+                        "node: fsync + index; Orthanc: index, no fsync; storescp: files "
+                        "only; bare pynetdicom: keeps nothing"))
     return rows
 
 

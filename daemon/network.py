@@ -15,9 +15,9 @@ from denoised_node.config.settings import Settings
 
 # pynetdicom's two reactor threads poll: the DUL sleeps 1 ms whenever its event queue is
 # empty, the association's loop sleeps 1 ms every pass. A C-STORE waits on both, so those
-# naps, not the work, bound one association to about 250 images/s. Shorter naps (0.1 ms)
+# naps, not the work, bound one association to about 250 images/s. Shorter naps (0.2 ms)
 # gave +35 % images/s on this project's benchmark for a few % of a core per open association.
-REACTOR_NAP_SECONDS = 0.0001
+REACTOR_NAP_SECONDS = 0.0002
 
 
 class _ShortNaps(ModuleType):

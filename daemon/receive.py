@@ -16,7 +16,7 @@ from datetime import datetime
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Connection, case, insert, select, update
+from sqlalchemy import Connection, Engine, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from denoised_node.config.settings import Settings
@@ -103,6 +103,8 @@ class Receiver:
         self.sessions = sessions
         self.settings = settings
         self.max_bytes = settings.node.max_instance_mb * 2**20
+        # The per-image index update runs on a plain connection: no ORM session to build.
+        self.engine: Engine = sessions.kw["bind"]
 
     def receive(self, data: bytes, context_sop_class: str | None, calling_ae: str) -> Received:
         if len(data) > self.max_bytes:
@@ -170,8 +172,7 @@ class Receiver:
         """Add or update the instance row and count it in its series, in one transaction.
         Core statements, not the ORM: this runs once per received image."""
         now = utcnow()
-        with self.sessions.begin() as session:
-            connection = session.connection()
+        with self.engine.begin() as connection:
             series_id = self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
                                                 calling_ae, now)
             if relative and not self.store.path(relative).is_file():
