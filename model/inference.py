@@ -130,33 +130,51 @@ def denoise_volume(
     squeeze = np.asarray(volume).ndim == 2
     device = device or next(net.parameters()).device
     scale = robust_scale(vol)
-    vol_n = vol / scale
-    t_all = slice_timesteps(vol_n, schedule)
-    padded, hw = _pad_to(vol_n, net.multiple)
-    n = padded.shape[0]
-    out = np.empty_like(padded)
     use_amp = amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     if net.spatial_dims == 2:
-        half = net.in_slices // 2
-        offsets = np.arange(-half, half + 1)
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(n, start + batch_size))
-            nb = np.clip(idx[:, None] + offsets[None, :], 0, n - 1)
-            x = torch.from_numpy(np.ascontiguousarray(padded[nb])).to(device)
-            t = torch.from_numpy(t_all[idx]).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                y = _run_tta(net, x, t, tta)
-            out[idx] = y[:, 0].cpu().numpy()
-            if progress is not None:
-                progress(int(idx[-1]) + 1, n)
+        # Normalised and padded batch by batch, into one output array: besides the caller's
+        # volume, memory holds one copy of it however long the series.
+        t_all = schedule.timestep(np.array([estimate_sigma(s / scale) for s in vol],
+                                           dtype=np.float32))
+        result = _denoise_2d(net, vol, scale, t_all, batch_size, device, use_amp, amp_dtype,
+                             progress, tta)
     else:
+        vol_n = vol / scale
+        t_all = slice_timesteps(vol_n, schedule)
+        padded, hw = _pad_to(vol_n, net.multiple)
+        del vol_n
         out = _denoise_3d(net, padded, t_all, device, use_amp, amp_dtype, progress, tta)
-    result = _crop(out, hw) * scale
+        result = np.ascontiguousarray(_crop(out, hw))
+        del padded, out
+    result *= scale
     if vol.min() >= 0:
         np.maximum(result, 0.0, out=result)
     result = result.astype(np.float32, copy=False)
     return result[0] if squeeze else result
+
+
+def _denoise_2d(net: DenoiseNet, vol: np.ndarray, scale: float, t_all: np.ndarray,
+                batch_size: int, device: torch.device, use_amp: bool, amp_dtype: torch.dtype,
+                progress: Progress | None, tta: int) -> np.ndarray:
+    """2.5D: each slice with its neighbours as channels (edges repeated), batch by batch.
+    Returns the normalised output; the caller scales it back."""
+    n = vol.shape[0]
+    out = np.empty_like(vol)
+    half = net.in_slices // 2
+    offsets = np.arange(-half, half + 1)
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, min(n, start + batch_size))
+        nb = np.clip(idx[:, None] + offsets[None, :], 0, n - 1)
+        batch, hw = _pad_to(vol[nb] / scale, net.multiple)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+        t = torch.from_numpy(t_all[idx]).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            y = _run_tta(net, x, t, tta)
+        out[idx] = _crop(y[:, 0].float().cpu().numpy(), hw)
+        if progress is not None:
+            progress(int(idx[-1]) + 1, n)
+    return out
 
 
 def _denoise_3d(
