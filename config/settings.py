@@ -132,6 +132,8 @@ class ModelSettings(_Section):
     batch_size: int = Field(default=8, ge=1)
     amp: bool = True
     threads: int = Field(default=0, ge=0)  # 0: torch's default
+    # Passes averaged per slice (flips/rotations): None = 1 on a CPU (speed), 8 on a GPU.
+    tta: Literal[1, 2, 4, 8] | None = None
 
     @field_validator("device")
     @classmethod

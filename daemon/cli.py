@@ -126,8 +126,7 @@ def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
     _setup_logging(settings)
     runtime = _runtime(settings)
     model = settings.model
-    denoiser = Denoiser.load(checkpoint=model.checkpoint, device=model.device,
-                             batch_size=model.batch_size, amp=model.amp, threads=model.threads)
+    denoiser = Denoiser.from_settings(model)
     node_worker = Worker(settings, runtime.sessions, runtime.store, denoiser)
     handler = stop_handler(node_worker)
     signal.signal(signal.SIGTERM, handler)

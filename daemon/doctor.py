@@ -40,8 +40,7 @@ def _model(settings: Settings) -> Check:
     from denoised_node.model.inference import Denoiser
 
     try:
-        denoiser = Denoiser.load(checkpoint=settings.model.checkpoint, device=settings.model.device,
-                                 batch_size=settings.model.batch_size, amp=settings.model.amp)
+        denoiser = Denoiser.from_settings(settings.model)
     except ModelError as exc:
         return Check("model", False, str(exc),
                      "set model.checkpoint to a checkpoint made by `denoised-node train`, "

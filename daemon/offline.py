@@ -31,8 +31,7 @@ def _load_denoiser(settings: Settings):  # type: ignore[no-untyped-def]
     from denoised_node.model.inference import Denoiser
 
     model = settings.model
-    return Denoiser.load(checkpoint=model.checkpoint, device=model.device,
-                         batch_size=model.batch_size, amp=model.amp, threads=model.threads)
+    return Denoiser.from_settings(model)
 
 
 def is_nifti(path: Path) -> bool:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from denoised_node.config.settings import ModelSettings
+
 from .checkpoint import ModelCard, read_checkpoint
 from .errors import CheckpointMismatchError, DeviceUnavailableError, InputVolumeError
 from .network import DenoiseNet, build_network
@@ -260,6 +262,13 @@ class Denoiser:
         if tta not in TTA_CHOICES:
             raise ValueError(f"tta must be one of {TTA_CHOICES}, not {tta}")
         return cls(card=card, net=net, schedule=schedule, device=dev, batch_size=batch_size, amp=amp, path=path, tta=tta)
+
+    @classmethod
+    def from_settings(cls, model: ModelSettings) -> Denoiser:
+        """Load as the `[model]` section of the node's config says."""
+        return cls.load(checkpoint=model.checkpoint, device=model.device,
+                        batch_size=model.batch_size, amp=model.amp, threads=model.threads,
+                        tta=model.tta)
 
     @property
     def identity(self) -> str:
