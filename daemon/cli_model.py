@@ -46,11 +46,15 @@ def _command_line(name: str) -> str:
 @click.option("--holdout", type=int, default=24, show_default=True, help="Central test slab never trained on (slices).")
 @click.option("--gap", type=int, default=8, show_default=True, help="Slices either side of the slab, also never trained on.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last state.")
+@click.option("--init-from", default=None, metavar="CHECKPOINT",
+              help="Fine-tune: start from these weights ('default' = the shipped model) with a fresh schedule.")
+@click.option("--warmup", type=int, default=300, show_default=True, help="Warm-up steps before the cosine decay.")
 def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
                   pairs: tuple[tuple[str, str], ...], steps: int, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
-                  val_every: int, holdout: int, gap: int, resume: bool) -> None:
+                  val_every: int, holdout: int, gap: int, resume: bool, init_from: str | None, warmup: int) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
+    from denoised_node.model.errors import ModelError
     from denoised_node.model.train import TrainConfig, setup_run_logging, train
 
     run = Path(run_dir)
@@ -59,11 +63,11 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
         run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
         volumes=list(volumes) or ["mni152-t1"], pairs=[tuple(p) for p in pairs], steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
         threads=threads, device=device, val_every=val_every, holdout=holdout, gap=gap,
-        command=_command_line("train"),
+        command=_command_line("train"), init_from=init_from, warmup=warmup,
     )
     try:
         best = train(cfg, resume=resume)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (FileExistsError, FileNotFoundError, ValueError, ModelError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"best checkpoint: {best}")
 

@@ -71,6 +71,7 @@ class TrainConfig:
     arch: dict[str, Any] | None = None  # overrides default_config(kind)
     log_every: int = 25
     command: str = ""
+    init_from: str | None = None  # start from these weights (fine-tuning), with a fresh schedule
 
 
 def _load_volumes(specs: list[str]) -> list[np.ndarray]:
@@ -161,6 +162,17 @@ def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, r
     )
 
 
+def _initial_weights(path: str, kind: str) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """Read a checkpoint to fine-tune from; it must be of the kind being trained."""
+    from .checkpoint import read_checkpoint
+    from .inference import resolve_checkpoint
+
+    card, tensors = read_checkpoint(resolve_checkpoint(path))
+    if card.architecture.get("kind") != kind:
+        raise ValueError(f"{path} holds a {card.architecture.get('kind')} model; this run trains {kind}")
+    return card, tensors
+
+
 def _rng_state(rng: np.random.Generator) -> str:
     return json.dumps(rng.bit_generator.state)
 
@@ -174,7 +186,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
-    arch = cfg.arch or default_config(cfg.kind)
+    start = _initial_weights(cfg.init_from, cfg.kind) if cfg.init_from and not resume else None
+    arch = cfg.arch or (start[0].architecture if start else default_config(cfg.kind))
     schedule = NoiseSchedule()
     in_slices = int(arch.get("in_slices", 1))
     if cfg.pairs:  # real noisy/clean pairs: the noise is what the scanner made
@@ -199,6 +212,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     net = build_network(arch).to(device)
     ema = build_network(arch).to(device)
+    if start:
+        net.load_state_dict({k: v.float() for k, v in start[1].items()})
+        logger.info("starting from %s (%s)", cfg.init_from, start[0].identity)
     ema.load_state_dict(net.state_dict())
     ema.eval()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)

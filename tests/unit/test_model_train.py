@@ -80,3 +80,22 @@ def test_train_cli_on_a_real_pair(tmp_path: Path, volume: Path) -> None:
     assert card.training["commands"][0].startswith("denoised-node train")
     again = CliRunner().invoke(train_command, args)
     assert again.exit_code != 0 and "--resume" in again.output
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path) -> None:
+    from denoised_node.model.checkpoint import read_checkpoint
+
+    base = TrainConfig(run_dir=tmp_path / "base", name="tiny", volumes=[str(volume)], steps=2, batch_size=2, patch=32,
+                       warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), arch=TINY, threads=1)
+    start = train(base)
+    # lr 0: the fine-tuned run must export exactly the weights it started from, with their architecture
+    tuned = TrainConfig(run_dir=tmp_path / "tuned", name="tiny", volumes=[str(volume)], steps=2, batch_size=2, patch=32,
+                        lr=0.0, warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), threads=1, init_from=str(start))
+    out = train(tuned)
+    (card_a, a), (card_b, b) = read_checkpoint(start), read_checkpoint(out)
+    assert card_b.architecture == TINY
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+    wrong = TrainConfig(run_dir=tmp_path / "wrong", kind="basic_unet", volumes=[str(volume)], steps=1, init_from=str(start))
+    with pytest.raises(ValueError, match="diffusion_unet"):
+        train(wrong)
