@@ -64,10 +64,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[Row] = []
     started = time.time()
+    failed = False
     try:
         _run_sections(args, chosen, rows)
     except Exception as exc:  # noqa: BLE001 - still print what was measured before
         print(f"benchmark stopped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        failed = True
     table = format_table(rows)
     fsync_ms = fsync_latency_ms(args.workdir / "fsync-probe")
     load = os.getloadavg()[0]
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.markdown:
         args.markdown.write_text(header + "\n\n" + table + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ def _worker_pids(node: Node) -> list[int]:
     return [int(p) for p in children.read_text().split()] if children.exists() else []
 
 
+def _worker_peak_mb(node: Node) -> float:
+    return max((_peak_rss_mb(p) for p in _worker_pids(node)), default=float("nan"))
+
+
 def _one_series(node: Node, orthanc: Orthanc, folder: Path, database: Path) -> dict[str, float]:
     import pydicom
 
@@ -93,6 +97,9 @@ def end_to_end_rows(workdir: Path, sizes: tuple[int, ...] = (32, 128, 512)) -> l
     wait_until(lambda: "worker started" in node.process.log.read_text(), timeout=120,
                what="the worker's model")
     rows = []
+    # VmHWM only grows: read after the model loads and after each (larger) series, it shows
+    # what each series size adds to the worker's peak.
+    worker_peaks = [("model loaded, idle", _worker_peak_mb(node))]
     try:
         for seed, slices in enumerate(sizes, start=20):
             folder = series_folder(workdir, slices, seed=seed)
@@ -102,11 +109,11 @@ def end_to_end_rows(workdir: Path, sizes: tuple[int, ...] = (32, 128, 512)) -> l
             rows.append(Row(SECTION, f"{slices} slices 256x256: last instance in -> "
                             "derived series stored in Orthanc", stages["end to end"], "s",
                             note=f"node's own overhead {own:.2f} s; {detail}"))
+            worker_peaks.append((f"after {slices} slices", _worker_peak_mb(node)))
         serve_mb = _peak_rss_mb(node.process.pid)
-        worker_mb = max((_peak_rss_mb(p) for p in _worker_pids(node)), default=float("nan"))
         rows.append(Row("memory", f"peak RSS of serve after {max(sizes)} slices", serve_mb, "MiB"))
-        rows.append(Row("memory", f"peak RSS of the worker after {max(sizes)} slices",
-                        worker_mb, "MiB"))
+        for label, peak in worker_peaks:
+            rows.append(Row("memory", f"peak RSS of the worker, {label}", peak, "MiB"))
     finally:
         node.process.stop(timeout=60)
         orthanc.stop()
