@@ -165,17 +165,32 @@ def _denoise_2d(net: DenoiseNet, vol: np.ndarray, scale: float, t_all: np.ndarra
     out = np.empty_like(vol)
     half = net.in_slices // 2
     offsets = np.arange(-half, half + 1)
+    on_gpu = device.type == "cuda"
+
+    def collect(idx: np.ndarray, y: torch.Tensor, hw: tuple[int, int]) -> None:
+        out[idx] = _crop(y[:, 0].float().cpu().numpy(), hw)  # waits for this batch only
+        if progress is not None:
+            progress(int(idx[-1]) + 1, n)
+
+    # CUDA kernels run asynchronously: batch k is queued before batch k-1 is copied back and
+    # batch k+1 is built, so the GPU computes while the CPU slices, pads and copies.
+    pending: tuple[np.ndarray, torch.Tensor, tuple[int, int]] | None = None
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
         nb = np.clip(idx[:, None] + offsets[None, :], 0, n - 1)
         batch, hw = _pad_to(vol[nb] / scale, net.multiple)
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if on_gpu:
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=on_gpu)
         t = torch.from_numpy(t_all[idx]).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             y = _run_tta(net, x, t, tta)
-        out[idx] = _crop(y[:, 0].float().cpu().numpy(), hw)
-        if progress is not None:
-            progress(int(idx[-1]) + 1, n)
+        if pending is not None:
+            collect(*pending)
+        pending = (idx, y, hw)
+    if pending is not None:
+        collect(*pending)
     return out
 
 
