@@ -99,7 +99,7 @@ def end_to_end_rows(workdir: Path, sizes: tuple[int, ...] = (32, 128, 512)) -> l
     rows = []
     # VmHWM only grows: read after the model loads and after each (larger) series, it shows
     # what each series size adds to the worker's peak.
-    worker_peaks = [("model loaded, idle", _worker_peak_mb(node))]
+    peaks = [("model loaded, idle", _peak_rss_mb(node.process.pid), _worker_peak_mb(node))]
     try:
         for seed, slices in enumerate(sizes, start=20):
             folder = series_folder(workdir, slices, seed=seed)
@@ -109,11 +109,11 @@ def end_to_end_rows(workdir: Path, sizes: tuple[int, ...] = (32, 128, 512)) -> l
             rows.append(Row(SECTION, f"{slices} slices 256x256: last instance in -> "
                             "derived series stored in Orthanc", stages["end to end"], "s",
                             note=f"node's own overhead {own:.2f} s; {detail}"))
-            worker_peaks.append((f"after {slices} slices", _worker_peak_mb(node)))
-        serve_mb = _peak_rss_mb(node.process.pid)
-        rows.append(Row("memory", f"peak RSS of serve after {max(sizes)} slices", serve_mb, "MiB"))
-        for label, peak in worker_peaks:
-            rows.append(Row("memory", f"peak RSS of the worker, {label}", peak, "MiB"))
+            peaks.append((f"after {slices} slices", _peak_rss_mb(node.process.pid),
+                          _worker_peak_mb(node)))
+        for label, serve_mb, worker_mb in peaks:
+            rows.append(Row("memory", f"peak RSS, {label}: serve", serve_mb, "MiB"))
+            rows.append(Row("memory", f"peak RSS, {label}: worker", worker_mb, "MiB"))
     finally:
         node.process.stop(timeout=60)
         orthanc.stop()
