@@ -162,6 +162,12 @@ def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, r
     )
 
 
+def initial_lineage(card: ModelCard) -> dict[str, Any]:
+    """What a fine-tuned card says of the checkpoint it started from."""
+    keys = ("steps", "wall_seconds", "commands", "machine", "initialised_from")
+    return {"identity": card.identity, **{k: card.training[k] for k in keys if k in card.training}}
+
+
 def _initial_weights(path: str, kind: str) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Read a checkpoint to fine-tune from; it must be of the kind being trained."""
     from .checkpoint import read_checkpoint
@@ -256,6 +262,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     def export(path: Path, metrics: dict[str, Any]) -> None:
         record = {"steps": step, "wall_seconds": round(wall), "parameters": count_parameters(ema),
                   "commands": commands}
+        if start:  # fine-tuned: keep the lineage of the weights it started from
+            record["initialised_from"] = initial_lineage(start[0])
         write_checkpoint(path, {k: v for k, v in ema.state_dict().items()}, make_card(cfg, arch, schedule, record, metrics))
 
     stop = _StopFlag()

@@ -94,6 +94,8 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path)
     out = train(tuned)
     (card_a, a), (card_b, b) = read_checkpoint(start), read_checkpoint(out)
     assert card_b.architecture == TINY
+    assert card_b.training["initialised_from"]["identity"] == card_a.identity
+    assert card_b.training["initialised_from"]["steps"] == 2
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
     wrong = TrainConfig(run_dir=tmp_path / "wrong", kind="basic_unet", volumes=[str(volume)], steps=1, init_from=str(start))
