@@ -16,7 +16,7 @@ from datetime import datetime
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from sqlalchemy import Connection, Engine, case, insert, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from denoised_node.config.settings import Settings
@@ -93,6 +93,22 @@ def _check_pixel_data_length(ds: Dataset) -> None:
     if len(ds.PixelData) < expected:
         raise UnreadableDataset(
             f"pixel data holds {len(ds.PixelData)} bytes, the image needs {expected}")
+
+
+# The per-image statements, built once: building them per call cost more than running them.
+_SERIES_LOCKED = (select(Series.id).where(Series.series_uid == bindparam("series_uid"))
+                  .with_for_update())
+_INSTANCE_BY_UID = (select(Instance.id, Instance.sha256, Instance.series_id,
+                           Instance.ignored_reason)
+                    .where(Instance.sop_instance_uid == bindparam("sop_uid")))
+_INSERT_INSTANCE = insert(Instance)
+_UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("row_id"))
+_COUNT_IN_SERIES = update(Series).where(Series.id == bindparam("row_id")).values(
+    revision=Series.revision + 1,
+    instance_count=Series.instance_count + bindparam("added", type_=Series.instance_count.type),
+    last_received_at=bindparam("now", type_=Series.last_received_at.type), released_at=None,
+    state=case((Series.state == SeriesState.PURGED, SeriesState.RECEIVING), else_=Series.state),
+    purged_at=case((Series.state == SeriesState.PURGED, None), else_=Series.purged_at))
 
 
 class Receiver:
@@ -178,9 +194,7 @@ class Receiver:
             if relative and not self.store.path(relative).is_file():
                 # Retention purged the series between our write and our lock: write again.
                 self.store.write_atomic(self.store.path(relative), data)
-            existing = connection.execute(
-                select(Instance.id, Instance.sha256, Instance.series_id, Instance.ignored_reason)
-                .where(Instance.sop_instance_uid == sop_uid)).first()
+            existing = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
             if existing is not None and existing.sha256 == digest:
                 return Received(existing.series_id, sop_uid, True, existing.ignored_reason)
             values = {
@@ -192,20 +206,12 @@ class Receiver:
             }
             added = 0
             if existing is None:
-                connection.execute(insert(Instance).values(
-                    series_id=series_id, sop_instance_uid=sop_uid, **values))
+                connection.execute(_INSERT_INSTANCE, {
+                    "series_id": series_id, "sop_instance_uid": sop_uid, **values})
                 added = int(ignored is None)
             else:
-                connection.execute(update(Instance).where(Instance.id == existing.id)
-                                   .values(**values))
-            connection.execute(
-                update(Series).where(Series.id == series_id).values(
-                    revision=Series.revision + 1, instance_count=Series.instance_count + added,
-                    last_received_at=now, released_at=None,
-                    state=case((Series.state == SeriesState.PURGED, SeriesState.RECEIVING),
-                               else_=Series.state),
-                    purged_at=case((Series.state == SeriesState.PURGED, None),
-                                   else_=Series.purged_at)))
+                connection.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
+            connection.execute(_COUNT_IN_SERIES, {"row_id": series_id, "added": added, "now": now})
             return Received(series_id, sop_uid, False, ignored)
 
     def _series_for_update(self, connection: Connection, ds: Dataset, study_uid: str,
@@ -214,8 +220,7 @@ class Receiver:
         # The row lock (PostgreSQL; SQLite serialises writers) makes concurrent receivers of
         # one series take turns: no lost revision or instance_count increment, and a
         # resent instance finds the other receiver's row instead of a unique violation.
-        locked = select(Series.id).where(Series.series_uid == series_uid).with_for_update()
-        series_id = connection.scalar(locked)
+        series_id = connection.scalar(_SERIES_LOCKED, {"series_uid": series_uid})
         if series_id is not None:
             return int(series_id)
         try:
@@ -229,7 +234,7 @@ class Receiver:
                 ).returning(Series.id)).scalar_one())
         except IntegrityError:
             # Another association created it first (PostgreSQL; SQLite serialises writers).
-            return int(connection.execute(locked).scalar_one())
+            return int(connection.execute(_SERIES_LOCKED, {"series_uid": series_uid}).scalar_one())
 
     def mark_released(self, delivered: Counter[int]) -> None:
         """An association released normally: a series whose every instance came in it may
