@@ -192,7 +192,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
-    start = _initial_weights(cfg.init_from, cfg.kind) if cfg.init_from and not resume else None
+    # Read on resume too: the architecture and the lineage come from its card.
+    start = _initial_weights(cfg.init_from, cfg.kind) if cfg.init_from else None
     arch = cfg.arch or (start[0].architecture if start else default_config(cfg.kind))
     schedule = NoiseSchedule()
     in_slices = int(arch.get("in_slices", 1))
@@ -218,7 +219,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     net = build_network(arch).to(device)
     ema = build_network(arch).to(device)
-    if start:
+    if start and not (resume and (run / "state.pt").exists()):
         net.load_state_dict({k: v.float() for k, v in start[1].items()})
         logger.info("starting from %s (%s)", cfg.init_from, start[0].identity)
     ema.load_state_dict(net.state_dict())

@@ -98,6 +98,12 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path)
     assert card_b.training["initialised_from"]["steps"] == 2
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
+    # resumed, it keeps its own weights and still records where they started
+    tuned.steps, tuned.lr = 4, 1e-3
+    train(tuned, resume=True)
+    card_c, _ = read_checkpoint(tmp_path / "tuned" / "last.safetensors")
+    assert card_c.training["steps"] == 4 and card_c.training["initialised_from"]["identity"] == card_a.identity
+
     wrong = TrainConfig(run_dir=tmp_path / "wrong", kind="basic_unet", volumes=[str(volume)], steps=1, init_from=str(start))
     with pytest.raises(ValueError, match="diffusion_unet"):
         train(wrong)
