@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.peers.tools import free_port, in_ci
+from tests.integration.peers.tools import free_port, skip_or_fail
 
 SERVER_USER = "nobody"  # who runs the server when the tests run as root
 _SEARCH = ("/usr/lib/postgresql/*/bin", "/usr/local/pgsql/bin", "/usr/pgsql-*/bin")
@@ -64,11 +64,8 @@ def missing_reason() -> str | None:
 def require_postgres() -> None:
     """Skip (outside CI) or fail (in CI) when PostgreSQL cannot run here."""
     reason = missing_reason()
-    if reason is None:
-        return
-    if in_ci():
-        pytest.fail(f"{reason}; CI must run the PostgreSQL tests", pytrace=False)
-    pytest.skip(reason)
+    if reason is not None:
+        skip_or_fail(reason, "CI must run the PostgreSQL tests")
 
 
 @dataclass

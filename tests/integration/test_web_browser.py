@@ -28,9 +28,9 @@ from tests.integration.peers import (
     Orthanc,
     echoscu,
     free_port,
-    in_ci,
     nodelay_env,
     require_tool,
+    skip_or_fail,
     start_orthanc,
     storescu,
     wait_until,
@@ -47,12 +47,6 @@ SCREENSHOTS = os.environ.get("STATUS_PAGE_SCREENSHOTS")
 PATIENT = StudyInfo(seed=31, patient_name="Okonkwo^Adaeze", patient_id="PID-55120-WEB",
                     patient_birth_date="19580923")
 FORBIDDEN = ("Okonkwo", "Adaeze", "PID-55120-WEB", "55120", "19580923", "1958-09-23")
-
-def _skip_or_fail(message: str) -> None:
-    if in_ci():
-        pytest.fail(f"{message}; CI must have it", pytrace=False)
-    pytest.skip(message)
-
 
 @dataclass
 class Run:
@@ -116,9 +110,9 @@ def browser() -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _skip_or_fail("the playwright package is not installed (pip install -e .[test])")
+        skip_or_fail("the playwright package is not installed (pip install -e .[test])", "CI must have it")
     if not shutil.which(CHROMIUM):
-        _skip_or_fail(f"{CHROMIUM} is not installed (apt-get install chromium)")
+        skip_or_fail(f"{CHROMIUM} is not installed (apt-get install chromium)", "CI must have it")
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield launched

@@ -22,6 +22,7 @@ from tests.integration.peers.tools import (
     nodelay_env,
     port_open,
     require_tool,
+    skip_or_fail,
     wait_until,
 )
 from tests.integration.peers.validators import (
@@ -54,6 +55,7 @@ __all__ = [
     "port_open",
     "require_tool",
     "send_files",
+    "skip_or_fail",
     "start_orthanc",
     "start_storescp",
     "storescu",
