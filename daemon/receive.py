@@ -145,8 +145,11 @@ class Receiver:
         if ignored is None:
             relative = self.store.instance_path(study_uid, series_uid, sop_uid)
             existed = self.store.path(relative).is_file()
-            if existed and self._same_bytes_kept(sop_uid, digest):
-                return self._duplicate(sop_uid)
+            if existed:
+                with self.engine.connect() as connection:
+                    kept = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
+                if kept is not None and kept.sha256 == digest:
+                    return Received(kept.series_id, sop_uid, True, kept.ignored_reason)
             self.store.write_instance(study_uid, series_uid, sop_uid, data)
         else:
             self.store.check_space(0)
@@ -158,18 +161,6 @@ class Receiver:
             if relative and not existed:
                 self.store.remove(relative)
             raise
-
-    def _same_bytes_kept(self, sop_uid: str, digest: str) -> bool:
-        with self.sessions() as session:
-            kept = session.scalar(select(Instance.sha256).where(
-                Instance.sop_instance_uid == sop_uid))
-        return kept == digest
-
-    def _duplicate(self, sop_uid: str) -> Received:
-        with self.sessions() as session:
-            row = session.execute(select(Instance.series_id, Instance.ignored_reason).where(
-                Instance.sop_instance_uid == sop_uid)).one()
-        return Received(row.series_id, sop_uid, True, row.ignored_reason)
 
     def _ignored_reason(self, ds: Dataset, sop_class: str) -> str | None:
         modality = str(ds.get("Modality", "") or "")
