@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import (DEFAULT_WORKDIR, Row, format_table, fsync_latency_ms,
-                               series_folder)
+from benchmarks.common import DEFAULT_WORKDIR, Row, format_table, fsync_latency_ms, series_folder
 
 SECTIONS = ("receive", "send", "inference", "e2e")
 

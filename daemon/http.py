@@ -20,10 +20,11 @@ from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
 from denoised_node.config.settings import ConfigError, HttpSettings
 from denoised_node.daemon.web.auth import Guard, Verdict
 from denoised_node.daemon.web.request import MAX_FORM_BYTES, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 

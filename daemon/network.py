@@ -12,7 +12,6 @@ from pynetdicom import AE
 
 from denoised_node.config.settings import Settings
 
-
 # pynetdicom's two reactor threads poll: the DUL sleeps 1 ms whenever its event queue is
 # empty, the association's loop sleeps 1 ms every pass. A C-STORE waits on both, so those
 # naps, not the work, bound one association to about 250 images/s. Shorter naps (0.2 ms)

@@ -27,8 +27,6 @@ from denoised_node.daemon import health
 from denoised_node.daemon.completion import CompletionLoop
 from denoised_node.daemon.http import Readiness, StatusServer
 from denoised_node.daemon.maintenance import RetentionLoop, release_dead_local_leases
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
 from denoised_node.daemon.metrics import node_registry
 from denoised_node.daemon.notify import (
     NOTIFY_SOCKET,
@@ -37,6 +35,8 @@ from denoised_node.daemon.notify import (
     sd_notify,
     watchdog_seconds,
 )
+from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.runtime import open_runtime
 from denoised_node.daemon.scp import start_scp
 from denoised_node.daemon.web.pages import StatusPages
 from denoised_node.storage.db import is_sqlite

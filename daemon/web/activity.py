@@ -9,12 +9,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from denoised_node.daemon.admin import EventRow, JobRow, list_jobs
 from denoised_node.daemon.metrics import STAGES, SUPERSEDED_REASON
 from denoised_node.storage.models import Instance, Job, JobEvent, Series
 from denoised_node.storage.queue import TERMINAL_STATES, JobState
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 STAGE_LABELS = {"receive_to_complete": "receive", "queue_wait": "wait",
                 "inference": "denoise", "send": "send", "end_to_end": "total"}

@@ -14,6 +14,9 @@ from datetime import datetime
 from importlib.resources import files
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
+from sqlalchemy import select
+
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.admin import AdminError, replay, status_summary
 from denoised_node.daemon.http import Readiness
@@ -33,8 +36,6 @@ from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.files import FileStore
 from denoised_node.storage.models import Job, utcnow
 from denoised_node.storage.queue import JobState
-from jinja2 import Environment, PackageLoader, StrictUndefined
-from sqlalchemy import select
 
 log = logging.getLogger(__name__)
 

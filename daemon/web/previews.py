@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
 from denoised_node.config.settings import GateSettings
 from denoised_node.daemon.web.png import residual_spread, to_png, window
 from denoised_node.storage.series import Stack, StackPlan, load_volume, plan_stacks

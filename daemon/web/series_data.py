@@ -8,15 +8,16 @@ from datetime import datetime
 from pathlib import Path
 
 import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from denoised_node.daemon.admin import AdminError, EventRow, JobRow, job_detail
 from denoised_node.daemon.web.activity import stage_seconds
 from denoised_node.daemon.web.previews import PreviewInput
 from denoised_node.storage.files import FileStore, InvalidUID, check_uid
 from denoised_node.storage.models import Instance, Job, Series, SeriesState
 from denoised_node.storage.queue import JobState
-from pydicom.errors import InvalidDicomError
-from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 _WITH_DERIVED = {JobState.PROCESSED, JobState.SENDING, JobState.DONE, JobState.FAILED}
 _DESCRIPTIVE = ("SeriesDescription", "SeriesNumber", "Manufacturer", "MagneticFieldStrength")

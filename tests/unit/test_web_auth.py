@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from denoised_node.config.settings import ConfigError, HttpSettings, Settings, is_loopback
 from denoised_node.daemon.http import CheckResult, Readiness, StatusServer
 from denoised_node.daemon.metrics import node_registry

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from PIL import Image
+from sqlalchemy import select
+
 from denoised_node.config.settings import Destination, Settings
 from denoised_node.daemon.completion import complete_idle_series
 from denoised_node.daemon.http import CheckResult, Readiness
@@ -28,9 +31,6 @@ from denoised_node.storage.db import make_engine
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.retention import purge_series
 from denoised_node.storage.schema import upgrade
-from PIL import Image
-from sqlalchemy import select
-
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries
 
