@@ -108,9 +108,10 @@ def check_volume(volume: np.ndarray) -> np.ndarray:
     return vol
 
 
-def slice_timesteps(vol_n: np.ndarray, schedule: NoiseSchedule) -> np.ndarray:
-    """Per-slice timesteps from the noise estimate of the normalised volume."""
-    return schedule.timestep(np.array([estimate_sigma(s) for s in vol_n], dtype=np.float32))
+def slice_timesteps(vol: np.ndarray, schedule: NoiseSchedule, scale: float = 1.0) -> np.ndarray:
+    """Per-slice timesteps from the noise estimate of each slice normalised by ``scale``
+    (one slice at a time: no normalised copy of the volume)."""
+    return schedule.timestep(np.array([estimate_sigma(s / scale) for s in vol], dtype=np.float32))
 
 
 @torch.inference_mode()
@@ -137,8 +138,7 @@ def denoise_volume(
     if net.spatial_dims == 2:
         # Normalised and padded batch by batch, into one output array: besides the caller's
         # volume, memory holds one copy of it however long the series.
-        t_all = schedule.timestep(np.array([estimate_sigma(s / scale) for s in vol],
-                                           dtype=np.float32))
+        t_all = slice_timesteps(vol, schedule, scale)
         result = _denoise_2d(net, vol, scale, t_all, batch_size, device, use_amp, amp_dtype,
                              progress, tta)
     else:
