@@ -134,6 +134,8 @@ class ModelSettings(_Section):
     threads: int = Field(default=0, ge=0)  # 0: torch's default
     # Passes averaged per slice (flips/rotations): None = 1 on a CPU (speed), 8 on a GPU.
     tta: Literal[1, 2, 4, 8] | None = None
+    # Planes averaged on near-isotropic volumes (1, 2, 3): None = 2 on a CPU, 3 on a GPU.
+    planes: Literal[1, 2, 3] | None = None
 
     @field_validator("device")
     @classmethod

@@ -91,12 +91,14 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
 @click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default=None,
               help="Averaged passes per slice for the networks (default: 1 on a CPU, 8 on a GPU).")
+@click.option("--planes", type=click.Choice(["1", "2", "3"]), default=None,
+              help="Planes averaged for the networks (default: 2 on a CPU, 3 on a GPU).")
 @click.option("--holdout", type=int, default=24, show_default=True, help="Test slab (slices), as in training.")
 @click.option("--gap", type=int, default=8, show_default=True, help="Gap either side of the slab, as in training.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
 def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: str, out_dir: str, levels: str,
                      seeds: int, methods: str, contrasts: str, device: str | None, threads: int, tta: str | None,
-                     holdout: int,
+                     planes: str | None, holdout: int,
                      gap: int, as_json: bool) -> None:
     """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG)."""
     import json
@@ -117,6 +119,7 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
         device=device or (model_settings.device if model_settings else "auto"),
         threads=threads,
         tta=int(tta) if tta else None,
+        planes=int(planes) if planes else None,
         holdout=holdout,
         gap=gap,
     )

@@ -94,7 +94,10 @@ def _denoise_nifti(source: Path, target: Path, denoiser: object,
         raise OfflineError(f"{source} has {data.ndim} dimensions; a 2D or 3D image is needed")
     # NIfTI keeps (x, y, z); the network denoises (slice, row, column) = (z, y, x).
     volume = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
-    denoised = denoiser.denoise(volume, progress=progress)  # type: ignore[attr-defined]
+    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+    spacing = (zooms[2], zooms[1], zooms[0]) if len(zooms) == 3 else None
+    denoised = denoiser.denoise(volume, progress=progress,  # type: ignore[attr-defined]
+                                spacing=spacing)
     result = np.transpose(denoised, (2, 1, 0)).reshape(np.asarray(image.dataobj).shape)
     header = image.header.copy()
     header.set_data_dtype(np.float32)

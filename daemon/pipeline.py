@@ -28,7 +28,8 @@ class Denoises(Protocol):
     card: Any
 
     def denoise(self, volume: np.ndarray,
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray: ...
+                progress: Callable[[int, int], None] | None = None,
+                spacing: tuple[float, float, float] | None = None) -> np.ndarray: ...
 
 
 class PermanentError(Exception):
@@ -104,7 +105,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
                 progress(offset + finished, total)
 
         with clock("model"):
-            denoised = denoiser.denoise(volume, progress=stack_progress)
+            denoised = denoiser.denoise(volume, progress=stack_progress,
+                                        spacing=stack.voxel_spacing)
         if settings.gate.enabled:
             with clock("gate"):
                 verdict = check_result(volume, denoised, settings.gate)

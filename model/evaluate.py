@@ -31,6 +31,7 @@ METHODS = ("noisy", "nlm", "bm4d", "baseline", "ours")
 CONTRASTS = {"t1": load_mni_t1, "t2like": load_mni_t2_like}
 NLM_H = (0.5, 0.65, 0.8, 0.95, 1.1)
 MARGIN = 2
+MNI_SPACING = (1.0, 1.0, 1.0)  # mm: the 1 mm template, isotropic (so several planes apply)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class EvalConfig:
     threads: int = 0
     figure_level: float = 0.05
     tta: int | None = None  # None: the Denoiser's default for the device
+    planes: int | None = None  # None: the Denoiser's default for the device
     holdout: int = 24
     gap: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
@@ -128,10 +130,12 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
     out_dir.mkdir(parents=True, exist_ok=True)
     models: dict[str, Denoiser] = {}
     if "ours" in cfg.methods:
-        models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device, tta=cfg.tta)
+        models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device, tta=cfg.tta,
+                                       planes=cfg.planes)
     if "baseline" in cfg.methods and cfg.baseline:
         try:
-            models["baseline"] = Denoiser.load(cfg.baseline, device=cfg.device, tta=cfg.tta)
+            models["baseline"] = Denoiser.load(cfg.baseline, device=cfg.device, tta=cfg.tta,
+                                               planes=cfg.planes)
         except CheckpointNotFoundError as exc:
             echo(f"left out the plain U-Net baseline: {exc}")
     methods = tuple(m for m in cfg.methods if m in ("noisy", "nlm", "bm4d") or m in models)
@@ -169,10 +173,12 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
                     elif method == "bm4d":
                         out = _rician_correct(_bm4d(noisy, sigma), sigma, tuned["bm4d_correction"])
                     else:
-                        out = models[method].denoise(noisy)
+                        out = models[method].denoise(noisy, spacing=MNI_SPACING)
                     seconds = (time.perf_counter() - t0) / noisy.shape[0]
                     row = {"contrast": cname, "level": level, "seed": seed, "method": method,
                            "seconds_per_slice": seconds, **case.score(out)}
+                    if method in models:
+                        row["planes"] = models[method].planes_for(noisy.shape, MNI_SPACING)
                     rows.append(row)
                     if method in ("nlm", "bm4d"):
                         cache[ckey] = row
@@ -185,7 +191,9 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
     summary = summarise(rows)
     result = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "models": {k: {"identity": m.identity, "tta": m.tta, "device": str(m.device), "card_training": m.card.training}
+        "models": {k: {"identity": m.identity, "tta": m.tta, "device": str(m.device),
+                       "planes": m.planes,
+                       "card_training": m.card.training}
                    for k, m in models.items()},
         "tuned": tuned_all,
         "summary": summary,

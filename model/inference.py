@@ -40,6 +40,20 @@ TTA_TRANSFORMS: tuple[tuple[int, bool], ...] = (
 )
 TTA_CHOICES = (1, 2, 4, 8)
 
+# Multi-planar inference: on a near-isotropic volume the 2.5D network also runs with rows and
+# then columns as the slice axis, and the planes' results are averaged. Their errors are
+# largely independent (each plane sees other neighbours), so this gains far more than flips:
+# +0.7 dB with 2 planes and +1.05 dB with 3 on the held-out slab at 5 %, against +0.25 dB for
+# 2 flipped passes (docs/model.md). Training samples blocks along all three axes.
+PLANE_CHOICES = (1, 2, 3)
+PLANE_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
+# The other planes look like the training data only where voxels are near-cubic and the
+# volume is deep enough to give them a few rows; other volumes get the acquisition plane.
+ISOTROPY_LIMIT = 1.3
+MIN_PLANE_DEPTH = 16
+
+Spacing = tuple[float, float, float]
+
 
 def _run_tta(net: DenoiseNet, x: torch.Tensor, t: torch.Tensor, tta: int) -> torch.Tensor:
     acc: torch.Tensor | None = None
@@ -108,6 +122,18 @@ def check_volume(volume: np.ndarray) -> np.ndarray:
     return vol
 
 
+def planes_for(shape: tuple[int, ...], spacing: Spacing | None, planes: int) -> int:
+    """How many planes a volume of ``shape`` (slices, rows, columns) with voxel ``spacing``
+    (mm, same order) gets when ``planes`` are configured: 1 unless its voxels are near-cubic
+    and it has at least MIN_PLANE_DEPTH slices, rows and columns. Unknown spacing: 1."""
+    if planes <= 1 or spacing is None or len(shape) != 3 or min(shape) < MIN_PLANE_DEPTH:
+        return 1
+    steps = [abs(float(x)) for x in spacing]
+    if len(steps) != 3 or min(steps) <= 0 or not all(np.isfinite(steps)):
+        return 1
+    return planes if max(steps) / min(steps) <= ISOTROPY_LIMIT else 1
+
+
 def slice_timesteps(vol: np.ndarray, schedule: NoiseSchedule, scale: float = 1.0) -> np.ndarray:
     """Per-slice timesteps from the noise estimate of each slice normalised by ``scale``
     (one slice at a time: no normalised copy of the volume)."""
@@ -125,10 +151,15 @@ def denoise_volume(
     amp: bool = False,
     progress: Progress | None = None,
     tta: int = 1,
+    planes: int = 1,
 ) -> np.ndarray:
-    """The whole inference path on an in-memory network (also used by training's validation)."""
+    """The whole inference path on an in-memory network (also used by training's validation).
+    ``planes`` > 1 averages the 2.5D network run along that many axes (see ``planes_for``;
+    the caller decides whether the volume suits it); a 3D network ignores it."""
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta must be one of {TTA_CHOICES}, not {tta}")
+    if planes not in PLANE_CHOICES:
+        raise ValueError(f"planes must be one of {PLANE_CHOICES}, not {planes}")
     vol = check_volume(volume)
     squeeze = np.asarray(volume).ndim == 2
     device = device or next(net.parameters()).device
@@ -137,10 +168,21 @@ def denoise_volume(
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     if net.spatial_dims == 2:
         # Normalised and padded batch by batch, into one output array: besides the caller's
-        # volume, memory holds one copy of it however long the series.
-        t_all = slice_timesteps(vol, schedule, scale)
-        result = _denoise_2d(net, vol, scale, t_all, batch_size, device, use_amp, amp_dtype,
-                             progress, tta)
+        # volume, memory holds one copy of it (two with several planes) however long the series.
+        result = np.empty(0, dtype=np.float32)
+        for index, order in enumerate(PLANE_ORDERS[:planes]):
+            view = vol.transpose(order)  # no copy: batches gather their slices from the view
+            t_all = slice_timesteps(view, schedule, scale)
+            out = _denoise_2d(net, view, scale, t_all, batch_size, device, use_amp, amp_dtype,
+                              _plane_progress(progress, index, planes, vol.shape[0]), tta)
+            back = out.transpose(np.argsort(order))
+            if index == 0:
+                result = np.ascontiguousarray(back)
+            else:
+                result += back
+            del out, back
+        if planes > 1:
+            result /= planes
     else:
         vol_n = vol / scale
         t_all = slice_timesteps(vol_n, schedule)
@@ -154,6 +196,18 @@ def denoise_volume(
         np.maximum(result, 0.0, out=result)
     result = result.astype(np.float32, copy=False)
     return result[0] if squeeze else result
+
+
+def _plane_progress(progress: Progress | None, index: int, planes: int,
+                    slices: int) -> Progress | None:
+    """Progress of one plane's pass, reported in the volume's slices over all planes."""
+    if progress is None or planes == 1:
+        return progress
+
+    def report(done: int, total: int) -> None:
+        progress(min(slices, (index * total + done) * slices // (planes * total)), slices)
+
+    return report
 
 
 def _denoise_2d(net: DenoiseNet, vol: np.ndarray, scale: float, t_all: np.ndarray,
@@ -240,6 +294,7 @@ class Denoiser:
     amp: bool = True
     path: Path | None = None
     tta: int = 1
+    planes: int = 1  # on near-isotropic volumes (planes_for); others get 1
 
     @classmethod
     def load(
@@ -250,10 +305,12 @@ class Denoiser:
         amp: bool = True,
         threads: int = 0,
         tta: int | None = None,
+        planes: int | None = None,
     ) -> Denoiser:
         """Load and verify ``checkpoint``. ``tta``: passes averaged per slice (1, 2, 4, 8);
-        None picks 8 on a GPU and 1 on a CPU (one pass keeps a 256x256 slice under 0.3 s on
-        two cores)."""
+        None picks 8 on a GPU and 1 on a CPU. ``planes``: planes averaged on near-isotropic
+        volumes (1, 2, 3); None picks 3 on a GPU and 2 on a CPU (two passes keep a 256x256
+        slice under 0.3 s on two cores)."""
         path = resolve_checkpoint(checkpoint)
         dev = resolve_device(device)
         if threads > 0:
@@ -276,20 +333,32 @@ class Denoiser:
             tta = 8 if dev.type == "cuda" else 1
         if tta not in TTA_CHOICES:
             raise ValueError(f"tta must be one of {TTA_CHOICES}, not {tta}")
-        return cls(card=card, net=net, schedule=schedule, device=dev, batch_size=batch_size, amp=amp, path=path, tta=tta)
+        if planes is None:
+            planes = 3 if dev.type == "cuda" else 2
+        if planes not in PLANE_CHOICES:
+            raise ValueError(f"planes must be one of {PLANE_CHOICES}, not {planes}")
+        return cls(card=card, net=net, schedule=schedule, device=dev, batch_size=batch_size,
+                   amp=amp, path=path, tta=tta, planes=planes)
 
     @classmethod
     def from_settings(cls, model: ModelSettings) -> Denoiser:
         """Load as the `[model]` section of the node's config says."""
         return cls.load(checkpoint=model.checkpoint, device=model.device,
                         batch_size=model.batch_size, amp=model.amp, threads=model.threads,
-                        tta=model.tta)
+                        tta=model.tta, planes=model.planes)
 
     @property
     def identity(self) -> str:
         return self.card.identity
 
-    def denoise(self, volume: np.ndarray, progress: Progress | None = None) -> np.ndarray:
+    def planes_for(self, shape: tuple[int, ...], spacing: Spacing | None) -> int:
+        """The planes a volume of this shape and voxel spacing gets from this model."""
+        return planes_for(shape, spacing, self.planes) if self.net.spatial_dims == 2 else 1
+
+    def denoise(self, volume: np.ndarray, progress: Progress | None = None,
+                spacing: Spacing | None = None) -> np.ndarray:
+        """Denoise ``volume`` (slices, rows, columns). ``spacing``: its voxel size in mm in the
+        same order, which lets a near-isotropic volume be denoised in several planes."""
         t0 = time.perf_counter()
         out = denoise_volume(
             self.net,
@@ -300,6 +369,7 @@ class Denoiser:
             amp=self.amp,
             progress=progress,
             tta=self.tta,
+            planes=self.planes_for(np.shape(volume), spacing),
         )
         logger.debug(
             "denoised %s in %.2f s", tuple(np.shape(volume)), time.perf_counter() - t0, extra={"model": self.identity}

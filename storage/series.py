@@ -80,10 +80,23 @@ class Stack:
     columns: int
     slices: tuple[SliceRef, ...]
     label: str  # e.g. "256x256, echo 2", for logs and errors
+    pixel_spacing: tuple[float, ...] = ()  # (between rows, between columns), mm
 
     @property
     def depth(self) -> int:
         return len(self.slices)
+
+    @property
+    def voxel_spacing(self) -> tuple[float, float, float] | None:
+        """(slices, rows, columns) spacing in mm: the median distance between neighbouring
+        slice positions (robust to a missing slice) and the pixel spacing; None if unknown."""
+        if len(self.pixel_spacing) != 2 or self.depth < 2:
+            return None
+        steps = np.diff([ref.position for ref in self.slices])
+        between = float(np.median(steps)) if steps.size else 0.0
+        if between <= 0:
+            return None
+        return (between, float(self.pixel_spacing[0]), float(self.pixel_spacing[1]))
 
 
 @dataclass
@@ -243,7 +256,8 @@ def _group_into_stacks(candidates: list[_Candidate]) -> list[Stack]:
         for repeat, members in enumerate(_split_repeated_positions(refs)):
             members.sort(key=lambda ref: (ref.position, ref.instance_number, ref.frame or 0))
             suffix = f" repeat {repeat + 1}" if repeat else ""
-            stacks.append(Stack(key.rows, key.columns, tuple(members), key.label + suffix))
+            stacks.append(Stack(key.rows, key.columns, tuple(members), key.label + suffix,
+                                key.pixel_spacing))
     return stacks
 
 

@@ -71,7 +71,8 @@ def _sample(depth: int) -> list[int]:
 
 
 def _load(stack: Stack, indices: Sequence[int]) -> np.ndarray:
-    part = Stack(stack.rows, stack.columns, tuple(stack.slices[i] for i in indices), stack.label)
+    part = Stack(stack.rows, stack.columns, tuple(stack.slices[i] for i in indices), stack.label,
+                 stack.pixel_spacing)
     return load_volume(part)
 
 

@@ -82,7 +82,7 @@ class FastDenoiser:
     def __init__(self, hang_flag: str | None = None) -> None:
         self.hang_flag = hang_flag
 
-    def denoise(self, volume: np.ndarray, progress: Any = None) -> np.ndarray:
+    def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
         if self.hang_flag:  # tell the test the job is in hand, then never finish it
             Path(self.hang_flag).touch()
             while True:

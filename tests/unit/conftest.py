@@ -56,7 +56,7 @@ class ScaledDenoiser:
         self.factor = factor
         self.calls = 0
 
-    def denoise(self, volume: np.ndarray, progress: Any = None) -> np.ndarray:
+    def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
         self.calls += 1
         mean = volume.mean(axis=(1, 2), keepdims=True)
         out = (mean + (volume - mean) * self.factor).astype(np.float32)

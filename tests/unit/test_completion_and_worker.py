@@ -155,7 +155,7 @@ class ExplodingDenoiser:
     identity = "boom"
     card = None
 
-    def denoise(self, volume, progress=None):  # type: ignore[no-untyped-def]
+    def denoise(self, volume, progress=None, spacing=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("CUDA error: out of memory")
 
 
@@ -198,7 +198,7 @@ def test_second_stop_returns_the_job_to_the_queue(runtime: Runtime, mr_series) -
         identity = "x"
         card = None
 
-        def denoise(self, volume, progress=None):  # type: ignore[no-untyped-def]
+        def denoise(self, volume, progress=None, spacing=None):  # type: ignore[no-untyped-def]
             raise StopNow()
 
     _receive(runtime, mr_series.paths)

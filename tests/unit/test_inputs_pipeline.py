@@ -50,7 +50,7 @@ class IdentityDenoiser:
         name = "identity"
         version = "1.0"
 
-    def denoise(self, volume: np.ndarray, progress: Any = None) -> np.ndarray:
+    def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
         return volume.copy()
 
 
@@ -249,3 +249,27 @@ def test_lossy_source_stays_marked_lossy(mr_series_factory: Factory, settings: S
         assert derived.LossyImageCompression == "01"
         assert derived.LossyImageCompressionMethod == "ISO_15444_1"
         assert dciodvfy(path) == []
+
+
+class SpacingRecorder(IdentityDenoiser):
+    """Records the voxel spacing each stack is denoised with."""
+
+    def __init__(self) -> None:
+        self.spacings: list[Any] = []
+
+    def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
+        self.spacings.append(spacing)
+        return volume.copy()
+
+
+def test_each_stack_is_denoised_with_its_voxel_spacing(mr_series_factory: Factory,
+                                                       settings: Settings, tmp_path: Path) -> None:
+    """The spacing decides whether a volume is denoised in several planes."""
+    iso = mr_series_factory(slices=4, rows=32, columns=32, pixel_spacing=(1.0, 1.0),
+                            slice_thickness=1.0, orientation="oblique", shuffle=True)
+    thick = mr_series_factory(slices=3, rows=32, columns=32, pixel_spacing=(0.5, 0.5),
+                              slice_thickness=5.0)
+    recorder = SpacingRecorder()
+    denoise_series(iso.paths, iso.series_uid, recorder, settings, tmp_path / "iso", NOW)
+    denoise_series(thick.paths, thick.series_uid, recorder, settings, tmp_path / "thick", NOW)
+    assert recorder.spacings == [pytest.approx((1.0, 1.0, 1.0)), pytest.approx((5.0, 0.5, 0.5))]

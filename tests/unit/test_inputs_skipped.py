@@ -105,7 +105,7 @@ class _NoNetwork:
     identity = "never-called"
     card = None
 
-    def denoise(self, volume: np.ndarray, progress: Any = None) -> np.ndarray:
+    def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
         raise AssertionError("nothing in this series may reach the network")
 
 
@@ -117,7 +117,7 @@ def test_a_mixed_series_denoises_the_magnitude_images_only(
                                      "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]})
 
     class Identity(_NoNetwork):
-        def denoise(self, volume: np.ndarray, progress: Any = None) -> np.ndarray:
+        def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
             return volume
 
     outcome = denoise_series(magnitude.paths + phase.paths, magnitude.series_uid, Identity(),

@@ -97,3 +97,13 @@ def test_single_slice_is_a_stack_of_one(mr_series_factory: Factory) -> None:
     series = mr_series_factory(slices=1, rows=32, columns=30)
     (stack,) = plan_stacks(series.paths).stacks
     assert load_volume(stack).shape == (1, 32, 30)
+
+
+def test_stacks_know_their_voxel_spacing(mr_series_factory: Factory) -> None:
+    series = mr_series_factory(slices=5, rows=40, columns=36, pixel_spacing=(0.8, 0.9),
+                               slice_thickness=1.0, slice_spacing=1.2, shuffle=True)
+    (stack,) = plan_stacks(series.paths).stacks
+    assert stack.voxel_spacing == pytest.approx((1.2, 0.8, 0.9))
+    single = mr_series_factory(slices=1, rows=32, columns=30)
+    (one,) = plan_stacks(single.paths).stacks
+    assert one.voxel_spacing is None  # no neighbour to measure the slice spacing from

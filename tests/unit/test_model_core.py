@@ -19,7 +19,7 @@ from denoised_node.model.errors import (
     InputVolumeError,
     ModelError,
 )
-from denoised_node.model.inference import Denoiser
+from denoised_node.model.inference import Denoiser, planes_for
 from denoised_node.model.network import build_network, default_config
 from denoised_node.model.noise import add_rician, estimate_sigma, robust_scale
 from denoised_node.model.schedule import NoiseSchedule
@@ -281,3 +281,49 @@ def test_publish_keeps_the_weights_and_merges_the_record(tiny: Path, tmp_path: P
     assert card.sha256 == src_card.sha256 and card.training["machine"] == "test"
     assert json.loads(dst.with_suffix(".json").read_text())["card"]["metrics"]["eval"]["psnr"] == 1.0
     assert Denoiser.load(dst, device="cpu").identity == src_card.identity
+
+
+def test_planes_apply_to_near_isotropic_volumes_only() -> None:
+    assert planes_for((40, 64, 64), (1.0, 1.0, 1.0), 3) == 3
+    assert planes_for((40, 64, 64), (1.2, 0.95, 0.95), 2) == 2
+    assert planes_for((40, 64, 64), (5.0, 0.9, 0.9), 3) == 1  # thick slices
+    assert planes_for((40, 64, 64), None, 3) == 1  # spacing unknown
+    assert planes_for((8, 64, 64), (1.0, 1.0, 1.0), 3) == 1  # too few slices for the other planes
+    assert planes_for((40, 64, 64), (0.0, 1.0, 1.0), 3) == 1
+    assert planes_for((40, 64, 64), (1.0, 1.0, 1.0), 1) == 1
+
+
+def test_several_planes_average_the_network_run_along_each_axis(tiny: Path) -> None:
+    den = Denoiser.load(tiny, device="cpu", planes=3)
+    # Offset below zero so that no clamp at zero (after the average) hides a difference.
+    vol = phantom(20, 24, 28) - 1.0
+    iso = (1.0, 1.0, 1.0)
+    single = Denoiser.load(tiny, device="cpu", planes=1)
+    by_plane = [
+        single.denoise(vol),
+        single.denoise(np.ascontiguousarray(vol.transpose(1, 0, 2))).transpose(1, 0, 2),
+        single.denoise(np.ascontiguousarray(vol.transpose(2, 0, 1))).transpose(1, 2, 0),
+    ]
+    # The scale is the volume's whatever the axis order, so the mean of the three runs is exact.
+    np.testing.assert_allclose(den.denoise(vol, spacing=iso), np.mean(by_plane, axis=0), rtol=1e-4, atol=1e-4)
+    two = Denoiser.load(tiny, device="cpu", planes=2).denoise(vol, spacing=iso)
+    np.testing.assert_allclose(two, np.mean(by_plane[:2], axis=0), rtol=1e-4, atol=1e-4)
+    # Thick slices (or no spacing): the acquisition plane only.
+    np.testing.assert_allclose(den.denoise(vol, spacing=(4.0, 1.0, 1.0)), by_plane[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(den.denoise(vol), by_plane[0], rtol=1e-5, atol=1e-5)
+
+
+def test_several_planes_report_progress_in_the_volumes_slices(tiny: Path) -> None:
+    den = Denoiser.load(tiny, device="cpu", planes=3, batch_size=4)
+    seen: list[tuple[int, int]] = []
+    den.denoise(phantom(18, 20, 22), progress=lambda done, total: seen.append((done, total)),
+                spacing=(1.0, 1.0, 1.0))
+    assert {total for _, total in seen} == {18}
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert seen[-1] == (18, 18) and len(seen) > 3
+
+
+def test_planes_defaults_and_refusal(tiny: Path) -> None:
+    assert Denoiser.load(tiny, device="cpu").planes == 2
+    with pytest.raises(ValueError, match="planes"):
+        Denoiser.load(tiny, device="cpu", planes=4)
