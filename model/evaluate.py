@@ -201,7 +201,7 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
     }
     (out_dir / "results.json").write_text(json.dumps(result, indent=1, default=float))
     (out_dir / "results.md").write_text(to_markdown(summary, methods))
-    if "ours" in figure_data:
+    if "ours" in figure_data and "noisy" in figure_data:
         write_figure(figure_data, out_dir / "figure.png", cfg.figure_level)
     return result
 

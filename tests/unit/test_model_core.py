@@ -287,6 +287,7 @@ def test_planes_apply_to_near_isotropic_volumes_only() -> None:
     assert planes_for((40, 64, 64), (1.0, 1.0, 1.0), 3) == 3
     assert planes_for((40, 64, 64), (1.2, 0.95, 0.95), 2) == 2
     assert planes_for((40, 64, 64), (5.0, 0.9, 0.9), 3) == 1  # thick slices
+    assert planes_for((40, 64, 64), (1.5, 1.0, 1.0), 3) == 1  # beyond ISOTROPY_LIMIT
     assert planes_for((40, 64, 64), None, 3) == 1  # spacing unknown
     assert planes_for((8, 64, 64), (1.0, 1.0, 1.0), 3) == 1  # too few slices for the other planes
     assert planes_for((40, 64, 64), (0.0, 1.0, 1.0), 3) == 1
