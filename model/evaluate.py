@@ -279,14 +279,3 @@ def write_figure(data: dict[str, np.ndarray], path: Path, level: float) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
-
-def time_per_slice(den: Denoiser, size: int = 256, slices: int = 16, threads: int = 2) -> float:
-    """Seconds per size x size slice with ``threads`` torch threads (after a warm-up)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    vol = add_rician(np.zeros((slices, size, size), np.float32) + 100.0, 5.0, np.random.default_rng(0))
-    den.denoise(vol)  # warm-up at the timed batch shape
-    t0 = time.perf_counter()
-    den.denoise(vol)
-    return (time.perf_counter() - t0) / slices
