@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from denoised_node.model import inference
 from denoised_node.model.checkpoint import ModelCard, read_checkpoint, write_checkpoint
 from denoised_node.model.errors import (
     CheckpointInvalidError,
@@ -294,7 +295,9 @@ def test_planes_apply_to_near_isotropic_volumes_only() -> None:
     assert planes_for((40, 64, 64), (1.0, 1.0, 1.0), 1) == 1
 
 
-def test_several_planes_average_the_network_run_along_each_axis(tiny: Path) -> None:
+def test_several_planes_average_the_network_run_along_each_axis(tiny: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "PLANE_SIGMA_FACTOR", {1: 1.0, 2: 1.0, 3: 1.0})  # compared below
     den = Denoiser.load(tiny, device="cpu", planes=3)
     # Offset below zero so that no clamp at zero (after the average) hides a difference.
     vol = phantom(20, 24, 28) - 1.0
@@ -312,6 +315,28 @@ def test_several_planes_average_the_network_run_along_each_axis(tiny: Path) -> N
     # Thick slices (or no spacing): the acquisition plane only.
     np.testing.assert_allclose(den.denoise(vol, spacing=(4.0, 1.0, 1.0)), by_plane[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(den.denoise(vol), by_plane[0], rtol=1e-5, atol=1e-5)
+
+
+def test_several_planes_read_the_noise_level_lower(tiny: Path) -> None:
+    """Each plane is smoothed less, since the average takes out much of its error."""
+    seen: dict[int, list[float]] = {}
+    vol = phantom(18, 20, 22)
+    for planes in (1, 3):
+        den = Denoiser.load(tiny, device="cpu", planes=planes, batch_size=32)
+        forward = den.net.forward
+        calls: list[float] = []
+
+        def record(x: torch.Tensor, t: torch.Tensor, forward: Any = forward, calls: list[float] = calls) -> torch.Tensor:
+            calls.append(float(t[0]))
+            return forward(x, t)
+
+        den.net.forward = record  # type: ignore[method-assign]
+        den.denoise(vol, spacing=(1.0, 1.0, 1.0))
+        seen[planes] = calls
+    assert len(seen[1]) == 1 and len(seen[3]) == 3  # one batch per plane
+    expected = NoiseSchedule().timestep(np.float32(inference.PLANE_SIGMA_FACTOR[3] * 0.05))
+    below = NoiseSchedule().timestep(np.float32(0.05))
+    assert seen[3][0] == pytest.approx(seen[1][0] - (below - expected), abs=0.05)
 
 
 def test_several_planes_report_progress_in_the_volumes_slices(tiny: Path) -> None:
