@@ -55,8 +55,9 @@ ISOTROPY_LIMIT = 1.4
 MIN_PLANE_DEPTH = 16
 # The average removes much of each plane's error variance, so each plane does best a little
 # less smoothed: its noise level is read lower by this factor. Chosen on the T2-like contrast
-# outside the test slab (never trained on, never tested on): 0.8-0.9 best for 2 planes, 0.8
-# for 3, worth 0.1-0.3 dB there.
+# outside the test slab (never trained on, never tested on): with a longer-trained checkpoint
+# 0.8-0.9 was best for 2 planes and 0.8 for 3 (0.1-0.3 dB); the shipped one is flat there
+# between 0.8 and 1.0 (within 0.03 dB).
 PLANE_SIGMA_FACTOR = {1: 1.0, 2: 0.85, 3: 0.8}
 
 Spacing = tuple[float, float, float]
