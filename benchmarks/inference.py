@@ -32,7 +32,7 @@ def _rate(denoise, volume: np.ndarray) -> float:  # type: ignore[no-untyped-def]
 
 
 def inference_rows(device: str = "cpu", threads: int = 2) -> list[Row]:
-    from denoised_node.model.inference import Denoiser, denoise_volume
+    from denoised_node.model.inference import Denoiser, Spacing, denoise_volume
     from denoised_node.model.network import build_network, count_parameters, default_config
 
     if device == "cpu":
@@ -42,7 +42,7 @@ def inference_rows(device: str = "cpu", threads: int = 2) -> list[Row]:
     where = (torch.cuda.get_device_name(ours.device) if ours.device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} threads")
     rows = []
-    cases: list[tuple[int, int, tuple[float, float, float] | None]] = [(256, 24, None), (512, 8, None)]
+    cases: list[tuple[int, int, Spacing | None]] = [(256, 24, None), (512, 8, None)]
     if ours.planes > 1:
         cases.insert(1, (256, 24, ISOTROPIC))
     for size, slices, spacing in cases:
@@ -50,11 +50,11 @@ def inference_rows(device: str = "cpu", threads: int = 2) -> list[Row]:
         planes = ours.planes_for(volume.shape, spacing)
         mine = _rate(partial(ours.denoise, spacing=spacing), volume)
 
-        def plain(v: np.ndarray, planes: int = planes, depth: int = slices) -> np.ndarray:
-            with torch.inference_mode():  # the warm-up's 2 slices get one plane, as ours do
+        def plain(v: np.ndarray, spacing: Spacing | None = spacing) -> np.ndarray:
+            with torch.inference_mode():  # the same planes as ours get, warm-up included
                 return denoise_volume(baseline, v, ours.schedule, device=ours.device,
                                       batch_size=8, amp=ours.amp, tta=ours.tta,
-                                      planes=planes if len(v) == depth else 1)
+                                      planes=ours.planes_for(v.shape, spacing))
 
         base = _rate(plain, volume)
         shape = "1 mm isotropic" if spacing else "thick slices"

@@ -92,8 +92,7 @@ class Stack:
         slice positions (robust to a missing slice) and the pixel spacing; None if unknown."""
         if len(self.pixel_spacing) != 2 or self.depth < 2:
             return None
-        steps = np.diff([ref.position for ref in self.slices])
-        between = float(np.median(steps)) if steps.size else 0.0
+        between = float(np.median(np.diff([ref.position for ref in self.slices])))
         if between <= 0:
             return None
         return (between, float(self.pixel_spacing[0]), float(self.pixel_spacing[1]))
