@@ -35,7 +35,9 @@ def _command_line(name: str) -> str:
 @click.option("--volume", "volumes", multiple=True, help="Clean NIfTI file or DICOM folder; default: the MNI152 T1 template.")
 @click.option("--pair", "pairs", nargs=2, multiple=True, metavar="NOISY CLEAN",
               help="Train on a real noisy/clean pair (NIfTI files or DICOM folders) instead of simulated noise.")
-@click.option("--steps", type=int, default=5000, show_default=True)
+@click.option("--steps", type=int, default=None, help="Optimiser steps (default 5000 without --time-budget).")
+@click.option("--time-budget", "time_budget", type=float, default=None, metavar="MINUTES",
+              help="Train for this much wall-clock time; the learning-rate schedule follows it.")
 @click.option("--batch-size", type=int, default=12, show_default=True)
 @click.option("--patch", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -50,7 +52,7 @@ def _command_line(name: str) -> str:
               help="Fine-tune: start from these weights ('default' = the shipped model) with a fresh schedule.")
 @click.option("--warmup", type=int, default=300, show_default=True, help="Warm-up steps before the cosine decay.")
 def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
-                  pairs: tuple[tuple[str, str], ...], steps: int, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
+                  pairs: tuple[tuple[str, str], ...], steps: int | None, time_budget: float | None, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
                   val_every: int, holdout: int, gap: int, resume: bool, init_from: str | None, warmup: int) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
@@ -61,7 +63,9 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     setup_run_logging(run)
     cfg = TrainConfig(
         run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
-        volumes=list(volumes) or ["mni152-t1"], pairs=[tuple(p) for p in pairs], steps=steps, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+        volumes=list(volumes) or ["mni152-t1"], pairs=[tuple(p) for p in pairs],
+        steps=steps if steps is not None or time_budget is not None else 5000,
+        time_budget_s=None if time_budget is None else 60.0 * time_budget, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
         threads=threads, device=device, val_every=val_every, holdout=holdout, gap=gap,
         command=_command_line("train"), init_from=init_from, warmup=warmup,
     )

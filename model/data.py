@@ -53,6 +53,26 @@ def load_mni_t2_like() -> np.ndarray:
     return (vol / float(vol.max())).astype(np.float32)
 
 
+def mni_maps() -> np.ndarray:
+    """The MNI152 training anatomy as tissue maps (4, slices, rows, cols): the T1 template,
+    grey matter, white matter, CSF (``synth.brain_maps``)."""
+    from nilearn.datasets import load_mni152_gm_template, load_mni152_wm_template
+
+    from .synth import brain_maps
+
+    gm = _axial(np.asarray(load_mni152_gm_template(resolution=1).get_fdata()))
+    wm = _axial(np.asarray(load_mni152_wm_template(resolution=1).get_fdata()))
+    return brain_maps(load_mni_t1(), gm, wm)
+
+
+def volume_maps(vol: np.ndarray) -> np.ndarray:
+    """Another clean volume as the synthesiser's anatomy: its own intensities as the texture
+    channel, no tissue maps (so its contrast is drawn by gamma and bias only)."""
+    maps = np.zeros((4, *vol.shape), dtype=np.float32)
+    maps[0] = vol / max(float(vol.max()), 1e-12)
+    return maps
+
+
 def load_raw(path: str | Path) -> np.ndarray:
     """A volume from a NIfTI file or a DICOM folder as (slices, rows, cols), in its own units."""
     path = Path(path)
@@ -144,9 +164,13 @@ class Split:
         lo, a = self.excluded[0], self.test[0]
         return lo, lo + max(1, (a - lo) // 2)
 
-    def training_blocks(self, vol: np.ndarray) -> list[np.ndarray]:
+    def training_ranges(self) -> list[tuple[int, int]]:
+        """Slice ranges training may sample: either side of the slab and its gaps."""
         lo, hi = self.excluded
-        return [b for b in (vol[:lo], vol[hi:]) if b.shape[0] > 0]
+        return [(a, b) for a, b in ((0, lo), (hi, self.n)) if b > a]
+
+    def training_blocks(self, vol: np.ndarray) -> list[np.ndarray]:
+        return [vol[a:b] for a, b in self.training_ranges()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .checkpoint import ModelCard, read_checkpoint
 from .errors import CheckpointMismatchError, DeviceUnavailableError, InputVolumeError
 from .network import DenoiseNet, build_network
 from .noise import estimate_sigma, robust_scale
+from .noise_map import noise_map
 from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
@@ -142,12 +143,38 @@ def planes_for(shape: tuple[int, ...], spacing: Spacing | None, planes: int) -> 
     return planes if max(steps) / min(steps) <= ISOTROPY_LIMIT else 1
 
 
+# How a checkpoint reads the noise level (its card's architecture says, under "noise_estimator"):
+# "haar_mad" (the 1.x models: one Haar MAD figure per slice) or "noise_map" (noise_map.py: a
+# map per slice, robust to zeroed backgrounds, coil combination and correlated noise).
+NOISE_ESTIMATORS = ("haar_mad", "noise_map")
+
+
+def uses_noise_map(net: DenoiseNet) -> bool:
+    return net.cfg.get("noise_estimator", "haar_mad") == "noise_map"
+
+
 def slice_timesteps(vol: np.ndarray, schedule: NoiseSchedule, scale: float = 1.0,
                     factor: float = 1.0) -> np.ndarray:
-    """Per-slice timesteps from the noise estimate of each slice normalised by ``scale``
+    """Per-slice timesteps from the Haar MAD estimate of each slice normalised by ``scale``
     (one slice at a time: no normalised copy of the volume), times ``factor``."""
     sigmas = np.array([estimate_sigma(s / scale) for s in vol], dtype=np.float32)
     return schedule.timestep(sigmas * np.float32(factor))
+
+
+def noise_inputs(net: DenoiseNet, slices: np.ndarray, schedule: NoiseSchedule,
+                 factor: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+    """The network's noise inputs for normalised ``slices`` (B, H, W): one timestep per slice,
+    and the noise-map channel (B, H, W) as a fraction of the timestep range where the network
+    takes one."""
+    if not uses_noise_map(net):
+        sigmas = np.array([estimate_sigma(s) for s in slices], dtype=np.float32)
+        return schedule.timestep(sigmas * np.float32(factor)), None
+    result = noise_map(torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)))
+    t = schedule.timestep(result.sigma.numpy() * np.float32(factor))
+    if not net.map_channel:
+        return t, None
+    local = schedule.timestep(result.sigma_map.numpy() * np.float32(factor))
+    return t, (local / np.float32(schedule.num_steps - 1)).astype(np.float32)
 
 
 @torch.inference_mode()
@@ -182,8 +209,8 @@ def denoise_volume(
         result = np.empty(0, dtype=np.float32)
         for index, order in enumerate(PLANE_ORDERS[:planes]):
             view = vol.transpose(order)  # no copy: batches gather their slices from the view
-            t_all = slice_timesteps(view, schedule, scale, PLANE_SIGMA_FACTOR[planes])
-            out = _denoise_2d(net, view, scale, t_all, batch_size, device, use_amp, amp_dtype,
+            out = _denoise_2d(net, view, scale, schedule, PLANE_SIGMA_FACTOR[planes], batch_size,
+                              device, use_amp, amp_dtype,
                               _plane_progress(progress, index, planes, vol.shape[0]), tta)
             back = out.transpose(np.argsort(order))
             if index == 0:
@@ -195,10 +222,12 @@ def denoise_volume(
             result /= planes
     else:
         vol_n = vol / scale
-        t_all = slice_timesteps(vol_n, schedule)
+        t_all, local = noise_inputs(net, vol_n, schedule)
         padded, hw = _pad_to(vol_n, net.multiple)
+        local_padded = None if local is None else _pad_to(local, net.multiple)[0]
         del vol_n
-        out = _denoise_3d(net, padded, t_all, device, use_amp, amp_dtype, progress, tta)
+        out = _denoise_3d(net, padded, t_all, device, use_amp, amp_dtype, progress, tta,
+                          local_padded)
         result = np.ascontiguousarray(_crop(out, hw))
         del padded, out
     result *= scale
@@ -220,11 +249,12 @@ def _plane_progress(progress: Progress | None, index: int, planes: int,
     return report
 
 
-def _denoise_2d(net: DenoiseNet, vol: np.ndarray, scale: float, t_all: np.ndarray,
-                batch_size: int, device: torch.device, use_amp: bool, amp_dtype: torch.dtype,
-                progress: Progress | None, tta: int) -> np.ndarray:
-    """2.5D: each slice with its neighbours as channels (edges repeated), batch by batch.
-    Returns the normalised output; the caller scales it back."""
+def _denoise_2d(net: DenoiseNet, vol: np.ndarray, scale: float, schedule: NoiseSchedule,
+                factor: float, batch_size: int, device: torch.device, use_amp: bool,
+                amp_dtype: torch.dtype, progress: Progress | None, tta: int) -> np.ndarray:
+    """2.5D: each slice with its neighbours as channels (edges repeated), batch by batch, and
+    the noise inputs read from each slice (times ``factor``). Returns the normalised output;
+    the caller scales it back."""
     n = vol.shape[0]
     out = np.empty_like(vol)
     half = net.in_slices // 2
@@ -242,12 +272,16 @@ def _denoise_2d(net: DenoiseNet, vol: np.ndarray, scale: float, t_all: np.ndarra
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(n, start + batch_size))
         nb = np.clip(idx[:, None] + offsets[None, :], 0, n - 1)
-        batch, hw = _pad_to(vol[nb] / scale, net.multiple)
+        slabs = vol[nb] / scale
+        t_batch, local = noise_inputs(net, slabs[:, half], schedule, factor)
+        if local is not None:
+            slabs = np.concatenate([slabs, local[:, None]], axis=1)
+        batch, hw = _pad_to(slabs, net.multiple)
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
         if on_gpu:
             x = x.pin_memory()
         x = x.to(device, non_blocking=on_gpu)
-        t = torch.from_numpy(t_all[idx]).to(device)
+        t = torch.from_numpy(np.ascontiguousarray(t_batch)).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             y = _run_tta(net, x, t, tta)
         if pending is not None:
@@ -267,8 +301,10 @@ def _denoise_3d(
     amp_dtype: torch.dtype,
     progress: Progress | None,
     tta: int = 1,
+    local: np.ndarray | None = None,
 ) -> np.ndarray:
-    """3D variant: overlapping blocks along the slice axis, averaged where they overlap."""
+    """3D variant: overlapping blocks along the slice axis, averaged where they overlap;
+    ``local``: the noise-map channel, padded like the volume."""
     depth = int(net.cfg.get("block_depth", 16))
     step = max(1, depth - 4)
     n = padded.shape[0]
@@ -279,7 +315,8 @@ def _denoise_3d(
         starts.append(n - depth)
     for s in starts:
         idx = np.clip(np.arange(s, s + depth), 0, n - 1)
-        x = torch.from_numpy(np.ascontiguousarray(padded[idx]))[None, None].to(device)
+        block = padded[idx][None] if local is None else np.stack([padded[idx], local[idx]])
+        x = torch.from_numpy(np.ascontiguousarray(block))[None].to(device)
         t = torch.tensor([float(np.median(t_all[idx]))], device=device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
             y = _run_tta(net, x, t, tta)[0, 0].cpu().numpy()

@@ -17,6 +17,10 @@ zero, so an untrained network is the identity.
 
 With ``spatial_dims=3`` the input is ``(B, 1, D, H, W)`` and the output the whole denoised
 block ``(B, 1, D, H, W)``; the stem folds only H and W.
+
+``noise_map_channel``: one more input channel carries the local noise level (the noise map of
+``noise_map.py`` as a fraction of the timestep range) after the slices, so that noise that
+varies across the slice (parallel imaging, coil shading) is removed where it is.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def default_config(kind: str = "diffusion_unet") -> dict[str, Any]:
             "spatial_dims": 2,
             "in_slices": 5,
             "space_to_depth": 2,
+            "noise_estimator": "noise_map",
+            "noise_map_channel": True,
             "unet": {
                 "channels": [48, 64, 96, 96],
                 "attention_levels": [False, False, False, True],
@@ -55,7 +61,11 @@ def default_config(kind: str = "diffusion_unet") -> dict[str, Any]:
             "spatial_dims": 2,
             "in_slices": 5,
             "space_to_depth": 2,
-            "unet": {"features": [48, 64, 96, 176, 240, 48]},  # 2.94 M parameters, like ours
+            "noise_estimator": "noise_map",
+            "noise_map_channel": True,
+            # 2.94 M parameters, like ours; no normalisation (DRUNet-style: instance norm would
+            # make its residual blind to the input's scale), told the noise level by the map.
+            "unet": {"features": [48, 64, 96, 176, 240, 48], "norm": None},
         }
     raise ValueError(f"unknown network kind {kind!r}; known: {', '.join(KINDS)}")
 
@@ -100,8 +110,12 @@ class DenoiseNet(nn.Module):
         self.in_slices = int(cfg.get("in_slices", 1)) if self.spatial_dims == 2 else 1
         self.r = int(cfg.get("space_to_depth", 1))
         self.conditioned = kind == "diffusion_unet"
+        self.map_channel = bool(cfg.get("noise_map_channel", False))
+        # Ablation only: the timestep held at this value whatever the noise (t fixed).
+        fixed = cfg.get("fixed_timestep")
+        self.fixed_timestep: float | None = None if fixed is None else float(fixed)
         unet = dict(cfg.get("unet", {}))
-        cin = self.in_slices * self.r * self.r
+        cin = (self.in_slices + int(self.map_channel)) * self.r * self.r
         cout = self.r * self.r
         if kind == "diffusion_unet":
             from monai.networks.nets import DiffusionModelUNet
@@ -121,6 +135,8 @@ class DenoiseNet(nn.Module):
             from monai.networks.nets import BasicUNet
 
             self.levels = 5
+            # norm: BasicUNet's default is instance norm, which makes the residual blind to the
+            # input's scale; the fair plain baseline (DRUNet-style) uses none, with the map.
             self.net = BasicUNet(
                 spatial_dims=self.spatial_dims,
                 in_channels=cin,
@@ -136,22 +152,48 @@ class DenoiseNet(nn.Module):
         """Height and width must be multiples of this (the caller pads)."""
         return self.r * 2 ** (self.levels - 1)
 
+    @property
+    def input_channels(self) -> int:
+        """Channels the caller passes: the slices (2.5D) or 1 (3D), plus the noise map."""
+        return (self.in_slices if self.spatial_dims == 2 else 1) + int(self.map_channel)
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """``x``: (B, in_slices [+1 map], H, W), or (B, 1 [+1 map], D, H, W) in 3D."""
         m = self.multiple
         if x.shape[-1] % m or x.shape[-2] % m:
             raise ValueError(f"height and width must be multiples of {m}, got {tuple(x.shape[-2:])}")
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
         if self.spatial_dims == 2:
             centre = x[:, self.in_slices // 2 : self.in_slices // 2 + 1]
         else:
-            centre = x
+            centre = x[:, :1]
         y = _fold(x, self.r)
         if self.conditioned:
             if timesteps is None:
                 raise ValueError("this network is conditioned on the noise level: pass timesteps")
+            if self.fixed_timestep is not None:
+                timesteps = torch.full_like(timesteps, self.fixed_timestep)
             res = self.net(y, timesteps.to(y.dtype))
         else:
             res = self.net(y)
         return centre - _unfold(res, self.r)
+
+
+def widen_input(state: dict[str, torch.Tensor], net: DenoiseNet) -> dict[str, torch.Tensor]:
+    """Weights of a network without the noise-map channel, fitted to ``net`` (with it): the new
+    channel's input weights are zero, so the widened network computes what the old one did."""
+    own = net.state_dict()
+    out = dict(state)
+    for name, tensor in state.items():
+        target = own.get(name)
+        if target is None or target.shape == tensor.shape or tensor.ndim < 3:
+            continue
+        if target.shape[0] == tensor.shape[0] and target.shape[1] > tensor.shape[1] and target.shape[2:] == tensor.shape[2:]:
+            grown = torch.zeros(target.shape, dtype=tensor.dtype)
+            grown[:, : tensor.shape[1]] = tensor  # the map's channels come after the slices'
+            out[name] = grown
+    return out
 
 
 def build_network(cfg: dict[str, Any]) -> DenoiseNet:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class NoiseSchedule:
         s = np.maximum(np.asarray(sigma, dtype=np.float64), 1e-12)
         frac = (np.log(s) - math.log(self.sigma_min)) / (math.log(self.sigma_max) - math.log(self.sigma_min))
         return (np.clip(frac, 0.0, 1.0) * (self.num_steps - 1)).astype(np.float32)
+
+    def timestep_torch(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``timestep`` on a tensor, on its device (no host round trip in training)."""
+        s = sigma.float().clamp_min(1e-12)
+        frac = (torch.log(s) - math.log(self.sigma_min)) / (math.log(self.sigma_max) - math.log(self.sigma_min))
+        return frac.clamp(0.0, 1.0) * (self.num_steps - 1)
 
     def sigma(self, timestep: float | np.ndarray) -> np.ndarray:
         frac = np.asarray(timestep, dtype=np.float64) / (self.num_steps - 1)

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import platform
+import queue
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,16 +29,20 @@ from .data import (
     PatchSampler,
     SamplerConfig,
     Split,
-    foreground_mask,
     load_mni_t1,
+    load_mni_t2_like,
     load_pair,
     load_volume,
+    mni_maps,
+    volume_maps,
 )
-from .inference import denoise_volume
-from .metrics import psnr, ssim
-from .network import build_network, count_parameters, default_config
-from .noise import add_rician, robust_scale
+from .inference import uses_noise_map
+from .network import DenoiseNet, build_network, count_parameters, default_config, widen_input
+from .noise import estimate_sigma, robust_scale
+from .noise_map import noise_map
 from .schedule import NoiseSchedule
+from .synth import Batch, SynthConfig, Synthesizer
+from .validation import Validator
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +56,8 @@ class TrainConfig:
     name: str = "unet25d"
     volumes: list[str] = field(default_factory=lambda: ["mni152-t1"])
     pairs: list[tuple[str, str]] = field(default_factory=list)  # real (noisy, clean) pairs instead
-    steps: int = 6000
+    steps: int | None = 6000  # None: train until the time budget is spent
+    time_budget_s: float | None = None  # wall-clock budget; the schedule follows elapsed time
     batch_size: int = 12
     patch: int = 128
     lr: float = 1e-3
@@ -72,6 +79,11 @@ class TrainConfig:
     log_every: int = 25
     command: str = ""
     init_from: str | None = None  # start from these weights (fine-tuning), with a fresh schedule
+    prefetch: int = 2  # batches synthesised ahead, in a thread
+
+    def __post_init__(self) -> None:
+        if self.steps is None and self.time_budget_s is None:
+            raise ValueError("give a number of steps, a time budget, or both")
 
 
 def _load_volumes(specs: list[str]) -> list[np.ndarray]:
@@ -81,48 +93,24 @@ def _load_volumes(specs: list[str]) -> list[np.ndarray]:
     return vols
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _progress(step: int, wall: float, cfg: TrainConfig) -> float:
+    """How far the run is, 0..1: by steps, or by wall-clock time, whichever is further."""
+    fracs = []
+    if cfg.steps:
+        fracs.append(step / cfg.steps)
+    if cfg.time_budget_s:
+        fracs.append(wall / cfg.time_budget_s)
+    return min(1.0, max(fracs))
+
+
+def _lr_at(step: int, cfg: TrainConfig, wall: float = 0.0) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    frac = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    if cfg.time_budget_s:
+        frac = _progress(step, wall, cfg)
+    else:
+        frac = min(1.0, (step - cfg.warmup) / max(1, (cfg.steps or 1) - cfg.warmup))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-class Validator:
-    """Fixed noisy validation volumes (slices in the gap, never trained on), fixed seeds."""
-
-    def __init__(
-        self,
-        vol: np.ndarray,
-        split: Split,
-        levels: tuple[float, ...],
-        in_slices: int,
-        seed: int,
-        noisy: np.ndarray | None = None,
-    ) -> None:
-        """Simulated noise at ``levels``, or the real ``noisy`` volume of a pair."""
-        a, b = split.validation
-        half = in_slices // 2
-        lo, hi = max(0, a - half), min(vol.shape[0], b + half)
-        self.clean = vol[lo:hi]
-        self.inner = slice(a - lo, b - lo)
-        rng = np.random.default_rng(seed)
-        if noisy is None:
-            self.cases = [(f"{round(lvl * 100)}%", add_rician(self.clean, lvl * float(vol.max()), rng)) for lvl in levels]
-        else:
-            self.cases = [("paired", noisy[lo:hi])]
-        self.mask = foreground_mask(self.clean)[self.inner]
-        self.range = float(vol.max())
-
-    def run(self, net: torch.nn.Module, schedule: NoiseSchedule, device: torch.device) -> dict[str, float]:
-        out: dict[str, float] = {}
-        c = self.clean[self.inner]
-        for key, noisy in self.cases:
-            den = denoise_volume(net, noisy, schedule, device=device, batch_size=8)[self.inner]  # type: ignore[arg-type]
-            out[f"psnr_mask_{key}"] = round(psnr(c, den, self.range, self.mask), 3)
-            out[f"ssim_mask_{key}"] = round(ssim(c, den, self.range, self.mask), 4)
-        out["psnr_mask_mean"] = round(float(np.mean([v for k, v in out.items() if k.startswith("psnr")])), 3)
-        return out
 
 
 def _machine() -> dict[str, Any]:
@@ -143,13 +131,22 @@ def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, r
         schedule=schedule.to_dict(),
         normalisation={
             "input": "volume / p99.5(volume); output * the same scale",
-            "sigma_estimator": "per-slice Haar diagonal MAD / 0.6745 on the normalised slice",
+            "sigma_estimator": (
+                "noise_map.noise_map on the normalised slice: per-tile Haar MAD away from edges, "
+                "zeroed blocks left out, trusted where the signal is well above the noise, "
+                "corrected for correlated noise; timestep from its median, map channel from the map"
+                if arch.get("noise_estimator") == "noise_map"
+                else "per-slice Haar diagonal MAD / 0.6745 on the normalised slice"),
         },
         training={
             "data": [f"{n} -> {c}" for n, c in cfg.pairs] if cfg.pairs else cfg.volumes,
             "holdout": {"slab": cfg.holdout, "gap": cfg.gap, "axis": "slice"},
-            "noise": {"kind": "real pairs"} if cfg.pairs else {"kind": "rician", "sigma_fraction_of_max": list(cfg.sigma_range)},
+            "noise": {"kind": "real pairs"} if cfg.pairs else {
+                "kind": "domain-randomised synthesis (model/synth.py)",
+                "sigma_fraction_of_bright_level": list(cfg.sigma_range),
+                "synthesis": asdict(SynthConfig(patch=cfg.patch, sigma_range=cfg.sigma_range))},
             "patch": cfg.patch,
+            "time_budget_s": cfg.time_budget_s,
             "batch_size": cfg.batch_size,
             "loss": "mse",
             "optimiser": {"kind": "adam", "lr": cfg.lr, "warmup": cfg.warmup, "schedule": "cosine", "ema": cfg.ema_decay},
@@ -179,8 +176,117 @@ def _initial_weights(path: str, kind: str) -> tuple[ModelCard, dict[str, torch.T
     return card, tensors
 
 
-def _rng_state(rng: np.random.Generator) -> str:
-    return json.dumps(rng.bit_generator.state)
+def _sources(cfg: TrainConfig, in_slices: int, device: torch.device
+             ) -> tuple[Any, list[np.ndarray], np.ndarray | None, np.ndarray | None]:
+    """The batch source (domain-randomised synthesis, or real pairs), the clean volumes, the
+    first pair's noisy volume, and the T2-like validation contrast."""
+    if cfg.pairs:  # real noisy/clean pairs: the noise is what the scanner made
+        pairs = [load_pair(n, c) for n, c in cfg.pairs]
+        vols = [c for _, c in pairs]
+        noisy_blocks = [b for n, c in pairs for b in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(n)]
+        scales = [robust_scale(n) for n, c in pairs for _ in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(c)]
+        blocks = [b for v in vols for b in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)]
+        sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, axis_probs=(1.0, 0.0, 0.0), stride2_prob=0.0)
+        rng = np.random.default_rng(cfg.seed)
+        return PairBatches(PatchSampler(blocks, scales, NoiseSchedule(), sampler_cfg, rng, noisy_blocks=noisy_blocks), device), vols, pairs[0][0], None
+    vols = _load_volumes(cfg.volumes)
+    maps = [mni_maps() if spec == "mni152-t1" else volume_maps(v) for spec, v in zip(cfg.volumes, vols)]
+    blocks = [m[:, lo:hi] for m, v in zip(maps, vols)
+              for lo, hi in Split(v.shape[0], cfg.holdout, cfg.gap).training_ranges()]
+    synth = Synthesizer(blocks, SynthConfig(patch=cfg.patch, in_slices=in_slices, sigma_range=cfg.sigma_range),
+                        device, cfg.seed)
+    t2 = load_mni_t2_like() if cfg.volumes and cfg.volumes[0] == "mni152-t1" else None
+    return synth, vols, None, t2
+
+
+class PairBatches:
+    """The real-pair sampler (numpy) behind the synthesiser's interface."""
+
+    def __init__(self, sampler: PatchSampler, device: torch.device) -> None:
+        self.sampler = sampler
+        self.device = device
+
+    def batch(self, n: int, all_slices: bool = False) -> Batch:
+        x, y, _, sig = self.sampler.batch(n)
+        return Batch(torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device),
+                     torch.from_numpy(sig).to(self.device))
+
+
+class Prefetcher:
+    """Draws batches in a thread while the network trains on the previous ones (torch ops
+    release the GIL), ``depth`` batches ahead."""
+
+    def __init__(self, source: Any, batch_size: int, depth: int, all_slices: bool) -> None:
+        self.source, self.batch_size, self.all_slices = source, batch_size, all_slices
+        self.queue: queue.Queue[Batch | BaseException] = queue.Queue(maxsize=max(1, depth))
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                item: Batch | BaseException = self.source.batch(self.batch_size, all_slices=self.all_slices)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
+                item = exc
+            while not self.stopping.is_set():
+                try:
+                    self.queue.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next(self) -> Batch:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+
+
+def network_inputs(net: DenoiseNet, noisy: torch.Tensor, schedule: NoiseSchedule
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's input and timesteps for a normalised batch of slices (B, S, P, P), read
+    the way inference reads them (``inference.noise_inputs``), on the batch's device."""
+    if net.spatial_dims == 3:
+        b, d, h, w = noisy.shape
+        x = noisy[:, None]
+        if not uses_noise_map(net):
+            sig = [float(np.median([estimate_sigma(s) for s in v])) for v in noisy.detach().cpu().numpy()]
+            return x, torch.tensor(schedule.timestep(np.array(sig)), device=noisy.device)
+        nm = noise_map(noisy.reshape(b * d, h, w))
+        t = schedule.timestep_torch(nm.sigma.reshape(b, d)).median(dim=1).values
+        if net.map_channel:
+            local = schedule.timestep_torch(nm.sigma_map.reshape(b, 1, d, h, w)) / (schedule.num_steps - 1)
+            x = torch.cat([x, local], dim=1)
+        return x, t
+    centre = noisy[:, net.in_slices // 2]
+    if not uses_noise_map(net):
+        sig = np.array([estimate_sigma(s) for s in centre.detach().cpu().numpy()], dtype=np.float32)
+        return noisy, torch.from_numpy(schedule.timestep(sig)).to(noisy.device)
+    nm = noise_map(centre)
+    t = schedule.timestep_torch(nm.sigma)
+    if net.map_channel:
+        local = schedule.timestep_torch(nm.sigma_map) / (schedule.num_steps - 1)
+        noisy = torch.cat([noisy, local[:, None]], dim=1)
+    return noisy, t
+
+
+def _architecture(cfg: TrainConfig, start: tuple[ModelCard, dict[str, torch.Tensor]] | None) -> dict[str, Any]:
+    """The run's architecture: given, or the start checkpoint's with today's noise inputs, or
+    the default."""
+    if cfg.arch:
+        return cfg.arch
+    if start:
+        base = default_config(cfg.kind)
+        keys = ("noise_estimator", "noise_map_channel")
+        return {**start[0].architecture, **{k: base[k] for k in keys if k in base}}
+    return default_config(cfg.kind)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
@@ -190,42 +296,30 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     torch.set_num_threads(max(1, cfg.threads))
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
 
     # Read on resume too: the architecture and the lineage come from its card.
     start = _initial_weights(cfg.init_from, cfg.kind) if cfg.init_from else None
-    arch = cfg.arch or (start[0].architecture if start else default_config(cfg.kind))
+    arch = _architecture(cfg, start)
     schedule = NoiseSchedule()
-    in_slices = int(arch.get("in_slices", 1))
-    if cfg.pairs:  # real noisy/clean pairs: the noise is what the scanner made
-        pairs = [load_pair(n, c) for n, c in cfg.pairs]
-        vols = [c for _, c in pairs]
-        noisy_blocks: list[np.ndarray] | None = [
-            b for n, c in pairs for b in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(n)
-        ]
-        scales = [robust_scale(n) for n, c in pairs for _ in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(c)]
-        sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, axis_probs=(1.0, 0.0, 0.0), stride2_prob=0.0)
-    else:
-        vols = _load_volumes(cfg.volumes)
-        noisy_blocks = None
-        scales = [robust_scale(v) for v in vols for _ in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)]
-        sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, sigma_range=cfg.sigma_range)
-    split0 = Split(vols[0].shape[0], cfg.holdout, cfg.gap)
-    blocks = [b for v in vols for b in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)]
-    sampler = PatchSampler(blocks, scales, schedule, sampler_cfg, rng, noisy_blocks=noisy_blocks)
-    validator = Validator(
-        vols[0], split0, cfg.val_noise, in_slices, cfg.seed + 1, noisy=pairs[0][0] if cfg.pairs else None
-    )
-
     net = build_network(arch).to(device)
     ema = build_network(arch).to(device)
+    depth = int(arch.get("block_depth", 16)) if net.spatial_dims == 3 else net.in_slices
+    source, vols, pair_noisy, t2 = _sources(cfg, depth, device)
+    split0 = Split(vols[0].shape[0], cfg.holdout, cfg.gap)
+    validator = Validator(vols[0], split0, cfg.val_noise, net.in_slices, cfg.seed + 1, noisy=pair_noisy,
+                          t2_like=t2, families=uses_noise_map(net))
+
     if start and not (resume and (run / "state.pt").exists()):
-        net.load_state_dict({k: v.float() for k, v in start[1].items()})
+        weights = widen_input({k: v.float() for k, v in start[1].items()}, net)
+        net.load_state_dict(weights)
         logger.info("starting from %s (%s)", cfg.init_from, start[0].identity)
     ema.load_state_dict(net.state_dict())
     ema.eval()
+    on_gpu = device.type == "cuda"
+    if on_gpu:  # channels_last suits the GPU's convolutions (on a CPU it did not help)
+        net.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    use_amp = cfg.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_amp = cfg.amp and on_gpu and torch.cuda.is_bf16_supported()
     step, best, wall = 0, -math.inf, 0.0
     commands: list[str] = []
     state_path = run / "state.pt"
@@ -235,26 +329,30 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])
         step, best, wall = int(st["step"]), float(st["best"]), float(st["wall"])
-        rng.bit_generator.state = json.loads(st["rng"])
         torch.set_rng_state(st["torch_rng"])
+        if "synth_rng" in st and isinstance(source, Synthesizer):
+            source.gen.set_state(st["synth_rng"])
         commands = json.loads(st.get("commands", "[]"))
         logger.info("resumed %s at step %d (best val %.3f dB)", run, step, best)
     elif state_path.exists():
         raise FileExistsError(f"{run} already holds a run; pass --resume to continue it or pick another folder")
     commands.append(f"{cfg.command} (from step {step})")
     (run / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
+    budget = (f"{cfg.steps} steps" if cfg.steps else "") + (
+        f"{' or ' if cfg.steps else ''}{cfg.time_budget_s / 60:.0f} min" if cfg.time_budget_s else "")
     logger.info(
-        "training %s (%s, %.2f M parameters) for %d steps on %s, %d thread(s)",
-        cfg.name, cfg.kind, count_parameters(net) / 1e6, cfg.steps, device, torch.get_num_threads(),
+        "training %s (%s, %.2f M parameters) for %s on %s, %d thread(s)",
+        cfg.name, cfg.kind, count_parameters(net) / 1e6, budget, device, torch.get_num_threads(),
     )
 
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
+        extra = {"synth_rng": source.gen.get_state()} if isinstance(source, Synthesizer) else {}
         torch.save(
             {
                 "net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                "step": step, "best": best, "wall": wall, "rng": _rng_state(rng), "torch_rng": torch.get_rng_state(),
-                "commands": json.dumps(commands),
+                "step": step, "best": best, "wall": wall, "torch_rng": torch.get_rng_state(),
+                "commands": json.dumps(commands), **extra,
             },
             tmp,
         )
@@ -267,50 +365,68 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             record["initialised_from"] = initial_lineage(start[0])
         write_checkpoint(path, {k: v for k, v in ema.state_dict().items()}, make_card(cfg, arch, schedule, record, metrics))
 
+    def finished() -> bool:
+        return _progress(step, wall, cfg) >= 1.0
+
     stop = _StopFlag()
+    prefetch = Prefetcher(source, cfg.batch_size, cfg.prefetch, all_slices=net.spatial_dims == 3)
+    ema_params, net_params = list(ema.parameters()), list(net.parameters())
     last_save = time.monotonic()
-    loss_avg, t_mark, s_mark = None, time.perf_counter(), step
-    while step < cfg.steps and not stop.requested:
-        t_step = time.perf_counter()
-        x, y, t, _ = sampler.batch(cfg.batch_size)
-        xt, yt, tt = (torch.from_numpy(a).to(device) for a in (x, y, t))
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
-        net.train()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            pred = net(xt, tt)
-        loss = torch.nn.functional.mse_loss(pred.float(), yt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, pn in zip(ema.parameters(), net.parameters()):
-                pe.mul_(d).add_(pn.detach(), alpha=1 - d)
-        step += 1
-        wall += time.perf_counter() - t_step
-        lv = float(loss.detach())
-        loss_avg = lv if loss_avg is None else 0.95 * loss_avg + 0.05 * lv
-        if step % cfg.log_every == 0:
-            rate = (time.perf_counter() - t_mark) / max(1, step - s_mark)
-            t_mark, s_mark = time.perf_counter(), step
-            logger.info("step %d loss %.3e lr %.2e %.2f s/step", step, loss_avg, _lr_at(step, cfg), rate)
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            metrics = validator.run(ema, schedule, device)
-            line = {"step": step, "wall_s": round(wall), "loss": loss_avg, **metrics}
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
-            logger.info("validation step %d: %s", step, json.dumps(metrics))
-            export(run / "last.safetensors", {"validation": metrics})
-            if metrics["psnr_mask_mean"] > best:
-                best = metrics["psnr_mask_mean"]
-                export(run / "best.safetensors", {"validation": metrics})
-            save_state()
-            last_save = time.monotonic()
-        elif time.monotonic() - last_save > cfg.save_every_s:
-            save_state()
-            last_save = time.monotonic()
+    loss_sum = torch.zeros((), device=device)
+    loss_avg: float | None = None
+    t_mark, s_mark = time.perf_counter(), step
+    try:
+        while not finished() and not stop.requested:
+            t_step = time.perf_counter()
+            batch = prefetch.next()
+            xt, tt = network_inputs(net, batch.noisy, schedule)
+            yt = batch.clean
+            if on_gpu:
+                xt = xt.contiguous(memory_format=torch.channels_last) if xt.ndim == 4 else xt
+            lr = _lr_at(step, cfg, wall)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            net.train()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                pred = net(xt, tt)
+            loss = torch.nn.functional.mse_loss(pred.float(), yt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net_params, cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_(ema_params, [p.detach() for p in net_params], 1 - d)
+                loss_sum += loss.detach()
+            step += 1
+            wall += time.perf_counter() - t_step
+            if step % cfg.log_every == 0:  # the only host sync between validations
+                mean_loss = float(loss_sum) / cfg.log_every
+                loss_sum.zero_()
+                loss_avg = mean_loss if loss_avg is None else 0.7 * loss_avg + 0.3 * mean_loss
+                rate = (time.perf_counter() - t_mark) / max(1, step - s_mark)
+                t_mark, s_mark = time.perf_counter(), step
+                frac = _progress(step, wall, cfg)
+                left = (wall / frac - wall) if frac > 0 else float("nan")
+                logger.info("step %d (%.1f %%, about %.0f min left) loss %.3e lr %.2e %.2f s/step",
+                            step, 100 * frac, left / 60, loss_avg, lr, rate)
+            if step % cfg.val_every == 0 or finished():
+                metrics = validator.run(ema, schedule, device)
+                line = {"step": step, "wall_s": round(wall), "loss": loss_avg, **metrics}
+                with open(run / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(line) + "\n")
+                logger.info("validation step %d: %s", step, json.dumps(metrics))
+                export(run / "last.safetensors", {"validation": metrics})
+                if metrics["psnr_mask_mean"] > best:
+                    best = metrics["psnr_mask_mean"]
+                    export(run / "best.safetensors", {"validation": metrics})
+                save_state()
+                last_save = time.monotonic()
+            elif time.monotonic() - last_save > cfg.save_every_s:
+                save_state()
+                last_save = time.monotonic()
+    finally:
+        prefetch.close()
     save_state()
     stop.restore()
     if stop.requested:

@@ -72,7 +72,7 @@ def phantom(slices: int, rows: int, cols: int, sigma: float = 0.03, seed: int = 
 def test_untrained_network_is_identity_on_the_centre_slice(kind: str) -> None:
     cfg = default_config(kind)
     net = build_network(cfg).eval()
-    x = torch.rand(2, cfg["in_slices"], 64, 64)
+    x = torch.rand(2, net.input_channels, 64, 64)  # the slices, then the noise map
     with torch.no_grad():
         y = net(x, torch.tensor([10.0, 500.0]))
     assert y.shape == (2, 1, 64, 64)
@@ -353,3 +353,50 @@ def test_planes_defaults_and_refusal(tiny: Path) -> None:
     assert Denoiser.load(tiny, device="cpu").planes == 2
     with pytest.raises(ValueError, match="planes"):
         Denoiser.load(tiny, device="cpu", planes=4)
+
+
+def test_map_channel_is_counted_and_checked() -> None:
+    net = build_network({**TINY, "noise_estimator": "noise_map", "noise_map_channel": True})
+    assert net.input_channels == TINY["in_slices"] + 1
+    with pytest.raises(ValueError, match="input channels"):
+        net(torch.rand(1, TINY["in_slices"], 32, 32), torch.tensor([1.0]))
+
+
+def test_widened_network_computes_what_the_old_one_did() -> None:
+    from denoised_node.model.network import widen_input
+
+    old = build_network(TINY).eval()
+    for p in old.parameters():  # not the identity: a zero last conv would hide a mistake
+        torch.nn.init.normal_(p, std=0.05)
+    new = build_network({**TINY, "noise_estimator": "noise_map", "noise_map_channel": True}).eval()
+    new.load_state_dict(widen_input(old.state_dict(), new))
+    x = torch.rand(2, TINY["in_slices"], 32, 32)
+    t = torch.tensor([100.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(new(torch.cat([x, torch.rand(2, 1, 32, 32)], 1), t), old(x, t))
+
+
+def test_fixed_timestep_ablation_ignores_the_noise_level() -> None:
+    net = build_network({**TINY, "fixed_timestep": 699}).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.rand(1, TINY["in_slices"], 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, torch.tensor([10.0])), net(x, torch.tensor([900.0])))
+
+
+def test_noise_map_model_denoises_a_zeroed_background_series(tmp_path: Path) -> None:
+    """A 2.x model reads the noise where the background is zeroed (t > 0, map present)."""
+    from denoised_node.model.inference import noise_inputs
+    from denoised_node.model.schedule import NoiseSchedule
+
+    net = build_network({**TINY, "noise_estimator": "noise_map", "noise_map_channel": True}).eval()
+    vol = phantom(3, 64, 64) / 1000.0
+    vol[:, :, :12] = 0.0
+    t, local = noise_inputs(net, vol, NoiseSchedule())
+    assert (t > 300).all() and local is not None and local.shape == vol.shape
+    path = tmp_path / "m.safetensors"
+    write_checkpoint(path, net.state_dict(), ModelCard(name="m", version="2", architecture=net.cfg,
+                                                        schedule=NoiseSchedule().to_dict()))
+    den = Denoiser.load(path, device="cpu", planes=1)
+    assert den.denoise(vol * 1000.0).shape == vol.shape

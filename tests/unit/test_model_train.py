@@ -88,15 +88,22 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path)
     base = TrainConfig(run_dir=tmp_path / "base", name="tiny", volumes=[str(volume)], steps=2, batch_size=2, patch=32,
                        warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), arch=TINY, threads=1)
     start = train(base)
-    # lr 0: the fine-tuned run must export exactly the weights it started from, with their architecture
+    # lr 0: the fine-tuned run must export exactly the weights it started from, moved onto the
+    # noise-map inputs (a 1.x model reads one Haar figure per slice): the map's input weights
+    # are zero, so it computes what the start did.
     tuned = TrainConfig(run_dir=tmp_path / "tuned", name="tiny", volumes=[str(volume)], steps=2, batch_size=2, patch=32,
                         lr=0.0, warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), threads=1, init_from=str(start))
     out = train(tuned)
     (card_a, a), (card_b, b) = read_checkpoint(start), read_checkpoint(out)
-    assert card_b.architecture == TINY
+    assert card_b.architecture == {**TINY, "noise_estimator": "noise_map", "noise_map_channel": True}
     assert card_b.training["initialised_from"]["identity"] == card_a.identity
     assert card_b.training["initialised_from"]["steps"] == 2
-    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    for k in a:
+        old, new = a[k].numpy(), b[k].numpy()
+        if old.shape == new.shape:
+            assert np.array_equal(old, new), k
+        else:  # the first convolution, widened by the map's channels
+            assert np.array_equal(new[:, : old.shape[1]], old) and not new[:, old.shape[1]:].any()
 
     # resumed, it keeps its own weights and still records where they started
     tuned.steps, tuned.lr = 4, 1e-3
@@ -107,3 +114,48 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path)
     wrong = TrainConfig(run_dir=tmp_path / "wrong", kind="basic_unet", volumes=[str(volume)], steps=1, init_from=str(start))
     with pytest.raises(ValueError, match="diffusion_unet"):
         train(wrong)
+
+
+def test_3d_variant_trains_and_denoises(tmp_path: Path, volume: Path) -> None:
+    arch = {**TINY, "spatial_dims": 3, "block_depth": 4, "noise_estimator": "noise_map",
+            "noise_map_channel": True}
+    cfg = TrainConfig(run_dir=tmp_path / "run3d", name="tiny3d", volumes=[str(volume)], steps=2, batch_size=1,
+                      patch=32, warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), arch=arch, threads=1)
+    best = train(cfg)
+    den = Denoiser.load(best, device="cpu")
+    vol = np.random.default_rng(2).random((6, 32, 32)).astype(np.float32)
+    assert den.denoise(vol).shape == vol.shape
+
+
+def test_time_budget_ends_the_run_and_drives_the_schedule(tmp_path: Path, volume: Path) -> None:
+    from denoised_node.model.train import _lr_at
+
+    cfg = TrainConfig(run_dir=tmp_path / "budget", name="tiny", volumes=[str(volume)], steps=None,
+                      time_budget_s=3.0, batch_size=1, patch=32, warmup=1, val_every=1000, holdout=8,
+                      gap=4, val_noise=(0.05,), arch=TINY, threads=1)
+    assert _lr_at(5, cfg, wall=0.0) == pytest.approx(cfg.lr)
+    assert _lr_at(5, cfg, wall=3.0) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+    train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["wall_s"] >= 3 - 0.5  # validated once, when the budget was spent
+    with pytest.raises(ValueError, match="time budget"):
+        TrainConfig(run_dir=tmp_path / "x", steps=None)
+
+
+def test_synthesised_batches_cover_the_randomised_families() -> None:
+    import torch
+
+    from denoised_node.model.synth import SynthConfig, Synthesizer
+
+    rng = np.random.default_rng(0)
+    maps = np.clip(rng.random((4, 40, 64, 64)).astype(np.float32), 0, 1)
+    cfg = SynthConfig(patch=32, in_slices=3, zeroed_background_prob=1.0, twelve_bit_prob=1.0)
+    synth = Synthesizer([maps], cfg, torch.device("cpu"), seed=1)
+    batch = synth.batch(4)
+    assert batch.noisy.shape == (4, 3, 32, 32) and batch.clean.shape == (4, 1, 32, 32)
+    assert torch.isfinite(batch.noisy).all() and (batch.noisy >= 0).all()
+    assert (batch.noisy == 0).any()  # zeroed backgrounds
+    assert (batch.sigma > 0).all()
+    again = Synthesizer([maps], cfg, torch.device("cpu"), seed=1).batch(4)
+    torch.testing.assert_close(batch.noisy, again.noisy)  # seeded: reproducible
+    assert synth.batch(2, all_slices=True).clean.shape == (2, 1, 3, 32, 32)
