@@ -51,9 +51,12 @@ def _command_line(name: str) -> str:
 @click.option("--init-from", default=None, metavar="CHECKPOINT",
               help="Fine-tune: start from these weights ('default' = the shipped model) with a fresh schedule.")
 @click.option("--warmup", type=int, default=300, show_default=True, help="Warm-up steps before the cosine decay.")
+@click.option("--evaluate", "then_evaluate", is_flag=True,
+              help="Then evaluate the best checkpoint on the held-out families beside the shipped model (RUN-DIR/eval).")
 def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
                   pairs: tuple[tuple[str, str], ...], steps: int | None, time_budget: float | None, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
-                  val_every: int, holdout: int, gap: int, resume: bool, init_from: str | None, warmup: int) -> None:
+                  val_every: int, holdout: int, gap: int, resume: bool, init_from: str | None, warmup: int,
+                  then_evaluate: bool) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
     from denoised_node.model.errors import ModelError
@@ -74,6 +77,14 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     except (FileExistsError, FileNotFoundError, ValueError, ModelError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"best checkpoint: {best}")
+    if then_evaluate:
+        from denoised_node.config.settings import GateSettings
+        from denoised_node.model.evaluate import EvalConfig, evaluate_families_cli
+
+        evaluate_families_cli(EvalConfig(checkpoint=str(best), out_dir=run / "eval", device=device,
+                                         threads=threads, holdout=holdout, gap=gap),
+                              GateSettings(), "default", echo=lambda line: click.echo(line, err=True))
+        click.echo(f"evaluation: {run / 'eval' / 'families.md'}")
 
 
 
@@ -99,11 +110,15 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Planes averaged for the networks (default: 2 on a CPU, 3 on a GPU).")
 @click.option("--holdout", type=int, default=24, show_default=True, help="Test slab (slices), as in training.")
 @click.option("--gap", type=int, default=8, show_default=True, help="Gap either side of the slab, as in training.")
+@click.option("--families", is_flag=True,
+              help="Evaluate on the held-out families (thick slices, noise kinds, lesions, texture, a real EPI) and study the gate.")
+@click.option("--compare", default="unet25d-1.0", show_default=True,
+              help="With --families: the previous model to show beside ('none' to leave it out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
 def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: str, out_dir: str, levels: str,
                      seeds: int, methods: str, contrasts: str, device: str | None, threads: int, tta: str | None,
                      planes: str | None, holdout: int,
-                     gap: int, as_json: bool) -> None:
+                     gap: int, families: bool, compare: str, as_json: bool) -> None:
     """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG)."""
     import json
 
@@ -127,6 +142,23 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
         holdout=holdout,
         gap=gap,
     )
+    if families:
+        from denoised_node.config.settings import GateSettings
+        from denoised_node.model.evaluate import evaluate_families_cli
+        from denoised_node.model.families import families_markdown
+
+        gate = getattr(settings, "gate", None) or GateSettings()
+        try:
+            fam = evaluate_families_cli(cfg, gate, None if compare.lower() == "none" else compare,
+                                        echo=lambda line: click.echo(line, err=True))
+        except ModelError as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps(fam, indent=1, default=float))
+        else:
+            click.echo(families_markdown(fam, [m for m in ("previous", "ours") if any(r["method"] == m for r in fam["rows"])]))
+        click.echo(f"wrote {Path(out_dir) / 'families.md'} and families.json", err=True)
+        return
     try:
         result = evaluate(cfg, echo=lambda line: click.echo(line, err=True))
     except ModelError as exc:

@@ -42,7 +42,7 @@ def denoise_path(settings: Settings, source: Path, target: Path,
                  progress: Progress | None = None, denoiser: object | None = None) -> str:
     denoiser = denoiser or _load_denoiser(settings)
     if is_nifti(source):
-        return _denoise_nifti(source, target, denoiser, progress)
+        return _denoise_nifti(settings, source, target, denoiser, progress)
     if source.is_dir():
         return _denoise_dicom_folder(settings, source, target, denoiser, progress)
     raise OfflineError(f"{source} is neither a DICOM folder nor a .nii/.nii.gz file")
@@ -82,7 +82,7 @@ def _denoise_dicom_folder(settings: Settings, source: Path, target: Path, denois
     return "\n".join(lines)
 
 
-def _denoise_nifti(source: Path, target: Path, denoiser: object,
+def _denoise_nifti(settings: Settings, source: Path, target: Path, denoiser: object,
                    progress: Progress | None) -> str:
     import nibabel as nib
 
@@ -98,6 +98,13 @@ def _denoise_nifti(source: Path, target: Path, denoiser: object,
     spacing = (zooms[2], zooms[1], zooms[0]) if len(zooms) == 3 else None
     denoised = denoiser.denoise(volume, progress=progress,  # type: ignore[attr-defined]
                                 spacing=spacing)
+    if settings.gate.enabled:  # the same gate as a series from the network
+        from denoised_node.model.gate import check_result
+
+        verdict = check_result(volume, denoised, settings.gate)
+        if not verdict.passed:
+            raise OfflineError(f"{source.name}: safety gate failed: {verdict.reason}; nothing "
+                               "written (--no-gate writes it anyway)")
     result = np.transpose(denoised, (2, 1, 0)).reshape(np.asarray(image.dataobj).shape)
     header = image.header.copy()
     header.set_data_dtype(np.float32)

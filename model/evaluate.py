@@ -279,3 +279,37 @@ def write_figure(data: dict[str, np.ndarray], path: Path, level: float) -> None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
+
+
+def evaluate_families_cli(cfg: EvalConfig, gate: Any, compare: str | None,
+                          echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """The held-out families (``families.py``) for ``cfg.checkpoint`` beside ``compare`` (the
+    previous model); NLM's h is the one the T1 validation slices chose at each level."""
+    import torch
+
+    from .families import evaluate_families
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache_path = out_dir / "classical-cache.json"
+    cache: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    case = _Case("t1", load_mni_t1(), cfg.holdout, cfg.gap)
+    nlm_h: dict[float, float] = {}
+    for level in (0.03, 0.05, 0.09):
+        tkey = f"t1/{level}/{cfg.holdout}/{cfg.gap}/tuned"
+        tuned = cache.get(tkey, {})
+        if "nlm_h_factor" not in tuned:
+            tuned = {**tuned, **_tune(case, level, ("nlm",), 0)}
+            cache[tkey] = tuned
+            cache_path.write_text(json.dumps(cache, indent=0, default=float))
+        nlm_h[level] = float(tuned["nlm_h_factor"])
+    models: dict[str, Denoiser] = {}
+    if compare:
+        try:
+            models["previous"] = Denoiser.load(compare, device=cfg.device, tta=cfg.tta, planes=cfg.planes)
+        except CheckpointNotFoundError as exc:
+            echo(f"left out the previous model: {exc}")
+    models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device, tta=cfg.tta, planes=cfg.planes)
+    return evaluate_families(models, out_dir, gate, nlm_h, echo=echo)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+MAX_FLOOR = 0.25
 THICK_SUBSAMPLES = 3  # points across a thick slice's profile (a thin one: the 1 mm source)
 
 
@@ -289,6 +290,11 @@ class Synthesizer:
         noise = self._apply_kspace(noise, mask) / gain[:, None, None, None]
         power = (signal + local * noise).abs().pow(2)
         coils = self._choice(torch.tensor(cfg.coil_counts), n).float()
+        # A realistic corner only: the sum-of-squares floor (about sigma * sqrt(2N)) stays under
+        # MAX_FLOOR of the bright level; many coils at high noise is not what scanners send,
+        # and such samples' floors dominated the loss (a first run lost 4 dB on plain noise).
+        most = (MAX_FLOOR / sigma).pow(2) / 2
+        coils = torch.minimum(coils, most.floor().clamp_min(1.0))
         extra = (coils - 1).clamp_min(0)
         # Noncentral chi: the other coils' noise adds sigma^2 * chi^2 with 2(N-1) degrees.
         multi = extra > 0

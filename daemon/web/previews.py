@@ -129,20 +129,10 @@ def gate_figures(before: np.ndarray, after: np.ndarray,
     f = verdict.figures
     if not f:
         return verdict.passed, verdict.reason, ()
-    std = f["residual_std_ratio"]
-    rows = (
-        GateRow("residual_mean_ratio", "|mean residual| in tissue / noise sigma",
-                f["residual_mean_ratio"], f"≤ {gate.max_residual_mean_ratio}",
-                f["residual_mean_ratio"] <= gate.max_residual_mean_ratio),
-        GateRow("residual_std_ratio", "residual spread / noise sigma", std,
-                f"{gate.min_residual_std_ratio} to {gate.max_residual_std_ratio}",
-                gate.min_residual_std_ratio <= std <= gate.max_residual_std_ratio),
-        GateRow("edge_correlation", "residual correlation with the image's edges",
-                f["edge_correlation"], f"≤ {gate.max_edge_correlation}",
-                f["edge_correlation"] <= gate.max_edge_correlation),
-        GateRow("tissue_mean_change", "relative change of the tissue mean",
-                f["tissue_mean_change"], f"≤ {gate.max_tissue_mean_change}",
-                f["tissue_mean_change"] <= gate.max_tissue_mean_change),
+    from denoised_node.model.gate import CHECKS
+
+    rows = tuple(GateRow(c.figure, c.meaning, f[c.figure], c.bound_text(gate),
+                         c.passes(f[c.figure], gate)) for c in CHECKS) + (
         GateRow("sigma_estimate", "estimated noise sigma (physical units)",
                 f["sigma_estimate"], "", None),
         GateRow("tissue_fraction", "fraction of pixels taken as tissue",

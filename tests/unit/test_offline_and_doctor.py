@@ -71,6 +71,25 @@ def test_gate_failure_is_one_line_and_no_gate_writes_anyway(tmp_path: Path,  # t
     assert result.exit_code == 0 and len(list((tmp_path / "b").glob("*.dcm"))) == 2
 
 
+def test_nifti_goes_through_the_gate_too(tmp_path: Path) -> None:
+    """A NIfTI result the gate refuses is not written (it was, with exit 0, before)."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:96, :80]
+    clean = np.repeat(((np.hypot(yy - 48, xx - 40) < 30) * 800.0)[:, :, None], 5, axis=2)
+    noisy = np.abs(clean + rng.normal(0, 40, clean.shape) + 1j * rng.normal(0, 40, clean.shape))
+    source = tmp_path / "t1.nii.gz"
+    nib.save(nib.Nifti1Image(noisy.astype(np.float32), np.eye(4)), str(source))
+    config = tmp_path / "strict.toml"
+    config.write_text(_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
+    target = tmp_path / "out.nii.gz"
+    result = CliRunner().invoke(main, ["denoise", str(source), str(target), "--config", str(config)])
+    assert result.exit_code == 1 and "safety gate failed" in result.stderr
+    assert not target.exists()
+    result = CliRunner().invoke(main, ["denoise", str(source), str(target), "--config", str(config),
+                                       "--no-gate"])
+    assert result.exit_code == 0 and target.exists()
+
+
 def test_denoise_rejects_other_inputs(tmp_path: Path) -> None:
     other = tmp_path / "notes.txt"
     other.write_text("hello")

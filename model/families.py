@@ -1,0 +1,230 @@
+"""Held-out families: the frozen evaluation beyond the T1 test slab, and the gate's study.
+
+Every family is built from data no training run samples and no decision looks at (the MNI
+test slab and its gaps, a real scan from a package, a texture generator training does not
+use); thresholds, checkpoints and NLM's strength are chosen on validation data elsewhere.
+
+| family | what it is |
+|---|---|
+| t1, t2like | the MNI152 test slab (T1, and the T2-like contrast from its tissue maps), Rician |
+| thick-5mm | the slab and its gaps averaged into 5 mm slices (a thick 2D series), Rician |
+| chi8, corr2x, gfactor, zeroed | the T1 slab at 5 %: 8-coil sum-of-squares, 2x zero-filled k-space, a 0.6-1.6x g-factor map, a vendor-zeroed background |
+| lesions | the T1 slab with 24 small Gaussian lesions (+-20 % of the max) inserted, 5 % |
+| blobs | a non-brain texture (scikit-image binary blobs, smoothed), Rician |
+| real-epi | a real EPI volume (nibabel's example4d, its two volumes averaged as the reference), Rician on top |
+
+``evaluate_families`` scores noisy, NLM (true sigma; h as validation chose it for Rician at
+that level), the shipped 1.x model and the model under test (PSNR and SSIM in the mask, HFEN,
+the lesions' kept contrast), runs the gate on the model's result (false alarms) and on
+deliberately broken results (catch rate), and writes ``families.md`` and ``families.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import gaussian_filter, shift
+
+from .data import Split, foreground_mask, load_mni_t1, load_mni_t2_like
+from .metrics import hfen, psnr, ssim
+from .noise import add_rician
+from .validation import add_coil_noise, gfactor_field
+
+MARGIN = 2
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    level: float
+    clean: np.ndarray  # with MARGIN slices either side
+    noisy: np.ndarray
+    spacing: tuple[float, float, float]
+    sigma: float  # the noise sigma added (absolute)
+    lesions: np.ndarray | None = None  # the inserted lesion pattern (signed), if any
+
+    @property
+    def inner(self) -> slice:
+        return slice(MARGIN, self.clean.shape[0] - MARGIN)
+
+
+def _slab(vol: np.ndarray, extra: int = 0) -> np.ndarray:
+    a, b = Split(vol.shape[0]).test
+    return vol[a - MARGIN - extra : b + MARGIN + extra]
+
+
+def _zero_filled(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    h, w = clean.shape[-2:]
+    noise = rng.normal(size=clean.shape) + 1j * rng.normal(size=clean.shape)
+    k = np.fft.fftshift(np.fft.fft2(noise), axes=(-2, -1))
+    keep = np.zeros((h, w))
+    keep[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
+    band = np.fft.ifft2(np.fft.ifftshift(k * keep, axes=(-2, -1)))
+    band = band / band.real.std() * sigma
+    return np.abs(clean + band).astype(np.float32)
+
+
+def _lesions(shape: tuple[int, int, int], peak: float, rng: np.random.Generator) -> np.ndarray:
+    pattern = np.zeros(shape, dtype=np.float32)
+    yy, xx = np.mgrid[: shape[1], : shape[2]]
+    for _ in range(24):
+        z = int(rng.integers(MARGIN, shape[0] - MARGIN))
+        cy, cx = int(rng.integers(50, shape[1] - 50)), int(rng.integers(40, shape[2] - 40))
+        sign = 1.0 if rng.random() < 0.5 else -1.0
+        pattern[z] += sign * 0.2 * peak * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * 1.2**2))
+    return pattern
+
+
+def _blobs(rng_seed: int) -> np.ndarray:
+    from skimage.data import binary_blobs
+
+    vol = binary_blobs(length=128, blob_size_fraction=0.06, n_dim=3, volume_fraction=0.35,
+                       rng=rng_seed)[:20].astype(np.float32)
+    return gaussian_filter(0.3 + 0.6 * vol, 0.8).astype(np.float32)
+
+
+def _real_epi() -> np.ndarray:
+    import os
+
+    import nibabel as nib
+
+    path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "example4d.nii.gz")
+    data = np.asarray(nib.load(path).dataobj, dtype=np.float32).mean(axis=3)
+    return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (z, y, x)
+
+
+def build_cases(levels: tuple[float, ...] = (0.03, 0.05, 0.09), seed: int = 0) -> list[Case]:
+    rng = np.random.default_rng(10_000 + seed)
+    t1 = load_mni_t1()
+    t2 = load_mni_t2_like()
+    cases: list[Case] = []
+    slab_t1, slab_t2 = _slab(t1), _slab(t2)
+    iso = (1.0, 1.0, 1.0)
+    for lvl in levels:
+        cases.append(Case("t1", lvl, slab_t1, add_rician(slab_t1, lvl, rng), iso, lvl))
+        cases.append(Case("t2like", lvl, slab_t2, add_rician(slab_t2, lvl, rng), iso, lvl))
+    # Thick slices: the slab and its gaps (never trained on) averaged 5 by 5.
+    wide = _slab(t1, extra=8)
+    n = (wide.shape[0] // 5) * 5
+    thick = wide[:n].reshape(n // 5, 5, *wide.shape[1:]).mean(1)
+    for lvl in levels:
+        cases.append(Case("thick-5mm", lvl, thick, add_rician(thick, lvl, rng), (5.0, 1.0, 1.0), lvl))
+    s = 0.05
+    cases.append(Case("chi8", s, slab_t1, add_coil_noise(slab_t1, s, 8, rng), iso, s))
+    cases.append(Case("corr2x", s, slab_t1, _zero_filled(slab_t1, s, rng), iso, s))
+    g = gfactor_field(slab_t1.shape[1:])[None]
+    cases.append(Case("gfactor", s, slab_t1, add_coil_noise(slab_t1, s * g, 1, rng), iso, s))
+    zeroed = np.where(slab_t1 > 0.02, add_rician(slab_t1, s, rng), 0.0).astype(np.float32)
+    cases.append(Case("zeroed", s, np.where(zeroed > 0, slab_t1, 0.0).astype(np.float32), zeroed, iso, s))
+    pattern = _lesions(slab_t1.shape, 1.0, rng)
+    with_lesions = np.clip(slab_t1 + pattern * (slab_t1 > 0.1), 0, None).astype(np.float32)
+    cases.append(Case("lesions", s, with_lesions, add_rician(with_lesions, s, rng), iso, s,
+                      lesions=pattern * (slab_t1 > 0.1)))
+    blobs = _blobs(seed)
+    for lvl in levels[:2]:
+        cases.append(Case("blobs", lvl, blobs, add_rician(blobs, lvl, rng), iso, lvl))
+    epi = _real_epi()
+    for lvl in levels[:2]:
+        sig = lvl * float(epi.max())
+        cases.append(Case("real-epi", lvl, epi, add_rician(epi, sig, rng), (2.2, 2.0, 2.0), sig))
+    return cases
+
+
+def lesion_contrast(case: Case, out: np.ndarray) -> float:
+    """How much of the inserted lesions' contrast the result keeps (1 = all), measured as the
+    regression of (result - the clean slab without lesions) on the lesion pattern."""
+    assert case.lesions is not None
+    base = case.clean - case.lesions
+    diff = (out - base)[case.inner]
+    pat = case.lesions[case.inner]
+    m = np.abs(pat) > 0.05 * np.abs(pat).max()
+    return float((diff[m] * pat[m]).sum() / (pat[m] ** 2).sum())
+
+
+def score(case: Case, out: np.ndarray) -> dict[str, float]:
+    c, o = case.clean[case.inner], out[case.inner]
+    peak = float(case.clean.max())  # PSNR's peak: the clean maximum, as in evaluate.py
+    mask = foreground_mask(case.clean)[case.inner]
+    row = {"psnr_mask": psnr(c, o, peak, mask), "ssim_mask": ssim(c, o, peak, mask), "hfen": hfen(c, o)}
+    if case.lesions is not None:
+        row["lesion_contrast"] = lesion_contrast(case, out)
+    return row
+
+
+# Deliberately broken results: what the gate must catch.
+BREAKS: dict[str, Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]] = {
+    "blur 1 px": lambda x, y, s: (x, np.stack([gaussian_filter(v, 1.0) for v in y])),
+    "blur 2.5 px": lambda x, y, s: (x, np.stack([gaussian_filter(v, 2.5) for v in y])),
+    "shift 1 px": lambda x, y, s: (x, np.stack([shift(v, (0, 1), order=1) for v in y])),
+    "intensity -15 %": lambda x, y, s: (x, y * 0.85),
+    "texture added (1 sigma)": lambda x, y, s: (x, y + np.random.default_rng(5).normal(0, s, y.shape).astype(np.float32)),
+    "nothing removed": lambda x, y, s: (x, x.copy()),
+}
+
+
+def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: dict[float, float],
+                      echo: Callable[[str], None] = print, seed: int = 0) -> dict[str, Any]:
+    """``models``: name -> Denoiser; ``gate``: the gate settings; ``nlm_h``: level -> h factor."""
+    from .evaluate import _nlm
+    from .gate import check_result
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    gate_rows: list[dict[str, Any]] = []
+    for case in build_cases(seed=seed):
+        sigma = case.sigma
+        outs = {"noisy": case.noisy}
+        h = nlm_h.get(case.level) or nlm_h[min(nlm_h, key=lambda k: abs(k - case.level))]
+        outs["nlm"] = _nlm(case.noisy, sigma, h)
+        for name, model in models.items():
+            outs[name] = model.denoise(case.noisy, spacing=case.spacing)
+        for name, out in outs.items():
+            row = {"family": case.family, "level": case.level, "method": name, **score(case, out)}
+            if name in models:
+                verdict = check_result(case.noisy, out, gate)
+                row["gate_passed"] = verdict.passed
+                row["gate_reason"] = verdict.reason
+            rows.append(row)
+            echo(f"{case.family} {case.level:.0%} {name:10s} psnr_mask {row['psnr_mask']:.2f}"
+                 + (f" gate {'pass' if row.get('gate_passed') else 'FAIL: ' + row.get('gate_reason', '')}" if name in models else ""))
+        last = list(models)[-1]
+        for brk, make in BREAKS.items():
+            x, y = make(case.noisy, outs[last], sigma)
+            verdict = check_result(x, y, gate)
+            gate_rows.append({"family": case.family, "level": case.level, "break": brk,
+                              "caught": not verdict.passed, "reason": verdict.reason})
+    result = {"rows": rows, "gate": gate_rows}
+    (out_dir / "families.json").write_text(json.dumps(result, indent=1, default=float))
+    (out_dir / "families.md").write_text(families_markdown(result, list(models)))
+    return result
+
+
+def families_markdown(result: dict[str, Any], models: list[str]) -> str:
+    methods = ["noisy", "nlm", *models]
+    lines = ["| family | noise | " + " | ".join(methods) + " | gate on " + models[-1] + " |",
+             "|---|---|" + "---|" * (len(methods) + 1)]
+    keys = list(dict.fromkeys((r["family"], r["level"]) for r in result["rows"]))
+    for fam, lvl in keys:
+        cells = []
+        for m in methods:
+            r = next(x for x in result["rows"] if x["family"] == fam and x["level"] == lvl and x["method"] == m)
+            extra = f" (lesions {r['lesion_contrast']:.2f})" if "lesion_contrast" in r else ""
+            cells.append(f"{r['psnr_mask']:.2f}{extra}")
+        g = next(x for x in result["rows"] if x["family"] == fam and x["level"] == lvl and x["method"] == models[-1])
+        cells.append("pass" if g["gate_passed"] else "refused: " + g["gate_reason"].split(":")[0])
+        lines.append(f"| {fam} | {lvl:.0%} | " + " | ".join(cells) + " |")
+    ours_rows = [r for r in result["rows"] if r["method"] == models[-1]]
+    false_alarms = sum(not r["gate_passed"] for r in ours_rows)
+    lines += ["", f"Gate false alarms on {models[-1]}'s results: {false_alarms} of {len(ours_rows)}.", "",
+              "| broken result | caught |", "|---|---|"]
+    for brk in BREAKS:
+        rs = [g for g in result["gate"] if g["break"] == brk]
+        lines.append(f"| {brk} | {sum(g['caught'] for g in rs)} of {len(rs)} |")
+    total = result["gate"]
+    lines.append(f"| all | {sum(g['caught'] for g in total)} of {len(total)} |")
+    return "\n".join(lines) + "\n"
