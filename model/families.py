@@ -247,7 +247,7 @@ def write_real_scan_figure(model: Any, path: Path) -> None:
 
     epi = _real_epi()
     out = model.denoise(epi, spacing=(2.2, 2.0, 2.0))
-    picks = [8, 12, 16]
+    picks = sorted({epi.shape[0] // 3, epi.shape[0] // 2, (2 * epi.shape[0]) // 3})
     vmax = float(np.percentile(epi, 99.5))
     fig, axes = plt.subplots(len(picks), 3, figsize=(8.4, 2.6 * len(picks)))
     for row, z in enumerate(picks):
