@@ -145,7 +145,13 @@ def measure(noisy: np.ndarray, denoised: np.ndarray) -> dict[str, float]:
     out_sigma = float(np.median(out_sigmas[out_measurable])) * scale if out_measurable.any() else 0.0
     regional = _per_slice(lambda s: gaussian_filter(s, 5.0), r)
     local_shift = float(np.percentile(np.abs(regional[bright]), 99)) / sigma_ref
-    fine = _per_slice(lambda s: gaussian_filter(s, 1.0), r)[bright]
+    # Blobs are looked for where the output is smooth: an erased lesion leaves the output
+    # flat there, while a sharp edge leaves a thin line of residual that is not a lost structure.
+    grad = np.hypot(np.gradient(smooth, axis=1), np.gradient(smooth, axis=2))
+    flat = bright & (grad < 0.5 * sigma_ref)
+    if flat.sum() < 0.05 * bright.sum():
+        flat = bright
+    fine = _per_slice(lambda s: gaussian_filter(s, 1.0), r)[flat]
     spread = 1.4826 * float(np.median(np.abs(fine - np.median(fine))))
     blobs = float((np.abs(fine) > BLOB_SIGMAS * spread).mean()) if spread > 0 else 0.0
     mean_in = float(x[tissue].mean())

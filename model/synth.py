@@ -47,6 +47,7 @@ class SynthConfig:
     template_texture_prob: float = 0.6
     axis_probs: tuple[float, float, float] = (0.6, 0.2, 0.2)
     pixel_mm: tuple[float, float] = (0.5, 2.0)
+    native_prob: float = 0.4  # on the source's own grid: 1 mm pixels, right angles
     thick_prob: float = 0.45  # a 2D acquisition with thick slices
     thick_mm: tuple[float, float] = (2.0, 6.0)
     bias_prob: float = 0.6
@@ -179,12 +180,22 @@ class Synthesizer:
         p, s = cfg.patch, cfg.in_slices
         axes = torch.tensor([0, 1, 2])
         axis = self._choice(axes, n, torch.tensor(cfg.axis_probs))
-        pixel = self._u(n, *cfg.pixel_mm)
+        # Native samples sit on the source's own 1 mm grid (no interpolation): resampling at
+        # other sizes and angles softens the template's texture, and a network that sees only
+        # softened texture over-smooths real 1 mm scans (2 dB lost on the validation slices).
+        native = bool(self._p(1, cfg.native_prob).item())
+        pixel = torch.ones(n, device=dev) if native else self._u(n, *cfg.pixel_mm)
         thick = bool(self._p(1, cfg.thick_prob).item())
         subsamples = THICK_SUBSAMPLES if thick else 1
-        spacing = self._u(n, *cfg.thick_mm) if thick else pixel * self._u(n, 1.0, 1.3)
+        if thick:
+            spacing = self._u(n, *cfg.thick_mm)
+        else:
+            spacing = torch.ones(n, device=dev) if native else pixel * self._u(n, 1.0, 1.3)
         thickness = spacing * self._u(n, 0.8, 1.0)
-        angle = self._u(n, 0.0, 2 * math.pi)
+        if native:
+            angle = torch.randint(0, 4, (n,), generator=self.gen, device=dev).float() * (math.pi / 2)
+        else:
+            angle = self._u(n, 0.0, 2 * math.pi)
         eye = torch.eye(3, device=dev)
         normal = eye[axis]  # (n, 3) in (D, H, W) voxel axes
         a1 = eye[(axis + 1) % 3]
@@ -194,11 +205,13 @@ class Synthesizer:
         size = torch.tensor(shape, dtype=torch.float32, device=dev)
         # Centres on the foreground, so that patches hold anatomy.
         pick = torch.randint(0, len(fg), (n,), generator=self.gen, device=dev)
-        centre = fg[pick].float() + torch.rand(n, 3, generator=self.gen, device=dev) - 0.5
+        centre = fg[pick].float()
+        if not native:
+            centre = centre + torch.rand(n, 3, generator=self.gen, device=dev) - 0.5
         k = torch.arange(s, device=dev, dtype=torch.float32) - s // 2
         sub = (torch.arange(subsamples, device=dev, dtype=torch.float32) + 0.5) / subsamples - 0.5
         offs = k[None, :, None] * spacing[:, None, None] + sub[None, None, :] * thickness[:, None, None]
-        ij = torch.arange(p, device=dev, dtype=torch.float32) - (p - 1) / 2
+        ij = torch.arange(p, device=dev, dtype=torch.float32) - p // 2  # integer offsets
         pos = (centre[:, None, None, None, None, :]
                + offs[:, :, :, None, None, None] * normal[:, None, None, None, None, :]
                + ij[None, None, None, :, None, None] * pixel[:, None, None, None, None, None] * u[:, None, None, None, None, :]
