@@ -153,6 +153,14 @@ def uses_noise_map(net: DenoiseNet) -> bool:
     return net.cfg.get("noise_estimator", "haar_mad") == "noise_map"
 
 
+def noise_map_factor(net: DenoiseNet) -> float:
+    """What the noise map's reading is multiplied by before it becomes the timestep and the map
+    channel: 1 for networks trained on the map; for 1.x weights moved onto the map (widened,
+    not retrained) the factor that puts the map's reading on the scale of the Haar MAD they
+    were trained with (it read 0.79-0.87x of the true sigma), chosen on validation."""
+    return float(net.cfg.get("noise_map_factor", 1.0))
+
+
 def slice_timesteps(vol: np.ndarray, schedule: NoiseSchedule, scale: float = 1.0,
                     factor: float = 1.0) -> np.ndarray:
     """Per-slice timesteps from the Haar MAD estimate of each slice normalised by ``scale``
@@ -170,6 +178,7 @@ def noise_inputs(net: DenoiseNet, slices: np.ndarray, schedule: NoiseSchedule,
         sigmas = np.array([estimate_sigma(s) for s in slices], dtype=np.float32)
         return schedule.timestep(sigmas * np.float32(factor)), None
     result = noise_map(torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)))
+    factor *= noise_map_factor(net)
     t = schedule.timestep(result.sigma.numpy() * np.float32(factor))
     if not net.map_channel:
         return t, None

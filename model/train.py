@@ -36,7 +36,7 @@ from .data import (
     mni_maps,
     volume_maps,
 )
-from .inference import uses_noise_map
+from .inference import noise_map_factor, uses_noise_map
 from .network import DenoiseNet, build_network, count_parameters, default_config, widen_input
 from .noise import estimate_sigma, robust_scale
 from .noise_map import noise_map
@@ -260,9 +260,10 @@ def network_inputs(net: DenoiseNet, noisy: torch.Tensor, schedule: NoiseSchedule
             sig = [float(np.median([estimate_sigma(s) for s in v])) for v in noisy.detach().cpu().numpy()]
             return x, torch.tensor(schedule.timestep(np.array(sig)), device=noisy.device)
         nm = noise_map(noisy.reshape(b * d, h, w))
-        t = schedule.timestep_torch(nm.sigma.reshape(b, d)).median(dim=1).values
+        k = noise_map_factor(net)
+        t = schedule.timestep_torch(k * nm.sigma.reshape(b, d)).median(dim=1).values
         if net.map_channel:
-            local = schedule.timestep_torch(nm.sigma_map.reshape(b, 1, d, h, w)) / (schedule.num_steps - 1)
+            local = schedule.timestep_torch(k * nm.sigma_map.reshape(b, 1, d, h, w)) / (schedule.num_steps - 1)
             x = torch.cat([x, local], dim=1)
         return x, t
     centre = noisy[:, net.in_slices // 2]
@@ -270,9 +271,10 @@ def network_inputs(net: DenoiseNet, noisy: torch.Tensor, schedule: NoiseSchedule
         sig = np.array([estimate_sigma(s) for s in centre.detach().cpu().numpy()], dtype=np.float32)
         return noisy, torch.from_numpy(schedule.timestep(sig)).to(noisy.device)
     nm = noise_map(centre)
-    t = schedule.timestep_torch(nm.sigma)
+    k = noise_map_factor(net)
+    t = schedule.timestep_torch(k * nm.sigma)
     if net.map_channel:
-        local = schedule.timestep_torch(nm.sigma_map) / (schedule.num_steps - 1)
+        local = schedule.timestep_torch(k * nm.sigma_map) / (schedule.num_steps - 1)
         noisy = torch.cat([noisy, local[:, None]], dim=1)
     return noisy, t
 
