@@ -13,7 +13,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "DENOISED_NODE_"
 CONFIG_ENV = "DENOISED_NODE_CONFIG"
@@ -26,8 +35,27 @@ class ConfigError(Exception):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads "yes", "on", "1" and 1 as true: a typo must not switch TLS on or off.
+        if (info.field_name is not None and cls.model_fields[info.field_name].annotation is bool
+                and not isinstance(value, bool)):
+            raise ValueError(f"must be true or false (a TOML boolean), not {value!r}")
+        return value
 
-AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+
+def _ae_title(value: str) -> str:
+    # PS3.5 6.2: 16 characters of the default repertoire, no backslash (the value
+    # separator) and no control character; spaces only as padding.
+    if (not 1 <= len(value) <= 16 or not value.strip(" ")
+            or any(not " " <= char <= "~" or char == "\\" for char in value)):
+        raise ValueError(f"{value!r} is not an AE title: 1 to 16 printable ASCII characters, "
+                         "not only spaces, without a backslash or a control character")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
