@@ -103,11 +103,16 @@ _INSTANCE_BY_UID = (select(Instance.id, Instance.sha256, Instance.series_id,
                     .where(Instance.sop_instance_uid == bindparam("sop_uid")))
 _INSERT_INSTANCE = insert(Instance)
 _UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("row_id"))
+# An arrival reopens a purged or ignored series: it is judged again on what it now holds
+# (MR instances after a series went idle with only ignored ones are denoised).
+_REOPENED = (SeriesState.PURGED, SeriesState.IGNORED)
 _COUNT_IN_SERIES = update(Series).where(Series.id == bindparam("row_id")).values(
     revision=Series.revision + 1,
     instance_count=Series.instance_count + bindparam("added", type_=Series.instance_count.type),
     last_received_at=bindparam("now", type_=Series.last_received_at.type), released_at=None,
-    state=case((Series.state == SeriesState.PURGED, SeriesState.RECEIVING), else_=Series.state),
+    state=case((Series.state.in_(_REOPENED), SeriesState.RECEIVING), else_=Series.state),
+    ignored_reason=case((Series.state == SeriesState.IGNORED, None),
+                        else_=Series.ignored_reason),
     purged_at=case((Series.state == SeriesState.PURGED, None), else_=Series.purged_at))
 
 
@@ -138,6 +143,11 @@ class Receiver:
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
         check_uid(sop_class, "SOPClassUID")
         ignored = self._ignored_reason(ds, sop_class)
+        if ignored is None and "PixelData" not in ds:
+            # An MR image IOD requires Pixel Data: without it the dataset was cut short at an
+            # element boundary (nothing else tells), or is not an image. Never kept as one.
+            raise UnreadableDataset("the MR image has no Pixel Data: the dataset is cut short "
+                                    "or not an image; send it again")
         digest = hashlib.sha256(data).hexdigest()
 
         relative = ""
