@@ -28,7 +28,7 @@ from sqlalchemy import func, select
 
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
-from denoised_node.storage.queue import TERMINAL_STATES, JobState, counts_by_state
+from denoised_node.storage.queue import TERMINAL_STATES, JobState, counts_by_state, is_note
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,8 @@ class QueueCollector(Collector):
                 return
 
     def _follow(self, event: _Event) -> None:
+        if is_note(event.from_state, event.to_state):
+            return  # an event of the series, not a stage
         entered = self._entered.setdefault(event.job_id, {})
         to_state, at = event.to_state, event.at
         if event.from_state is None:  # the job was created: its series just completed

@@ -20,11 +20,17 @@ from sqlalchemy import Connection, Engine, bindparam, case, insert, select, upda
 from sqlalchemy.exc import IntegrityError
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.status import InstanceTooLarge, SOPClassMismatch, UnreadableDataset
+from denoised_node.daemon.status import (
+    InstanceTooLarge,
+    SeriesInOtherStudy,
+    SOPClassMismatch,
+    UnreadableDataset,
+)
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.derive import is_own_output
 from denoised_node.storage.files import FileStore, check_uid
 from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
+from denoised_node.storage.queue import add_note
 from denoised_node.storage.series import MR_SOP_CLASSES
 
 log = logging.getLogger(__name__)
@@ -96,11 +102,13 @@ def _check_pixel_data_length(ds: Dataset) -> None:
 
 
 # The per-image statements, built once: building them per call cost more than running them.
-_SERIES_LOCKED = (select(Series.id).where(Series.series_uid == bindparam("series_uid"))
-                  .with_for_update())
+_SERIES_LOCKED = (select(Series.id, Series.study_uid)
+                  .where(Series.series_uid == bindparam("series_uid")).with_for_update())
+_SERIES_ROW_LOCKED = select(Series.id).where(Series.id == bindparam("row_id")).with_for_update()
 _INSTANCE_BY_UID = (select(Instance.id, Instance.sha256, Instance.series_id,
-                           Instance.ignored_reason)
+                           Instance.ignored_reason, Instance.path)
                     .where(Instance.sop_instance_uid == bindparam("sop_uid")))
+_PATH_IN_USE = select(Instance.id).where(Instance.path == bindparam("path")).limit(1)
 _INSERT_INSTANCE = insert(Instance)
 _UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("row_id"))
 # An arrival reopens a purged or ignored series: it is judged again on what it now holds
@@ -114,6 +122,15 @@ _COUNT_IN_SERIES = update(Series).where(Series.id == bindparam("row_id")).values
     ignored_reason=case((Series.state == SeriesState.IGNORED, None),
                         else_=Series.ignored_reason),
     purged_at=case((Series.state == SeriesState.PURGED, None), else_=Series.purged_at))
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    received: Received
+    # A file no row names any more (the instance moved to another series, or is ignored
+    # now): removed once the transaction is committed.
+    stale_path: str = ""
+    stale_series_id: int = 0
 
 
 class Receiver:
@@ -164,13 +181,16 @@ class Receiver:
         else:
             self.store.check_space(0)
         try:
-            return self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
-                               data, digest, ignored, calling_ae)
+            indexed = self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
+                                  data, digest, ignored, calling_ae)
         except Exception:
             # The index row is what makes a file count; without it a new file is not kept.
             if relative and not existed:
                 self.store.remove(relative)
             raise
+        if indexed.stale_path:
+            self._remove_unreferenced(indexed.stale_path, indexed.stale_series_id)
+        return indexed.received
 
     def _ignored_reason(self, ds: Dataset, sop_class: str) -> str | None:
         modality = str(ds.get("Modality", "") or "")
@@ -185,35 +205,83 @@ class Receiver:
 
     def _index(self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
                relative: str, data: bytes, digest: str, ignored: str | None,
-               calling_ae: str) -> Received:
+               calling_ae: str) -> _Indexed:
         """Add or update the instance row and count it in its series, in one transaction.
-        Core statements, not the ORM: this runs once per received image."""
+        Core statements, not the ORM: this runs once per received image.
+
+        A SOP Instance UID belongs to one series. Arriving in another series (a PACS split
+        or merged a series), the instance moves: its row and file go to the new series, the
+        old series loses it (and is denoised again without it), and both series' jobs get a
+        note of the move."""
         now = utcnow()
         with self.engine.begin() as connection:
             series_id = self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
                                                 calling_ae, now)
             if relative and not self.store.path(relative).is_file():
-                # Retention purged the series between our write and our lock: write again.
+                # Retention purged the series, or a move took the file, between our write
+                # and our lock: write again.
                 self.store.write_atomic(self.store.path(relative), data)
             existing = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
             if existing is not None and existing.sha256 == digest:
-                return Received(existing.series_id, sop_uid, True, existing.ignored_reason)
+                return _Indexed(Received(existing.series_id, sop_uid, True,
+                                         existing.ignored_reason))
             values = {
-                "sop_class_uid": sop_class,
+                "series_id": series_id, "sop_class_uid": sop_class,
                 "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
                 "instance_number": _int_or_none(ds.get("InstanceNumber")),
                 "path": relative, "size_bytes": len(data), "sha256": digest,
                 "received_at": now, "ignored_reason": ignored,
             }
-            added = 0
+            counted = int(ignored is None)
             if existing is None:
-                connection.execute(_INSERT_INSTANCE, {
-                    "series_id": series_id, "sop_instance_uid": sop_uid, **values})
-                added = int(ignored is None)
+                connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": sop_uid, **values})
+                connection.execute(_COUNT_IN_SERIES,
+                                   {"row_id": series_id, "added": counted, "now": now})
+                return _Indexed(Received(series_id, sop_uid, False, ignored))
+            connection.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
+            was_counted = int(existing.ignored_reason is None)
+            if existing.series_id == series_id:
+                connection.execute(_COUNT_IN_SERIES, {"row_id": series_id,
+                                                      "added": counted - was_counted, "now": now})
             else:
-                connection.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
-            connection.execute(_COUNT_IN_SERIES, {"row_id": series_id, "added": added, "now": now})
-            return Received(series_id, sop_uid, False, ignored)
+                self._record_move(connection, sop_uid, existing.series_id, series_id,
+                                  series_uid, was_counted, counted, now)
+            stale = existing.path if existing.path and existing.path != relative else ""
+            return _Indexed(Received(series_id, sop_uid, False, ignored), stale,
+                            existing.series_id)
+
+    def _record_move(self, connection: Connection, sop_uid: str, old_series_id: int,
+                     new_series_id: int, new_series_uid: str, was_counted: int, counted: int,
+                     now: datetime) -> None:
+        old_series_uid = connection.scalar(select(Series.series_uid).where(
+            Series.id == old_series_id))
+        # The old series changed too: its revision rises, so it is denoised again without
+        # the instance (a derived copy already sent stays in the PACS: the node deletes
+        # nothing there).
+        connection.execute(_COUNT_IN_SERIES, {"row_id": old_series_id, "added": -was_counted,
+                                              "now": now})
+        connection.execute(_COUNT_IN_SERIES, {"row_id": new_series_id, "added": counted,
+                                              "now": now})
+        note = f"instance {sop_uid} moved to series {new_series_uid} from series {old_series_uid}"
+        for series_id in (old_series_id, new_series_id):
+            add_note(connection, series_id, note, now)
+        log.warning("instance moved to another series", extra={
+            "sop_instance_uid": sop_uid, "series_uid": new_series_uid,
+            "from_series_uid": old_series_uid})
+
+    def _remove_unreferenced(self, relative: str, series_id: int) -> None:
+        """Remove a file that no index row names after a commit, holding the lock of the
+        series it was filed under: a receiver writing the same path again for that series
+        either finds it gone under its own lock (and writes it again) or has indexed it,
+        and then it stays. A crash before this leaves an orphan for remove_orphans."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(_SERIES_ROW_LOCKED, {"row_id": series_id})
+                if connection.execute(_PATH_IN_USE, {"path": relative}).first() is None:
+                    self.store.remove(relative)
+        except Exception:  # noqa: BLE001 - the instance was kept; the orphan is swept later
+            log.exception("could not remove the file an instance left behind",
+                          extra={"path": relative})
 
     def _series_for_update(self, connection: Connection, ds: Dataset, study_uid: str,
                            series_uid: str, sop_class: str, calling_ae: str,
@@ -221,9 +289,13 @@ class Receiver:
         # The row lock (PostgreSQL; SQLite serialises writers) makes concurrent receivers of
         # one series take turns: no lost revision or instance_count increment, and a
         # resent instance finds the other receiver's row instead of a unique violation.
-        series_id = connection.scalar(_SERIES_LOCKED, {"series_uid": series_uid})
-        if series_id is not None:
-            return int(series_id)
+        found = connection.execute(_SERIES_LOCKED, {"series_uid": series_uid}).first()
+        if found is not None:
+            if found.study_uid != study_uid:
+                raise SeriesInOtherStudy(
+                    f"series {series_uid} is kept under study {found.study_uid}, not "
+                    f"{study_uid}; a series belongs to one study")
+            return int(found.id)
         try:
             with connection.begin_nested():
                 return int(connection.execute(insert(Series).values(
@@ -235,7 +307,8 @@ class Receiver:
                 ).returning(Series.id)).scalar_one())
         except IntegrityError:
             # Another association created it first (PostgreSQL; SQLite serialises writers).
-            return int(connection.execute(_SERIES_LOCKED, {"series_uid": series_uid}).scalar_one())
+            return self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
+                                           calling_ae, now)
 
     def mark_released(self, delivered: Counter[int]) -> None:
         """An association released normally: a series whose every instance came in it may

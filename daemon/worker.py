@@ -189,10 +189,19 @@ class Worker:
             if series.state == SeriesState.PURGED:
                 raise PermanentError(f"the files of series {series.series_uid} were purged; "
                                      "send the series again from the PACS")
-            rows = session.scalars(select(Instance.path).where(
+            rows = session.execute(select(Instance.sop_instance_uid, Instance.path).where(
                 Instance.series_id == series.id, Instance.ignored_reason.is_(None))).all()
-            uid = series.series_uid
-        paths = [self.store.path(row) for row in rows]
+            uid, study_uid = series.series_uid, series.study_uid
+        paths = []
+        for sop_uid, relative in rows:
+            # Never derive from bytes filed under another series: only the path this
+            # series' UIDs name is read (an index an older release left inconsistent).
+            if relative != self.store.instance_path(study_uid, uid, sop_uid):
+                log.error("instance row names another series' file; left out",
+                          extra={"job_id": job.id, "sop_instance_uid": sop_uid,
+                                 "path": relative})
+                continue
+            paths.append(self.store.path(relative))
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise PermanentError(f"{len(missing)} stored file(s) of series {uid} are missing, "
