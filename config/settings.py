@@ -96,10 +96,16 @@ class NodeSettings(_Section):
     port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
     data_dir: Path = Field(default_factory=default_data_dir)
     max_associations: int = Field(default=16, ge=1)
+    # Connections one address may hold at once (more are closed when accepted), so that
+    # one misbehaving host cannot take every association slot.
+    max_associations_per_address: int = Field(default=8, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
+    # Also the longest silence inside a PDU on an accepted connection.
     network_timeout: float = Field(default=60.0, gt=0)
-    maximum_pdu_size: int = Field(default=0, ge=0)  # 0: unlimited
+    # The longest P-DATA PDU received (advertised in the association); 0: unlimited, then a
+    # PDU may be as long as node.max_instance_mb. Longer PDUs end the connection.
+    maximum_pdu_size: int = Field(default=1048576, ge=0)
     # Refuse new instances (0xA700) while free space is under this, so the disk never fills.
     min_free_mb: int = Field(default=1024, ge=0)
     max_instance_mb: int = Field(default=2048, ge=1)

@@ -32,6 +32,9 @@ from denoised_node.storage.queue import TERMINAL_STATES, JobState, counts_by_sta
 
 log = logging.getLogger(__name__)
 
+# Why the connection guard (daemon/connection_guard.py) closed a connection.
+DROP_KINDS = ("address", "per_address", "request_deadline", "read_timeout", "pdu_size")
+
 PREFIX = "denoised_node"
 # Seconds, from a quick C-STORE to a large series waiting behind others on a CPU.
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
@@ -60,11 +63,12 @@ class ScpMetrics:
                               registry=registry)
         self._associations = Counter(f"{PREFIX}_associations",
                                      "Association requests, by result (accepted, rejected by "
-                                     "access control, TLS handshake failed) and transport",
+                                     "access control, TLS handshake failed, connection "
+                                     "dropped by the guard and why) and transport",
                                      ["result", "transport"], registry=registry)
         for outcome in INSTANCE_OUTCOMES:
             self._instances.labels(outcome)
-        for result in ("accepted", "rejected"):
+        for result in ("accepted", "rejected", *(f"dropped_{kind}" for kind in DROP_KINDS)):
             for transport in ("plain", "tls"):
                 self._associations.labels(result, transport)
         self._associations.labels("handshake_failed", "tls")

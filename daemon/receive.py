@@ -1,21 +1,26 @@
 """Keeping a received instance: check it, write it durably, index it, then say success.
 
 This holds the receive logic without pynetdicom, so it can be tested without a network:
-the SCP handler (scp.py) passes the encoded bytes here and answers what this returns or raises.
+the SCP handler (scp.py) passes the spooled dataset (spool.py) here and answers what this
+returns or raises.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import _read_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, Engine, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -26,11 +31,13 @@ from denoised_node.daemon.status import (
     SOPClassMismatch,
     UnreadableDataset,
 )
+from denoised_node.daemon.spool import Spool
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.derive import is_own_output
 from denoised_node.storage.files import FileStore, check_uid
 from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
 from denoised_node.storage.queue import add_note
+from denoised_node.storage.reasons import one_line
 from denoised_node.storage.series import MR_SOP_CLASSES
 
 log = logging.getLogger(__name__)
@@ -44,21 +51,24 @@ class Received:
     ignored_reason: str | None
 
 
-class _StrictReader(io.BytesIO):
+class _StrictReader:
     """A stream that notices a short read: pydicom accepts truncated values silently."""
 
     # pydicom's delimiter scan (non-standard encapsulated data) reads 128-byte chunks and
     # expects a short last chunk, then retries once: neither of those reads means truncation.
     _SCAN_CHUNK = 128
 
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
         self.truncated = False
         self._scan_retry = False
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
     def read(self, size: int | None = -1) -> bytes:
-        start = self.tell()
-        data = super().read(size)
+        start = self._stream.tell()
+        data = self._stream.read(size)
         if size is None or size <= 0 or len(data) >= size:
             self._scan_retry = False
             return data
@@ -69,20 +79,73 @@ class _StrictReader(io.BytesIO):
         return data
 
 
-def parse_dataset(data: bytes) -> Dataset:
-    """Parse and sanity-check the encoded instance; raise UnreadableDataset if it is cut
-    short or corrupt (the sender gets a 0xC000 failure and can resend)."""
-    reader = _StrictReader(data)
+# Values longer than this (Pixel Data) are not read into memory to check an instance: their
+# length is checked against the file's instead.
+_DEFER_BYTES = 64 * 1024
+_INFLATE_CHUNK = 1 << 20
+
+
+def parse_dataset(data: bytes, limit_bytes: int | None = None) -> Dataset:
+    """``parse_file`` for bytes in memory."""
+    return _parse(io.BytesIO(data), len(data), limit_bytes)
+
+
+def parse_file(path: Path, limit_bytes: int | None = None) -> Dataset:
+    """Parse and sanity-check a received instance; raise UnreadableDataset if it is cut
+    short or corrupt (the sender gets a 0xC000 failure and can resend), InstanceTooLarge if
+    a deflated dataset inflates past ``limit_bytes``. Large values stay on disk."""
+    with path.open("rb") as stream:
+        return _parse(stream, path.stat().st_size, limit_bytes)
+
+
+def _parse(stream: BinaryIO, size: int, limit_bytes: int | None) -> Dataset:
+    if limit_bytes is not None:
+        _check_inflated_size(stream, limit_bytes)
+    reader = _StrictReader(stream)
     try:
-        ds = pydicom.dcmread(reader, force=True)
+        ds = pydicom.dcmread(reader, force=True, defer_size=_DEFER_BYTES)
         ds.SOPInstanceUID  # noqa: B018 - make sure the core attributes convert
         ds.SOPClassUID  # noqa: B018
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
-        raise UnreadableDataset(f"not a readable DICOM dataset: {exc}") from exc
-    if reader.truncated:
+        raise UnreadableDataset(f"not a readable DICOM dataset: {one_line(str(exc))}") from exc
+    # A deferred value is skipped with a seek: past the end means it was cut short.
+    if reader.truncated or stream.tell() > size:
         raise UnreadableDataset("the dataset is truncated (an element is shorter than its length)")
     _check_pixel_data_length(ds)
     return ds
+
+
+def _check_inflated_size(stream: BinaryIO, limit_bytes: int) -> None:
+    """pydicom inflates a deflated dataset whole, in memory: a megabyte can inflate to
+    gigabytes. Inflate it here first, a chunk at a time, counting."""
+    try:
+        preamble = stream.read(132)
+        if preamble[128:132] != b"DICM":
+            return
+        meta = _read_file_meta_info(stream)
+    except Exception:  # noqa: BLE001 - unreadable meta: the parse says so
+        return
+    finally:
+        position = stream.tell()
+        stream.seek(0)
+    if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+        return
+    stream.seek(position)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    try:
+        while chunk := stream.read(_INFLATE_CHUNK):
+            while chunk:
+                inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                chunk = inflater.unconsumed_tail
+                if inflated > limit_bytes:
+                    raise InstanceTooLarge(
+                        f"the deflated dataset inflates to more than node.max_instance_mb "
+                        f"({limit_bytes // 2**20} MiB)")
+    except zlib.error:
+        pass  # corrupt deflate data: the parse refuses it
+    finally:
+        stream.seek(0)
 
 
 def _check_pixel_data_length(ds: Dataset) -> None:
@@ -96,9 +159,10 @@ def _check_pixel_data_length(ds: Dataset) -> None:
                     * int(ds.BitsAllocated)) // 8
     except (AttributeError, TypeError, ValueError) as exc:
         raise UnreadableDataset(f"image attributes are missing or invalid: {exc}") from exc
-    if len(ds.PixelData) < expected:
-        raise UnreadableDataset(
-            f"pixel data holds {len(ds.PixelData)} bytes, the image needs {expected}")
+    element = ds.get_item("PixelData")
+    length = element.length if isinstance(element, RawDataElement) else len(ds.PixelData)
+    if length < expected:
+        raise UnreadableDataset(f"pixel data holds {length} bytes, the image needs {expected}")
 
 
 # The per-image statements, built once: building them per call cost more than running them.
@@ -145,11 +209,21 @@ class Receiver:
         self.engine: Engine = sessions.kw["bind"]
 
     def receive(self, data: bytes, context_sop_class: str | None, calling_ae: str) -> Received:
-        if len(data) > self.max_bytes:
+        """``receive_spooled`` for bytes in memory (tools and tests)."""
+        spool = Spool.of_bytes(self.store.incoming, self.max_bytes, data)
+        try:
+            return self.receive_spooled(spool, context_sop_class, calling_ae)
+        finally:
+            spool.discard()
+
+    def receive_spooled(self, spool: Spool, context_sop_class: str | None,
+                        calling_ae: str) -> Received:
+        """Keep the instance received into ``spool`` (the caller discards the spool)."""
+        if spool.too_large:
             raise InstanceTooLarge(
-                f"instance of {len(data) // 2**20} MiB exceeds node.max_instance_mb "
+                f"instance of {spool.size // 2**20} MiB exceeds node.max_instance_mb "
                 f"({self.settings.node.max_instance_mb})")
-        ds = parse_dataset(data)
+        ds = parse_file(spool.path, self.max_bytes)
         sop_class = str(ds.SOPClassUID)
         if context_sop_class and sop_class != context_sop_class:
             raise SOPClassMismatch(
@@ -165,7 +239,7 @@ class Receiver:
             # element boundary (nothing else tells), or is not an image. Never kept as one.
             raise UnreadableDataset("the MR image has no Pixel Data: the dataset is cut short "
                                     "or not an image; send it again")
-        digest = hashlib.sha256(data).hexdigest()
+        digest = spool.sha256
 
         relative = ""
         existed = False
@@ -177,12 +251,13 @@ class Receiver:
                     kept = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
                 if kept is not None and kept.sha256 == digest:
                     return Received(kept.series_id, sop_uid, True, kept.ignored_reason)
-            self.store.write_instance(study_uid, series_uid, sop_uid, data)
+            self.store.check_space(spool.size)
+            self.store.keep_received(spool.path, relative)
         else:
             self.store.check_space(0)
         try:
             indexed = self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
-                                  data, digest, ignored, calling_ae)
+                                  spool, ignored, calling_ae)
         except Exception:
             # The index row is what makes a file count; without it a new file is not kept.
             if relative and not existed:
@@ -204,8 +279,7 @@ class Receiver:
         return None
 
     def _index(self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
-               relative: str, data: bytes, digest: str, ignored: str | None,
-               calling_ae: str) -> _Indexed:
+               relative: str, spool: Spool, ignored: str | None, calling_ae: str) -> _Indexed:
         """Add or update the instance row and count it in its series, in one transaction.
         Core statements, not the ORM: this runs once per received image.
 
@@ -219,8 +293,9 @@ class Receiver:
                                                 calling_ae, now)
             if relative and not self.store.path(relative).is_file():
                 # Retention purged the series, or a move took the file, between our write
-                # and our lock: write again.
-                self.store.write_atomic(self.store.path(relative), data)
+                # and our lock: put it in place again (the spool is a second name of it).
+                self.store.keep_received(spool.path, relative)
+            digest = spool.sha256
             existing = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
             if existing is not None and existing.sha256 == digest:
                 return _Indexed(Received(existing.series_id, sop_uid, True,
@@ -229,7 +304,7 @@ class Receiver:
                 "series_id": series_id, "sop_class_uid": sop_class,
                 "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
                 "instance_number": _int_or_none(ds.get("InstanceNumber")),
-                "path": relative, "size_bytes": len(data), "sha256": digest,
+                "path": relative, "size_bytes": spool.size, "sha256": digest,
                 "received_at": now, "ignored_reason": ignored,
             }
             counted = int(ignored is None)
