@@ -261,6 +261,10 @@ class HttpSettings(_Section):
     allow_unauthenticated: bool = False
     # Patient name, ID and birth date on the series page; off: never shown.
     show_patient_data: bool = False
+    # Seconds a connection may take for each read or write of a request (an idle one is
+    # closed), and the connections served at once (more get 503 at once).
+    request_timeout: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=32, ge=1)
 
     @model_validator(mode="after")
     def _basic_auth_pairs(self) -> HttpSettings:

@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -68,11 +69,12 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "denoised-node"
 
     def __init__(self, *args: Any, registry: CollectorRegistry, readiness: Readiness,
-                 guard: Guard, pages: Pages | None, **kwargs: Any) -> None:
+                 guard: Guard, pages: Pages | None, timeout: float, **kwargs: Any) -> None:
         self.registry = registry
         self.readiness = readiness
         self.guard = guard
         self.pages = pages
+        self.timeout = timeout  # every read and write of the connection (StreamRequestHandler)
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's name
@@ -138,7 +140,54 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)  # every scrape at INFO would drown the log
 
 
-class _IPv6Server(ThreadingHTTPServer):
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 21\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+         b"too many connections\n")
+
+
+class _CappedServer(ThreadingHTTPServer):
+    """At most ``max_connections`` connections get a thread (and keep a descriptor); more
+    are answered 503 from the accept loop and closed, so a flood of idle connections never
+    takes the descriptors the DICOM side needs, and a probe gets an answer, not a hang."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._refused = 0
+        self._refused_logged_at = 0.0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            request.setblocking(False)  # never wait on a client in the accept loop
+            request.send(_BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= 10.0:
+            log.warning("HTTP connections refused: http.max_connections reached",
+                        extra={"refused": self._refused})
+            self._refused_logged_at, self._refused = now, 0
+
+
+class _IPv6Server(_CappedServer):
     address_family = socket.AF_INET6
 
 
@@ -149,11 +198,12 @@ class StatusServer:
                  readiness: Readiness, pages: Pages | None = None) -> None:
         guard = Guard(settings)  # reads the credential files: a ConfigError before binding
         handler = partial(_Handler, registry=registry, readiness=readiness, guard=guard,
-                          pages=pages)
+                          pages=pages, timeout=settings.request_timeout)
         self._paths = "/metrics /healthz /readyz" + (" and the status pages" if pages else "")
         try:
-            kind = _IPv6Server if ":" in settings.host else ThreadingHTTPServer
-            self._server = kind((settings.host, settings.port), handler)
+            kind = _IPv6Server if ":" in settings.host else _CappedServer
+            self._server = kind((settings.host, settings.port), handler,
+                                settings.max_connections)
         except OSError as exc:
             raise ConfigError(f"cannot serve HTTP on {settings.host}:{settings.port} "
                               f"(http.host, http.port): {exc.strerror or exc}; choose another "

@@ -1,0 +1,88 @@
+"""Issue 15, item 4: the HTTP side cannot be held open. An idle connection is closed after
+http.request_timeout, connections past http.max_connections get a quick 503 instead of a
+thread and a descriptor each, and the unit raises the descriptor limit."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from denoised_node.config.settings import load_settings
+from denoised_node.daemon.http import Readiness, StatusServer
+
+WAIT = 15.0
+
+
+@pytest.fixture
+def http_factory() -> Iterator:  # type: ignore[type-arg]
+    servers: list[StatusServer] = []
+
+    def start(**keys: str) -> int:
+        environ = {f"DENOISED_NODE_HTTP__{k.upper()}": v for k, v in keys.items()}
+        settings = load_settings(None, environ={"DENOISED_NODE_HTTP__PORT": "0", **environ})
+        server = StatusServer(settings.http, CollectorRegistry(), Readiness([])).start()
+        servers.append(server)
+        return server.port
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _idle(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+
+def _closed_by_the_server(sock: socket.socket) -> bool:
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _healthz(port: int) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=WAIT) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_an_idle_connection_is_closed_after_the_request_timeout(http_factory) -> None:  # type: ignore[no-untyped-def]
+    port = http_factory(request_timeout="0.5")
+    with _idle(port) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest of the headers
+        assert _closed_by_the_server(sock)
+    assert _healthz(port) == 200
+
+
+def test_connections_past_the_cap_get_a_quick_503(http_factory) -> None:  # type: ignore[no-untyped-def]
+    port = http_factory(max_connections="3", request_timeout="30")
+    idle = [_idle(port) for _ in range(3)]
+    try:
+        time.sleep(0.2)  # accepted, each waiting for its request
+        assert _healthz(port) == 503  # answered at once, not after the idle ones time out
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + WAIT
+    while _healthz(port) != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the closed ones' threads notice and give their slots back
+    assert _healthz(port) == 200
+
+
+def test_the_unit_raises_the_descriptor_limit() -> None:
+    unit = (Path(__file__).resolve().parents[2] / "systemd" / "denoised-node.service").read_text()
+    found = re.search(r"^LimitNOFILE=(\d+)$", unit, re.MULTILINE)
+    assert found and int(found.group(1)) >= 8192
