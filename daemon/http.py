@@ -108,6 +108,13 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.rfile.read(int(length))
             self._respond(self.pages.handle(self._request(verdict.user, body)))
 
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        request_read = getattr(self.server, "request_read", None)
+        if request_read is not None:
+            request_read(self.connection)
+        return parsed
+
     def _admit(self) -> Verdict | None:
         """The guard's verdict when the request may go on; None once it was refused."""
         verdict = self.guard.check({k.lower(): v for k, v in self.headers.items()})
@@ -146,31 +153,71 @@ _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset
 
 
 class _CappedServer(ThreadingHTTPServer):
-    """At most ``max_connections`` connections get a thread (and keep a descriptor); more
-    are answered 503 from the accept loop and closed, so a flood of idle connections never
-    takes the descriptors the DICOM side needs, and a probe gets an answer, not a hang."""
+    """At most ``max_connections`` connections at once, so that a flood of connections never
+    takes the descriptors the DICOM side needs. Past the cap, the connection that has waited
+    longest without sending a whole request is closed to make room (a probe sends its
+    request at once, an idle flood does not); when every connection is busy with a request,
+    the new one is answered 503 from the accept loop and closed."""
 
     def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._refused = 0
-        self._refused_logged_at = 0.0
+        self._max_connections = max_connections
+        self._lock = threading.Lock()
+        self._open = 0  # connections with a thread, not counting those told to close
+        self._waiting: dict[socket.socket, None] = {}  # no whole request yet, oldest first
+        self._closing: set[socket.socket] = set()
+        self._shed = 0
+        self._shed_logged_at = 0.0
         super().__init__(address, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        with self._lock:
+            victim = None
+            if self._open >= self._max_connections:
+                victim = next(iter(self._waiting), None)
+                if victim is None:
+                    refuse = True
+                else:
+                    refuse = False
+                    del self._waiting[victim]
+                    self._closing.add(victim)
+                    self._open -= 1
+            else:
+                refuse = False
+            if not refuse:
+                self._open += 1
+                self._waiting[request] = None
+        if victim is not None:
+            _shut(victim)
+        if refuse:
             self._refuse(request)
+        if victim is not None or refuse:
+            self._note_shed()
+        if refuse:
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._finished(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._finished(request)
+
+    def request_read(self, connection: socket.socket) -> None:
+        """The handler has its request line and headers: no longer a candidate to close."""
+        with self._lock:
+            self._waiting.pop(connection, None)
+
+    def _finished(self, request: socket.socket) -> None:
+        with self._lock:
+            if request in self._closing:
+                self._closing.discard(request)
+            else:
+                self._open -= 1
+                self._waiting.pop(request, None)
 
     def _refuse(self, request: socket.socket) -> None:
         try:
@@ -179,12 +226,23 @@ class _CappedServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.shutdown_request(request)
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged_at >= 10.0:
-            log.warning("HTTP connections refused: http.max_connections reached",
-                        extra={"refused": self._refused})
-            self._refused_logged_at, self._refused = now, 0
+
+    def _note_shed(self) -> None:
+        with self._lock:
+            self._shed += 1
+            now = time.monotonic()
+            if now - self._shed_logged_at < 10.0:
+                return
+            shed, self._shed, self._shed_logged_at = self._shed, 0, now
+        log.warning("HTTP connections closed: http.max_connections reached",
+                    extra={"connections": shed})
+
+
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)  # its thread's read returns; it closes it
+    except OSError:
+        pass
 
 
 class _IPv6Server(_CappedServer):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from denoised_node.config.settings import load_settings
 from denoised_node.daemon.http import Readiness, StatusServer
+from denoised_node.daemon.web.request import Request, Response
 
 WAIT = 15.0
 
@@ -24,10 +26,11 @@ WAIT = 15.0
 def http_factory() -> Iterator:  # type: ignore[type-arg]
     servers: list[StatusServer] = []
 
-    def start(**keys: str) -> int:
+    def start(pages: object = None, **keys: str) -> int:
         environ = {f"DENOISED_NODE_HTTP__{k.upper()}": v for k, v in keys.items()}
         settings = load_settings(None, environ={"DENOISED_NODE_HTTP__PORT": "0", **environ})
-        server = StatusServer(settings.http, CollectorRegistry(), Readiness([])).start()
+        server = StatusServer(settings.http, CollectorRegistry(), Readiness([]),
+                              pages).start()  # type: ignore[arg-type]
         servers.append(server)
         return server.port
 
@@ -67,19 +70,55 @@ def test_an_idle_connection_is_closed_after_the_request_timeout(http_factory) ->
     assert _healthz(port) == 200
 
 
-def test_connections_past_the_cap_get_a_quick_503(http_factory) -> None:  # type: ignore[no-untyped-def]
-    port = http_factory(max_connections="3", request_timeout="30")
+def test_past_the_cap_idle_connections_give_way_and_busy_ones_get_a_quick_503(  # type: ignore[no-untyped-def]
+        http_factory) -> None:
+    release = threading.Event()
+    port = http_factory(_SlowPages(release), max_connections="3", request_timeout="30")
     idle = [_idle(port) for _ in range(3)]
     try:
         time.sleep(0.2)  # accepted, each waiting for its request
-        assert _healthz(port) == 503  # answered at once, not after the idle ones time out
+        assert _healthz(port) == 200  # at once: the longest idle connection made room
+        assert sum(_closed_quickly(sock) for sock in idle) == 1
     finally:
         for sock in idle:
+            sock.close()
+    # Connections busy with a request (a page being made) are not closed: a new connection
+    # is answered 503 at once instead of waiting for a slot.
+    busy = [_idle(port) for _ in range(3)]
+    try:
+        for sock in busy:
+            sock.sendall(b"GET /jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        time.sleep(0.2)
+        assert _healthz(port) == 503
+    finally:
+        release.set()
+        for sock in busy:
             sock.close()
     deadline = time.monotonic() + WAIT
     while _healthz(port) != 200 and time.monotonic() < deadline:
         time.sleep(0.05)  # the closed ones' threads notice and give their slots back
     assert _healthz(port) == 200
+
+
+class _SlowPages:
+    """Status pages that take until ``release`` is set."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+
+    def handle(self, request: Request) -> Response:
+        self.release.wait(WAIT)
+        return Response(200, b"page\n", "text/plain")
+
+
+def _closed_quickly(sock: socket.socket) -> bool:
+    sock.settimeout(0.5)
+    try:
+        return not sock.recv(1)
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
 
 
 def test_the_unit_raises_the_descriptor_limit() -> None:
