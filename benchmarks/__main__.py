@@ -49,7 +49,8 @@ def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) 
     if "soak" in chosen:
         from benchmarks.soak import SoakPlan, soak_rows
 
-        rows += soak_rows(args.workdir, SoakPlan(seconds=args.soak_seconds))
+        attackers = {"slow_loris": 0, "http_flood": 0} if args.soak_no_attack else {}
+        rows += soak_rows(args.workdir, SoakPlan(seconds=args.soak_seconds, **attackers))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda, auto")
     parser.add_argument("--soak-seconds", type=float, default=60.0,
                         help="how long the soak section attacks and sends")
+    parser.add_argument("--soak-no-attack", action="store_true",
+                        help="the soak's senders and probes alone: the figures to compare with")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]

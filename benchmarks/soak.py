@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from benchmarks.common import Row, fresh_dir, series_folder
 from tests.integration.node import NODE_AET, Node, node_config, start_node
@@ -101,7 +102,7 @@ def _sender(index: int, port: int, templates: list[Dataset], stop: threading.Eve
                 break
             sop_uid = f"{series_uid}.{number}"
             ds.SeriesInstanceUID = series_uid
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
             try:
                 answer = assoc.send_c_store(ds)
             except (RuntimeError, OSError):
@@ -131,7 +132,10 @@ def _hold_connections(target: tuple[str, int], source: str, keep: int, first: by
                 tally.count(f"{name}: connections refused by the kernel")
                 stop.wait(0.1)
                 break
-        readable, _, _ = select.select(held, [], [], 0.2) if held else ([], [], [])
+        if not held:
+            stop.wait(0.2)
+            continue
+        readable, _, _ = select.select(held, [], [], 0.2)
         for sock in readable:
             try:
                 data = sock.recv(4096)
@@ -275,7 +279,8 @@ def _rows(plan: SoakPlan, tally: Tally, peaks: Peaks, kept: int, baseline_rss: f
         Row(SECTION, "instances kept of those acknowledged (indexed, file on disk)", kept,
             "instances", note="every acknowledged one" if kept == acknowledged
             else f"{acknowledged - kept} MISSING"),
-        Row(SECTION, "receive rate under attack", acknowledged / plan.seconds, "img/s"),
+        Row(SECTION, "receive rate", acknowledged / plan.seconds, "img/s",
+            note="under attack" if plan.slow_loris or plan.http_flood else "no attack"),
     ]
     for name in ("slow loris", "HTTP flood"):
         parts = [f"{key.split(': ', 1)[1]} {n}" for key, n in sorted(events.items())

@@ -74,7 +74,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.readiness = readiness
         self.guard = guard
         self.pages = pages
-        self.timeout = timeout  # every read and write of the connection (StreamRequestHandler)
+        # Every read and write of the connection (StreamRequestHandler.setup applies it).
+        self.timeout = timeout  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's name

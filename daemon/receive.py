@@ -25,13 +25,13 @@ from sqlalchemy import Connection, Engine, bindparam, case, insert, select, upda
 from sqlalchemy.exc import IntegrityError
 
 from denoised_node.config.settings import Settings
+from denoised_node.daemon.spool import Spool
 from denoised_node.daemon.status import (
     InstanceTooLarge,
     SeriesInOtherStudy,
     SOPClassMismatch,
     UnreadableDataset,
 )
-from denoised_node.daemon.spool import Spool
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.derive import is_own_output
 from denoised_node.storage.files import FileStore, check_uid
@@ -68,7 +68,7 @@ class _StrictReader:
 
     def read(self, size: int | None = -1) -> bytes:
         start = self._stream.tell()
-        data = self._stream.read(size)
+        data = self._stream.read(-1 if size is None else size)
         if size is None or size <= 0 or len(data) >= size:
             self._scan_retry = False
             return data

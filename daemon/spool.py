@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
@@ -124,20 +125,21 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
         return _pynetdicom_decode(self, primitive, assoc)
     for context_id, data in primitive.presentation_data_value_list:
         is_command = bool(data[0] & 1)
-        spool = self._data_set_file
-        if not is_command and isinstance(spool, Spool):
-            spool.write(memoryview(data)[1:])
+        current: Any = self._data_set_file
+        if not is_command and isinstance(current, Spool):
+            current.write(memoryview(data)[1:])
             if data[0] & 2:
-                spool.close()
+                current.close()
                 return True
             continue
         single = P_DATA()
-        single.presentation_data_value_list = [[context_id, bytes(data)]]
+        single.presentation_data_value_list = [[context_id, bytes(data)]]  # type: ignore[list-item]
         if _pynetdicom_decode(self, single, assoc):
             return True
         if is_command and data[0] & 2 and isinstance(self, C_STORE_RQ):
-            self._data_set_file = _open_spool(spooler, self, assoc, context_id)
-            self._data_set_path = self._data_set_file.path
+            spool = _open_spool(spooler, self, assoc, context_id)
+            self._data_set_file = spool  # type: ignore[assignment]  # a file object to pynetdicom
+            self._data_set_path = spool.path
     return False
 
 
@@ -145,7 +147,7 @@ def _open_spool(spooler: Spooler, message: DIMSEMessage, assoc: Any, context_id:
     command = message.command_set
     context = assoc._accepted_cx.get(context_id)
     # An unaccepted context is refused by pynetdicom; the meta only has to be writable.
-    syntax = context.transfer_syntax[0] if context is not None else _IMPLICIT_LITTLE
+    syntax = UID(context.transfer_syntax[0] if context is not None else _IMPLICIT_LITTLE)
     spool = Spool(spooler.folder, spooler.limit_bytes)
     spool.write(b"\x00" * 128 + b"DICM")
     meta = create_file_meta(sop_class_uid=command.AffectedSOPClassUID,

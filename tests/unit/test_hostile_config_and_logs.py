@@ -59,7 +59,8 @@ def test_booleans_must_be_toml_booleans(tmp_path: Path, value: str) -> None:
     config.write_text("[tls]\nenabled = false\n[http]\nenabled = false\n")
     assert load_settings(config, environ={}).http.enabled is False
     # The environment's TOML literals still work, and a string there is refused too.
-    assert load_settings(None, environ={"DENOISED_NODE_HTTP__ENABLED": "false"}).http.enabled is False
+    from_env = load_settings(None, environ={"DENOISED_NODE_HTTP__ENABLED": "false"})
+    assert from_env.http.enabled is False
     with pytest.raises(ConfigError, match="http.enabled"):
         load_settings(None, environ={"DENOISED_NODE_HTTP__ENABLED": "yes"})
 
