@@ -142,3 +142,43 @@ def test_a_deflated_dataset_inflating_past_the_limit_is_refused(settings_factory
     # Under the limit, a deflated dataset is kept as it came.
     small = _deflate_bomb(mr_series.paths[0], 1)
     assert receiver.receive(small, MR, "MOD").ignored_reason is None
+
+
+_ABORT_MIDWAY = textwrap.dedent("""
+    import sys, threading
+    from pynetdicom import AE
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    whole = DIMSEMessage.encode_msg
+
+    def first_fragments(self, context_id, max_pdu):  # the command and two dataset fragments
+        for number, primitive in enumerate(whole(self, context_id, max_pdu)):
+            if number == 3:
+                return
+            yield primitive
+
+    DIMSEMessage.encode_msg = first_fragments
+    ae = AE(ae_title="MOD")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.4")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="DENOISER")
+    sender = threading.Thread(target=assoc.send_c_store, args=(sys.argv[2],), daemon=True)
+    sender.start()
+    sender.join(2)  # waits for an answer that cannot come: the dataset is not whole
+    assoc.abort()
+""")
+
+
+def test_a_dataset_cut_off_by_an_abort_leaves_no_temp_file(small_limit_node, mr_series,  # type: ignore[no-untyped-def]
+                                                           tmp_path: Path) -> None:
+    import time
+
+    runtime, port = small_limit_node
+    big = _big_instance(mr_series.paths[0], tmp_path / "big.dcm", 4096)
+    subprocess.run([sys.executable, "-c", _ABORT_MIDWAY, str(port), str(big)],
+                   capture_output=True, text=True, timeout=120, check=True)
+    deadline = time.monotonic() + 15
+    while list(runtime.store.incoming.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(runtime.store.incoming.iterdir())
+    assert not list(runtime.store.instances.rglob("*.dcm"))
