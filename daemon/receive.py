@@ -62,6 +62,9 @@ class _StrictReader:
         self._stream = stream
         self.truncated = False
         self._scan_retry = False
+        # pydicom calls these once or more per element: bound once, not through __getattr__.
+        self.tell = stream.tell
+        self.seek = stream.seek
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
@@ -83,6 +86,9 @@ class _StrictReader:
 # length is checked against the file's instead.
 _DEFER_BYTES = 64 * 1024
 _INFLATE_CHUNK = 1 << 20
+# The File Meta Information of a deflated instance names its transfer syntax early on.
+_META_PEEK_BYTES = 4096
+_DEFLATED_UID = str(DeflatedExplicitVRLittleEndian).encode()
 
 
 def parse_dataset(data: bytes, limit_bytes: int | None = None) -> Dataset:
@@ -119,9 +125,10 @@ def _check_inflated_size(stream: BinaryIO, limit_bytes: int) -> None:
     """pydicom inflates a deflated dataset whole, in memory: a megabyte can inflate to
     gigabytes. Inflate it here first, a chunk at a time, counting."""
     try:
-        preamble = stream.read(132)
-        if preamble[128:132] != b"DICM":
-            return
+        head = stream.read(_META_PEEK_BYTES)
+        if head[128:132] != b"DICM" or _DEFLATED_UID not in head:
+            return  # the common case: no meta parse (it would cost as much as the check)
+        stream.seek(132)
         meta = _read_file_meta_info(stream)
     except Exception:  # noqa: BLE001 - unreadable meta: the parse says so
         return
