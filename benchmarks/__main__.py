@@ -11,7 +11,9 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_WORKDIR, Row, format_table, fsync_latency_ms, series_folder
 
-SECTIONS = ("receive", "send", "inference", "e2e")
+SECTIONS = ("receive", "send", "inference", "e2e", "soak")
+# The soak runs only when asked: it takes its --soak-seconds whatever the machine.
+DEFAULT_SECTIONS = ("receive", "send", "inference", "e2e")
 
 
 def machine() -> str:
@@ -44,15 +46,25 @@ def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) 
         from benchmarks.end_to_end import end_to_end_rows
 
         rows += end_to_end_rows(args.workdir)
+    if "soak" in chosen:
+        from benchmarks.soak import SoakPlan, soak_rows
+
+        attackers = {"slow_loris": 0, "http_flood": 0} if args.soak_no_attack else {}
+        rows += soak_rows(args.workdir, SoakPlan(seconds=args.soak_seconds, **attackers))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--only", default=",".join(SECTIONS),
-                        help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma-separated sections of {', '.join(SECTIONS)} "
+                             f"(default: {', '.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--slices", type=int, default=500, help="series size for receive/send")
     parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda, auto")
+    parser.add_argument("--soak-seconds", type=float, default=60.0,
+                        help="how long the soak section attacks and sends")
+    parser.add_argument("--soak-no-attack", action="store_true",
+                        help="the soak's senders and probes alone: the figures to compare with")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]

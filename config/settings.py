@@ -13,7 +13,16 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "DENOISED_NODE_"
 CONFIG_ENV = "DENOISED_NODE_CONFIG"
@@ -26,8 +35,27 @@ class ConfigError(Exception):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_booleans(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads "yes", "on", "1" and 1 as true: a typo must not switch TLS on or off.
+        if (info.field_name is not None and cls.model_fields[info.field_name].annotation is bool
+                and not isinstance(value, bool)):
+            raise ValueError(f"must be true or false (a TOML boolean), not {value!r}")
+        return value
 
-AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[\x20-\x5b\x5d-\x7e]*[^ ][\x20-\x5b\x5d-\x7e]*$")]
+
+def _ae_title(value: str) -> str:
+    # PS3.5 6.2: 16 characters of the default repertoire, no backslash (the value
+    # separator) and no control character; spaces only as padding.
+    if (not 1 <= len(value) <= 16 or not value.strip(" ")
+            or any(not " " <= char <= "~" or char == "\\" for char in value)):
+        raise ValueError(f"{value!r} is not an AE title: 1 to 16 printable ASCII characters, "
+                         "not only spaces, without a backslash or a control character")
+    return value
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 
@@ -68,10 +96,16 @@ class NodeSettings(_Section):
     port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
     data_dir: Path = Field(default_factory=default_data_dir)
     max_associations: int = Field(default=16, ge=1)
+    # Connections one address may hold at once (more are closed when accepted), so that
+    # one misbehaving host cannot take every association slot.
+    max_associations_per_address: int = Field(default=8, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
+    # Also the longest silence inside a PDU on an accepted connection.
     network_timeout: float = Field(default=60.0, gt=0)
-    maximum_pdu_size: int = Field(default=0, ge=0)  # 0: unlimited
+    # The longest P-DATA PDU received (advertised in the association); 0: unlimited, then a
+    # PDU may be as long as node.max_instance_mb. Longer PDUs end the connection.
+    maximum_pdu_size: int = Field(default=1048576, ge=0)
     # Refuse new instances (0xA700) while free space is under this, so the disk never fills.
     min_free_mb: int = Field(default=1024, ge=0)
     max_instance_mb: int = Field(default=2048, ge=1)
@@ -227,6 +261,10 @@ class HttpSettings(_Section):
     allow_unauthenticated: bool = False
     # Patient name, ID and birth date on the series page; off: never shown.
     show_patient_data: bool = False
+    # Seconds a connection may take for each read or write of a request (an idle one is
+    # closed), and the connections served at once (more get 503 at once).
+    request_timeout: float = Field(default=10.0, gt=0)
+    max_connections: int = Field(default=32, ge=1)
 
     @model_validator(mode="after")
     def _basic_auth_pairs(self) -> HttpSettings:

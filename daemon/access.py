@@ -64,6 +64,17 @@ class AccessPolicy:
     def anyone(self) -> bool:
         return not self.titles_from_anywhere and not self.titles_from_networks
 
+    def may_connect_from(self, address: str) -> bool:
+        """False when no calling AE title could ever be admitted from ``address`` (every
+        allowed title is limited to networks that do not hold it): such a connection is
+        closed when accepted, before it takes a slot."""
+        if self.anyone or self.titles_from_anywhere:
+            return True
+        peer = _address(address)
+        return peer is not None and any(peer.version == net.version and peer in net
+                                        for nets in self.titles_from_networks.values()
+                                        for net in nets)
+
     def refusal(self, calling: str, called: str, address: str) -> Refusal | None:
         """None if the association may go on, else why it is rejected."""
         if called.strip() != self.ae_title:

@@ -209,6 +209,7 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
 def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
     """One job with its event history."""
     from denoised_node.daemon.admin import job_detail
+    from denoised_node.storage.queue import is_note
 
     runtime = _runtime(settings_from(config_path))
     with runtime.sessions() as session:
@@ -220,7 +221,8 @@ def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
         click.echo(f"{key + ':':<22}{'' if value is None else value}")
     click.echo("events:")
     for event in events:
-        move = f"{event.from_state or '-'} -> {event.to_state}"
+        move = (f"({event.to_state}: note)" if is_note(event.from_state, event.to_state)
+                else f"{event.from_state or '-'} -> {event.to_state}")
         click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S}  {move:<24}  {event.worker or '':<20}  "
                    f"{event.reason or ''}")
 

@@ -14,6 +14,7 @@ from cryptography import x509
 from denoised_node.config.settings import ConfigError, Settings
 from denoised_node.daemon.doctor import Check
 from denoised_node.daemon.tls import server_context
+from denoised_node.daemon.web.auth import Guard
 
 RENEW_BEFORE = timedelta(days=30)
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -78,6 +79,11 @@ def http_check(settings: Settings) -> Check | None:
     if not http.enabled:
         return None
     where = f"{http.host}:{http.port}"
+    try:
+        Guard(http)  # reads the credential files as serve does
+    except ConfigError as exc:
+        return Check("http", False, str(exc), "serve would refuse to start: fix the file "
+                     "or its permissions")
     try:
         with socket.create_server((http.host, http.port)):
             pass

@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -68,11 +69,13 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "denoised-node"
 
     def __init__(self, *args: Any, registry: CollectorRegistry, readiness: Readiness,
-                 guard: Guard, pages: Pages | None, **kwargs: Any) -> None:
+                 guard: Guard, pages: Pages | None, timeout: float, **kwargs: Any) -> None:
         self.registry = registry
         self.readiness = readiness
         self.guard = guard
         self.pages = pages
+        # Every read and write of the connection (StreamRequestHandler.setup applies it).
+        self.timeout = timeout  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:  # noqa: N802 - the standard library's name
@@ -106,6 +109,13 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.rfile.read(int(length))
             self._respond(self.pages.handle(self._request(verdict.user, body)))
 
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        request_read = getattr(self.server, "request_read", None)
+        if request_read is not None:
+            request_read(self.connection)
+        return parsed
+
     def _admit(self) -> Verdict | None:
         """The guard's verdict when the request may go on; None once it was refused."""
         verdict = self.guard.check({k.lower(): v for k, v in self.headers.items()})
@@ -138,7 +148,105 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("http %s", format % args)  # every scrape at INFO would drown the log
 
 
-class _IPv6Server(ThreadingHTTPServer):
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Content-Length: 21\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+         b"too many connections\n")
+
+
+class _CappedServer(ThreadingHTTPServer):
+    """At most ``max_connections`` connections at once, so that a flood of connections never
+    takes the descriptors the DICOM side needs. Past the cap, the connection that has waited
+    longest without sending a whole request is closed to make room (a probe sends its
+    request at once, an idle flood does not); when every connection is busy with a request,
+    the new one is answered 503 from the accept loop and closed."""
+
+    def __init__(self, address: tuple[str, int], handler: Any, max_connections: int) -> None:
+        self._max_connections = max_connections
+        self._lock = threading.Lock()
+        self._open = 0  # connections with a thread, not counting those told to close
+        self._waiting: dict[socket.socket, None] = {}  # no whole request yet, oldest first
+        self._closing: set[socket.socket] = set()
+        self._shed = 0
+        self._shed_logged_at = 0.0
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            victim = None
+            if self._open >= self._max_connections:
+                victim = next(iter(self._waiting), None)
+                if victim is None:
+                    refuse = True
+                else:
+                    refuse = False
+                    del self._waiting[victim]
+                    self._closing.add(victim)
+                    self._open -= 1
+            else:
+                refuse = False
+            if not refuse:
+                self._open += 1
+                self._waiting[request] = None
+        if victim is not None:
+            _shut(victim)
+        if refuse:
+            self._refuse(request)
+        if victim is not None or refuse:
+            self._note_shed()
+        if refuse:
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._finished(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._finished(request)
+
+    def request_read(self, connection: socket.socket) -> None:
+        """The handler has its request line and headers: no longer a candidate to close."""
+        with self._lock:
+            self._waiting.pop(connection, None)
+
+    def _finished(self, request: socket.socket) -> None:
+        with self._lock:
+            if request in self._closing:
+                self._closing.discard(request)
+            else:
+                self._open -= 1
+                self._waiting.pop(request, None)
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            request.setblocking(False)  # never wait on a client in the accept loop
+            request.send(_BUSY)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def _note_shed(self) -> None:
+        with self._lock:
+            self._shed += 1
+            now = time.monotonic()
+            if now - self._shed_logged_at < 10.0:
+                return
+            shed, self._shed, self._shed_logged_at = self._shed, 0, now
+        log.warning("HTTP connections closed: http.max_connections reached",
+                    extra={"connections": shed})
+
+
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)  # its thread's read returns; it closes it
+    except OSError:
+        pass
+
+
+class _IPv6Server(_CappedServer):
     address_family = socket.AF_INET6
 
 
@@ -149,11 +257,12 @@ class StatusServer:
                  readiness: Readiness, pages: Pages | None = None) -> None:
         guard = Guard(settings)  # reads the credential files: a ConfigError before binding
         handler = partial(_Handler, registry=registry, readiness=readiness, guard=guard,
-                          pages=pages)
+                          pages=pages, timeout=settings.request_timeout)
         self._paths = "/metrics /healthz /readyz" + (" and the status pages" if pages else "")
         try:
-            kind = _IPv6Server if ":" in settings.host else ThreadingHTTPServer
-            self._server = kind((settings.host, settings.port), handler)
+            kind = _IPv6Server if ":" in settings.host else _CappedServer
+            self._server = kind((settings.host, settings.port), handler,
+                                settings.max_connections)
         except OSError as exc:
             raise ConfigError(f"cannot serve HTTP on {settings.host}:{settings.port} "
                               f"(http.host, http.port): {exc.strerror or exc}; choose another "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import warnings
 from datetime import datetime, timezone
@@ -29,7 +30,7 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage().replace("\n", " ")
+        message = _escape_controls(record.getMessage())
         parts = [_timestamp(record), record.levelname, record.name.removeprefix("denoised_node."),
                  message]
         parts += [f"{key}={_text(value)}" for key, value in _fields(record).items()]
@@ -49,9 +50,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(event, ensure_ascii=False)
 
 
+# A field value stays bare only when it cannot be mistaken for more fields or another line.
+_BARE = re.compile(r"^[!#-<>-~]+$")  # printable ASCII without space, '"' and '='
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _text(value: object) -> str:
     text = str(value)
-    return json.dumps(text) if (" " in text or not text) else text
+    return text if _BARE.match(text) else json.dumps(text)
+
+
+def _escape_controls(text: str) -> str:
+    """Control characters (line breaks included) as escapes: values from the network, in a
+    message, cannot start a line of their own."""
+    return _CONTROLS.sub(lambda found: json.dumps(found.group())[1:-1], text)
 
 
 def _plain(value: object) -> object:

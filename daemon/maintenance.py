@@ -13,12 +13,15 @@ from sqlalchemy import select
 
 from denoised_node.config.settings import RetentionSettings
 from denoised_node.storage.db import SessionFactory, is_postgres
-from denoised_node.storage.files import FileStore
+from denoised_node.storage.files import STALE_TEMP_SECONDS, FileStore
 from denoised_node.storage.models import Job, utcnow
 from denoised_node.storage.queue import LEASE_RETURNS, JobState, StaleState, transition
-from denoised_node.storage.retention import forget_purged, purge_finished
+from denoised_node.storage.retention import forget_purged, purge_finished, remove_orphans
 
 log = logging.getLogger(__name__)
+
+# An unindexed file under instances/ this old is a crash's leftover, not a write in progress.
+ORPHAN_AGE = timedelta(seconds=STALE_TEMP_SECONDS)
 
 
 def _process_alive(pid: int) -> bool:
@@ -80,6 +83,7 @@ class RetentionLoop(threading.Thread):
         self.stopping = threading.Event()
 
     def run_once(self) -> None:
+        remove_orphans(self.sessions, self.store, ORPHAN_AGE)
         if self.settings.done_after_hours > 0:
             purge_finished(self.sessions, self.store,
                            timedelta(hours=self.settings.done_after_hours))

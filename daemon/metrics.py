@@ -28,9 +28,12 @@ from sqlalchemy import func, select
 
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
-from denoised_node.storage.queue import TERMINAL_STATES, JobState, counts_by_state
+from denoised_node.storage.queue import TERMINAL_STATES, JobState, counts_by_state, is_note
 
 log = logging.getLogger(__name__)
+
+# Why the connection guard (daemon/connection_guard.py) closed a connection.
+DROP_KINDS = ("address", "per_address", "request_deadline", "read_timeout", "pdu_size")
 
 PREFIX = "denoised_node"
 # Seconds, from a quick C-STORE to a large series waiting behind others on a CPU.
@@ -60,11 +63,12 @@ class ScpMetrics:
                               registry=registry)
         self._associations = Counter(f"{PREFIX}_associations",
                                      "Association requests, by result (accepted, rejected by "
-                                     "access control, TLS handshake failed) and transport",
+                                     "access control, TLS handshake failed, connection "
+                                     "dropped by the guard and why) and transport",
                                      ["result", "transport"], registry=registry)
         for outcome in INSTANCE_OUTCOMES:
             self._instances.labels(outcome)
-        for result in ("accepted", "rejected"):
+        for result in ("accepted", "rejected", *(f"dropped_{kind}" for kind in DROP_KINDS)):
             for transport in ("plain", "tls"):
                 self._associations.labels(result, transport)
         self._associations.labels("handshake_failed", "tls")
@@ -186,6 +190,8 @@ class QueueCollector(Collector):
                 return
 
     def _follow(self, event: _Event) -> None:
+        if is_note(event.from_state, event.to_state):
+            return  # an event of the series, not a stage
         entered = self._entered.setdefault(event.job_id, {})
         to_state, at = event.to_state, event.at
         if event.from_state is None:  # the job was created: its series just completed

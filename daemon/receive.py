@@ -1,30 +1,43 @@
 """Keeping a received instance: check it, write it durably, index it, then say success.
 
 This holds the receive logic without pynetdicom, so it can be tested without a network:
-the SCP handler (scp.py) passes the encoded bytes here and answers what this returns or raises.
+the SCP handler (scp.py) passes the spooled dataset (spool.py) here and answers what this
+returns or raises.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.filereader import _read_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from sqlalchemy import Connection, Engine, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.status import InstanceTooLarge, SOPClassMismatch, UnreadableDataset
+from denoised_node.daemon.spool import Spool
+from denoised_node.daemon.status import (
+    InstanceTooLarge,
+    SeriesInOtherStudy,
+    SOPClassMismatch,
+    UnreadableDataset,
+)
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.derive import is_own_output
 from denoised_node.storage.files import FileStore, check_uid
 from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
+from denoised_node.storage.queue import add_note
+from denoised_node.storage.reasons import one_line
 from denoised_node.storage.series import MR_SOP_CLASSES
 
 log = logging.getLogger(__name__)
@@ -38,21 +51,27 @@ class Received:
     ignored_reason: str | None
 
 
-class _StrictReader(io.BytesIO):
+class _StrictReader:
     """A stream that notices a short read: pydicom accepts truncated values silently."""
 
     # pydicom's delimiter scan (non-standard encapsulated data) reads 128-byte chunks and
     # expects a short last chunk, then retries once: neither of those reads means truncation.
     _SCAN_CHUNK = 128
 
-    def __init__(self, data: bytes) -> None:
-        super().__init__(data)
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
         self.truncated = False
         self._scan_retry = False
+        # pydicom calls these once or more per element: bound once, not through __getattr__.
+        self.tell = stream.tell
+        self.seek = stream.seek
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
     def read(self, size: int | None = -1) -> bytes:
-        start = self.tell()
-        data = super().read(size)
+        start = self._stream.tell()
+        data = self._stream.read(-1 if size is None else size)
         if size is None or size <= 0 or len(data) >= size:
             self._scan_retry = False
             return data
@@ -63,20 +82,77 @@ class _StrictReader(io.BytesIO):
         return data
 
 
-def parse_dataset(data: bytes) -> Dataset:
-    """Parse and sanity-check the encoded instance; raise UnreadableDataset if it is cut
-    short or corrupt (the sender gets a 0xC000 failure and can resend)."""
-    reader = _StrictReader(data)
+# Values longer than this (Pixel Data) are not read into memory to check an instance: their
+# length is checked against the file's instead.
+_DEFER_BYTES = 64 * 1024
+_INFLATE_CHUNK = 1 << 20
+# The File Meta Information of a deflated instance names its transfer syntax early on.
+_META_PEEK_BYTES = 4096
+_DEFLATED_UID = str(DeflatedExplicitVRLittleEndian).encode()
+
+
+def parse_dataset(data: bytes, limit_bytes: int | None = None) -> Dataset:
+    """``parse_file`` for bytes in memory."""
+    return _parse(io.BytesIO(data), len(data), limit_bytes)
+
+
+def parse_file(path: Path, limit_bytes: int | None = None) -> Dataset:
+    """Parse and sanity-check a received instance; raise UnreadableDataset if it is cut
+    short or corrupt (the sender gets a 0xC000 failure and can resend), InstanceTooLarge if
+    a deflated dataset inflates past ``limit_bytes``. Large values stay on disk."""
+    with path.open("rb") as stream:
+        return _parse(stream, path.stat().st_size, limit_bytes)
+
+
+def _parse(stream: BinaryIO, size: int, limit_bytes: int | None) -> Dataset:
+    if limit_bytes is not None:
+        _check_inflated_size(stream, limit_bytes)
+    reader = _StrictReader(stream)
     try:
-        ds = pydicom.dcmread(reader, force=True)
+        ds = pydicom.dcmread(reader, force=True, defer_size=_DEFER_BYTES)
         ds.SOPInstanceUID  # noqa: B018 - make sure the core attributes convert
         ds.SOPClassUID  # noqa: B018
     except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
-        raise UnreadableDataset(f"not a readable DICOM dataset: {exc}") from exc
-    if reader.truncated:
+        raise UnreadableDataset(f"not a readable DICOM dataset: {one_line(str(exc))}") from exc
+    # A deferred value is skipped with a seek: past the end means it was cut short.
+    if reader.truncated or stream.tell() > size:
         raise UnreadableDataset("the dataset is truncated (an element is shorter than its length)")
     _check_pixel_data_length(ds)
     return ds
+
+
+def _check_inflated_size(stream: BinaryIO, limit_bytes: int) -> None:
+    """pydicom inflates a deflated dataset whole, in memory: a megabyte can inflate to
+    gigabytes. Inflate it here first, a chunk at a time, counting."""
+    try:
+        head = stream.read(_META_PEEK_BYTES)
+        if head[128:132] != b"DICM" or _DEFLATED_UID not in head:
+            return  # the common case: no meta parse (it would cost as much as the check)
+        stream.seek(132)
+        meta = _read_file_meta_info(stream)
+    except Exception:  # noqa: BLE001 - unreadable meta: the parse says so
+        return
+    finally:
+        position = stream.tell()
+        stream.seek(0)
+    if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+        return
+    stream.seek(position)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = 0
+    try:
+        while chunk := stream.read(_INFLATE_CHUNK):
+            while chunk:
+                inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                chunk = inflater.unconsumed_tail
+                if inflated > limit_bytes:
+                    raise InstanceTooLarge(
+                        f"the deflated dataset inflates to more than node.max_instance_mb "
+                        f"({limit_bytes // 2**20} MiB)")
+    except zlib.error:
+        pass  # corrupt deflate data: the parse refuses it
+    finally:
+        stream.seek(0)
 
 
 def _check_pixel_data_length(ds: Dataset) -> None:
@@ -90,25 +166,42 @@ def _check_pixel_data_length(ds: Dataset) -> None:
                     * int(ds.BitsAllocated)) // 8
     except (AttributeError, TypeError, ValueError) as exc:
         raise UnreadableDataset(f"image attributes are missing or invalid: {exc}") from exc
-    if len(ds.PixelData) < expected:
-        raise UnreadableDataset(
-            f"pixel data holds {len(ds.PixelData)} bytes, the image needs {expected}")
+    element = ds.get_item("PixelData")
+    length = element.length if isinstance(element, RawDataElement) else len(ds.PixelData)
+    if length < expected:
+        raise UnreadableDataset(f"pixel data holds {length} bytes, the image needs {expected}")
 
 
 # The per-image statements, built once: building them per call cost more than running them.
-_SERIES_LOCKED = (select(Series.id).where(Series.series_uid == bindparam("series_uid"))
-                  .with_for_update())
+_SERIES_LOCKED = (select(Series.id, Series.study_uid)
+                  .where(Series.series_uid == bindparam("series_uid")).with_for_update())
+_SERIES_ROW_LOCKED = select(Series.id).where(Series.id == bindparam("row_id")).with_for_update()
 _INSTANCE_BY_UID = (select(Instance.id, Instance.sha256, Instance.series_id,
-                           Instance.ignored_reason)
+                           Instance.ignored_reason, Instance.path)
                     .where(Instance.sop_instance_uid == bindparam("sop_uid")))
+_PATH_IN_USE = select(Instance.id).where(Instance.path == bindparam("path")).limit(1)
 _INSERT_INSTANCE = insert(Instance)
 _UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("row_id"))
+# An arrival reopens a purged or ignored series: it is judged again on what it now holds
+# (MR instances after a series went idle with only ignored ones are denoised).
+_REOPENED = (SeriesState.PURGED, SeriesState.IGNORED)
 _COUNT_IN_SERIES = update(Series).where(Series.id == bindparam("row_id")).values(
     revision=Series.revision + 1,
     instance_count=Series.instance_count + bindparam("added", type_=Series.instance_count.type),
     last_received_at=bindparam("now", type_=Series.last_received_at.type), released_at=None,
-    state=case((Series.state == SeriesState.PURGED, SeriesState.RECEIVING), else_=Series.state),
+    state=case((Series.state.in_(_REOPENED), SeriesState.RECEIVING), else_=Series.state),
+    ignored_reason=case((Series.state == SeriesState.IGNORED, None),
+                        else_=Series.ignored_reason),
     purged_at=case((Series.state == SeriesState.PURGED, None), else_=Series.purged_at))
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    received: Received
+    # A file no row names any more (the instance moved to another series, or is ignored
+    # now): removed once the transaction is committed.
+    stale_path: str = ""
+    stale_series_id: int = 0
 
 
 class Receiver:
@@ -123,11 +216,21 @@ class Receiver:
         self.engine: Engine = sessions.kw["bind"]
 
     def receive(self, data: bytes, context_sop_class: str | None, calling_ae: str) -> Received:
-        if len(data) > self.max_bytes:
+        """``receive_spooled`` for bytes in memory (tools and tests)."""
+        spool = Spool.of_bytes(self.store.incoming, self.max_bytes, data)
+        try:
+            return self.receive_spooled(spool, context_sop_class, calling_ae)
+        finally:
+            spool.discard()
+
+    def receive_spooled(self, spool: Spool, context_sop_class: str | None,
+                        calling_ae: str) -> Received:
+        """Keep the instance received into ``spool`` (the caller discards the spool)."""
+        if spool.too_large:
             raise InstanceTooLarge(
-                f"instance of {len(data) // 2**20} MiB exceeds node.max_instance_mb "
+                f"instance of {spool.size // 2**20} MiB exceeds node.max_instance_mb "
                 f"({self.settings.node.max_instance_mb})")
-        ds = parse_dataset(data)
+        ds = parse_file(spool.path, self.max_bytes)
         sop_class = str(ds.SOPClassUID)
         if context_sop_class and sop_class != context_sop_class:
             raise SOPClassMismatch(
@@ -138,7 +241,12 @@ class Receiver:
         sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
         check_uid(sop_class, "SOPClassUID")
         ignored = self._ignored_reason(ds, sop_class)
-        digest = hashlib.sha256(data).hexdigest()
+        if ignored is None and "PixelData" not in ds:
+            # An MR image IOD requires Pixel Data: without it the dataset was cut short at an
+            # element boundary (nothing else tells), or is not an image. Never kept as one.
+            raise UnreadableDataset("the MR image has no Pixel Data: the dataset is cut short "
+                                    "or not an image; send it again")
+        digest = spool.sha256
 
         relative = ""
         existed = False
@@ -150,17 +258,21 @@ class Receiver:
                     kept = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
                 if kept is not None and kept.sha256 == digest:
                     return Received(kept.series_id, sop_uid, True, kept.ignored_reason)
-            self.store.write_instance(study_uid, series_uid, sop_uid, data)
+            self.store.check_space(spool.size)
+            self.store.keep_received(spool.path, relative)
         else:
             self.store.check_space(0)
         try:
-            return self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
-                               data, digest, ignored, calling_ae)
+            indexed = self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
+                                  spool, ignored, calling_ae)
         except Exception:
             # The index row is what makes a file count; without it a new file is not kept.
             if relative and not existed:
                 self.store.remove(relative)
             raise
+        if indexed.stale_path:
+            self._remove_unreferenced(indexed.stale_path, indexed.stale_series_id)
+        return indexed.received
 
     def _ignored_reason(self, ds: Dataset, sop_class: str) -> str | None:
         modality = str(ds.get("Modality", "") or "")
@@ -174,36 +286,84 @@ class Receiver:
         return None
 
     def _index(self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
-               relative: str, data: bytes, digest: str, ignored: str | None,
-               calling_ae: str) -> Received:
+               relative: str, spool: Spool, ignored: str | None, calling_ae: str) -> _Indexed:
         """Add or update the instance row and count it in its series, in one transaction.
-        Core statements, not the ORM: this runs once per received image."""
+        Core statements, not the ORM: this runs once per received image.
+
+        A SOP Instance UID belongs to one series. Arriving in another series (a PACS split
+        or merged a series), the instance moves: its row and file go to the new series, the
+        old series loses it (and is denoised again without it), and both series' jobs get a
+        note of the move."""
         now = utcnow()
         with self.engine.begin() as connection:
             series_id = self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
                                                 calling_ae, now)
             if relative and not self.store.path(relative).is_file():
-                # Retention purged the series between our write and our lock: write again.
-                self.store.write_atomic(self.store.path(relative), data)
+                # Retention purged the series, or a move took the file, between our write
+                # and our lock: put it in place again (the spool is a second name of it).
+                self.store.keep_received(spool.path, relative)
+            digest = spool.sha256
             existing = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
             if existing is not None and existing.sha256 == digest:
-                return Received(existing.series_id, sop_uid, True, existing.ignored_reason)
+                return _Indexed(Received(existing.series_id, sop_uid, True,
+                                         existing.ignored_reason))
             values = {
-                "sop_class_uid": sop_class,
+                "series_id": series_id, "sop_class_uid": sop_class,
                 "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
                 "instance_number": _int_or_none(ds.get("InstanceNumber")),
-                "path": relative, "size_bytes": len(data), "sha256": digest,
+                "path": relative, "size_bytes": spool.size, "sha256": digest,
                 "received_at": now, "ignored_reason": ignored,
             }
-            added = 0
+            counted = int(ignored is None)
             if existing is None:
-                connection.execute(_INSERT_INSTANCE, {
-                    "series_id": series_id, "sop_instance_uid": sop_uid, **values})
-                added = int(ignored is None)
+                connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": sop_uid, **values})
+                connection.execute(_COUNT_IN_SERIES,
+                                   {"row_id": series_id, "added": counted, "now": now})
+                return _Indexed(Received(series_id, sop_uid, False, ignored))
+            connection.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
+            was_counted = int(existing.ignored_reason is None)
+            if existing.series_id == series_id:
+                connection.execute(_COUNT_IN_SERIES, {"row_id": series_id,
+                                                      "added": counted - was_counted, "now": now})
             else:
-                connection.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
-            connection.execute(_COUNT_IN_SERIES, {"row_id": series_id, "added": added, "now": now})
-            return Received(series_id, sop_uid, False, ignored)
+                self._record_move(connection, sop_uid, existing.series_id, series_id,
+                                  series_uid, was_counted, counted, now)
+            stale = existing.path if existing.path and existing.path != relative else ""
+            return _Indexed(Received(series_id, sop_uid, False, ignored), stale,
+                            existing.series_id)
+
+    def _record_move(self, connection: Connection, sop_uid: str, old_series_id: int,
+                     new_series_id: int, new_series_uid: str, was_counted: int, counted: int,
+                     now: datetime) -> None:
+        old_series_uid = connection.scalar(select(Series.series_uid).where(
+            Series.id == old_series_id))
+        # The old series changed too: its revision rises, so it is denoised again without
+        # the instance (a derived copy already sent stays in the PACS: the node deletes
+        # nothing there).
+        connection.execute(_COUNT_IN_SERIES, {"row_id": old_series_id, "added": -was_counted,
+                                              "now": now})
+        connection.execute(_COUNT_IN_SERIES, {"row_id": new_series_id, "added": counted,
+                                              "now": now})
+        note = f"instance {sop_uid} moved to series {new_series_uid} from series {old_series_uid}"
+        for series_id in (old_series_id, new_series_id):
+            add_note(connection, series_id, note, now)
+        log.warning("instance moved to another series", extra={
+            "sop_instance_uid": sop_uid, "series_uid": new_series_uid,
+            "from_series_uid": old_series_uid})
+
+    def _remove_unreferenced(self, relative: str, series_id: int) -> None:
+        """Remove a file that no index row names after a commit, holding the lock of the
+        series it was filed under: a receiver writing the same path again for that series
+        either finds it gone under its own lock (and writes it again) or has indexed it,
+        and then it stays. A crash before this leaves an orphan for remove_orphans."""
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(_SERIES_ROW_LOCKED, {"row_id": series_id})
+                if connection.execute(_PATH_IN_USE, {"path": relative}).first() is None:
+                    self.store.remove(relative)
+        except Exception:  # noqa: BLE001 - the instance was kept; the orphan is swept later
+            log.exception("could not remove the file an instance left behind",
+                          extra={"path": relative})
 
     def _series_for_update(self, connection: Connection, ds: Dataset, study_uid: str,
                            series_uid: str, sop_class: str, calling_ae: str,
@@ -211,9 +371,13 @@ class Receiver:
         # The row lock (PostgreSQL; SQLite serialises writers) makes concurrent receivers of
         # one series take turns: no lost revision or instance_count increment, and a
         # resent instance finds the other receiver's row instead of a unique violation.
-        series_id = connection.scalar(_SERIES_LOCKED, {"series_uid": series_uid})
-        if series_id is not None:
-            return int(series_id)
+        found = connection.execute(_SERIES_LOCKED, {"series_uid": series_uid}).first()
+        if found is not None:
+            if found.study_uid != study_uid:
+                raise SeriesInOtherStudy(
+                    f"series {series_uid} is kept under study {found.study_uid}, not "
+                    f"{study_uid}; a series belongs to one study")
+            return int(found.id)
         try:
             with connection.begin_nested():
                 return int(connection.execute(insert(Series).values(
@@ -225,7 +389,8 @@ class Receiver:
                 ).returning(Series.id)).scalar_one())
         except IntegrityError:
             # Another association created it first (PostgreSQL; SQLite serialises writers).
-            return int(connection.execute(_SERIES_LOCKED, {"series_uid": series_uid}).scalar_one())
+            return self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
+                                           calling_ae, now)
 
     def mark_released(self, delivered: Counter[int]) -> None:
         """An association released normally: a series whose every instance came in it may

@@ -1,8 +1,10 @@
 """The Storage SCP: an AE that accepts MR (and, to ignore them politely, all other storage
 SOP classes) in every transfer syntax, with handlers bound to the receiver they need.
 
-It listens on node.port, on tls.port with DICOM TLS, or on both; every association is first
-checked against the access policy (access.py)."""
+It listens on node.port, on tls.port with DICOM TLS, or on both; every connection is guarded
+(connection_guard.py: timeouts, slots per address), every association checked against the
+access policy (access.py), and every C-STORE dataset written to a file as it arrives
+(spool.py)."""
 
 from __future__ import annotations
 
@@ -20,8 +22,14 @@ from pynetdicom.utils import make_target
 
 from denoised_node.config.settings import ConfigError, Settings
 from denoised_node.daemon.access import AccessPolicy, Refusal, handle_requested
+from denoised_node.daemon.connection_guard import (
+    ConnectionGuard,
+    GuardedAssociationServer,
+    GuardLimits,
+)
 from denoised_node.daemon.network import make_ae, set_tcp_nodelay
 from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.spool import Spool, Spooler
 from denoised_node.daemon.status import Status, status_for
 from denoised_node.daemon.tls import TLSAssociationServer, server_context
 
@@ -67,9 +75,15 @@ def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker,
                  counts: ScpCounts | None = None) -> int:
     counts = counts or _NoCounts()
     calling = event.assoc.requestor.ae_title
+    spool = getattr(event.request, "_dataset_file", None)
     try:
-        data = event.encoded_dataset(include_meta=True)
-        received = receiver.receive(data, str(event.context.abstract_syntax), calling)
+        context_sop_class = str(event.context.abstract_syntax)
+        if isinstance(spool, Spool):
+            received = receiver.receive_spooled(spool, context_sop_class, calling)
+            size = spool.size
+        else:  # an association the spooler was not attached to: pynetdicom's bytes
+            data = event.encoded_dataset(include_meta=True)
+            received, size = receiver.receive(data, context_sop_class, calling), len(data)
     except Exception as exc:  # noqa: BLE001 - every failure becomes a DIMSE status, never success
         counts.instance("refused")
         status = status_for(exc)
@@ -78,11 +92,14 @@ def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker,
                 extra={"status": f"0x{status:04X}", "calling_ae": calling,
                        "sop_instance_uid": str(event.request.AffectedSOPInstanceUID)})
         return int(status)
+    finally:
+        if isinstance(spool, Spool):
+            spool.discard()  # kept: renamed into place; refused: not kept
     if not received.duplicate and received.ignored_reason is None:
         tracker.count(event.assoc, received.series_id)
     outcome = ("duplicate" if received.duplicate
                else "ignored" if received.ignored_reason is not None else "stored")
-    counts.instance(outcome, len(data))
+    counts.instance(outcome, size)
     log.debug("instance stored", extra={"sop_instance_uid": received.sop_instance_uid,
                                         "duplicate": received.duplicate})
     return int(Status.SUCCESS)
@@ -115,26 +132,22 @@ def build_ae(settings: Settings) -> AE:
 
 
 def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, policy: AccessPolicy,
-                 counts: ScpCounts, transport: str) -> list[Any]:
+                 counts: ScpCounts, transport: str, guard: ConnectionGuard,
+                 spooler: Spooler) -> list[Any]:
     def decided(refusal: Refusal | None) -> None:
         counts.association("accepted" if refusal is None else "rejected", transport)
 
     return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, guard.watch, [transport]),
+        (evt.EVT_CONN_OPEN, spooler.attach),
+        (evt.EVT_CONN_CLOSE, spooler.discard_unfinished),
         (evt.EVT_REQUESTED, handle_requested, [policy, decided]),
         (evt.EVT_C_STORE, handle_store, [receiver, tracker, counts]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_RELEASED, handle_released, [receiver, tracker]),
         (evt.EVT_ABORTED, handle_closed, [tracker]),
     ]
-
-
-def build_scp(settings: Settings, receiver: Receiver,
-              counts: ScpCounts | None = None) -> tuple[AE, list[Any]]:
-    """The AE and its bound handlers (for the plain port), ready for ``start_server``."""
-    handlers = scp_handlers(receiver, DeliveryTracker(), AccessPolicy.from_settings(settings.node),
-                            counts or _NoCounts(), PLAIN)
-    return build_ae(settings), handlers
 
 
 @dataclass
@@ -167,6 +180,8 @@ def start_scp(settings: Settings, receiver: Receiver,
     tracker = DeliveryTracker()
     policy = AccessPolicy.from_settings(settings.node)
     counts = counts or _NoCounts()
+    guard = ConnectionGuard(GuardLimits.from_settings(settings.node), policy, counts)
+    spooler = Spooler(receiver.store.incoming, receiver.max_bytes)
     tls = settings.tls
     plan: list[tuple[str, int]] = []
     if tls.plain_port:
@@ -177,8 +192,9 @@ def start_scp(settings: Settings, receiver: Receiver,
     listeners = ScpListeners({})
     try:
         for transport, port in plan:
-            handlers = scp_handlers(receiver, tracker, policy, counts, transport)
-            server = _make_server(ae, settings, transport, port, handlers, tls_context, counts)
+            handlers = scp_handlers(receiver, tracker, policy, counts, transport, guard, spooler)
+            server = _make_server(ae, settings, transport, port, handlers, tls_context, counts,
+                                  guard)
             thread = threading.Thread(target=make_target(server.serve_forever),
                                       name=f"scp-{transport}", daemon=True)
             thread.start()
@@ -199,7 +215,8 @@ def start_scp(settings: Settings, receiver: Receiver,
 
 
 def _make_server(ae: AE, settings: Settings, transport: str, port: int, handlers: list[Any],
-                 tls_context: Any, counts: ScpCounts) -> ThreadedAssociationServer:
+                 tls_context: Any, counts: ScpCounts,
+                 guard: ConnectionGuard) -> ThreadedAssociationServer:
     address = (settings.node.host, port)
     key = "tls.port" if transport == TLS else "node.port"
     try:
@@ -208,9 +225,10 @@ def _make_server(ae: AE, settings: Settings, transport: str, port: int, handlers
                                   server_class=TLSAssociationServer, tls_context=tls_context,
                                   handshake_timeout=settings.node.acse_timeout,
                                   on_handshake_failure=lambda: counts.association(
-                                      "handshake_failed", TLS))
+                                      "handshake_failed", TLS), guard=guard, transport=TLS)
         return ae.make_server(address, evt_handlers=handlers,  # type: ignore[return-value]
-                              server_class=ThreadedAssociationServer)
+                              server_class=GuardedAssociationServer, guard=guard,
+                              transport=PLAIN)
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
             raise ConfigError(f"cannot listen on {settings.node.host}:{port} ({key}): "

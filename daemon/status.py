@@ -27,6 +27,8 @@ class Status(IntEnum):
     CANNOT_UNDERSTAND = 0xC000
     # Error: Cannot understand: a UID needed to file the instance is malformed.
     CANNOT_UNDERSTAND_UID = 0xC001
+    # Error: Cannot understand: the series is already kept under another Study Instance UID.
+    CANNOT_UNDERSTAND_STUDY = 0xC002
     # Refused: Out of Resources: the index could not be written (database down or locked).
     OUT_OF_RESOURCES_INDEX = 0xA702
     # Processing failure: anything unexpected. Never success.
@@ -47,6 +49,11 @@ class InstanceTooLarge(ReceiveError):
     """The instance is larger than the configured limit (node.max_instance_mb)."""
 
 
+class SeriesInOtherStudy(ReceiveError):
+    """The instance names a series the node keeps under another study: a series belongs to
+    one study, and a derived series must never mix two."""
+
+
 class SOPClassMismatch(ReceiveError):
     """The dataset's SOP Class UID differs from the presentation context's abstract syntax."""
 
@@ -57,6 +64,7 @@ _TABLE: tuple[tuple[type[BaseException], Status], ...] = (
     (SOPClassMismatch, Status.DATASET_DOES_NOT_MATCH),
     (UnreadableDataset, Status.CANNOT_UNDERSTAND),
     (InvalidUID, Status.CANNOT_UNDERSTAND_UID),
+    (SeriesInOtherStudy, Status.CANNOT_UNDERSTAND_STUDY),
     (SQLAlchemyError, Status.OUT_OF_RESOURCES_INDEX),
     (MemoryError, Status.OUT_OF_RESOURCES),
 )

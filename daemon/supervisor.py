@@ -26,7 +26,11 @@ from denoised_node.config.settings import Settings
 from denoised_node.daemon import health
 from denoised_node.daemon.completion import CompletionLoop
 from denoised_node.daemon.http import Readiness, StatusServer
-from denoised_node.daemon.maintenance import RetentionLoop, release_dead_local_leases
+from denoised_node.daemon.maintenance import (
+    ORPHAN_AGE,
+    RetentionLoop,
+    release_dead_local_leases,
+)
 from denoised_node.daemon.metrics import node_registry
 from denoised_node.daemon.notify import (
     NOTIFY_SOCKET,
@@ -40,6 +44,7 @@ from denoised_node.daemon.runtime import open_runtime
 from denoised_node.daemon.scp import start_scp
 from denoised_node.daemon.web.pages import StatusPages
 from denoised_node.storage.db import is_sqlite
+from denoised_node.storage.retention import remove_orphans
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +223,7 @@ def serve(settings: Settings, config_path: Path | None,
           ready: threading.Event | None = None) -> int:
     runtime = open_runtime(settings, initialise_empty=True)
     runtime.store.clean_incoming()
+    remove_orphans(runtime.sessions, runtime.store, ORPHAN_AGE)
     release_dead_local_leases(runtime.sessions)
     stop = threading.Event()
 

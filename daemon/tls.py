@@ -15,9 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pynetdicom.transport import ThreadedAssociationServer
-
 from denoised_node.config.settings import ConfigError, Destination, TLSSettings
+from denoised_node.daemon.connection_guard import GuardedAssociationServer
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,8 @@ def _readable(path: Path, key: str) -> None:
                           "and that the node's user may read it") from None
 
 
-class TLSAssociationServer(ThreadedAssociationServer):
-    """A threaded association server that wraps each connection in TLS in its own thread."""
+class TLSAssociationServer(GuardedAssociationServer):
+    """A guarded association server that wraps each connection in TLS in its own thread."""
 
     def __init__(self, *args: Any, tls_context: ssl.SSLContext, handshake_timeout: float,
                  on_handshake_failure: Callable[[], None] | None = None, **kwargs: Any) -> None:
@@ -112,7 +111,7 @@ class TLSAssociationServer(ThreadedAssociationServer):
             if self.on_handshake_failure is not None:
                 self.on_handshake_failure()
             return
-        wrapped.settimeout(None)  # as a plain accepted socket: pynetdicom runs its own timers
+        wrapped.settimeout(None)  # the connection guard sets the read timeouts from here on
         super().finish_request(wrapped, client_address)
 
 

@@ -35,6 +35,7 @@ from denoised_node.storage.queue import (
     renew_lease,
     transition,
 )
+from denoised_node.storage.reasons import describe_error, one_line
 from denoised_node.storage.series import NothingToDenoise, SeriesError
 
 log = logging.getLogger(__name__)
@@ -164,20 +165,20 @@ class Worker:
                                      utcnow(), progress=_progress_logger(job.id,
                                                                          self.heartbeat.beat))
         except NothingToDenoise as exc:
-            self._move(job, JobState.PROCESSING, JobState.IGNORED, str(exc))
+            self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
             return False
         except (PermanentError, SeriesError) as exc:
             log.error("series cannot be denoised: %s", exc, extra=extra)
-            self._move(job, JobState.PROCESSING, JobState.FAILED, str(exc))
+            self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)))
             return False
         except Exception as exc:  # noqa: BLE001 - out of memory, CUDA, disk: worth a retry
             log.exception("processing failed", extra=extra)
-            self._retry_processing(job, f"{type(exc).__name__}: {exc}")
+            self._retry_processing(job, describe_error(exc))
             return False
         seconds = time.monotonic() - started
         self._move(job, JobState.PROCESSING, JobState.PROCESSED,
                    f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s "
-                   f"({outcome.describe_seconds()})",
+                   f"({outcome.describe_seconds()}){_skipped_note(outcome.skipped)}",
                    derived_series_uid=outcome.derived_series_uid,
                    derived_count=len(outcome.files), model_identity=self.denoiser.identity)
         return True
@@ -188,10 +189,19 @@ class Worker:
             if series.state == SeriesState.PURGED:
                 raise PermanentError(f"the files of series {series.series_uid} were purged; "
                                      "send the series again from the PACS")
-            rows = session.scalars(select(Instance.path).where(
+            rows = session.execute(select(Instance.sop_instance_uid, Instance.path).where(
                 Instance.series_id == series.id, Instance.ignored_reason.is_(None))).all()
-            uid = series.series_uid
-        paths = [self.store.path(row) for row in rows]
+            uid, study_uid = series.series_uid, series.study_uid
+        paths = []
+        for sop_uid, relative in rows:
+            # Never derive from bytes filed under another series: only the path this
+            # series' UIDs name is read (an index an older release left inconsistent).
+            if relative != self.store.instance_path(study_uid, uid, sop_uid):
+                log.error("instance row names another series' file; left out",
+                          extra={"job_id": job.id, "sop_instance_uid": sop_uid,
+                                 "path": relative})
+                continue
+            paths.append(self.store.path(relative))
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise PermanentError(f"{len(missing)} stored file(s) of series {uid} are missing, "
@@ -255,7 +265,7 @@ class Worker:
                 log.info("series sent", extra={"job_id": job.id, "destination": result.destination,
                                                "instances": result.sent})
         except Exception as exc:  # noqa: BLE001 - any send failure is retried, then fails
-            self._retry_sending(job, f"{type(exc).__name__}: {exc}")
+            self._retry_sending(job, describe_error(exc))
             return
         names = ", ".join(d.name for d in destinations) or "no destination configured"
         self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}")
@@ -291,6 +301,14 @@ class Worker:
         except Exception:  # noqa: BLE001 - the lease expires anyway
             log.exception("could not release the job in hand", extra={"job_id": job.id})
         self.current = None
+
+
+def _skipped_note(skipped: Sequence[tuple[str, str]]) -> str:
+    """The images left out, for the job's record: how many, and the reasons (no UIDs)."""
+    if not skipped:
+        return ""
+    reasons = sorted({reason for _, reason in skipped})
+    return one_line(f"; {len(skipped)} image(s) skipped: {'; '.join(reasons)}")
 
 
 def _progress_logger(job_id: int,

@@ -46,9 +46,14 @@ class ModelCard:
     def from_json(cls, text: str) -> ModelCard:
         try:
             data = json.loads(text)
-            return cls(**data)
+            card = cls(**data)
         except (json.JSONDecodeError, TypeError) as exc:
             raise CheckpointInvalidError(f"the model card is not valid: {exc}") from None
+        for key in ("architecture", "schedule", "normalisation", "training", "metrics"):
+            if not isinstance(getattr(card, key), dict):
+                raise CheckpointInvalidError(f"the model card's {key} is a "
+                                             f"{type(getattr(card, key)).__name__}, not an object")
+        return card
 
     @property
     def identity(self) -> str:

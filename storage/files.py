@@ -90,6 +90,29 @@ class FileStore:
     def write_atomic(self, target: Path, data: bytes) -> None:
         write_atomic(target, data, temp_dir=self.incoming)
 
+    def keep_received(self, received: Path, relative: str) -> None:
+        """Put a file received into incoming/ in place at ``relative``, durably (fsync,
+        rename, fsync of the folder), without copying it. ``received`` stays as a second
+        name of the same file until its owner removes it, so the file can be put in place
+        again if it disappears before the index row is committed."""
+        target = self.path(relative)
+        _make_dirs_durable(target.parent)
+        fd = os.open(received, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        link = self.incoming / f"{temp_prefix()}{os.urandom(8).hex()}.part"
+        try:
+            os.link(received, link)
+            os.replace(link, target)
+        except OSError as exc:
+            _unlink_quietly(link)
+            if exc.errno == errno.ENOSPC:
+                raise OutOfSpace(f"disk full while writing {target.name}") from exc
+            raise
+        _fsync_dir(target.parent)
+
     def path(self, relative: str) -> Path:
         """The absolute path of a store-relative path (as kept in the index). Lexical checks
         only: the store builds these paths from checked UIDs and holds no symlinks, and
@@ -109,7 +132,7 @@ class FileStore:
         be writing its own right now: those go only once untouched for STALE_TEMP_SECONDS.
         """
         removed = 0
-        mine = _temp_prefix()
+        mine = temp_prefix()
         cutoff = (time.time() if now is None else now) - STALE_TEMP_SECONDS
         for leftover in self.incoming.glob("*.part"):
             host_tagged = _HOST_MARK in leftover.name
@@ -138,7 +161,7 @@ _HOST_MARK = "~"
 STALE_TEMP_SECONDS = 3600.0
 
 
-def _temp_prefix() -> str:
+def temp_prefix() -> str:
     return f"{socket.gethostname()}{_HOST_MARK}"
 
 
@@ -148,7 +171,7 @@ def write_atomic(target: Path, data: bytes, temp_dir: Path | None = None, *,
     reader (or a crash) sees either the whole file or none of it. ``durable=False`` skips
     both fsyncs for a caller that flushes a whole batch at once with ``sync_filesystem``."""
     _make_dirs_durable(target.parent)
-    fd, temp_name = tempfile.mkstemp(dir=temp_dir or target.parent, prefix=_temp_prefix(),
+    fd, temp_name = tempfile.mkstemp(dir=temp_dir or target.parent, prefix=temp_prefix(),
                                      suffix=".part")
     try:
         try:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from denoised_node.storage.db import SessionFactory, is_postgres
@@ -114,6 +114,25 @@ def transition(
         JobEvent(job_id=job_id, at=now, from_state=from_state.value, to_state=to_state.value,
                  worker=worker, reason=reason)
     )
+
+
+def add_note(connection: Connection | Session, series_id: int, reason: str,
+             now: datetime) -> int | None:
+    """Record something that happened to a series (an instance moved in or out) in its latest
+    job's audit log, as an event that changes no state (from_state == to_state). Returns the
+    job's id; None when the series has no job yet."""
+    latest = connection.execute(select(Job.id, Job.state).where(Job.series_id == series_id)
+                                .order_by(Job.id.desc()).limit(1)).first()
+    if latest is None:
+        return None
+    connection.execute(insert(JobEvent).values(job_id=latest.id, at=now, from_state=latest.state,
+                                               to_state=latest.state, reason=reason))
+    return int(latest.id)
+
+
+def is_note(from_state: str | None, to_state: str) -> bool:
+    """An audit row that records an event, not a move (see add_note)."""
+    return from_state == to_state
 
 
 def enqueue(session: Session, series: Series, *, reason: str, now: datetime | None = None) -> Job:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
@@ -38,8 +39,11 @@ def purge_series(session: Session, store: FileStore, series: Series, now: dateti
     """Delete the series' received and derived files and its instance rows; keep the series
     and its jobs (the audit trail) with state purged. Returns the number of files removed."""
     removed = 0
+    own_folder = f"instances/{series.study_uid}/{series.series_uid}/"
     for instance in session.scalars(select(Instance).where(Instance.series_id == series.id)):
-        if instance.path:
+        # Only files in the series' own folder: a row an older release left naming another
+        # series' file must not take that file with it.
+        if instance.path and instance.path.startswith(own_folder):
             store.remove(instance.path)
             removed += 1
     if series.study_uid and series.series_uid:
@@ -107,3 +111,43 @@ def forget_purged(sessions: SessionFactory, older_than: timedelta,
         session.execute(delete(Series).where(Series.id.in_(series_ids)))
     log.info("forgot purged series", extra={"series": len(series_ids)})
     return len(series_ids)
+
+
+_PATHS_PER_QUERY = 500  # bound parameters per IN list (SQLite's limit is higher)
+
+
+def remove_orphans(sessions: SessionFactory, store: FileStore, older_than: timedelta,
+                   now: datetime | None = None) -> int:
+    """Remove files under instances/ that no index row names and that are older than
+    ``older_than``: a crash between the rename into place and the commit of the row, or
+    before a moved instance's old file was removed, leaves one. None was acknowledged
+    (the SCP answers after the commit). Younger files may be a write in progress (here or,
+    on a shared store, on another host). Walks one series folder at a time."""
+    cutoff = ((now or utcnow()) - older_than).timestamp()
+    removed = 0
+    for series_folder in sorted(p for p in store.instances.glob("*/*") if p.is_dir()):
+        files = [p for p in series_folder.glob("*.dcm") if _modified_before(p, cutoff)]
+        if not files:
+            continue
+        prefix = f"instances/{series_folder.parent.name}/{series_folder.name}/"
+        named: set[str] = set()
+        with sessions() as session:
+            for start in range(0, len(files), _PATHS_PER_QUERY):
+                chunk = [prefix + p.name for p in files[start:start + _PATHS_PER_QUERY]]
+                named.update(session.scalars(select(Instance.path).where(
+                    Instance.path.in_(chunk))))
+        for path in files:
+            if prefix + path.name not in named:
+                store.remove(prefix + path.name)
+                removed += 1
+    if removed:
+        log.warning("removed files no index row names (left by a crash)",
+                    extra={"files": removed})
+    return removed
+
+
+def _modified_before(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False

@@ -20,9 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
+from pydicom.uid import UID
+
+from denoised_node.storage.reasons import one_line
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +148,17 @@ def plan_stacks(paths: Iterable[Path]) -> StackPlan:
             # Large values (pixel data) are deferred: present, but not read into memory.
             ds = pydicom.dcmread(path, defer_size=4096)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped with a reason
-            plan.skipped.append((path.stem, f"unreadable: {exc}"))
+            plan.skipped.append((path.stem, f"unreadable: {one_line(str(exc))}"))
             continue
         sop_uid = str(ds.get("SOPInstanceUID", path.stem))
-        reason = unusable_reason(ds)
+        reason = unusable_reason(ds) or malformed_reason(ds)
         if reason:
             plan.skipped.append((sop_uid, reason))
             continue
         try:
             candidates.extend(_candidates_of(ds, path))
         except (AttributeError, KeyError, ValueError, IndexError, TypeError) as exc:
-            plan.skipped.append((sop_uid, f"no usable geometry: {exc}"))
+            plan.skipped.append((sop_uid, f"no usable geometry: {one_line(str(exc))}"))
     plan.stacks = _group_into_stacks(candidates)
     return plan
 
@@ -177,6 +181,48 @@ def unusable_reason(ds: Dataset) -> str | None:
             return f"not a magnitude image ({NON_MAGNITUDE_TYPES[value]})"
         if value in NOT_DENOISED_TYPES:
             return NOT_DENOISED_TYPES[value]
+    return None
+
+
+def malformed_reason(ds: Dataset) -> str | None:
+    """Image attributes no decoder can use, found in the header alone: one such image is
+    left out with this reason and the rest of its series is denoised."""
+    mismatch = _encoding_mismatch(ds)
+    if mismatch:
+        return mismatch
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        allocated = int(ds.get("BitsAllocated", 16) or 0)
+        stored = int(ds.get("BitsStored", allocated) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as exc:
+        return f"malformed image attributes: {exc}"
+    if rows < 1 or columns < 1:
+        return f"Rows {rows}, Columns {columns}: an image needs at least one of each"
+    if not 1 <= stored <= allocated:
+        return f"BitsStored {stored} does not fit BitsAllocated {allocated}"
+    if frames != 1 and str(ds.get("SOPClassUID", "")) not in MULTIFRAME_MR_SOP_CLASSES:
+        return f"NumberOfFrames {frames} on a single-frame MR image (one frame expected)"
+    return None
+
+
+def _encoding_mismatch(ds: Dataset) -> str | None:
+    """pydicom reads a dataset in the encoding it finds, whatever the transfer syntax says;
+    the derived object would be written in the wrong one. Elements not yet converted tell
+    how they were read."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None:
+        return None
+    expected = UID(syntax)
+    for tag in ds.keys():
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement):
+            if element.is_implicit_VR != expected.is_implicit_VR:
+                found = "implicit VR" if element.is_implicit_VR else "explicit VR"
+                return f"encoded in {found}, unlike its transfer syntax ({expected.name})"
+            if element.is_little_endian != expected.is_little_endian:
+                return f"byte order differs from its transfer syntax ({expected.name})"
+            return None
     return None
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from denoised_node.daemon.admin import EventRow, JobRow, list_jobs
 from denoised_node.daemon.metrics import STAGES, SUPERSEDED_REASON
 from denoised_node.storage.models import Instance, Job, JobEvent, Series
-from denoised_node.storage.queue import TERMINAL_STATES, JobState
+from denoised_node.storage.queue import TERMINAL_STATES, JobState, is_note
 
 STAGE_LABELS = {"receive_to_complete": "receive", "queue_wait": "wait",
                 "inference": "denoise", "send": "send", "end_to_end": "total"}
@@ -31,6 +31,8 @@ def stage_seconds(events: Iterable[EventRow], first_received_at: datetime) -> di
     replayed = False
     for event in events:
         at, to_state = event.at, event.to_state
+        if is_note(event.from_state, to_state):
+            continue  # an event of the series, not a stage
         if event.from_state is None:
             seconds["receive_to_complete"] = (at - first_received_at).total_seconds()
         elif event.from_state in _TERMINAL and to_state == JobState.QUEUED:
@@ -122,7 +124,8 @@ def last_hour(session: Session, now: datetime, window: timedelta = timedelta(hou
     ended = dict.fromkeys(("done", "failed", "ignored", "superseded"), 0)
     done_ids: set[int] = set()
     rows = session.execute(select(JobEvent.job_id, JobEvent.to_state, JobEvent.reason).where(
-        JobEvent.at >= since, JobEvent.to_state.in_(_TERMINAL))).all()
+        JobEvent.at >= since, JobEvent.to_state.in_(_TERMINAL),
+        JobEvent.from_state.is_distinct_from(JobEvent.to_state))).all()  # notes: no end
     for job_id, state, reason in rows:
         superseded = state == JobState.IGNORED and (reason or "").startswith(SUPERSEDED_REASON)
         ended["superseded" if superseded else state] += 1

@@ -35,3 +35,26 @@ def test_an_unknown_section_is_refused() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "recieve"], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "unknown section(s): recieve" in done.stderr
+
+
+def test_the_soak_keeps_every_acknowledged_instance_and_answers_the_probes(
+        tmp_path: Path) -> None:
+    """A short soak (senders, a slow-loris attacker and an HTTP flood at once): every
+    instance acknowledged is kept, serve lives, and the probes are answered."""
+    table = tmp_path / "soak.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "soak", "--soak-seconds", "8",
+         "--workdir", str(tmp_path / "work"), "--markdown", str(table)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(" | ")[1]: line for line in table.read_text().splitlines()
+            if line.startswith("| soak")}
+    acknowledged = next(v for k, v in rows.items() if "acknowledged (0x0000)" in k)
+    kept = rows["instances kept of those acknowledged (indexed, file on disk)"]
+    count = re.search(r"\| (\d+) instances \|", acknowledged)
+    assert count and int(count.group(1)) > 0
+    assert f"| {count.group(1)} instances |" in kept and "every acknowledged one" in kept
+    assert "DIED" not in rows["serve: peak RSS"]
+    assert "failed" not in rows["probe C-ECHO once a second: worst latency"]

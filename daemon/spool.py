@@ -1,0 +1,157 @@
+"""Receiving a C-STORE dataset into a file as its fragments arrive.
+
+pynetdicom keeps a dataset in memory until its last fragment (several copies by the time a
+handler sees it), so an instance over node.max_instance_mb was held whole before it was
+refused. For the node's own associations a Spool takes the fragments instead: written to
+incoming/ in the store (later renamed into place, never copied), hashed on the way, and past
+the limit only counted, so the handler answers 0xA701 having held one PDU at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
+
+from denoised_node.storage.files import temp_prefix
+
+# What an association of the node's SCP carries (set by attach(), read by the decoder).
+_SPOOLER = "_denoised_node_spooler"
+_IMPLICIT_LITTLE = "1.2.840.10008.1.2"
+
+
+class Spool:
+    """One received dataset (DICOM file format: preamble, meta, dataset) on its way to the
+    store. pynetdicom sees a file object: write(), .file.flush(), .name, close()."""
+
+    def __init__(self, folder: Path, limit_bytes: int) -> None:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=temp_prefix(), suffix=".part")
+        self._file = os.fdopen(fd, "wb")
+        self.path = Path(name)
+        self.limit_bytes = limit_bytes
+        self.size = 0  # every byte received, kept or not
+        self._digest = hashlib.sha256()
+
+    @classmethod
+    def of_bytes(cls, folder: Path, limit_bytes: int, data: bytes) -> Spool:
+        spool = cls(folder, limit_bytes)
+        spool.write(data)
+        spool.close()
+        return spool
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+    @property
+    def file(self) -> Spool:
+        return self
+
+    @property
+    def too_large(self) -> bool:
+        return self.size > self.limit_bytes
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        was_kept = not self.too_large
+        self.size += len(data)
+        if not self.too_large:
+            self._file.write(data)
+            self._digest.update(data)
+        elif was_kept:
+            self._file.truncate(0)  # refused anyway: give the disk space back now
+        return len(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def discard(self) -> None:
+        self.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class Spooler:
+    """Where and how large: one per SCP, attached to each of its associations."""
+
+    def __init__(self, folder: Path, limit_bytes: int) -> None:
+        self.folder = folder
+        self.limit_bytes = limit_bytes
+
+    def attach(self, event: Any) -> None:
+        """EVT_CONN_OPEN handler: this association's C-STORE datasets go to spools."""
+        install_decoder()
+        setattr(event.assoc, _SPOOLER, self)
+
+    @staticmethod
+    def discard_unfinished(event: Any) -> None:
+        """EVT_CONN_CLOSED handler: a dataset whose last fragment never came is dropped
+        (a finished one was handed to the C-STORE handler, which disposed of it)."""
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        spool = getattr(message, "_data_set_file", None)
+        if isinstance(spool, Spool):
+            spool.discard()
+
+
+_pynetdicom_decode = DIMSEMessage.decode_msg
+
+
+def install_decoder() -> None:
+    if DIMSEMessage.decode_msg is not _decode_msg:
+        DIMSEMessage.decode_msg = _decode_msg  # type: ignore[method-assign]
+
+
+def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> bool:
+    """pynetdicom's decoder, but a C-STORE-RQ dataset of the node's associations goes to a
+    Spool fragment by fragment. Everything else is pynetdicom's, one fragment at a time."""
+    spooler: Spooler | None = getattr(assoc, _SPOOLER, None)
+    if spooler is None or primitive.__class__ != P_DATA:
+        return _pynetdicom_decode(self, primitive, assoc)
+    for context_id, data in primitive.presentation_data_value_list:
+        is_command = bool(data[0] & 1)
+        current: Any = self._data_set_file
+        if not is_command and isinstance(current, Spool):
+            current.write(memoryview(data)[1:])
+            if data[0] & 2:
+                current.close()
+                return True
+            continue
+        single = P_DATA()
+        single.presentation_data_value_list = [[context_id, bytes(data)]]  # type: ignore[list-item]
+        if _pynetdicom_decode(self, single, assoc):
+            return True
+        if is_command and data[0] & 2 and isinstance(self, C_STORE_RQ):
+            spool = _open_spool(spooler, self, assoc, context_id)
+            self._data_set_file = spool  # type: ignore[assignment]  # a file object to pynetdicom
+            self._data_set_path = spool.path
+    return False
+
+
+def _open_spool(spooler: Spooler, message: DIMSEMessage, assoc: Any, context_id: int) -> Spool:
+    command = message.command_set
+    context = assoc._accepted_cx.get(context_id)
+    # An unaccepted context is refused by pynetdicom; the meta only has to be writable.
+    syntax = UID(context.transfer_syntax[0] if context is not None else _IMPLICIT_LITTLE)
+    spool = Spool(spooler.folder, spooler.limit_bytes)
+    spool.write(b"\x00" * 128 + b"DICM")
+    meta = create_file_meta(sop_class_uid=command.AffectedSOPClassUID,
+                            sop_instance_uid=command.AffectedSOPInstanceUID,
+                            transfer_syntax=syntax)
+    write_file_meta_info(spool, meta)  # type: ignore[arg-type]
+    return spool

@@ -1,0 +1,142 @@
+"""Issue 15, item 2: connections that hold an association slot without speaking. Every
+accepted socket has a read timeout (and, before an association is agreed, a deadline), a
+single address holds at most node.max_associations_per_address slots, an address the
+allowlist can never admit is closed at once, and each drop is logged with the address."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from denoised_node.config.settings import Settings
+from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.runtime import open_runtime
+from denoised_node.daemon.scp import ScpListeners, start_scp
+
+# The first bytes of an A-ASSOCIATE-RQ (PDU type 1, reserved, then a 4-byte length): a
+# connection that sends this much and goes silent holds its slot inside a blocking read.
+HALF_PDU = b"\x01\x00\x00"
+ATTACKER = "127.0.0.2"  # another loopback address: the attacker is not the sender
+WAIT = 15.0  # how long a test waits for a drop before it calls the node locked
+
+
+@pytest.fixture
+def scp_factory(settings_factory) -> Iterator[Callable[..., tuple[Settings, int]]]:  # type: ignore[no-untyped-def]
+    servers: list[ScpListeners] = []
+
+    def start(**overrides: object) -> tuple[Settings, int]:
+        settings: Settings = settings_factory(node__port=0, **overrides)
+        runtime = open_runtime(settings, initialise_empty=True)
+        server = start_scp(settings, Receiver(runtime.store, runtime.sessions, settings))
+        servers.append(server)
+        return settings, server.port("plain")
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _connect(port: int, source: str = ATTACKER, first: bytes = HALF_PDU) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT,
+                                    source_address=(source, 0))
+    if first:
+        sock.sendall(first)
+    return sock
+
+
+def _closed_by_the_node(sock: socket.socket) -> bool:
+    """True once the node closed the connection; False if it is still open after WAIT."""
+    try:
+        while True:
+            if not sock.recv(4096):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def _echo(port: int) -> int | None:
+    ae = AE(ae_title="MOD")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", port, ae_title="DENOISER")
+    if not assoc.is_established:
+        return None
+    status = assoc.send_c_echo()
+    assoc.release()
+    return int(status.Status) if "Status" in status else None
+
+
+def test_a_connection_silent_inside_a_pdu_is_dropped_and_logged(scp_factory, caplog) -> None:  # type: ignore[no-untyped-def]
+    _, port = scp_factory(node__network_timeout=0.5, node__acse_timeout=30)
+    with caplog.at_level(logging.WARNING, logger="denoised_node"), _connect(port) as sock:
+        assert _closed_by_the_node(sock)
+    assert any(getattr(r, "peer_address", None) == ATTACKER and "dropped" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_a_connection_dripping_bytes_is_dropped_at_the_association_deadline(scp_factory) -> None:  # type: ignore[no-untyped-def]
+    """A header announcing a 64 KiB A-ASSOCIATE-RQ, then one byte every 0.2 s: each read
+    ends under network_timeout, the deadline to finish the request (acse_timeout) still
+    ends the connection."""
+    _, port = scp_factory(node__network_timeout=1, node__acse_timeout=1)
+    with _connect(port, first=b"\x01\x00\x00\x01\x00\x00") as sock:
+        sock.settimeout(0.2)
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < WAIT:
+            try:
+                closed = not sock.recv(1)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"\x00")
+                except OSError:
+                    closed = True
+            except OSError:
+                closed = True
+        assert closed
+
+
+def test_silent_connections_from_one_address_cannot_lock_out_the_others(  # type: ignore[no-untyped-def]
+        scp_factory, caplog) -> None:
+    _, port = scp_factory(node__max_associations=4, node__max_associations_per_address=2,
+                          node__network_timeout=60, node__acse_timeout=60)
+    with caplog.at_level(logging.WARNING, logger="denoised_node"):
+        attackers = [_connect(port) for _ in range(6)]
+        try:
+            time.sleep(0.3)  # let the node accept them all
+            assert _echo(port) == 0  # a sender from another address still gets in
+            dropped = [sock for sock in attackers if _closed_quickly(sock)]
+            assert len(dropped) == 4  # past the per-address limit: closed at once
+        finally:
+            for sock in attackers:
+                sock.close()
+    assert any(getattr(r, "peer_address", None) == ATTACKER
+               and "max_associations_per_address" in r.getMessage() for r in caplog.records)
+
+
+def _closed_quickly(sock: socket.socket) -> bool:
+    sock.settimeout(0.5)
+    try:
+        return not sock.recv(1)
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_an_address_the_allowlist_never_admits_is_closed_at_once(scp_factory, caplog) -> None:  # type: ignore[no-untyped-def]
+    _, port = scp_factory(node__allowed_peers='[{ae_title = "MOD", hosts = ["127.0.0.1"]}]',
+                          node__network_timeout=60, node__acse_timeout=60)
+    with caplog.at_level(logging.WARNING, logger="denoised_node"), _connect(port) as sock:
+        assert _closed_by_the_node(sock)
+    assert _echo(port) == 0
+    assert any(getattr(r, "peer_address", None) == ATTACKER and "allowed_peers" in r.getMessage()
+               for r in caplog.records)

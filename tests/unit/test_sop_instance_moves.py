@@ -1,0 +1,156 @@
+"""Issue 15, item 1: a SOP Instance UID belongs to one series. The same UID arriving in
+another series (a PACS that split or merged series does this) moves the instance there: the
+index row, the file and both series' counts follow, the move is a note on both series' jobs,
+neither series is ever derived from the other's bytes, and purging one never deletes a file
+of the other."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from denoised_node.daemon.completion import complete_idle_series
+from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.scu import SendResult
+from denoised_node.daemon.status import Status, status_for
+from denoised_node.daemon.worker import Worker
+from denoised_node.storage.models import Instance, Job, JobEvent, Series
+from denoised_node.storage.retention import purge_finished
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _complete_and_work(runtime: Runtime, denoiser) -> list[list[Path]]:  # type: ignore[no-untyped-def]
+    with runtime.sessions.begin() as session:
+        for series in session.scalars(select(Series)):
+            series.last_received_at -= timedelta(minutes=5)
+    complete_idle_series(runtime.sessions, runtime.settings.series)
+    sent: list[list[Path]] = []
+
+    def sender(settings, destination, files):  # type: ignore[no-untyped-def]
+        (runtime.store.root / "sent").mkdir(exist_ok=True)
+        kept = Path(tempfile.mkdtemp(dir=runtime.store.root / "sent"))
+        copies = []
+        for path in files:  # the derived files are purged later: keep what was sent
+            copies.append(kept / path.name)
+            copies[-1].write_bytes(path.read_bytes())
+        sent.append(copies)
+        return SendResult(destination.name, len(files))
+
+    Worker(runtime.settings, runtime.sessions, runtime.store, denoiser, worker_id="w",
+           sender=sender).run(burst=True)
+    return sent
+
+
+def _sources(files: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for p in files}
+
+
+def _series(runtime: Runtime, uid: str) -> Series:
+    with runtime.sessions() as session:
+        return session.scalars(select(Series).where(Series.series_uid == uid)).one()
+
+
+def test_an_instance_sent_again_in_another_series_moves_there(  # type: ignore[no-untyped-def]
+        runtime: Runtime, mr_series_factory, fake_denoiser) -> None:
+    a = mr_series_factory(slices=3, series_number=3)
+    b = mr_series_factory(slices=3, series_number=4)
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in a.paths:
+        receiver.receive(path.read_bytes(), MR, "PACS")
+    (first,) = _complete_and_work(runtime, fake_denoiser)
+    assert _sources(first) == set(a.sop_instance_uids)
+    old_file = runtime.store.path(runtime.store.instance_path(a.study_uid, a.series_uid,
+                                                              a.sop_instance_uids[0]))
+    assert old_file.is_file()
+
+    # The PACS split the series: A's first image now comes as part of B, with B's pixels.
+    moved = a.sop_instance_uids[0]
+    ds = pydicom.dcmread(b.paths[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = moved
+    ds.PixelData = np.full((ds.Rows, ds.Columns), 1000, dtype=np.uint16).tobytes()
+    assert not receiver.receive(_encode(ds), MR, "PACS").duplicate
+    for path in b.paths[1:]:
+        receiver.receive(path.read_bytes(), MR, "PACS")
+
+    series_a, series_b = _series(runtime, a.series_uid), _series(runtime, b.series_uid)
+    assert (series_a.instance_count, series_b.instance_count) == (2, 3)
+    with runtime.sessions() as session:
+        row = session.scalars(select(Instance).where(Instance.sop_instance_uid == moved)).one()
+        notes = session.scalars(select(JobEvent.reason).join(Job).where(
+            Job.series_id == series_a.id, JobEvent.from_state == JobEvent.to_state)).all()
+    assert row.series_id == series_b.id
+    assert row.path == runtime.store.instance_path(b.study_uid, b.series_uid, moved)
+    assert pydicom.dcmread(runtime.store.path(row.path)).SeriesInstanceUID == b.series_uid
+    assert not old_file.exists()  # nothing of A's copy is left to derive from
+    assert any(f"{moved} moved to series {b.series_uid}" in (note or "") for note in notes)
+
+    second = _complete_and_work(runtime, fake_denoiser)
+    assert len(second) == 2  # A again (it lost an image), and B
+    again_a = next(files for files in second if moved not in _sources(files))
+    new_b = next(files for files in second if moved in _sources(files))
+    assert _sources(again_a) == set(a.sop_instance_uids[1:])
+    assert _sources(new_b) == {moved, *b.sop_instance_uids[1:]}
+    derived_moved = next(p for p in new_b if _sources([p]) == {moved})
+    assert np.all(pydicom.dcmread(derived_moved).pixel_array == 1000)  # B's bytes, not A's
+
+    # Purging A (its jobs are done) leaves every file of B in place.
+    assert purge_finished(runtime.sessions, runtime.store, timedelta(0),
+                          series_uid=a.series_uid).series == 1
+    with runtime.sessions() as session:
+        paths = session.scalars(select(Instance.path).where(
+            Instance.series_id == series_b.id)).all()
+    assert len(paths) == 3 and all(runtime.store.path(p).is_file() for p in paths)
+
+
+def test_an_index_row_pointing_into_another_series_is_never_used(  # type: ignore[no-untyped-def]
+        runtime: Runtime, mr_series_factory, fake_denoiser) -> None:
+    """An index left inconsistent by an older release (A's row naming B's file): A is not
+    derived from it, and purging A does not delete it."""
+    a = mr_series_factory(slices=3, series_number=3)
+    b = mr_series_factory(slices=3, series_number=4)
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in [*a.paths, *b.paths]:
+        receiver.receive(path.read_bytes(), MR, "PACS")
+    b_path = runtime.store.instance_path(b.study_uid, b.series_uid, b.sop_instance_uids[0])
+    with runtime.sessions.begin() as session:
+        session.execute(update(Instance).where(
+            Instance.sop_instance_uid == a.sop_instance_uids[0]).values(path=b_path))
+    sent = _complete_and_work(runtime, fake_denoiser)
+    assert sorted(len(files) for files in sent) == [2, 3]
+    for files in sent:
+        sources = _sources(files)
+        assert sources <= set(a.sop_instance_uids) or sources <= set(b.sop_instance_uids)
+    purge_finished(runtime.sessions, runtime.store, timedelta(0), series_uid=a.series_uid)
+    assert runtime.store.path(b_path).is_file()
+
+
+def test_a_series_belongs_to_one_study(runtime: Runtime, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    from denoised_node.daemon.status import SeriesInOtherStudy
+
+    a = mr_series_factory(slices=2)
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    receiver.receive(a.paths[0].read_bytes(), MR, "PACS")
+    ds = pydicom.dcmread(a.paths[1])
+    ds.StudyInstanceUID = ds.StudyInstanceUID + ".7"
+    with pytest.raises(SeriesInOtherStudy, match=a.series_uid) as refused:
+        receiver.receive(_encode(ds), MR, "PACS")
+    assert status_for(refused.value) == Status.CANNOT_UNDERSTAND_STUDY
+    with runtime.sessions() as session:
+        assert session.scalars(select(Instance)).all().__len__() == 1
+    assert len(list(runtime.store.instances.rglob("*.dcm"))) == 1
