@@ -400,3 +400,24 @@ def test_noise_map_model_denoises_a_zeroed_background_series(tmp_path: Path) -> 
                                                         schedule=NoiseSchedule().to_dict()))
     den = Denoiser.load(path, device="cpu", planes=1)
     assert den.denoise(vol * 1000.0).shape == vol.shape
+
+
+def test_widen_moves_a_1x_checkpoint_onto_the_noise_map(tmp_path: Path) -> None:
+    from denoised_node.model.inference import noise_inputs
+    from denoised_node.model.widen import widen
+
+    net = build_network(TINY).eval()
+    src = tmp_path / "old.safetensors"
+    write_checkpoint(src, net.state_dict(), ModelCard(name="tiny", version="1.0", architecture=TINY,
+                                                      schedule=NoiseSchedule().to_dict()))
+    card = widen(str(src), tmp_path / "new.safetensors", 0.75)
+    assert card.version == "2.0" and card.architecture["noise_map_factor"] == 0.75
+    assert card.training["initialised_from"]["identity"].startswith("dn-tiny-1.0-")
+    new = Denoiser.load(tmp_path / "new.safetensors", device="cpu", planes=1)
+    vol = phantom(3, 64, 64) / 1000.0
+    t_new, local = noise_inputs(new.net, vol, NoiseSchedule())
+    plain = build_network({**card.architecture, "noise_map_factor": 1.0})
+    t_plain, _ = noise_inputs(plain, vol, NoiseSchedule())
+    sched = NoiseSchedule()
+    np.testing.assert_allclose(sched.sigma(t_new), 0.75 * sched.sigma(t_plain), rtol=1e-4)
+    assert local is not None
