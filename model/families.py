@@ -32,8 +32,7 @@ from scipy.ndimage import gaussian_filter, shift
 
 from .data import Split, foreground_mask, load_mni_t1, load_mni_t2_like
 from .metrics import hfen, psnr, ssim
-from .noise import add_rician
-from .validation import add_coil_noise, gfactor_field
+from .noise import add_coil_noise, add_rician, gfactor_field
 
 MARGIN = 2
 

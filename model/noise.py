@@ -18,6 +18,26 @@ def add_rician(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.
     return np.sqrt(re * re + im * im, dtype=np.float32)
 
 
+def add_coil_noise(clean: np.ndarray, sigma: float | np.ndarray, coils: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Magnitude of sum-of-squares over ``coils`` coils (noncentral chi; Rician for one)."""
+    s = np.asarray(sigma, dtype=np.float32)
+    re = clean + s * rng.normal(0.0, 1.0, clean.shape).astype(np.float32)
+    im = s * rng.normal(0.0, 1.0, clean.shape).astype(np.float32)
+    power = re * re + im * im
+    if coils > 1:
+        power += (s * s) * rng.chisquare(2 * (coils - 1), clean.shape).astype(np.float32)
+    return np.sqrt(power, dtype=np.float32)
+
+
+def gfactor_field(shape: tuple[int, int], low: float = 0.6, high: float = 1.6) -> np.ndarray:
+    """A smooth noise amplification across the slice: ``high`` in the middle, ``low`` at the rim."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    r2 = ((yy - h / 2) / (h / 2)) ** 2 + ((xx - w / 2) / (w / 2)) ** 2
+    return (low + (high - low) * np.exp(-r2 / 0.5)).astype(np.float32)
+
+
 def add_rician_torch(clean: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Torch version; ``sigma`` broadcasts against ``clean`` (e.g. shape (B, 1, 1, 1))."""
     re = clean + sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=clean.device)

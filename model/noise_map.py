@@ -168,12 +168,8 @@ def noise_map(slices: torch.Tensor, tile: int = TILE) -> NoiseMap:
 
     weight = use.float()
     grid = _fill(torch.nan_to_num(values), weight) * gain[:, None, None]
-    sigma = torch.stack([
-        torch.nanmedian(torch.where(use[i], values[i], torch.full_like(values[i], float("nan"))))
-        if measurable[i] else torch.zeros((), device=x.device)
-        for i in range(bsz)
-    ]) * gain
-    sigma = torch.nan_to_num(sigma)
+    read = torch.where(use, values, torch.full_like(values, float("nan"))).flatten(1)
+    sigma = torch.nan_to_num(torch.nanmedian(read, dim=1).values * gain)  # unmeasurable: 0
     # Tile grid -> pixels: bilinear over tile centres, edges held.
     th, tw = grid.shape[-2:]
     full = F.interpolate(grid[:, None], size=(th * 2 * tile, tw * 2 * tile), mode="bilinear",

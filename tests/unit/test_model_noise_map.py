@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from denoised_node.model.noise import estimate_sigma
+from denoised_node.model.noise import add_coil_noise, estimate_sigma, gfactor_field
 from denoised_node.model.noise_map import noise_map
-from denoised_node.model.validation import add_coil_noise, gfactor_field
 
 SIGMA = 0.05
 
