@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from denoised_node.config.settings import load_settings
 from denoised_node.daemon.http import Readiness, StatusServer
 from denoised_node.daemon.web.request import Request, Response
+from tests.fixtures.sockets import closed_quickly
 
 WAIT = 15.0
 
@@ -78,7 +79,7 @@ def test_past_the_cap_idle_connections_give_way_and_busy_ones_get_a_quick_503(  
     try:
         time.sleep(0.2)  # accepted, each waiting for its request
         assert _healthz(port) == 200  # at once: the longest idle connection made room
-        assert sum(_closed_quickly(sock) for sock in idle) == 1
+        assert sum(closed_quickly(sock) for sock in idle) == 1
     finally:
         for sock in idle:
             sock.close()
@@ -109,16 +110,6 @@ class _SlowPages:
     def handle(self, request: Request) -> Response:
         self.release.wait(WAIT)
         return Response(200, b"page\n", "text/plain")
-
-
-def _closed_quickly(sock: socket.socket) -> bool:
-    sock.settimeout(0.5)
-    try:
-        return not sock.recv(1)
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def test_the_unit_raises_the_descriptor_limit() -> None:

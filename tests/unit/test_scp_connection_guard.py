@@ -18,6 +18,7 @@ from denoised_node.config.settings import Settings
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import open_runtime
 from denoised_node.daemon.scp import ScpListeners, start_scp
+from tests.fixtures.sockets import closed_quickly
 
 # The first bytes of an A-ASSOCIATE-RQ (PDU type 1, reserved, then a 4-byte length): a
 # connection that sends this much and goes silent holds its slot inside a blocking read.
@@ -113,23 +114,13 @@ def test_silent_connections_from_one_address_cannot_lock_out_the_others(  # type
         try:
             time.sleep(0.3)  # let the node accept them all
             assert _echo(port) == 0  # a sender from another address still gets in
-            dropped = [sock for sock in attackers if _closed_quickly(sock)]
+            dropped = [sock for sock in attackers if closed_quickly(sock)]
             assert len(dropped) == 4  # past the per-address limit: closed at once
         finally:
             for sock in attackers:
                 sock.close()
     assert any(getattr(r, "peer_address", None) == ATTACKER
                and "max_associations_per_address" in r.getMessage() for r in caplog.records)
-
-
-def _closed_quickly(sock: socket.socket) -> bool:
-    sock.settimeout(0.5)
-    try:
-        return not sock.recv(1)
-    except ConnectionResetError:
-        return True
-    except TimeoutError:
-        return False
 
 
 def test_an_address_the_allowlist_never_admits_is_closed_at_once(scp_factory, caplog) -> None:  # type: ignore[no-untyped-def]
