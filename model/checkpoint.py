@@ -12,52 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .card import CARD_KEY, FORMAT, ModelCard, file_sha256, verify_sidecar
 from .errors import CheckpointInvalidError, CheckpointMismatchError, CheckpointNotFoundError
 
+__all__ = ["ModelCard", "publish", "read_checkpoint", "weights_sha256", "write_checkpoint"]
+
 logger = logging.getLogger(__name__)
-
-FORMAT = "denoised-node/1"
-CARD_KEY = "denoised_node_card"
-
-
-@dataclass(frozen=True)
-class ModelCard:
-    name: str
-    version: str
-    architecture: dict[str, Any]
-    schedule: dict[str, Any]
-    normalisation: dict[str, Any] = field(default_factory=dict)
-    training: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    sha256: str = ""
-    weights_dtype: str = "float16"
-    format: str = FORMAT
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelCard:
-        try:
-            data = json.loads(text)
-            card = cls(**data)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise CheckpointInvalidError(f"the model card is not valid: {exc}") from None
-        for key in ("architecture", "schedule", "normalisation", "training", "metrics"):
-            if not isinstance(getattr(card, key), dict):
-                raise CheckpointInvalidError(f"the model card's {key} is a "
-                                             f"{type(getattr(card, key)).__name__}, not an object")
-        return card
-
-    @property
-    def identity(self) -> str:
-        return f"dn-{self.name}-{self.version}-{self.sha256[:12]}"
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -69,14 +35,6 @@ def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(repr(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -117,18 +75,7 @@ def read_checkpoint(path: str | Path) -> tuple[ModelCard, dict[str, torch.Tensor
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
-    side_path = path.with_suffix(".json")
-    if side_path.is_file():
-        try:
-            side = json.loads(side_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointInvalidError(f"{side_path} is not valid JSON: {exc}") from None
-        expected = side.get("file_sha256")
-        if expected and file_sha256(path) != expected:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} does not match the sha256 in {side_path.name}: the file was "
-                "altered or replaced; restore it or delete the stale card"
-            )
+    verify_sidecar(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}

@@ -20,6 +20,7 @@ import torch
 
 from denoised_node.config.settings import ModelSettings
 
+from .card import resolve_checkpoint
 from .checkpoint import ModelCard, read_checkpoint
 from .errors import CheckpointMismatchError, DeviceUnavailableError, InputVolumeError
 from .network import DenoiseNet, build_network
@@ -29,7 +30,6 @@ from .schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 Progress = Callable[[int, int], None]
 
@@ -77,14 +77,6 @@ def _run_tta(net: DenoiseNet, x: torch.Tensor, t: torch.Tensor, tta: int) -> tor
         acc = yi if acc is None else acc + yi
     assert acc is not None
     return acc / tta
-
-
-def resolve_checkpoint(checkpoint: str | Path) -> Path:
-    """``"default"`` (or another bare name) is a checkpoint shipped in the package; else a path."""
-    text = str(checkpoint)
-    if "/" not in text and "\\" not in text and not text.endswith(".safetensors"):
-        return CHECKPOINT_DIR / f"{text}.safetensors"
-    return Path(text).expanduser()
 
 
 def resolve_device(device: str) -> torch.device:

@@ -168,7 +168,7 @@ def initial_lineage(card: ModelCard) -> dict[str, Any]:
 def _initial_weights(path: str, kind: str) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Read a checkpoint to fine-tune from; it must be of the kind being trained."""
     from .checkpoint import read_checkpoint
-    from .inference import resolve_checkpoint
+    from .card import resolve_checkpoint
 
     card, tensors = read_checkpoint(resolve_checkpoint(path))
     if card.architecture.get("kind") != kind:

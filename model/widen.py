@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import ModelCard, read_checkpoint, write_checkpoint
-from .inference import resolve_checkpoint
+from .card import resolve_checkpoint
 from .network import build_network, widen_input
 from .train import initial_lineage
 

@@ -3,23 +3,18 @@ slow ones (C-ECHO to each destination, the GPU, the model file), which run on a 
 their own and are kept for a minute so a page never waits on the network.
 
 The serve process never imports torch (hundreds of MB, seconds): the model card is read from
-the safetensors header, and the GPU from nvidia-smi.
+the safetensors header (model.card), and the GPU from nvidia-smi.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
-import struct
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.resources import files
-from pathlib import Path
 
 from denoised_node.config.settings import Destination, Settings
 from denoised_node.daemon.http import Check, CheckResult
@@ -27,7 +22,6 @@ from denoised_node.daemon.http import Check, CheckResult
 log = logging.getLogger(__name__)
 
 REFRESH_SECONDS = 60.0
-_MAX_HEADER_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -123,51 +117,20 @@ def _echo_check(settings: Settings, destination: Destination) -> Check:
     return check
 
 
-def checkpoint_path(checkpoint: str) -> Path:
-    """As model.inference.resolve_checkpoint (which imports torch): a bare name is a
-    checkpoint shipped in the package, anything else a path."""
-    if "/" not in checkpoint and "\\" not in checkpoint and not checkpoint.endswith(
-            ".safetensors"):
-        return Path(str(files("denoised_node.model"))) / "checkpoints" / f"{checkpoint}.safetensors"
-    return Path(checkpoint).expanduser()
-
-
-def read_model_card(path: Path) -> dict[str, object]:
-    """The model card in a checkpoint's safetensors header, without loading the weights."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        if length > _MAX_HEADER_BYTES:
-            raise ValueError(f"{path} is not a safetensors file")
-        header = json.loads(handle.read(length))
-    card = (header.get("__metadata__") or {}).get("denoised_node_card")
-    if card is None:
-        raise ValueError(f"{path} holds no denoised-node model card")
-    loaded: dict[str, object] = json.loads(card)
-    return loaded
-
-
-def model_identity(card: dict[str, object]) -> str:
-    """As model.checkpoint.ModelCard.identity: what the derived UIDs and jobs name."""
-    return f"dn-{card.get('name')}-{card.get('version')}-{str(card.get('sha256', ''))[:12]}"
-
-
 def model_file(checkpoint: str) -> CheckResult:
-    path = checkpoint_path(checkpoint)
+    from denoised_node.model.card import read_card, resolve_checkpoint, verify_sidecar
+    from denoised_node.model.errors import ModelError
+
+    path = resolve_checkpoint(checkpoint)
     if not path.is_file():
         return CheckResult(False, f"model.checkpoint {path} does not exist")
-    card = read_model_card(path)
-    detail = f"{card.get('name')} version {card.get('version')} ({model_identity(card)})"
-    sidecar = path.with_suffix(".json")
-    if sidecar.is_file():
-        expected = json.loads(sidecar.read_text()).get("file_sha256")
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-        if expected and digest.hexdigest() != expected:
-            return CheckResult(False, f"{detail}: {path.name} does not match the sha256 in "
-                               f"{sidecar.name}; the file was altered")
-        detail += f"; sha256 matches {sidecar.name}"
+    try:
+        card = read_card(path)
+        detail = f"{card.name} version {card.version} ({card.identity})"
+        if verify_sidecar(path):
+            detail += f"; sha256 matches {path.with_suffix('.json').name}"
+    except ModelError as exc:
+        return CheckResult(False, str(exc))
     return CheckResult(True, detail)
 
 

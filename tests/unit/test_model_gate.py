@@ -9,7 +9,8 @@ from scipy.ndimage import gaussian_filter, shift
 from denoised_node.config.settings import GateSettings
 from denoised_node.model.data import load_mni_t1
 from denoised_node.model.gate import check_result
-from denoised_node.model.inference import CHECKPOINT_DIR, Denoiser
+from denoised_node.model.card import CHECKPOINT_DIR
+from denoised_node.model.inference import Denoiser
 from denoised_node.model.noise import add_rician
 
 

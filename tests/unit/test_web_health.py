@@ -15,6 +15,7 @@ from denoised_node.daemon.http import CheckResult
 from denoised_node.daemon.web import node_health
 from denoised_node.daemon.web.activity import Spread, stage_seconds
 from denoised_node.daemon.web.node_health import SlowChecks, gpu, model_file
+from denoised_node.model.card import read_card, resolve_checkpoint
 
 T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)
 
@@ -95,17 +96,17 @@ def test_gpu_row_from_nvidia_smi(monkeypatch: Any) -> None:
 
 
 def test_model_row_reads_the_card_without_loading_the_weights() -> None:
-    path = node_health.checkpoint_path("default")
+    path = resolve_checkpoint("default")
     card = json.loads(path.with_suffix(".json").read_text())["card"]
     result = model_file("default")
     identity = f"dn-{card['name']}-{card['version']}-{card['sha256'][:12]}"
     assert result.ok and identity in result.detail and "sha256 matches default.json" in result.detail
-    assert node_health.read_model_card(path)["sha256"] == card["sha256"]
+    assert read_card(path).sha256 == card["sha256"]
     assert not model_file("/nonexistent/model.safetensors").ok
 
 
 def test_model_row_flags_an_altered_file(tmp_path: Any) -> None:
-    source = node_health.checkpoint_path("default")
+    source = resolve_checkpoint("default")
     copy = tmp_path / "model.safetensors"
     data = bytearray(source.read_bytes())
     data[-1] ^= 0xFF
