@@ -9,20 +9,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from denoised_node.config.base import Section as _Section
+from denoised_node.config.rules import DEFAULT_MODEL, NotificationSettings, Rule
 
 ENV_PREFIX = "DENOISED_NODE_"
 CONFIG_ENV = "DENOISED_NODE_CONFIG"
@@ -30,19 +32,6 @@ CONFIG_ENV = "DENOISED_NODE_CONFIG"
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names the key and what to change."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _booleans_are_booleans(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic reads "yes", "on", "1" and 1 as true: a typo must not switch TLS on or off.
-        if (info.field_name is not None and cls.model_fields[info.field_name].annotation is bool
-                and not isinstance(value, bool)):
-            raise ValueError(f"must be true or false (a TOML boolean), not {value!r}")
-        return value
 
 
 def _ae_title(value: str) -> str:
@@ -166,6 +155,9 @@ class ModelSettings(_Section):
     batch_size: int = Field(default=8, ge=1)
     amp: bool = True
     threads: int = Field(default=0, ge=0)  # 0: torch's default
+    # Models a worker keeps loaded (rules may name several): least recently used ones are
+    # unloaded while the weights of those loaded exceed this.
+    cache_mb: int = Field(default=1024, ge=1)
     # Passes averaged per slice (flips/rotations): None = 1 on a CPU (speed), 8 on a GPU.
     tta: Literal[1, 2, 4, 8] | None = None
     # Planes averaged on near-isotropic volumes (1, 2, 3): None = 2 on a CPU, 3 on a GPU.
@@ -200,6 +192,9 @@ class GateSettings(_Section):
     max_local_shift_ratio: float = Field(default=1.2, gt=0)
     # Share of tissue where the residual holds compact blobs (6 robust SD): small structures lost.
     max_blob_fraction: float = Field(default=0.008, gt=0)
+    # A refused result waits in state "held" for review (jobs approve/reject) instead of
+    # failing; a rule's hold_gate_failures overrides this.
+    hold_failures: bool = False
 
 
 class WorkerSettings(_Section):
@@ -293,6 +288,8 @@ class Destination(_Section):
     tls: bool = False
     # Check that the destination's certificate names `host`.
     tls_verify_hostname: bool = True
+    # A test PACS: it gets output only from rules that name it, never by default.
+    shadow: bool = False
 
 
 def _default_destinations() -> list[Destination]:
@@ -312,6 +309,12 @@ class Settings(_Section):
     tls: TLSSettings = Field(default_factory=TLSSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     destinations: list[Destination] = Field(default_factory=_default_destinations)
+    # Named checkpoints that rules refer to: name -> "default", a shipped name or a path.
+    models: dict[str, str] = Field(default_factory=dict)
+    # Tried in order, the first match decides; none: every series of series.modalities is
+    # denoised by the [model] checkpoint and sent to every destination that is not a shadow.
+    rules: list[Rule] = Field(default_factory=list)
+    notifications: NotificationSettings = Field(default_factory=NotificationSettings)
 
     @model_validator(mode="after")
     def _destination_names_unique(self) -> Settings:
@@ -319,6 +322,29 @@ class Settings(_Section):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
+        return self
+
+    @model_validator(mode="after")
+    def _rules_name_what_exists(self) -> Settings:
+        names = [r.name for r in self.rules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"rule names must be unique: {', '.join(duplicates)}")
+        known = {d.name for d in self.destinations}
+        for name in self.models:
+            if not name or any(c in name for c in "/\\") or name.endswith(".safetensors"):
+                raise ValueError(f"models: {name!r} is not a model name (letters, digits, . _ -)")
+        for rule in self.rules:
+            unknown = [d for d in rule.destinations or [] if d not in known]
+            if unknown:
+                raise ValueError(f"rule {rule.name!r} names destination(s) "
+                                 f"{', '.join(map(repr, unknown))} that no [[destinations]] "
+                                 f"entry has (known: {', '.join(sorted(known)) or 'none'})")
+            if not (rule.model == DEFAULT_MODEL or rule.model in self.models
+                    or _is_checkpoint_path(rule.model)):
+                raise ValueError(f"rule {rule.name!r}: model {rule.model!r} is not \"default\", "
+                                 f"a [models] name (known: {', '.join(sorted(self.models)) or 'none'}) "
+                                 "or a checkpoint path (with a / or ending in .safetensors)")
         return self
 
     @model_validator(mode="after")
@@ -344,12 +370,36 @@ class Settings(_Section):
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{self.node.data_dir / 'node.db'}"
 
+    @property
+    def effective_rules(self) -> list[Rule]:
+        """The configured rules, or the one that stands for a config without any."""
+        if self.rules:
+            return list(self.rules)
+        modalities = "|".join(re.escape(m) for m in self.series.modalities)
+        return [Rule(name="default", match={"Modality": f"^({modalities})$"})]
+
+    def checkpoint_for(self, model: str) -> str:
+        """What a rule's ``model`` names: the [model] checkpoint, a [models] entry or a path."""
+        if model == DEFAULT_MODEL:
+            return self.model.checkpoint
+        return self.models.get(model, model)
+
+    def rule_destinations(self, rule: Rule) -> list[Destination]:
+        """Where a rule sends: the destinations it names, else every one that is not a shadow."""
+        if rule.destinations is None:
+            return [d for d in self.destinations if not d.shadow]
+        return [self.destination(name) for name in rule.destinations]
+
     def destination(self, name: str) -> Destination:
         for dest in self.destinations:
             if dest.name == name:
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} (known: {known})")
+
+
+def _is_checkpoint_path(value: str) -> bool:
+    return "/" in value or "\\" in value or value.endswith(".safetensors")
 
 
 def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -375,16 +425,21 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
         raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
 
 
+# Top-level keys that an environment variable sets whole, as JSON.
+_JSON_KEYS = {"destinations": "a list of destinations", "rules": "a list of rules",
+              "models": "an object of model names and checkpoints"}
+
+
 def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
         key = name[len(ENV_PREFIX):].lower()
-        if key == "destinations":
+        if key in _JSON_KEYS:
             try:
-                data["destinations"] = json.loads(raw)
+                data[key] = json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise ConfigError(f"{name} must be a JSON list of destinations: {exc}") from None
+                raise ConfigError(f"{name} must be JSON ({_JSON_KEYS[key]}): {exc}") from None
             continue
         section, sep, field = key.partition("__")
         if not sep or not field:

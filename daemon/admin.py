@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -12,6 +13,7 @@ from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utc
 from denoised_node.storage.queue import (
     ACTIVE_STATES,
     TERMINAL_STATES,
+    WAITING_FOR_REVIEW,
     JobState,
     counts_by_state,
     enqueue,
@@ -38,6 +40,9 @@ class JobRow:
     send_attempts: int
     derived_series_uid: str | None
     derived_count: int | None
+    model_identity: str | None = None
+    rule_name: str | None = None
+    destinations: list[str] | None = None  # None: every destination that is not a shadow
 
     def as_json(self) -> dict[str, object]:
         data = asdict(self)
@@ -62,7 +67,8 @@ def _row(job: Job, series: Series) -> JobRow:
     return JobRow(job.id, job.state, series.series_uid, series.study_uid, series.modality,
                   series.instance_count, job.created_at, job.updated_at, job.reason,
                   job.processing_attempts, job.send_attempts, job.derived_series_uid,
-                  job.derived_count)
+                  job.derived_count, job.model_identity, job.rule_name,
+                  None if job.destinations is None else json.loads(job.destinations))
 
 
 def status_summary(session: Session, now: datetime | None = None) -> dict[str, object]:
@@ -155,7 +161,7 @@ def _replay_job(session: Session, job: Job, who: str) -> ReplayOutcome:
         return ReplayOutcome(job.id, series.series_uid, False,
                              f"job {job.id}: the files of series {series.series_uid} were purged "
                              f"on {series.purged_at:%Y-%m-%d %H:%M}Z; send it again from the PACS")
-    assert state in TERMINAL_STATES
+    assert state in TERMINAL_STATES | WAITING_FOR_REVIEW
     transition(session, job.id, state, JobState.QUEUED, worker=who, reason=f"replayed by {who}",
                processing_attempts=0, send_attempts=0, available_at=utcnow(),
                completed_at=None, lease_owner=None, lease_expires_at=None)
@@ -168,3 +174,22 @@ def _check_files_kept(series: Series) -> None:
     if series.state == SeriesState.PURGED:
         raise AdminError(f"the files of series {series.series_uid} were purged; "
                          "send it again from the PACS")
+
+
+def review(session: Session, job_id: int, *, approve: bool, who: str) -> str:
+    """Approve a held job (its derived series is sent to the rule's destinations) or reject it
+    (nothing is sent). The CLI (`jobs approve|reject`) and the status page both call this."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise AdminError(f"no job with id {job_id}")
+    if job.state != JobState.HELD:
+        raise AdminError(f"job {job_id} is {job.state}, not held: only held jobs are "
+                         "approved or rejected")
+    if approve:
+        transition(session, job_id, JobState.HELD, JobState.PROCESSED, worker=who,
+                   reason=f"approved by {who}", available_at=utcnow(), lease_owner=None,
+                   lease_expires_at=None)
+        return f"job {job_id} approved: its derived series will be sent"
+    transition(session, job_id, JobState.HELD, JobState.IGNORED, worker=who,
+               reason=f"rejected by {who}; nothing was sent")
+    return f"job {job_id} rejected: nothing was sent"

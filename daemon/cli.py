@@ -6,25 +6,23 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from denoised_node.config.settings import CONFIG_ENV, ConfigError, Settings, load_settings
+from denoised_node.config.settings import CONFIG_ENV, ConfigError, Settings
 from denoised_node.daemon.cli_model import evaluate_command, train_command
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class CommandError(click.ClickException):
-    """A failure reported as one line: `error: ...`."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.message}", err=True)
-
+from denoised_node.daemon.cli_options import (
+    CommandError,
+    config_option,
+    json_option,
+    open_runtime_for,
+    settings_from,
+)
+from denoised_node.daemon.cli_rules import rules
+from denoised_node.storage.queue import JobState
 
 class NodeGroup(click.Group):
     """Turns the node's own exceptions into one clear line instead of a traceback."""
@@ -49,31 +47,10 @@ class NodeGroup(click.Group):
             raise CommandError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
 
 
-def config_option(func: F) -> F:
-    return click.option(
-        "--config", "config_path", type=click.Path(path_type=Path), default=None,
-        help=f"TOML config file (default: ${CONFIG_ENV}, else the embedded defaults).",
-    )(func)
-
-
-def json_option(func: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(func)
-
-
-def settings_from(config_path: Path | None) -> Settings:
-    return load_settings(config_path)
-
-
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
     from denoised_node.daemon.logs import setup_logging
 
     setup_logging(level or settings.logging.level, settings.logging.json_lines)
-
-
-def _runtime(settings: Settings):  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.runtime import open_runtime
-
-    return open_runtime(settings)
 
 
 def _parse_since(value: str | None) -> datetime | None:
@@ -124,7 +101,7 @@ def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
     from denoised_node.model.inference import Denoiser
 
     _setup_logging(settings)
-    runtime = _runtime(settings)
+    runtime = open_runtime_for(settings)
     model = settings.model
     denoiser = Denoiser.from_settings(model)
     node_worker = Worker(settings, runtime.sessions, runtime.store, denoiser)
@@ -157,7 +134,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     """Counts of jobs by state and the age of the oldest waiting job."""
     from denoised_node.daemon.admin import status_summary
 
-    runtime = _runtime(settings_from(config_path))
+    runtime = open_runtime_for(settings_from(config_path))
     with runtime.sessions() as session:
         summary = status_summary(session)
     if as_json:
@@ -179,8 +156,8 @@ def jobs() -> None:
 @config_option
 @json_option
 @click.option("--state", "states", multiple=True,
-              type=click.Choice(["queued", "processing", "processed", "sending", "done",
-                                 "failed", "ignored"]), help="Only jobs in this state (repeatable).")
+              type=click.Choice([state.value for state in JobState]),
+              help="Only jobs in this state (repeatable).")
 @click.option("--since", default=None, help="Only jobs updated since this ISO date/time (UTC).")
 @click.option("--limit", type=int, default=50, show_default=True)
 def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
@@ -188,7 +165,7 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
     """The most recent jobs, newest first."""
     from denoised_node.daemon.admin import list_jobs
 
-    runtime = _runtime(settings_from(config_path))
+    runtime = open_runtime_for(settings_from(config_path))
     with runtime.sessions() as session:
         rows = list_jobs(session, states=list(states), since=_parse_since(since), limit=limit)
     if as_json:
@@ -198,7 +175,7 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
     for row in rows:
         click.echo(f"{row.id:>6}  {row.state:<10}  {row.updated_at:%Y-%m-%d %H:%M:%S}  "
                    f"{row.instances:>5}  {row.series_uid}")
-        if row.reason and row.state in ("failed", "ignored"):
+        if row.reason and row.state in ("failed", "ignored", "held"):
             click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {row.reason}")
 
 
@@ -211,7 +188,7 @@ def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
     from denoised_node.daemon.admin import job_detail
     from denoised_node.storage.queue import is_note
 
-    runtime = _runtime(settings_from(config_path))
+    runtime = open_runtime_for(settings_from(config_path))
     with runtime.sessions() as session:
         row, events = job_detail(session, job_id)
     if as_json:
@@ -225,6 +202,36 @@ def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
                 else f"{event.from_state or '-'} -> {event.to_state}")
         click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S}  {move:<24}  {event.worker or '':<20}  "
                    f"{event.reason or ''}")
+
+
+def _review(job_id: int, config_path: Path | None, as_json: bool, approve: bool) -> None:
+    import getpass
+
+    from denoised_node.daemon.admin import review
+
+    runtime = open_runtime_for(settings_from(config_path))
+    with runtime.sessions.begin() as session:
+        message = review(session, job_id, approve=approve, who=f"cli ({getpass.getuser()})")
+    click.echo(json.dumps({"job_id": job_id, "approved": approve, "message": message})
+               if as_json else message)
+
+
+@jobs.command("approve")
+@click.argument("job_id", type=int)
+@config_option
+@json_option
+def jobs_approve(job_id: int, config_path: Path | None, as_json: bool) -> None:
+    """Send a held job's derived series to its rule's destinations."""
+    _review(job_id, config_path, as_json, approve=True)
+
+
+@jobs.command("reject")
+@click.argument("job_id", type=int)
+@config_option
+@json_option
+def jobs_reject(job_id: int, config_path: Path | None, as_json: bool) -> None:
+    """Drop a held job's derived series: nothing is sent."""
+    _review(job_id, config_path, as_json, approve=False)
 
 
 @main.command()
@@ -245,7 +252,7 @@ def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_u
         raise CommandError("give exactly one of --job, --series, --study, --failed")
     if since and not failed:
         raise CommandError("--since goes with --failed")
-    runtime = _runtime(settings_from(config_path))
+    runtime = open_runtime_for(settings_from(config_path))
     with runtime.sessions.begin() as session:
         outcomes = do_replay(session, job_id=job_id, series_uid=series_uid, study_uid=study_uid,
                              failed=failed, since=_parse_since(since), who="cli")
@@ -277,7 +284,7 @@ def purge(config_path: Path | None, as_json: bool, older_than_hours: float | Non
     from denoised_node.storage.retention import purge_finished
 
     settings = settings_from(config_path)
-    runtime = _runtime(settings)
+    runtime = open_runtime_for(settings)
     hours = settings.retention.done_after_hours if older_than_hours is None else older_than_hours
     result = purge_finished(runtime.sessions, runtime.store, timedelta(hours=hours),
                             include_failed=include_failed, series_uid=series_uid,
@@ -374,6 +381,7 @@ def doctor(config_path: Path | None, as_json: bool) -> None:
         sys.exit(1)
 
 
+main.add_command(rules)
 main.add_command(train_command)
 main.add_command(evaluate_command)
 

@@ -47,6 +47,8 @@ class SeriesOutcome:
     skipped: list[tuple[str, str]]
     gate_figures: list[dict[str, float]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # load, model, gate, write
+    # Set when the gate refused a stack and the caller asked to keep the result for review.
+    gate_refusal: str | None = None
 
     def describe_seconds(self) -> str:
         return ", ".join(f"{stage} {value:.2f}" for stage, value in self.seconds.items())
@@ -82,17 +84,21 @@ def plan_series(paths: Sequence[Path]) -> StackPlan:
 
 def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Denoises,
                    settings: Settings, out_dir: Path, now: datetime,
-                   progress: Callable[[int, int], None] | None = None) -> SeriesOutcome:
+                   progress: Callable[[int, int], None] | None = None,
+                   hold_gate_failures: bool = False) -> SeriesOutcome:
     """Denoise every stack of the series and write the derived instances into ``out_dir``.
 
     Raises NothingToDenoise when no image is usable and GateFailed when a stack's result does
-    not pass the safety gate (in that case nothing should be sent).
+    not pass the safety gate (in that case nothing should be sent). With
+    ``hold_gate_failures`` a refused result is written all the same, for a person to review,
+    and the outcome's ``gate_refusal`` says why.
     """
     plan = plan_series(paths)
     info = derivation_info(settings, denoiser)
     writer = DerivedSeriesWriter(out_dir, info, now)
     total, done = plan.slice_count, 0
     figures: list[dict[str, float]] = []
+    refusal: str | None = None
     seconds = dict.fromkeys(("load", "model", "gate", "write"), 0.0)
     clock = _StageClock(seconds)
     for stack in plan.stacks:
@@ -112,7 +118,10 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
                 verdict = check_result(volume, denoised, settings.gate)
             figures.append(dict(verdict.figures))
             if not verdict.passed:
-                raise GateFailed(f"safety gate failed on stack {stack.label}: {verdict.reason}")
+                failure = f"safety gate failed on stack {stack.label}: {verdict.reason}"
+                if not hold_gate_failures:
+                    raise GateFailed(failure)
+                refusal = refusal or failure
         with clock("write"):
             writer.add_stack(stack, denoised)
         done += stack.depth
@@ -122,7 +131,7 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     for sop_uid, reason in plan.skipped:
         log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})
     return SeriesOutcome(derived_uid(info.model_identity, source_series_uid), files,
-                         plan.skipped, figures, seconds)
+                         plan.skipped, figures, seconds, refusal)
 
 
 class _StageClock:

@@ -7,6 +7,7 @@ The first stop request finishes the job in hand; a second one releases it and st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -18,10 +19,15 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from denoised_node.config.settings import Destination, Settings
+from denoised_node.config.settings import ConfigError, Destination, Settings
+from denoised_node.daemon.model_pool import ModelPool
 from denoised_node.daemon.notify import Heartbeat
-from denoised_node.daemon.pipeline import Denoises, PermanentError, denoise_series
+from denoised_node.daemon.pipeline import Denoises, GateFailed, PermanentError, denoise_series
+from denoised_node.daemon.rules import Decision, decide
 from denoised_node.daemon.scu import SendResult, send_files
+from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_file
+from denoised_node.daemon.webhook import JobNotice, Notifier
+from denoised_node.model.errors import ModelError
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.files import FileStore
 from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
@@ -82,14 +88,32 @@ class LeaseKeeper:
                 log.exception("lease renewal failed", extra={"job_id": self.job.id})
 
 
+def load_model(settings: Settings) -> Callable[[str], Denoises]:
+    """Load a checkpoint that a rule names, on the [model] section's device and options."""
+
+    def load(checkpoint: str) -> Denoises:
+        from denoised_node.model.inference import Denoiser
+
+        return Denoiser.from_settings(settings.model.model_copy(
+            update={"checkpoint": checkpoint}))
+
+    return load
+
+
 class Worker:
     def __init__(self, settings: Settings, sessions: SessionFactory, store: FileStore,
                  denoiser: Denoises, *, worker_id: str | None = None,
-                 sender: Sender = send_files, on_idle: Callable[[], None] | None = None) -> None:
+                 sender: Sender = send_files, on_idle: Callable[[], None] | None = None,
+                 models: ModelPool | None = None, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
         self.store = store
-        self.denoiser = denoiser
+        self.denoiser = denoiser  # the [model] checkpoint's, loaded at start
+        # Rules may name other checkpoints: loaded when first needed, kept as cache_mb allows.
+        self.models = models or ModelPool(load_model(settings), settings.model.cache_mb * 2**20)
+        self.models.add(settings.model.checkpoint, denoiser)
+        self.notifier = notifier or Notifier(settings.notifications, settings.node.ae_title)
+        self._facts: SeriesAttributes | None = None  # the series in hand, for notifications
         # A configured worker_id names the host's workers; the pid keeps each process apart
         # (serve starts several from one config), which lease recovery relies on.
         configured = settings.worker.worker_id
@@ -149,23 +173,43 @@ class Worker:
 
     # -- processing ---------------------------------------------------------------------
     def _process(self, job: ClaimedJob) -> bool:
+        """Denoise the job's series; True when it should go on to be sent now."""
         extra = {"job_id": job.id, "worker": self.worker_id}
+        self._facts = None
         try:
-            series_uid, paths = self._source_files(job)
-        except PermanentError as exc:
-            self._move(job, JobState.PROCESSING, JobState.FAILED, str(exc))
+            series_uid, paths, calling_ae = self._source_files(job)
+            facts = self._facts = _first_readable(paths, calling_ae)
+            # None: no image reads; the pipeline ignores the series with the reasons.
+            decision = self._decide(facts) if facts is not None else None
+        except (PermanentError, ConfigError, ModelError) as exc:
+            self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)))
             return False
+        if decision is not None and not decision.denoise:
+            self._move(job, JobState.PROCESSING, JobState.IGNORED, str(decision.ignored_reason),
+                       rule_name=decision.rule.name if decision.rule else None)
+            return False
+        denoiser = self.models.get(decision.checkpoint) if decision and decision.checkpoint \
+            else self.denoiser
         out_dir = self.store.derived_dir(job.id)
         self.store.remove_tree(out_dir)
         started = time.monotonic()
         log.info("denoising series", extra={**extra, "series_uid": series_uid,
-                                            "instances": len(paths)})
+                                            "instances": len(paths), "model": denoiser.identity,
+                                            "rule": decision.rule.name if decision and
+                                            decision.rule else None})
         try:
-            outcome = denoise_series(paths, series_uid, self.denoiser, self.settings, out_dir,
+            outcome = denoise_series(paths, series_uid, denoiser, self.settings, out_dir,
                                      utcnow(), progress=_progress_logger(job.id,
-                                                                         self.heartbeat.beat))
+                                                                         self.heartbeat.beat),
+                                     hold_gate_failures=bool(decision and
+                                                             decision.hold_gate_failures))
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
+            return False
+        except GateFailed as exc:
+            log.error("series cannot be denoised: %s", exc, extra=extra)
+            self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)),
+                       event="gate_refused", model_identity=denoiser.identity)
             return False
         except (PermanentError, SeriesError) as exc:
             log.error("series cannot be denoised: %s", exc, extra=extra)
@@ -176,14 +220,37 @@ class Worker:
             self._retry_processing(job, describe_error(exc))
             return False
         seconds = time.monotonic() - started
-        self._move(job, JobState.PROCESSING, JobState.PROCESSED,
-                   f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s "
-                   f"({outcome.describe_seconds()}){_skipped_note(outcome.skipped)}",
-                   derived_series_uid=outcome.derived_series_uid,
-                   derived_count=len(outcome.files), model_identity=self.denoiser.identity)
+        summary = (f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s "
+                   f"({outcome.describe_seconds()}){_skipped_note(outcome.skipped)}")
+        values: dict[str, object] = {
+            "derived_series_uid": outcome.derived_series_uid,
+            "derived_count": len(outcome.files), "model_identity": denoiser.identity}
+        if decision is not None:
+            values.update(rule_name=decision.rule.name if decision.rule else None,
+                          destinations=json.dumps(list(decision.destinations)))
+        if outcome.gate_refusal is not None:
+            self._move(job, JobState.PROCESSING, JobState.HELD,
+                       one_line(f"{outcome.gate_refusal}; held for review (approve or reject)"),
+                       event="gate_refused", **values)
+            return False
+        if decision is not None and decision.review:
+            self._move(job, JobState.PROCESSING, JobState.HELD,
+                       f"{summary}; held for review by rule {decision.rule.name!r}"  # type: ignore[union-attr]
+                       " (approve or reject)", **values)
+            return False
+        self._move(job, JobState.PROCESSING, JobState.PROCESSED, summary, **values)
         return True
 
-    def _source_files(self, job: ClaimedJob) -> tuple[str, list[Path]]:
+    def _decide(self, facts: SeriesAttributes) -> Decision:
+        def intended_use(checkpoint: str) -> dict[str, object]:
+            # The model a rule names is loaded here (it denoises the series next) and its
+            # card read; a model of the test suite's has no intended use.
+            card = getattr(self.models.get(checkpoint), "card", None)
+            return dict(getattr(card, "intended_use", None) or {})
+
+        return decide(self.settings, facts, intended_use)
+
+    def _source_files(self, job: ClaimedJob) -> tuple[str, list[Path], str]:
         with self.sessions() as session:
             series = session.get_one(Series, job.series_id)
             if series.state == SeriesState.PURGED:
@@ -192,6 +259,7 @@ class Worker:
             rows = session.execute(select(Instance.sop_instance_uid, Instance.path).where(
                 Instance.series_id == series.id, Instance.ignored_reason.is_(None))).all()
             uid, study_uid = series.series_uid, series.study_uid
+            calling_ae = series.calling_ae_title or ""
         paths = []
         for sop_uid, relative in rows:
             # Never derive from bytes filed under another series: only the path this
@@ -206,7 +274,7 @@ class Worker:
         if missing:
             raise PermanentError(f"{len(missing)} stored file(s) of series {uid} are missing, "
                                  f"e.g. {missing[0]}; send the series again from the PACS")
-        return uid, paths
+        return uid, paths, calling_ae
 
     def _retry_processing(self, job: ClaimedJob, reason: str) -> None:
         self._retry_or_fail(job, JobState.PROCESSING, JobState.QUEUED, "processing_attempts",
@@ -251,14 +319,20 @@ class Worker:
 
     def _send(self, job: ClaimedJob) -> None:
         with self.sessions() as session:
-            expected = session.get_one(Job, job.id).derived_count or 0
+            row = session.get_one(Job, job.id)
+            expected, chosen = row.derived_count or 0, row.destinations
         files = sorted(self.store.derived_dir(job.id).glob("*.dcm"))
         if len(files) != expected:
             self._move(job, JobState.SENDING, JobState.QUEUED,
                        f"{len(files)} of {expected} derived files found; denoising again",
                        lease_owner=None, lease_expires_at=None, available_at=utcnow())
             return
-        destinations = self.settings.destinations
+        try:
+            destinations = self._destinations(chosen)
+        except ConfigError as exc:
+            self._move(job, JobState.SENDING, JobState.FAILED,
+                       one_line(f"{exc}; fix the config, then replay the job"))
+            return
         try:
             for destination in destinations:
                 result = self.sender(self.settings, destination, files)
@@ -270,6 +344,13 @@ class Worker:
         names = ", ".join(d.name for d in destinations) or "no destination configured"
         self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}")
 
+    def _destinations(self, chosen: str | None) -> list[Destination]:
+        """The destinations the rule chose when the series was denoised; a job from before
+        rules existed goes to every destination that is not a shadow."""
+        if chosen is None:
+            return [d for d in self.settings.destinations if not d.shadow]
+        return [self.settings.destination(name) for name in json.loads(chosen)]
+
     def _retry_sending(self, job: ClaimedJob, reason: str) -> None:
         self._retry_or_fail(job, JobState.SENDING, JobState.PROCESSED, "send_attempts",
                             job.send_attempts + 1, self.settings.send.max_attempts, reason,
@@ -277,7 +358,8 @@ class Worker:
 
     # -- bookkeeping --------------------------------------------------------------------
     def _move(self, job: ClaimedJob, from_state: JobState, to_state: JobState, reason: str,
-              **values: object) -> None:
+              event: str | None = None, **values: object) -> None:
+        """Move the job; a failed or held one (or ``event``) is also sent to the webhook."""
         try:
             with self.sessions.begin() as session:
                 transition(session, job.id, from_state, to_state, worker=self.worker_id,
@@ -289,6 +371,20 @@ class Worker:
         level = logging.ERROR if to_state == JobState.FAILED else logging.INFO
         log.log(level, "job %s: %s", to_state.value, reason,
                 extra={"job_id": job.id, "state": to_state.value})
+        if event is not None or to_state in (JobState.FAILED, JobState.HELD):
+            self._notify(job, event or to_state.value, to_state, reason, values)
+
+    def _notify(self, job: ClaimedJob, event: str, state: JobState, reason: str,
+                values: dict[str, object]) -> None:
+        if not self.notifier.enabled:
+            return
+        with self.sessions() as session:
+            series = session.get_one(Series, job.series_id)
+            row = session.get_one(Job, job.id)
+            notice = JobNotice(event, job.id, state.value, reason, series.series_uid,
+                               series.study_uid, row.model_identity, row.rule_name,
+                               self._facts)
+        self.notifier.notify(notice)
 
     def _release_current(self) -> None:
         job = self.current
@@ -301,6 +397,15 @@ class Worker:
         except Exception:  # noqa: BLE001 - the lease expires anyway
             log.exception("could not release the job in hand", extra={"job_id": job.id})
         self.current = None
+
+
+def _first_readable(paths: Sequence[Path], calling_ae: str) -> SeriesAttributes | None:
+    for path in paths:
+        try:
+            return attributes_from_file(path, calling_ae)
+        except ValueError:
+            continue
+    return None
 
 
 def _skipped_note(skipped: Sequence[tuple[str, str]]) -> str:

@@ -113,6 +113,9 @@ class Job(Base):
     derived_series_uid: Mapped[str | None] = mapped_column(String(64))
     derived_count: Mapped[int | None] = mapped_column(Integer)
     model_identity: Mapped[str | None] = mapped_column(String(128))
+    # The [[rules]] entry that decided, and the destination names it chose (JSON list).
+    rule_name: Mapped[str | None] = mapped_column(String(64))
+    destinations: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -29,14 +29,19 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     IGNORED = "ignored"
+    # Denoised, waiting for an administrator to approve (send) or reject it.
+    HELD = "held"
 
 
 S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # ignored: superseded by a newer job for the same series.
     S.QUEUED: frozenset({S.PROCESSING, S.IGNORED, S.FAILED}),
-    # queued: retry after a transient error or an expired lease; ignored: nothing to denoise.
-    S.PROCESSING: frozenset({S.PROCESSED, S.QUEUED, S.FAILED, S.IGNORED}),
+    # queued: retry after a transient error or an expired lease; ignored: nothing to denoise;
+    # held: the rule asks for review, or the gate refused and the rule holds refusals.
+    S.PROCESSING: frozenset({S.PROCESSED, S.QUEUED, S.FAILED, S.IGNORED, S.HELD}),
+    # processed: approved; ignored: rejected or superseded; queued: replayed.
+    S.HELD: frozenset({S.PROCESSED, S.IGNORED, S.QUEUED}),
     # queued: replayed; ignored: superseded before it was sent.
     S.PROCESSED: frozenset({S.SENDING, S.QUEUED, S.IGNORED}),
     # processed: send retry after backoff, or an expired lease; queued: derived files lost.
@@ -47,6 +52,8 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 ACTIVE_STATES = frozenset({S.QUEUED, S.PROCESSING, S.PROCESSED, S.SENDING})
 TERMINAL_STATES = frozenset({S.DONE, S.FAILED, S.IGNORED})
+# Neither: held jobs wait for a person, not a worker, and keep their derived files.
+WAITING_FOR_REVIEW = frozenset({S.HELD})
 # A claim moves a job from the left state into the right one.
 CLAIMABLE = {S.QUEUED: S.PROCESSING, S.PROCESSED: S.SENDING}
 # An expired lease returns the job to where its stage began.
@@ -140,7 +147,8 @@ def enqueue(session: Session, series: Series, *, reason: str, now: datetime | No
     that have not started a stage are superseded (ignored), since the new one covers them."""
     now = now or utcnow()
     superseded = session.scalars(
-        select(Job).where(Job.series_id == series.id, Job.state.in_([S.QUEUED, S.PROCESSED]))
+        select(Job).where(Job.series_id == series.id,
+                          Job.state.in_([S.QUEUED, S.PROCESSED, S.HELD]))
     ).all()
     job = Job(series_id=series.id, state=S.QUEUED.value, series_revision=series.revision,
               available_at=now, created_at=now, updated_at=now)

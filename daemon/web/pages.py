@@ -1,7 +1,8 @@
 """The status pages: routes, views and rendering (Jinja2 with autoescaping, no scripts).
 
 Each view reads the database in one short session (SQLite sessions take the write lock) and
-renders outside it. Replays go through daemon.admin.replay, as `denoised-node replay` does.
+renders outside it. Replays go through daemon.admin.replay, as `denoised-node replay` does;
+approving and rejecting a held job through daemon.admin.review, as `jobs approve|reject` do.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.admin import AdminError, replay, status_summary
+from denoised_node.daemon.admin import AdminError, replay, review, status_summary
 from denoised_node.daemon.http import Readiness
 from denoised_node.daemon.web import formatting
 from denoised_node.daemon.web.activity import STAGE_LABELS, last_hour, recent_jobs
@@ -57,6 +58,8 @@ ROUTES = (
     Route("GET", re.compile(r"/jobs/(?P<job_id>[0-9]{1,18})/(?P<kind>before|after|residual)\.png"),
           "image"),
     Route("POST", re.compile(r"/jobs/(?P<job_id>[0-9]{1,18})/replay"), "replay"),
+    Route("POST", re.compile(r"/jobs/(?P<job_id>[0-9]{1,18})/(?P<verdict>approve|reject)"),
+          "review"),
     Route("GET", re.compile(r"/series/(?P<series_uid>[0-9.]{1,64})"), "series"),
     Route("GET", re.compile(r"/static/(?P<name>style\.css|favicon\.svg)"), "static"),
     Route("GET", re.compile(r"/favicon\.ico"), "favicon"),
@@ -195,6 +198,24 @@ class StatusPages:
                  extra={"job_id": outcome.job_id, "requeued": outcome.requeued, "user": who})
         title = "Queued again" if outcome.requeued else "Not replayed"
         return self._message(200 if outcome.requeued else 409, title, outcome.message,
+                             **{"This series": f"/series/{uid}?job={int(job_id)}",
+                                "Jobs": "/jobs", "Overview": "/"})
+
+    def review(self, request: Request, job_id: str, verdict: str) -> Response:
+        problem = self.csrf.problem(request.form_value(TOKEN_FIELD), request.headers)
+        if problem:
+            return self._message(403, "Not done", problem)
+        who = "web" if request.user is None else f"web:{request.user}"
+        with self.sessions.begin() as session:
+            uid = find_series_uid(session, int(job_id))
+            try:
+                message = review(session, int(job_id), approve=verdict == "approve", who=who)
+            except AdminError as exc:
+                return self._message(409, "Not done", str(exc),
+                                     **{"This series": f"/series/{uid}?job={int(job_id)}"})
+        log.info("held job %s from the status page", "approved" if verdict == "approve"
+                 else "rejected", extra={"job_id": int(job_id), "user": who})
+        return self._message(200, "Approved" if verdict == "approve" else "Rejected", message,
                              **{"This series": f"/series/{uid}?job={int(job_id)}",
                                 "Jobs": "/jobs", "Overview": "/"})
 

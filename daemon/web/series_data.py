@@ -19,7 +19,8 @@ from denoised_node.storage.files import FileStore, InvalidUID, check_uid
 from denoised_node.storage.models import Instance, Job, Series, SeriesState
 from denoised_node.storage.queue import JobState
 
-_WITH_DERIVED = {JobState.PROCESSED, JobState.SENDING, JobState.DONE, JobState.FAILED}
+_WITH_DERIVED = {JobState.PROCESSED, JobState.SENDING, JobState.DONE, JobState.FAILED,
+                 JobState.HELD}
 _DESCRIPTIVE = ("SeriesDescription", "SeriesNumber", "Manufacturer", "MagneticFieldStrength")
 PATIENT_ATTRIBUTES = ("PatientName", "PatientID", "PatientBirthDate")
 
