@@ -399,6 +399,11 @@ class Denoiser:
     def identity(self) -> str:
         return self.card.identity
 
+    @property
+    def weight_bytes(self) -> int:
+        """The weights' size on the device (what model.cache_mb counts)."""
+        return sum(p.numel() * p.element_size() for p in self.net.parameters())
+
     def planes_for(self, shape: tuple[int, ...], spacing: Spacing | None) -> int:
         """The planes a volume of this shape and voxel spacing gets from this model."""
         return planes_for(shape, spacing, self.planes) if self.net.spatial_dims == 2 else 1
