@@ -142,6 +142,7 @@ class DerivedSeriesWriter:
         self.written: list[Path] = []
         self._pending: dict[Path, tuple[Dataset, np.ndarray, np.ndarray]] = {}
         self._mosaics: dict[Path, tuple[Dataset, np.ndarray, np.ndarray]] = {}
+        self._unchanged: set[tuple[Path, int]] = set()  # frames of stacks left out
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add_stack(self, stack: Stack, denoised: np.ndarray) -> None:
@@ -154,6 +155,18 @@ class DerivedSeriesWriter:
                 self._write_classic(ref, image)
             else:
                 self._add_frame(ref, image)
+
+    def keep_unchanged(self, stack: Stack) -> None:
+        """A stack left out (e.g. empty) that shares multi-frame objects or mosaics with
+        denoised stacks: those frames or tiles keep the source's values. Classic images of it
+        get no derived instance, and an object left out entirely is never written."""
+        for ref in stack.slices:
+            if ref.frame is None:
+                continue
+            self._unchanged.add((ref.path, ref.frame))
+            if ref.path in self._pending:
+                self._pending[ref.path][2][ref.frame] = True
+                self._finish_if_complete(ref.path)
 
     def close(self) -> list[Path]:
         incomplete = [p.name for p, (_, _, filled) in self._pending.items() if not filled.all()]
@@ -176,12 +189,19 @@ class DerivedSeriesWriter:
     def _add_frame(self, ref: SliceRef, image: np.ndarray) -> None:
         if ref.path not in self._pending:
             self._pending[ref.path] = _read_multiframe(ref.path)
+            for path, frame in self._unchanged:
+                if path == ref.path:
+                    self._pending[path][2][frame] = True
         ds, frames, filled = self._pending[ref.path]
         assert ref.frame is not None
         frames[ref.frame] = stored_values(image, ref.slope, ref.intercept, ds, frames.dtype)
         filled[ref.frame] = True
+        self._finish_if_complete(ref.path)
+
+    def _finish_if_complete(self, path: Path) -> None:
+        ds, frames, filled = self._pending[path]
         if filled.all():
-            del self._pending[ref.path]
+            del self._pending[path]
             self._finish(ds, frames)  # (frames, rows, cols) even for one: NumberOfFrames
 
     def _add_tile(self, ref: SliceRef, image: np.ndarray) -> None:

@@ -403,6 +403,21 @@ def _along_normal(orientation: Sequence[float], position: Sequence[float]) -> fl
     return float(np.dot(normal, np.asarray(position)))
 
 
+# A stack whose 1st-99th percentile spread is under this share of its level (or of 1 for a
+# level near 0) holds no image: empty, or a constant with a few stray values.
+FLAT_SPREAD = 1e-3
+
+
+def flat_reason(volume: np.ndarray) -> str | None:
+    """Why a stack holds nothing to denoise (None: it has signal)."""
+    low, middle, high = (float(v) for v in np.percentile(volume, [1, 50, 99]))
+    if high - low > FLAT_SPREAD * max(abs(middle), 1.0):
+        return None
+    if float(volume.max()) == float(volume.min()) == 0.0:
+        return "empty stack (every value 0)"
+    return f"near-constant stack (98 % of values within {high - low:.3g} of {middle:.4g})"
+
+
 def load_volume(stack: Stack) -> np.ndarray:
     """The stack's images as float32 (slices, rows, columns) in physical units."""
     volume = np.empty((stack.depth, stack.rows, stack.columns), dtype=np.float32)
