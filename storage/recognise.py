@@ -29,7 +29,7 @@ REFORMAT_TYPES = {"MPR": "MPR", "CSA MPR": "MPR", "CSAMPR": "MPR", "REFORMATTED"
                   "CSA 3D EDITOR": "3D editor"}
 REFORMAT_WORDS = re.compile(r"(<MPR|\bMPR\b|\breformat|\bresampled?\b|<MIP)", re.IGNORECASE)
 # Below this many rows or columns an image is a thumbnail or a survey, not a diagnostic image.
-MIN_MATRIX = 32
+MIN_MATRIX = 24
 INSTEAD = "the node denoises its source series instead"
 ORTHOGONAL = 0.1  # |cos| between normals under this: orthogonal planes
 

@@ -146,7 +146,7 @@ def test_three_orthogonal_planes_in_one_series_are_a_localizer(
 def test_tiny_matrices_are_thumbnails_or_surveys(mr_series_factory: Factory) -> None:
     plan = plan_stacks(mr_series_factory(slices=2, rows=16, columns=16).paths)
     assert plan.stacks == []
-    assert plan.skipped[0][1] == "localizer or thumbnail (matrix 16x16, under 32)"
+    assert plan.skipped[0][1] == "localizer or thumbnail (matrix 16x16, under 24)"
 
 
 REFORMATS = {"siemens-mpr": (["DERIVED", "SECONDARY", "MPR", "CSA MPR", "", "CSAPARALLEL"],
