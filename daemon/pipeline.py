@@ -18,7 +18,7 @@ import numpy as np
 from denoised_node.config.settings import Settings
 from denoised_node.model.gate import check_result
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter, derived_uid
-from denoised_node.storage.recognise import InputPolicy
+from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
 from denoised_node.storage.series import (
     NothingToDenoise,
     StackPlan,
@@ -83,7 +83,7 @@ def input_policy(settings: Settings) -> InputPolicy:
     return InputPolicy(mosaics=settings.series.mosaics, reformats=settings.series.reformats)
 
 
-def plan_series(paths: Sequence[Path], policy: InputPolicy = InputPolicy()) -> StackPlan:
+def plan_series(paths: Sequence[Path], policy: InputPolicy = DEFAULT_POLICY) -> StackPlan:
     plan = plan_stacks(paths, policy)
     if not plan.stacks:
         raise NothingToDenoise(_nothing(plan.skipped))

@@ -209,9 +209,9 @@ class DerivedSeriesWriter:
         last slice keep the source's values."""
         assert ref.tile is not None
         if ref.path not in self._mosaics:
-            ds = pydicom.dcmread(ref.path)
-            pixels = ds.pixel_array
-            self._mosaics[ref.path] = (ds, pixels.copy(), np.zeros(ref.tile.layout.count, bool))
+            source = pydicom.dcmread(ref.path)
+            self._mosaics[ref.path] = (source, source.pixel_array.copy(),
+                                       np.zeros(ref.tile.layout.count, bool))
         ds, mosaic, filled = self._mosaics[ref.path]
         ref.tile.layout.fill(mosaic, ref.tile.index,
                              stored_values(image, ref.slope, ref.intercept, ds, mosaic.dtype))

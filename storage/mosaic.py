@@ -69,7 +69,7 @@ def mosaic_layout(ds: Dataset) -> MosaicLayout:
     if count is None:
         try:
             pixels = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - any decoding failure: layout unknown
+        except Exception as exc:  # any decoding failure: the layout is unknown
             raise MosaicError(f"no NumberOfImagesInMosaic and pixels unreadable: {exc}") from exc
         count = _tiles_with_signal(pixels)
     per_side = math.ceil(math.sqrt(count))

@@ -20,10 +20,11 @@ def keep_private_values_untyped(ds: Dataset) -> None:
     sequences) into UN with its raw bytes; private creators and sequences stay as they are."""
     for tag in list(ds.keys()):
         element = ds.get_item(tag)
-        if tag.is_private and not tag.is_private_creator and isinstance(element, RawDataElement):
-            if element.VR in (None, "UN") and element.length != UNDEFINED_LENGTH:
-                ds[tag] = DataElement(tag, "UN", element.value or b"")
-                continue
+        if (tag.is_private and not tag.is_private_creator
+                and isinstance(element, RawDataElement) and element.VR in (None, "UN")
+                and element.length != UNDEFINED_LENGTH):
+            ds[tag] = DataElement(tag, "UN", element.value or b"")
+            continue
         decoded = ds[tag]  # public elements are decoded here rather than when written
         if decoded.VR == "SQ":
             for item in decoded.value or []:

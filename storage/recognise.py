@@ -42,6 +42,9 @@ class InputPolicy:
     reformats: Literal["ignore", "denoise"] = "ignore"
 
 
+DEFAULT_POLICY = InputPolicy()
+
+
 def _values(ds: Dataset, keyword: str) -> list[str]:
     value = ds.get(keyword) or []
     values = [value] if isinstance(value, str) else list(value)

@@ -29,6 +29,7 @@ from pydicom.uid import UID
 from denoised_node.storage.mosaic import MosaicError, MosaicTile, is_mosaic, mosaic_layout
 from denoised_node.storage.reasons import one_line
 from denoised_node.storage.recognise import (
+    DEFAULT_POLICY,
     InputPolicy,
     localizer_reason,
     orthogonal_planes,
@@ -147,7 +148,7 @@ class _Candidate:
     key: _StackKey
 
 
-def plan_stacks(paths: Iterable[Path], policy: InputPolicy = InputPolicy()) -> StackPlan:
+def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> StackPlan:
     """Read the headers of ``paths`` and group their images into sorted stacks."""
     plan = StackPlan()
     candidates: list[_Candidate] = []
@@ -178,8 +179,9 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = InputPolicy()) -> S
             plan.skipped.append((sop_uid, f"no usable geometry: {one_line(str(exc))}"))
     if orthogonal_planes({cand.key.orientation for cand in candidates}):
         # Three orthogonal planes in one series: a localizer whatever its name says.
-        plan.skipped += [(cand.ref.sop_instance_uid, "localizer (three orthogonal planes in "
-                          "one series)") for cand in candidates if cand.ref.frame in (None, 0)]
+        reason = "localizer (three orthogonal planes in one series)"
+        plan.skipped += [(cand.ref.sop_instance_uid, reason) for cand in candidates
+                         if cand.ref.frame in (None, 0)]
         candidates = []
     plan.stacks = _group_into_stacks(candidates) + mosaics
     return plan

@@ -22,8 +22,8 @@ from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.model.inference import Denoiser
 from denoised_node.storage.db import make_engine
-from denoised_node.storage.schema import upgrade
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.schema import upgrade
 from denoised_node.storage.series import NothingToDenoise, load_volume, plan_stacks
 from tests.fixtures.real_files import CORPUS, RealFile, gunzipped
 from tests.integration.peers import dciodvfy
