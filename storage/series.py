@@ -405,19 +405,20 @@ def _along_normal(orientation: Sequence[float], position: Sequence[float]) -> fl
     return float(np.dot(normal, np.asarray(position)))
 
 
-# A stack whose 1st-99th percentile spread is under this share of its level (or of 1 for a
-# level near 0) holds no image: empty, or a constant with a few stray values.
+# A stack whose 0.1st-99.9th percentile spread is under this share of its level (or of 1 for
+# a level near 0) holds no image: empty, or a constant with a few stray values. (Even a small
+# object in a zero background fills more than 0.1 % of a stack.)
 FLAT_SPREAD = 1e-3
 
 
 def flat_reason(volume: np.ndarray) -> str | None:
     """Why a stack holds nothing to denoise (None: it has signal)."""
-    low, middle, high = (float(v) for v in np.percentile(volume, [1, 50, 99]))
+    low, middle, high = (float(v) for v in np.percentile(volume, [0.1, 50, 99.9]))
     if high - low > FLAT_SPREAD * max(abs(middle), 1.0):
         return None
     if float(volume.max()) == float(volume.min()) == 0.0:
         return "empty stack (every value 0)"
-    return f"near-constant stack (98 % of values within {high - low:.3g} of {middle:.4g})"
+    return f"near-constant stack (99.8 % of values within {high - low:.3g} of {middle:.4g})"
 
 
 def load_volume(stack: Stack) -> np.ndarray:

@@ -21,7 +21,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.pipeline import denoise_series
 from denoised_node.storage.mosaic import csa_fields
-from denoised_node.storage.series import NothingToDenoise, plan_stacks
+from denoised_node.storage.series import NothingToDenoise, flat_reason, plan_stacks
 from tests.fixtures.mr_series import GeneratedSeries
 from tests.integration.peers import dciodvfy
 
@@ -222,3 +222,13 @@ def test_enhanced_attributes_only_an_original_may_carry_are_dropped(
     derived = pydicom.dcmread(outcome.files[0])
     assert "BulkMotionCompensationTechnique" not in derived
     assert dciodvfy(outcome.files[0]) == []
+
+
+def test_a_small_object_in_a_zero_background_is_not_flat() -> None:
+    volume = np.zeros((4, 64, 64), np.float32)
+    volume[1:3, 30:34, 30:34] = 500.0  # 0.2 % of the stack
+    assert flat_reason(volume) is None
+    volume[:] = 0
+    assert flat_reason(volume) == "empty stack (every value 0)"
+    volume[0, 0, 0] = 900.0  # one stray value
+    assert (flat_reason(volume) or "").startswith("near-constant stack")
