@@ -147,6 +147,10 @@ class SeriesSettings(_Section):
     description_suffix: str = Field(default=" DENOISED", max_length=32)
     # Modalities denoised; others are recorded as ignored.
     modalities: list[str] = Field(default_factory=lambda: ["MR"])
+    # Siemens mosaics (fMRI, DWI, ASL): denoised tile by tile as a volume, or ignored.
+    mosaics: Literal["denoise", "ignore"] = "denoise"
+    # Reformats and projections (MPR, resampled, MIP) of another series: ignored by default.
+    reformats: Literal["ignore", "denoise"] = "ignore"
 
 
 class ModelSettings(_Section):

@@ -18,7 +18,14 @@ import numpy as np
 from denoised_node.config.settings import Settings
 from denoised_node.model.gate import check_result
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter, derived_uid
-from denoised_node.storage.series import NothingToDenoise, StackPlan, load_volume, plan_stacks
+from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
+from denoised_node.storage.series import (
+    NothingToDenoise,
+    StackPlan,
+    flat_reason,
+    load_volume,
+    plan_stacks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +81,20 @@ def derivation_info(settings: Settings, denoiser: Denoises) -> DerivationInfo:
     )
 
 
-def plan_series(paths: Sequence[Path]) -> StackPlan:
-    plan = plan_stacks(paths)
+def input_policy(settings: Settings) -> InputPolicy:
+    return InputPolicy(mosaics=settings.series.mosaics, reformats=settings.series.reformats)
+
+
+def plan_series(paths: Sequence[Path], policy: InputPolicy = DEFAULT_POLICY) -> StackPlan:
+    plan = plan_stacks(paths, policy)
     if not plan.stacks:
-        reasons = sorted({reason for _, reason in plan.skipped}) or ["no images"]
-        raise NothingToDenoise(f"nothing to denoise: {'; '.join(reasons)}")
+        raise NothingToDenoise(_nothing(plan.skipped))
     return plan
+
+
+def _nothing(skipped: list[tuple[str, str]]) -> str:
+    reasons = sorted({reason for _, reason in skipped}) or ["no images"]
+    return f"nothing to denoise: {'; '.join(reasons)}"
 
 
 def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Denoises,
@@ -93,7 +108,7 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     ``hold_gate_failures`` a refused result is written all the same, for a person to review,
     and the outcome's ``gate_refusal`` says why.
     """
-    plan = plan_series(paths)
+    plan = plan_series(paths, input_policy(settings))
     info = derivation_info(settings, denoiser)
     writer = DerivedSeriesWriter(out_dir, info, now)
     total, done = plan.slice_count, 0
@@ -104,6 +119,13 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     for stack in plan.stacks:
         with clock("load"):
             volume = load_volume(stack)
+        flat = flat_reason(volume)
+        if flat:  # nothing for the network to do, and nothing the gate could judge
+            uids = dict.fromkeys(ref.sop_instance_uid for ref in stack.slices)
+            plan.skipped += [(uid, f"{flat}, stack {stack.label}") for uid in uids]
+            writer.keep_unchanged(stack)
+            done += stack.depth
+            continue
         offset = done
 
         def stack_progress(finished: int, _count: int, offset: int = offset) -> None:
@@ -128,6 +150,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
         del volume, denoised
     with clock("write"):
         files = writer.close()
+    if not files:
+        raise NothingToDenoise(_nothing(plan.skipped))
     for sop_uid, reason in plan.skipped:
         log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})
     return SeriesOutcome(derived_uid(info.model_identity, source_series_uid), files,

@@ -32,6 +32,7 @@ from pydicom.uid import (
 )
 
 from denoised_node.storage.files import sync_filesystem, write_atomic
+from denoised_node.storage.private_vr import keep_private_values_untyped
 from denoised_node.storage.series import (
     ENHANCED_MR_IMAGE_STORAGE,
     MULTIFRAME_MR_SOP_CLASSES,
@@ -66,6 +67,9 @@ _ORIGINAL_ONLY_ENHANCED_MR = (
     "SpectrallySelectedSuppression", "OversamplingPhase", "GeometryOfKSpaceTraversal",
     "RectilinearPhaseEncodeReordering", "SegmentedKSpaceTraversal", "CoverageOfKSpace",
     "NumberOfKSpaceTrajectories",
+    # MR Image and Spectroscopy Instance macro (Enhanced MR Image module): conditional on
+    # ImageType value 1 ORIGINAL or MIXED as well.
+    "BulkMotionCompensationTechnique", "BulkMotionSignalSource",
 )
 SMOOTHING = ("113087", "DCM", "Smoothing")
 SOURCE_IMAGE = ("121322", "DCM", "Source image for image processing operation")
@@ -137,21 +141,39 @@ class DerivedSeriesWriter:
         self.now = now
         self.written: list[Path] = []
         self._pending: dict[Path, tuple[Dataset, np.ndarray, np.ndarray]] = {}
+        self._mosaics: dict[Path, tuple[Dataset, np.ndarray, np.ndarray]] = {}
+        self._unchanged: set[tuple[Path, int]] = set()  # frames of stacks left out
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add_stack(self, stack: Stack, denoised: np.ndarray) -> None:
         if denoised.shape != (stack.depth, stack.rows, stack.columns):
             raise SeriesError(f"denoised stack {stack.label} has shape {denoised.shape}")
         for ref, image in zip(stack.slices, denoised):
-            if ref.frame is None:
+            if ref.tile is not None:
+                self._add_tile(ref, image)
+            elif ref.frame is None:
                 self._write_classic(ref, image)
             else:
                 self._add_frame(ref, image)
+
+    def keep_unchanged(self, stack: Stack) -> None:
+        """A stack left out (e.g. empty) that shares multi-frame objects or mosaics with
+        denoised stacks: those frames or tiles keep the source's values. Classic images of it
+        get no derived instance, and an object left out entirely is never written."""
+        for ref in stack.slices:
+            if ref.frame is None:
+                continue
+            self._unchanged.add((ref.path, ref.frame))
+            if ref.path in self._pending:
+                self._pending[ref.path][2][ref.frame] = True
+                self._finish_if_complete(ref.path)
 
     def close(self) -> list[Path]:
         incomplete = [p.name for p, (_, _, filled) in self._pending.items() if not filled.all()]
         if incomplete:
             raise SeriesError(f"multi-frame objects with frames missing: {', '.join(incomplete)}")
+        if self._mosaics:
+            raise SeriesError(f"mosaics with tiles missing: {', '.join(p.name for p in self._mosaics)}")
         self._pending.clear()
         # Files are written without fsync; one flush here makes the whole series durable
         # before the job is marked processed (a crash before that reprocesses the series).
@@ -167,19 +189,43 @@ class DerivedSeriesWriter:
     def _add_frame(self, ref: SliceRef, image: np.ndarray) -> None:
         if ref.path not in self._pending:
             self._pending[ref.path] = _read_multiframe(ref.path)
+            for path, frame in self._unchanged:
+                if path == ref.path:
+                    self._pending[path][2][frame] = True
         ds, frames, filled = self._pending[ref.path]
         assert ref.frame is not None
         frames[ref.frame] = stored_values(image, ref.slope, ref.intercept, ds, frames.dtype)
         filled[ref.frame] = True
+        self._finish_if_complete(ref.path)
+
+    def _finish_if_complete(self, path: Path) -> None:
+        ds, frames, filled = self._pending[path]
         if filled.all():
-            del self._pending[ref.path]
+            del self._pending[path]
             self._finish(ds, frames)  # (frames, rows, cols) even for one: NumberOfFrames
+
+    def _add_tile(self, ref: SliceRef, image: np.ndarray) -> None:
+        """A mosaic is written once all its tiles are back in place; the grid cells past the
+        last slice keep the source's values."""
+        assert ref.tile is not None
+        if ref.path not in self._mosaics:
+            source = pydicom.dcmread(ref.path)
+            self._mosaics[ref.path] = (source, source.pixel_array.copy(),
+                                       np.zeros(ref.tile.layout.count, bool))
+        ds, mosaic, filled = self._mosaics[ref.path]
+        ref.tile.layout.fill(mosaic, ref.tile.index,
+                             stored_values(image, ref.slope, ref.intercept, ds, mosaic.dtype))
+        filled[ref.tile.index] = True
+        if filled.all():
+            del self._mosaics[ref.path]
+            self._finish(ds, mosaic)
 
     def _finish(self, ds: Dataset, stored: np.ndarray) -> None:
         source_sop_uid = str(ds.SOPInstanceUID)
         source_sop_class = str(ds.SOPClassUID)
         derive_attributes(ds, self.info, self.now)
         _decode_big_endian(ds)
+        keep_private_values_untyped(ds)
         stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)  # '>u2' from BE
         # Native pixels first (whatever the source's syntax), then the configured encoding.
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian

@@ -26,7 +26,15 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import iter_pixels
 from pydicom.uid import UID
 
+from denoised_node.storage.mosaic import MosaicError, MosaicTile, is_mosaic, mosaic_layout
 from denoised_node.storage.reasons import one_line
+from denoised_node.storage.recognise import (
+    DEFAULT_POLICY,
+    InputPolicy,
+    localizer_reason,
+    orthogonal_planes,
+    reformat_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,7 @@ class SliceRef:
     slope: float
     intercept: float
     instance_number: int
+    tile: MosaicTile | None = None  # a slice cut from a Siemens mosaic
 
 
 @dataclass(frozen=True)
@@ -139,10 +148,11 @@ class _Candidate:
     key: _StackKey
 
 
-def plan_stacks(paths: Iterable[Path]) -> StackPlan:
+def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> StackPlan:
     """Read the headers of ``paths`` and group their images into sorted stacks."""
     plan = StackPlan()
     candidates: list[_Candidate] = []
+    mosaics: list[Stack] = []
     for path in paths:
         try:
             # Large values (pixel data) are deferred: present, but not read into memory.
@@ -151,16 +161,45 @@ def plan_stacks(paths: Iterable[Path]) -> StackPlan:
             plan.skipped.append((path.stem, f"unreadable: {one_line(str(exc))}"))
             continue
         sop_uid = str(ds.get("SOPInstanceUID", path.stem))
-        reason = unusable_reason(ds) or malformed_reason(ds)
+        reason = (unusable_reason(ds) or malformed_reason(ds) or localizer_reason(ds)
+                  or reformat_reason(ds, policy))
+        if not reason and is_mosaic(ds) and policy.mosaics == "ignore":
+            reason = 'Siemens mosaic (series.mosaics = "ignore")'
         if reason:
             plan.skipped.append((sop_uid, reason))
             continue
         try:
-            candidates.extend(_candidates_of(ds, path))
+            if is_mosaic(ds):
+                mosaics.append(_mosaic_stack(ds, path))
+            else:
+                candidates.extend(_candidates_of(ds, path))
+        except MosaicError as exc:
+            plan.skipped.append((sop_uid, f"mosaic layout unknown: {one_line(str(exc))}"))
         except (AttributeError, KeyError, ValueError, IndexError, TypeError) as exc:
             plan.skipped.append((sop_uid, f"no usable geometry: {one_line(str(exc))}"))
-    plan.stacks = _group_into_stacks(candidates)
+    if orthogonal_planes({cand.key.orientation for cand in candidates}):
+        # Three orthogonal planes in one series: a localizer whatever its name says.
+        reason = "localizer (three orthogonal planes in one series)"
+        plan.skipped += [(cand.ref.sop_instance_uid, reason) for cand in candidates
+                         if cand.ref.frame in (None, 0)]
+        candidates = []
+    plan.stacks = _group_into_stacks(candidates) + mosaics
     return plan
+
+
+def _mosaic_stack(ds: Dataset, path: Path) -> Stack:
+    """One mosaic instance is one volume: its tiles, in grid order, are its slices."""
+    layout = mosaic_layout(ds)
+    spacing = _spacing(ds.PixelSpacing)
+    between = _float_or(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness"), 1.0)
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    refs = tuple(SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), None,
+                          index * between, slope, intercept, _instance_number(ds),
+                          MosaicTile(index, layout)) for index in range(layout.count))
+    label = (f"mosaic {layout.tile_rows}x{layout.tile_columns}x{layout.count}, "
+             f"instance {_instance_number(ds)}")
+    return Stack(layout.tile_rows, layout.tile_columns, refs, label, spacing)
 
 
 def unusable_reason(ds: Dataset) -> str | None:
@@ -366,12 +405,33 @@ def _along_normal(orientation: Sequence[float], position: Sequence[float]) -> fl
     return float(np.dot(normal, np.asarray(position)))
 
 
+# A stack whose 0.1st-99.9th percentile spread is under this share of its level (or of 1 for
+# a level near 0) holds no image: empty, or a constant with a few stray values. (Even a small
+# object in a zero background fills more than 0.1 % of a stack.)
+FLAT_SPREAD = 1e-3
+
+
+def flat_reason(volume: np.ndarray) -> str | None:
+    """Why a stack holds nothing to denoise (None: it has signal)."""
+    low, middle, high = (float(v) for v in np.percentile(volume, [0.1, 50, 99.9]))
+    if high - low > FLAT_SPREAD * max(abs(middle), 1.0):
+        return None
+    if float(volume.max()) == float(volume.min()) == 0.0:
+        return "empty stack (every value 0)"
+    return f"near-constant stack (99.8 % of values within {high - low:.3g} of {middle:.4g})"
+
+
 def load_volume(stack: Stack) -> np.ndarray:
     """The stack's images as float32 (slices, rows, columns) in physical units."""
     volume = np.empty((stack.depth, stack.rows, stack.columns), dtype=np.float32)
     frames_by_path: dict[Path, list[tuple[int, int]]] = defaultdict(list)  # path: (frame, slot)
+    mosaic: tuple[Path, np.ndarray] | None = None  # the mosaic image, decoded once
     for slot, ref in enumerate(stack.slices):
-        if ref.frame is None:
+        if ref.tile is not None:
+            if mosaic is None or mosaic[0] != ref.path:
+                mosaic = (ref.path, pydicom.dcmread(ref.path).pixel_array)
+            _put(volume, slot, stack, ref, mosaic[1][ref.tile.layout.tile(ref.tile.index)])
+        elif ref.frame is None:
             _put(volume, slot, stack, ref, pydicom.dcmread(ref.path).pixel_array)
         else:
             frames_by_path[ref.path].append((ref.frame, slot))

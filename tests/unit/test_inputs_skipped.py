@@ -84,7 +84,7 @@ def test_damaged_or_incomplete_images_are_skipped(mr_series_factory: Factory,
 
 
 @pytest.mark.parametrize("image_type", ["DERIVED", ["ORIGINAL", "PRIMARY", "M", "ND"],
-                                        ["DERIVED", "SECONDARY", "MPR"], []])
+                                        ["DERIVED", "SECONDARY", "OTHER"], []])
 def test_magnitude_images_are_denoised(image_type: Any) -> None:
     ds = Dataset()
     ds.PixelData = b"\0" * 8
