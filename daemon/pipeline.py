@@ -100,15 +100,17 @@ def _nothing(skipped: list[tuple[str, str]]) -> str:
 def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Denoises,
                    settings: Settings, out_dir: Path, now: datetime,
                    progress: Callable[[int, int], None] | None = None,
-                   hold_gate_failures: bool = False) -> SeriesOutcome:
+                   hold_gate_failures: bool = False,
+                   plan: StackPlan | None = None) -> SeriesOutcome:
     """Denoise every stack of the series and write the derived instances into ``out_dir``.
 
     Raises NothingToDenoise when no image is usable and GateFailed when a stack's result does
     not pass the safety gate (in that case nothing should be sent). With
     ``hold_gate_failures`` a refused result is written all the same, for a person to review,
-    and the outcome's ``gate_refusal`` says why.
+    and the outcome's ``gate_refusal`` says why. ``plan``: the caller's plan_series of
+    ``paths`` (the worker plans first, so that what a series is comes before the rules).
     """
-    plan = plan_series(paths, input_policy(settings))
+    plan = plan or plan_series(paths, input_policy(settings))
     info = derivation_info(settings, denoiser)
     writer = DerivedSeriesWriter(out_dir, info, now)
     total, done = plan.slice_count, 0

@@ -22,7 +22,14 @@ from sqlalchemy import select
 from denoised_node.config.settings import ConfigError, Destination, Settings
 from denoised_node.daemon.model_pool import ModelPool
 from denoised_node.daemon.notify import Heartbeat
-from denoised_node.daemon.pipeline import Denoises, GateFailed, PermanentError, denoise_series
+from denoised_node.daemon.pipeline import (
+    Denoises,
+    GateFailed,
+    PermanentError,
+    denoise_series,
+    input_policy,
+    plan_series,
+)
 from denoised_node.daemon.rules import Decision, decide
 from denoised_node.daemon.scu import SendResult, send_files
 from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_file
@@ -178,10 +185,15 @@ class Worker:
         self._facts = None
         try:
             series_uid, paths, calling_ae = self._source_files(job)
+            # What the series is (localizer, reformat, no pixel data...) comes first, then
+            # which rule takes it.
+            plan = plan_series(paths, input_policy(self.settings))
             facts = self._facts = _first_readable(paths, calling_ae)
-            # None: no image reads; the pipeline ignores the series with the reasons.
             decision = self._decide(facts) if facts is not None else None
-        except (PermanentError, ConfigError, ModelError) as exc:
+        except NothingToDenoise as exc:
+            self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
+            return False
+        except (PermanentError, SeriesError, ConfigError, ModelError) as exc:
             self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)))
             return False
         if decision is not None and not decision.denoise:
@@ -202,7 +214,8 @@ class Worker:
                                      utcnow(), progress=_progress_logger(job.id,
                                                                          self.heartbeat.beat),
                                      hold_gate_failures=bool(decision and
-                                                             decision.hold_gate_failures))
+                                                             decision.hold_gate_failures),
+                                     plan=plan)
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
             return False

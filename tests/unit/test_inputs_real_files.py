@@ -1,6 +1,7 @@
 """Every real MR file that ships in the packages the node installs, sent as a series to the
-node's intake and denoised with the shipped model (issue 17): each is denoised, ignored with
-a reason, or refused on receipt, as tests/fixtures/real_files.py states; none fails with an
+node's intake, decided by the default rule and the shipped model's intended use as the worker
+does, and denoised with the shipped model (issues 16, 17): each is denoised, ignored with a
+reason, or refused on receipt, as tests/fixtures/real_files.py states; none fails with an
 error or at the safety gate; no derived object has a dciodvfy error its source lacks.
 
 docs/inputs.md has the table of these files and outcomes.
@@ -17,15 +18,17 @@ import pydicom
 import pytest
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.pipeline import GateFailed, denoise_series
+from denoised_node.daemon.pipeline import GateFailed, denoise_series, input_policy, plan_series
 from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.rules import decide
 from denoised_node.daemon.runtime import Runtime, open_runtime
+from denoised_node.daemon.series_attributes import attributes_from_file
 from denoised_node.model.inference import Denoiser
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
 from denoised_node.storage.schema import upgrade
 from denoised_node.storage.series import NothingToDenoise, load_volume, plan_stacks
-from tests.fixtures.real_files import CORPUS, RealFile, gunzipped
+from tests.fixtures.real_files import CORPUS, OUTSIDE, RealFile, gunzipped
 from tests.integration.peers import dciodvfy
 
 NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
@@ -38,8 +41,9 @@ def shipped_model() -> Iterator[Denoiser]:
 
 
 def _outcome(entry: RealFile, settings: Settings, runtime: Runtime, model: Denoiser,
-             tmp_path: Path) -> tuple[str, list[Path], list[Path]]:
-    """(what happened, the stored source files, the derived files)."""
+             tmp_path: Path, *, rules: bool = True) -> tuple[str, list[Path], list[Path]]:
+    """(what happened, the stored source files, the derived files). ``rules``: decide as the
+    worker does (the default rule and the model card's intended use) before denoising."""
     sources = [gunzipped(p, tmp_path / "src") for p in entry.files()]
     receiver = Receiver(runtime.store, runtime.sessions, settings)
     kept: list[Path] = []
@@ -60,8 +64,14 @@ def _outcome(entry: RealFile, settings: Settings, runtime: Runtime, model: Denoi
     if not kept:
         return "; ".join(reasons), sources, []
     try:
+        # As the worker: what the series is first, then the rules and the intended use.
+        plan = plan_series(kept, input_policy(settings))
+        decision = decide(settings, attributes_from_file(kept[0]),
+                          lambda _: model.card.intended_use)
+        if rules and not decision.denoise:
+            return str(decision.ignored_reason), kept, []
         outcome = denoise_series(kept, "1.2.826.0.1.3680043.8.498.1", model, settings,
-                                 tmp_path / "out", NOW)
+                                 tmp_path / "out", NOW, plan=plan)
     except NothingToDenoise as exc:
         return str(exc), kept, []
     except GateFailed as exc:
@@ -88,6 +98,15 @@ def test_real_file(entry: RealFile, settings_factory: Callable[..., Settings],
         what, sources, derived = _outcome(entry, settings, open_runtime(settings),
                                           shipped_model, tmp_path / "gate-off")
         assert what == "denoised", what
+    if OUTSIDE in what:
+        # What a site that validated the model for these files gets: a rule with
+        # override_intended_use (and, for the look of the output, the gate off).
+        settings = settings_factory(gate__enabled=False, node__data_dir=tmp_path / "override")
+        upgrade(make_engine(settings.database_url))
+        what, sources, derived = _outcome(entry, settings, open_runtime(settings),
+                                          shipped_model, tmp_path / "override", rules=False)
+        print(f"OUTCOME {entry.name} with override_intended_use and the gate off: {what}")
+        assert what == "denoised" or what.startswith("nothing to denoise: empty stack"), what
     if what.startswith("nothing to denoise: empty stack"):
         # Real headers over zeros: the derived objects the writer would make must still
         # conform (Implicit VR Siemens private elements, Enhanced MR after DERIVED).
