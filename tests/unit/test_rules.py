@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,18 @@ def test_rules_test_needs_a_folder_or_a_series(tmp_path: Path) -> None:
     assert result.exit_code != 0 and "give a FOLDER or --series UID" in result.output
     empty = CliRunner().invoke(main, ["rules", "test", str(tmp_path)])
     assert empty.exit_code != 0 and "no DICOM files under" in empty.output
+
+
+def test_the_example_configs_commented_rules_load(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parents[2] / "config" / "denoised-node.example.toml"
+    text = example.read_text()
+    tail = text[text.index("# A test PACS"):]
+    # Uncomment the TOML lines (tables and keys), keep the prose as comments.
+    uncommented = "\n".join(line[2:] if re.match(r"# (\[|\w+ = )", line) else line
+                            for line in tail.splitlines())
+    config = tmp_path / "node.toml"
+    config.write_text(text[:text.index("# A test PACS")] + uncommented)
+    settings = load_settings(config, environ={})
+    assert [r.name for r in settings.rules] == ["skip-scouts", "brain-t1", "t2-trial"]
+    assert [d.name for d in settings.rule_destinations(settings.rules[2])] == ["test-pacs"]
+    assert settings.rules[1].match["SeriesDescription"] == r"(?i)\bt1\b"
