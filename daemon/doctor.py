@@ -48,6 +48,25 @@ def _model(settings: Settings) -> Check:
     return Check("model", True, f"{denoiser.identity} on {denoiser.device} (sha256 verified)")
 
 
+def _rule_models(settings: Settings) -> Iterator[Check]:
+    """Each checkpoint a rule names besides [model]: its card reads and its sidecar matches
+    (the weights are checked when a worker loads it)."""
+    from denoised_node.model.card import read_card, resolve_checkpoint, verify_sidecar
+    from denoised_node.model.errors import ModelError
+
+    named = {rule.model: settings.checkpoint_for(rule.model) for rule in settings.rules
+             if not rule.ignore and settings.checkpoint_for(rule.model) != settings.model.checkpoint}
+    for name, checkpoint in sorted(named.items()):
+        try:
+            card = read_card(checkpoint)
+            verify_sidecar(resolve_checkpoint(checkpoint))
+        except ModelError as exc:
+            yield Check(f"model {name}", False, str(exc),
+                        f"fix [models] {name} or the rules that name it (docs/rules.md)")
+            continue
+        yield Check(f"model {name}", True, f"{card.identity} ({resolve_checkpoint(checkpoint)})")
+
+
 def _gpu(settings: Settings) -> Check:
     import torch
 
@@ -107,5 +126,6 @@ def run_checks(settings: Settings) -> list[Check]:
         checks.extend(security_checks(settings))  # access control, TLS files, HTTP port
     except Exception as exc:  # noqa: BLE001 - doctor reports every failure, never crashes
         checks.append(Check("security", False, f"{type(exc).__name__}: {exc}"))
+    checks.extend(_rule_models(settings))
     checks.extend(_destinations(settings))
     return checks

@@ -334,3 +334,31 @@ def test_held_jobs_are_approved_from_the_status_page(settings_factory, mr_series
     assert again.status == 409 and "not held" in again.body.decode()
     worker.run(burst=True)
     assert sender.sent == {"test-pacs": len(mr_series.paths)}
+
+
+def test_rules_test_reads_a_stored_series(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
+    runtime = _runtime(settings_factory, [{"name": "from-scanner1",
+                                           "match": {"CallingAETitle": "^SCANNER1$"},
+                                           "destinations": ["test-pacs"], "review": True}])
+    _receive_and_complete(runtime, mr_series)
+    env = {**_env(runtime), "DENOISED_NODE_RULES": json.dumps([r.model_dump() for r in
+                                                              runtime.settings.rules]),
+           "DENOISED_NODE_DESTINATIONS": json.dumps(DESTINATIONS)}
+    result = CliRunner().invoke(main, ["rules", "test", "--series", _uid(mr_series)], env=env)
+    assert result.exit_code == 0, result.output
+    assert "rule: from-scanner1 (rule 'from-scanner1': CallingAETitle='SCANNER1')" in result.output
+    assert "destinations: test-pacs" in result.output and "review: yes" in result.output
+    unknown = CliRunner().invoke(main, ["rules", "test", "--series", "1.2.3"], env=env)
+    assert unknown.exit_code != 0 and "no stored series with SeriesInstanceUID 1.2.3" in unknown.output
+
+
+def test_doctor_checks_every_model_a_rule_names(settings_factory) -> None:  # type: ignore[no-untyped-def]
+    from denoised_node.daemon.doctor import _rule_models
+
+    settings = settings_factory(rules=json.dumps([
+        {"name": "old", "model": "previous"}, {"name": "gone", "model": "/nowhere/m.safetensors"},
+        {"name": "same", "model": "default"}]), models=json.dumps({"previous": "unet25d-1.0"}))
+    checks = {c.name: c for c in _rule_models(settings)}
+    assert set(checks) == {"model previous", "model /nowhere/m.safetensors"}
+    assert checks["model previous"].ok and "dn-unet25d-1.0" in checks["model previous"].detail
+    assert not checks["model /nowhere/m.safetensors"].ok
