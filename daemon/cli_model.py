@@ -114,13 +114,35 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Evaluate on the held-out families (thick slices, noise kinds, lesions, texture, a real EPI) and study the gate.")
 @click.option("--compare", default="unet25d-1.0", show_default=True,
               help="With --families: the previous model to show beside ('none' to leave it out).")
+@click.option("--ablation", is_flag=True,
+              help="Train the ablation's variants from scratch at equal steps (or reuse those in "
+                   "--out-dir) and score them on validation and the held-out families.")
+@click.option("--ablation-steps", type=int, default=800, show_default=True)
+@click.option("--ablation-seeds", default="1,2", show_default=True)
+@click.option("--variants", default="ours,t-fixed,plain-unet-map", show_default=True,
+              help="Ablation variants (ours, t-fixed, no-map, blind, plain-unet-map).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
 def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: str, out_dir: str, levels: str,
                      seeds: int, methods: str, contrasts: str, device: str | None, threads: int, tta: str | None,
                      planes: str | None, holdout: int,
-                     gap: int, families: bool, compare: str, as_json: bool) -> None:
-    """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG)."""
+                     gap: int, families: bool, compare: str, ablation: bool, ablation_steps: int,
+                     ablation_seeds: str, variants: str, as_json: bool) -> None:
+    """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG);
+    or the held-out families (--families), or the ablation (--ablation)."""
     import json
+
+    if ablation:
+        from denoised_node.model.ablation import run as run_ablation
+        from denoised_node.model.ablation import to_markdown as ablation_markdown
+
+        result = run_ablation(Path(out_dir), ablation_steps,
+                              [int(s) for s in ablation_seeds.split(",") if s.strip()],
+                              batch_size=8, patch=64, threads=max(1, threads),
+                              names=[v.strip() for v in variants.split(",") if v.strip()])
+        click.echo(json.dumps(result, indent=1) if as_json
+                   else ablation_markdown(result, ablation_steps))
+        click.echo(f"wrote {Path(out_dir) / 'ablation.md'} and ablation.json", err=True)
+        return
 
     from denoised_node.model.errors import ModelError
     from denoised_node.model.evaluate import EvalConfig, evaluate, to_markdown

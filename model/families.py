@@ -166,6 +166,21 @@ BREAKS: dict[str, Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np
 }
 
 
+def score_on_families(models: dict[str, Any], seed: int = 0,
+                      echo: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+    """Each model's mean over the held-out families (PSNR and SSIM in the mask, HFEN, the
+    lesions' kept contrast), without the baselines and the gate's study (the ablation)."""
+    sums: dict[str, dict[str, list[float]]] = {name: {} for name in models}
+    for case in build_cases(seed=seed):
+        for name, model in models.items():
+            row = score(case, model.denoise(case.noisy, spacing=case.spacing))
+            for key, value in row.items():
+                sums[name].setdefault(key, []).append(value)
+            sums[name].setdefault(f"psnr_{case.family}", []).append(row["psnr_mask"])
+            echo(f"{case.family} {case.level:.0%} {name}: psnr_mask {row['psnr_mask']:.2f}")
+    return {name: {k: float(np.mean(v)) for k, v in rows.items() if v} for name, rows in sums.items()}
+
+
 def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: dict[float, float],
                       echo: Callable[[str], None] = print, seed: int = 0) -> dict[str, Any]:
     """``models``: name -> Denoiser; ``gate``: the gate settings; ``nlm_h``: level -> h factor."""
