@@ -133,13 +133,19 @@ def test_shadow_destinations_get_nothing_by_default(settings_factory, mr_series)
     assert sender.sent == {"pacs": len(mr_series.paths)}
 
 
-def test_review_holds_until_approved_from_the_cli(settings_factory, mr_series, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    runtime = _runtime(settings_factory, [{"name": "careful", "review": True}])
-    _receive_and_complete(runtime, mr_series)
+def _held(settings_factory: Any, series: Any, **rule: Any) -> tuple[Runtime, Recorder, Worker, Job]:
+    """A node whose one rule asks for review, after its worker held ``series``."""
+    runtime = _runtime(settings_factory, [{"name": "careful", "review": True, **rule}])
+    _receive_and_complete(runtime, series)
     sender = Recorder()
     worker = _worker(runtime, sender)
     worker.run(burst=True)
     (job,) = _jobs(runtime).values()
+    return runtime, sender, worker, job
+
+
+def test_review_holds_until_approved_from_the_cli(settings_factory, mr_series, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    runtime, sender, worker, job = _held(settings_factory, mr_series)
     assert job.state == "held" and "held for review by rule 'careful'" in (job.reason or "")
     assert sender.sent == {}
     listed = CliRunner().invoke(main, ["jobs", "list", "--state", "held", "--json"],
@@ -156,12 +162,7 @@ def test_review_holds_until_approved_from_the_cli(settings_factory, mr_series, t
 
 
 def test_a_rejected_job_sends_nothing(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    runtime = _runtime(settings_factory, [{"name": "careful", "review": True}])
-    _receive_and_complete(runtime, mr_series)
-    sender = Recorder()
-    worker = _worker(runtime, sender)
-    worker.run(burst=True)
-    (job,) = _jobs(runtime).values()
+    runtime, sender, worker, job = _held(settings_factory, mr_series)
     with runtime.sessions.begin() as session:
         assert "rejected" in review(session, job.id, approve=False, who="tester")
     worker.run(burst=True)
@@ -307,13 +308,7 @@ def test_held_jobs_are_approved_from_the_status_page(settings_factory, mr_series
     from denoised_node.daemon.web.pages import StatusPages
     from denoised_node.daemon.web.request import Request
 
-    runtime = _runtime(settings_factory, [{"name": "careful", "review": True,
-                                           "destinations": ["test-pacs"]}])
-    _receive_and_complete(runtime, mr_series)
-    sender = Recorder()
-    worker = _worker(runtime, sender)
-    worker.run(burst=True)
-    (job,) = _jobs(runtime).values()
+    runtime, sender, worker, job = _held(settings_factory, mr_series, destinations=["test-pacs"])
     pages = StatusPages(runtime.settings, runtime.sessions, runtime.store,
                         Readiness([("db", lambda: CheckResult(True, "ok"))]),
                         slow=SlowChecks([]))
