@@ -124,7 +124,8 @@ def _identity(checkpoint: str | None) -> str | None:
 def _print(facts: SeriesAttributes, count: int, decision: Decision) -> None:
     images = f", {count} image(s)" if count else ""
     click.echo(f"{facts.series_uid}  {facts.describe()}{images}")
-    click.echo(f"  rule: {decision.rule.name if decision.rule else 'none'} ({decision.why})")
+    # Without a rule, `why` is the ignored reason printed below.
+    click.echo(f"  rule: {decision.rule.name} ({decision.why})" if decision.rule else "  rule: none")
     if not decision.denoise:
         click.echo(f"  ignored: {decision.ignored_reason}")
         return

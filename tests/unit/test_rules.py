@@ -224,7 +224,8 @@ def test_rules_test_prints_each_series_of_a_folder(tmp_path: Path, mr_series_fac
     assert rows[dwi_uid]["rule"] is None and NO_RULE_MATCHES in rows[dwi_uid]["ignored_reason"]
     text = CliRunner().invoke(main, ["rules", "test", str(folder), "--config", str(config)])
     assert text.exit_code == 0 and f"{t1_uid}  T1 AX (MR), 2 image(s)" in text.output
-    assert "  rule: none (no rule matches" in text.output
+    assert "  rule: none\n  ignored: no rule matches (t1: SeriesDescription='DWI b1000')" \
+        in text.output
 
 
 def test_rules_test_needs_a_folder_or_a_series(tmp_path: Path) -> None:
