@@ -11,7 +11,7 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_WORKDIR, Row, format_table, fsync_latency_ms, series_folder
 
-SECTIONS = ("receive", "send", "inference", "e2e", "soak")
+SECTIONS = ("receive", "send", "inference", "e2e", "soak", "idle")
 # The soak runs only when asked: it takes its --soak-seconds whatever the machine.
 DEFAULT_SECTIONS = ("receive", "send", "inference", "e2e")
 
@@ -46,6 +46,10 @@ def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) 
         from benchmarks.end_to_end import end_to_end_rows
 
         rows += end_to_end_rows(args.workdir)
+    if "idle" in chosen:
+        from benchmarks.idle import idle_rows
+
+        rows += idle_rows(args.workdir, seconds=args.idle_seconds)
     if "soak" in chosen:
         from benchmarks.soak import SoakPlan, soak_rows
 
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--slices", type=int, default=500, help="series size for receive/send")
     parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda, auto")
+    parser.add_argument("--idle-seconds", type=float, default=60.0,
+                        help="how long each idle process is watched (idle section)")
     parser.add_argument("--soak-seconds", type=float, default=60.0,
                         help="how long the soak section attacks and sends")
     parser.add_argument("--soak-no-attack", action="store_true",

@@ -205,6 +205,10 @@ class WorkerSettings(_Section):
     count: int = Field(default=1, ge=0)
     lease_seconds: float = Field(default=120.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
+    # With nothing to do the wait for work doubles up to this. A job that this node's serve
+    # queues wakes its workers at once; a replay from the CLI, or a job another host's serve
+    # queued (PostgreSQL scale-out), waits at most this long.
+    idle_poll_seconds: float = Field(default=10.0, gt=0)
     max_processing_attempts: int = Field(default=3, ge=1)
     worker_id: str | None = None
     # `serve` kills (and restarts) a worker that sent no heartbeat for this long.

@@ -94,6 +94,8 @@ def _env_config() -> Path | None:
 @click.option("--max-jobs", type=int, default=None, help="Stop after this many jobs.")
 def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
     """Run one worker: claim jobs, denoise, send. Needs no SCP on this host."""
+    # serve sends SIGUSR1 when it queues a job; until the worker listens, it must not kill.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     settings = settings_from(config_path)
     _check_shared_store(settings)
 
@@ -108,6 +110,7 @@ def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
     handler = stop_handler(node_worker)
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: node_worker.waker.wake())
     try:
         node_worker.run(burst=burst, max_jobs=max_jobs)
     except StopNow:

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from denoised_node.config.settings import SeriesSettings
 from denoised_node.storage.db import SessionFactory, is_postgres
-from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
+from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
 from denoised_node.storage.queue import (
     JobState,
     enqueue_once,
@@ -91,25 +92,67 @@ def _queue(session: Session, series: Series, now: datetime, signal: str) -> int 
     return job.id
 
 
+def next_due(sessions: SessionFactory, settings: SeriesSettings,
+             now: datetime) -> datetime | None:
+    """The next moment completion has something to do: a receiving series may complete, or a
+    job's lease expires. None: nothing is receiving and no lease is held."""
+    with sessions() as session:
+        receiving = session.execute(select(Series.last_received_at, Series.released_at).where(
+            Series.state == SeriesState.RECEIVING,
+            Series.revision > Series.queued_revision)).all()
+        lease = session.scalar(select(func.min(Job.lease_expires_at)).where(
+            Job.state.in_([JobState.PROCESSING.value, JobState.SENDING.value])))
+    moments = [m for m in (lease,) if m is not None]
+    for last, released in receiving:
+        moments.append(last + timedelta(seconds=settings.idle_seconds))
+        early = released + timedelta(seconds=settings.released_grace_seconds) if released \
+            else None
+        if early is not None and early > now:  # one already past was not gap-free: idle decides
+            moments.append(early)
+    return min(moments, default=None)
+
+
 class CompletionLoop(threading.Thread):
-    """Runs completion and lease expiry every ``interval`` seconds until stopped."""
+    """Runs completion and lease expiry when something may be due: at the next moment a
+    series may complete or a lease expires, at once when the receiver pokes it, and every
+    ``idle_wait`` seconds otherwise (series another process received, replays). An idle node
+    so wakes a few times a minute instead of four times a second."""
 
     def __init__(self, sessions: SessionFactory, settings: SeriesSettings,
-                 interval: float = 0.25) -> None:
+                 interval: float = 0.25, idle_wait: float = 10.0,
+                 on_queued: Callable[[list[int]], None] | None = None) -> None:
         super().__init__(name="completion", daemon=True)
         self.sessions = sessions
         self.settings = settings
-        self.interval = interval
+        self.interval = interval  # the shortest wait: instances arriving batch up
+        self.idle_wait = idle_wait
+        self.on_queued = on_queued
         self.stopping = threading.Event()
+        self._poked = threading.Event()
+
+    def poke(self) -> None:
+        """Something arrived: look again soon (the Receiver calls this)."""
+        self._poked.set()
 
     def run(self) -> None:
-        while not self.stopping.wait(self.interval):
+        while not self.stopping.is_set():
             try:
-                complete_idle_series(self.sessions, self.settings)
+                queued = complete_idle_series(self.sessions, self.settings)
                 release_expired_leases(self.sessions)
+                if queued and self.on_queued is not None:
+                    self.on_queued(queued)
+                now = utcnow()
+                due = next_due(self.sessions, self.settings, now)
+                wait = self.idle_wait if due is None else min(
+                    self.idle_wait, max(self.interval, (due - now).total_seconds()))
             except Exception:  # noqa: BLE001 - a database hiccup must not end completion
                 log.exception("completion pass failed; retrying")
-                self.stopping.wait(2.0)
+                wait = 2.0
+            poked = self._poked.wait(wait)
+            self._poked.clear()
+            if poked and not self.stopping.is_set():
+                self.stopping.wait(self.interval)  # let a burst of instances land first
 
     def stop(self) -> None:
         self.stopping.set()
+        self._poked.set()

@@ -11,6 +11,7 @@ import io
 import logging
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -214,6 +215,9 @@ class Receiver:
         self.max_bytes = settings.node.max_instance_mb * 2**20
         # The per-image index update runs on a plain connection: no ORM session to build.
         self.engine: Engine = sessions.kw["bind"]
+        # Called after each instance and release: completion wakes on it instead of polling.
+        self.on_activity: Callable[[], None] = _nothing
+
 
     def receive(self, data: bytes, context_sop_class: str | None, calling_ae: str) -> Received:
         """``receive_spooled`` for bytes in memory (tools and tests)."""
@@ -226,6 +230,13 @@ class Receiver:
     def receive_spooled(self, spool: Spool, context_sop_class: str | None,
                         calling_ae: str) -> Received:
         """Keep the instance received into ``spool`` (the caller discards the spool)."""
+        try:
+            return self._receive_spooled(spool, context_sop_class, calling_ae)
+        finally:
+            self.on_activity()
+
+    def _receive_spooled(self, spool: Spool, context_sop_class: str | None,
+                         calling_ae: str) -> Received:
         if spool.too_large:
             raise InstanceTooLarge(
                 f"instance of {spool.size // 2**20} MiB exceeds node.max_instance_mb "
@@ -403,6 +414,11 @@ class Receiver:
                 series = session.get(Series, series_id, with_for_update=True)
                 if series is not None and series.instance_count == count:
                     series.released_at = now
+        self.on_activity()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _int_or_none(value: object) -> int | None:

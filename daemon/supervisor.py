@@ -95,6 +95,16 @@ class WorkerPool:
                 log.info("worker ready", extra={"worker_index": child.index, "pid": note.pid,
                                                 "status": note.fields.get("STATUS", "")})
 
+    def wake(self, _jobs: object = None) -> None:
+        """A job was queued: wake the idle workers now rather than at their next poll."""
+        for child in self.children:
+            process = child.process
+            if child.ready and process is not None and process.poll() is None:
+                try:
+                    os.kill(process.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+
     def _hung(self, child: _Child, now: float) -> bool:
         """Silent for worker.watchdog_seconds once ready; before that, loading the model
         (CUDA start-up included) may take up to _WORKER_START_SECONDS."""
@@ -244,10 +254,11 @@ def serve(settings: Settings, config_path: Path | None,
         "disk_free_bytes": ("Free space where node.data_dir is",
                             lambda: float(runtime.store.free_bytes())),
     })
+    completion = CompletionLoop(runtime.sessions, settings.series, on_queued=pool.wake)
     receiver = Receiver(runtime.store, runtime.sessions, settings)
+    receiver.on_activity = completion.poke
     server = start_scp(settings, receiver, scp_counts)
     http: StatusServer | None = None
-    completion = CompletionLoop(runtime.sessions, settings.series)
     retention = RetentionLoop(runtime.sessions, runtime.store, settings.retention)
     try:
         if settings.http.enabled:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from select import select as wait_readable
 
 from sqlalchemy import select
 
@@ -44,6 +45,7 @@ from denoised_node.storage.queue import (
     StaleState,
     backoff_seconds,
     claim,
+    next_available,
     release_expired_leases,
     renew_lease,
     transition,
@@ -132,12 +134,15 @@ class Worker:
         self.heartbeat = Heartbeat()
         self.on_idle = on_idle or self.heartbeat.beat  # called once per loop pass
         self.stop_requested = threading.Event()
+        # Wakes the idle wait: a stop, or serve saying it queued a job (SIGUSR1, see cli.py).
+        self.waker = Waker()
         self.current: ClaimedJob | None = None
 
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> int:
         """Work until stopped (or, with ``burst``, until the queue is empty); returns the
         number of jobs handled."""
         handled = 0
+        idle_passes = 0
         log.info("worker started", extra={"worker": self.worker_id,
                                           "model": self.denoiser.identity})
         self.heartbeat.ready(f"model {self.denoiser.identity} loaded")
@@ -150,8 +155,10 @@ class Worker:
                 if job is None:
                     if burst:
                         break
-                    self.stop_requested.wait(self.settings.worker.poll_seconds)
+                    self.waker.wait(self._idle_wait(idle_passes))
+                    idle_passes += 1
                     continue
+                idle_passes = 0
                 self.current = job
                 with LeaseKeeper(self.sessions, job, self.settings.worker.lease_seconds):
                     self.perform(job)
@@ -166,6 +173,17 @@ class Worker:
 
     def request_stop(self) -> None:
         self.stop_requested.set()
+        self.waker.wake()
+
+    def _idle_wait(self, idle_passes: int) -> float:
+        """How long to wait for work: poll_seconds, doubling while nothing comes, up to
+        idle_poll_seconds; never past the moment a waiting job (a send retry) is due."""
+        settings = self.settings.worker
+        wait = min(settings.idle_poll_seconds, settings.poll_seconds * 2 ** min(idle_passes, 16))
+        due = next_available(self.sessions)
+        if due is not None:
+            wait = min(wait, max(settings.poll_seconds, (due - utcnow()).total_seconds()))
+        return wait
 
     def perform(self, job: ClaimedJob) -> None:
         if job.stage == JobState.PROCESSING:
@@ -442,6 +460,34 @@ def _progress_logger(job_id: int,
             log.info("denoising %d/%d slices", done, total, extra={"job_id": job_id})
 
     return report
+
+
+class Waker:
+    """A wait that a signal handler can end: the self-pipe (writing to a pipe is safe in a
+    handler; setting a threading.Event is not, it takes a lock the waiting thread may hold)."""
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._write, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full: a wake-up is pending anyway
+
+    def wait(self, timeout: float) -> bool:
+        """True when woken before ``timeout`` seconds."""
+        ready, _, _ = wait_readable([self._read], [], [], max(0.0, timeout))
+        if not ready:
+            return False
+        try:
+            while os.read(self._read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        return True
 
 
 def stop_handler(worker: Worker) -> Callable[[int, object], None]:

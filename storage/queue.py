@@ -229,6 +229,13 @@ def claim(sessions: SessionFactory, worker: str, lease_seconds: float,
     return None
 
 
+def next_available(sessions: SessionFactory) -> datetime | None:
+    """When the next waiting job (queued or processed) becomes claimable; None: none waits."""
+    with sessions() as session:
+        return session.scalar(select(func.min(Job.available_at)).where(
+            Job.state.in_(list(CLAIMABLE))))
+
+
 def renew_lease(sessions: SessionFactory, job_id: int, worker: str, lease_seconds: float) -> bool:
     """Extend a held lease; False means the lease was lost (expired and reclaimed)."""
     now = utcnow()
