@@ -209,6 +209,8 @@ class WorkerSettings(_Section):
     worker_id: str | None = None
     # `serve` kills (and restarts) a worker that sent no heartbeat for this long.
     watchdog_seconds: float = Field(default=600.0, gt=0)
+    # At most one progress write per job this often (slices denoised, instances sent).
+    progress_interval_seconds: float = Field(default=2.0, ge=0)
 
 
 class SendSettings(_Section):

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
+from denoised_node.storage.progress import Progress
 from denoised_node.storage.queue import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -43,11 +44,15 @@ class JobRow:
     model_identity: str | None = None
     rule_name: str | None = None
     destinations: list[str] | None = None  # None: every destination that is not a shadow
+    progress: Progress | None = None  # while a stage is in hand
+    available_at: datetime | None = None  # a queued or processed job's next attempt
 
-    def as_json(self) -> dict[str, object]:
+    def as_json(self, now: datetime | None = None) -> dict[str, object]:
         data = asdict(self)
         data["created_at"] = self.created_at.isoformat()
         data["updated_at"] = self.updated_at.isoformat()
+        data["progress"] = self.progress.as_json(now or utcnow()) if self.progress else None
+        data["available_at"] = self.available_at.isoformat() if self.available_at else None
         return data
 
 
@@ -68,7 +73,8 @@ def _row(job: Job, series: Series) -> JobRow:
                   series.instance_count, job.created_at, job.updated_at, job.reason,
                   job.processing_attempts, job.send_attempts, job.derived_series_uid,
                   job.derived_count, job.model_identity, job.rule_name,
-                  None if job.destinations is None else json.loads(job.destinations))
+                  None if job.destinations is None else json.loads(job.destinations),
+                  Progress.from_row(job), job.available_at)
 
 
 def status_summary(session: Session, now: datetime | None = None) -> dict[str, object]:
@@ -79,10 +85,16 @@ def status_summary(session: Session, now: datetime | None = None) -> dict[str, o
     receiving = session.scalar(
         select(func.count()).select_from(Series).where(
             Series.state == SeriesState.RECEIVING, Series.revision > Series.queued_revision))
+    # Waiting for another attempt after a failure (a destination down, a CUDA error).
+    retrying = session.scalar(
+        select(func.count()).select_from(Job).where(
+            ((Job.state == JobState.QUEUED.value) & (Job.processing_attempts > 0))
+            | ((Job.state == JobState.PROCESSED.value) & (Job.send_attempts > 0))))
     oldest_age = None
     if oldest is not None:
         oldest_age = round((now - oldest).total_seconds(), 1)
-    return {"jobs": counts_by_state(session), "series_receiving": receiving or 0,
+    return {"jobs": counts_by_state(session), "retrying": retrying or 0,
+            "series_receiving": receiving or 0,
             "oldest_waiting_job_seconds": oldest_age}
 
 

@@ -142,6 +142,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
         return
     jobs: dict[str, int] = summary["jobs"]  # type: ignore[assignment]
     click.echo("jobs: " + ", ".join(f"{state} {count}" for state, count in jobs.items()))
+    click.echo(f"retrying after a failure: {summary['retrying']}")
     click.echo(f"series still receiving: {summary['series_receiving']}")
     age = summary["oldest_waiting_job_seconds"]
     click.echo(f"oldest waiting job: {'none' if age is None else f'{age:.0f} s'}")
@@ -164,19 +165,26 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
               since: str | None, limit: int) -> None:
     """The most recent jobs, newest first."""
     from denoised_node.daemon.admin import list_jobs
+    from denoised_node.daemon.job_status import AttemptLimits, job_status
+    from denoised_node.storage.models import utcnow
 
-    runtime = open_runtime_for(settings_from(config_path))
+    settings = settings_from(config_path)
+    runtime = open_runtime_for(settings)
     with runtime.sessions() as session:
         rows = list_jobs(session, states=list(states), since=_parse_since(since), limit=limit)
+    now, limits = utcnow(), AttemptLimits.from_settings(settings)
     if as_json:
-        click.echo(json.dumps([row.as_json() for row in rows]))
+        click.echo(json.dumps([{**row.as_json(now), "status": job_status(row, now, limits)}
+                               for row in rows]))
         return
-    click.echo(f"{'ID':>6}  {'STATE':<10}  {'UPDATED (UTC)':<19}  {'N':>5}  SERIES / REASON")
+    click.echo(f"{'ID':>6}  {'STATE':<10}  {'UPDATED (UTC)':<19}  {'N':>5}  SERIES / STATUS")
     for row in rows:
         click.echo(f"{row.id:>6}  {row.state:<10}  {row.updated_at:%Y-%m-%d %H:%M:%S}  "
                    f"{row.instances:>5}  {row.series_uid}")
-        if row.reason and row.state in ("failed", "ignored", "held"):
-            click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {row.reason}")
+        # Every job that is not simply done says what it is doing or why it stopped.
+        line = job_status(row, now, limits)
+        if line:
+            click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {line}")
 
 
 @jobs.command("show")
@@ -186,16 +194,25 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
 def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
     """One job with its event history."""
     from denoised_node.daemon.admin import job_detail
+    from denoised_node.daemon.job_status import AttemptLimits, job_status
+    from denoised_node.storage.models import utcnow
     from denoised_node.storage.queue import is_note
 
-    runtime = open_runtime_for(settings_from(config_path))
+    settings = settings_from(config_path)
+    runtime = open_runtime_for(settings)
     with runtime.sessions() as session:
         row, events = job_detail(session, job_id)
+    now = utcnow()
+    status_line = job_status(row, now, AttemptLimits.from_settings(settings))
     if as_json:
-        click.echo(json.dumps({**row.as_json(), "events": [e.as_json() for e in events]}))
+        click.echo(json.dumps({**row.as_json(now), "status": status_line,
+                               "events": [e.as_json() for e in events]}))
         return
-    for key, value in row.as_json().items():
+    for key, value in row.as_json(now).items():
+        if key == "progress":
+            continue  # the status line says it for people
         click.echo(f"{key + ':':<22}{'' if value is None else value}")
+    click.echo(f"{'status:':<22}{status_line or ''}")
     click.echo("events:")
     for event in events:
         move = (f"({event.to_state}: note)" if is_note(event.from_state, event.to_state)

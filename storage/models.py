@@ -116,6 +116,12 @@ class Job(Base):
     # The [[rules]] entry that decided, and the destination names it chose (JSON list).
     rule_name: Mapped[str | None] = mapped_column(String(64))
     destinations: Mapped[str | None] = mapped_column(Text)
+    # The stage in hand and how far it is (storage.progress writes them, bounded in rate).
+    progress_stage: Mapped[str | None] = mapped_column(String(16))
+    progress_done: Mapped[int | None] = mapped_column(Integer)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    progress_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
