@@ -46,6 +46,17 @@ class JobRow:
     destinations: list[str] | None = None  # None: every destination that is not a shadow
     progress: Progress | None = None  # while a stage is in hand
     available_at: datetime | None = None  # a queued or processed job's next attempt
+    series_description: str | None = None
+    series_number: int | None = None
+    series_date: str | None = None  # YYYY-MM-DD
+
+    @property
+    def series_name(self) -> str:
+        """'MR 2026-11-25 #3 T1 AX': how people look a series up (no patient data)."""
+        parts = [self.modality or "?", self.series_date or "",
+                 "" if self.series_number is None else f"#{self.series_number}",
+                 self.series_description or ""]
+        return " ".join(p for p in parts if p)
 
     def as_json(self, now: datetime | None = None) -> dict[str, object]:
         data = asdict(self)
@@ -53,6 +64,7 @@ class JobRow:
         data["updated_at"] = self.updated_at.isoformat()
         data["progress"] = self.progress.as_json(now or utcnow()) if self.progress else None
         data["available_at"] = self.available_at.isoformat() if self.available_at else None
+        data["series_name"] = self.series_name
         return data
 
 
@@ -74,7 +86,12 @@ def _row(job: Job, series: Series) -> JobRow:
                   job.processing_attempts, job.send_attempts, job.derived_series_uid,
                   job.derived_count, job.model_identity, job.rule_name,
                   None if job.destinations is None else json.loads(job.destinations),
-                  Progress.from_row(job), job.available_at)
+                  Progress.from_row(job), job.available_at, series.description,
+                  series.series_number, _iso_date(series.series_date))
+
+
+def _iso_date(value: str | None) -> str | None:
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if value and len(value) == 8 else None
 
 
 def status_summary(session: Session, now: datetime | None = None) -> dict[str, object]:

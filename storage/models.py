@@ -59,6 +59,10 @@ class Series(Base):
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    # How people find a series (from its first instance; never a patient attribute).
+    description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_date: Mapped[str | None] = mapped_column(String(8))  # DICOM DA, YYYYMMDD
     state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
     ignored_reason: Mapped[str | None] = mapped_column(Text)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
