@@ -403,6 +403,22 @@ class Settings(_Section):
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} (known: {known})")
 
+    def destination_named_or_titled(self, name: str) -> Destination:
+        """A destination by its config name, else by its AE title when exactly one has it
+        (people type the title the PACS is known by)."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        titled = [d for d in self.destinations if d.ae_title == name]
+        if len(titled) == 1:
+            return titled[0]
+        if titled:
+            raise ConfigError(f"{len(titled)} destinations have AE title {name!r} "
+                              f"({', '.join(d.name for d in titled)}): give the name")
+        known = ", ".join(f"{d.name} ({d.ae_title})" for d in self.destinations)
+        raise ConfigError(f"no destination named or titled {name!r} (known: "
+                          f"{known or 'none configured'})")
+
 
 def _is_checkpoint_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.endswith(".safetensors")

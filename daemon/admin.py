@@ -26,6 +26,10 @@ class AdminError(Exception):
     """An admin request names something that does not exist or cannot be done."""
 
 
+class NotFound(AdminError):
+    """The job, series or study named does not exist on this node."""
+
+
 @dataclass(frozen=True)
 class JobRow:
     id: int
@@ -129,7 +133,7 @@ def list_jobs(session: Session, *, states: list[str] | None = None,
 def job_detail(session: Session, job_id: int) -> tuple[JobRow, list[EventRow]]:
     job = session.get(Job, job_id)
     if job is None:
-        raise AdminError(f"no job with id {job_id}")
+        raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
     events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                              .order_by(JobEvent.id)).all()
     return _row(job, job.series), [EventRow(e.at, e.from_state, e.to_state, e.worker, e.reason)
@@ -151,17 +155,18 @@ def replay(session: Session, *, job_id: int | None = None, series_uid: str | Non
     if job_id is not None:
         job = session.get(Job, job_id)
         if job is None:
-            raise AdminError(f"no job with id {job_id}")
+            raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
         return [_replay_job(session, job, who)]
     if series_uid is not None:
         series = session.scalar(select(Series).where(Series.series_uid == series_uid))
         if series is None:
-            raise AdminError(f"no series with SeriesInstanceUID {series_uid}")
+            raise NotFound(f"no series with SeriesInstanceUID {series_uid}; "
+                           "`denoised-node jobs list` shows the stored ones")
         return [_replay_series(session, series, who)]
     if study_uid is not None:
         all_series = session.scalars(select(Series).where(Series.study_uid == study_uid)).all()
         if not all_series:
-            raise AdminError(f"no series of study {study_uid}")
+            raise NotFound(f"no series of study {study_uid} on this node")
         return [_replay_series(session, s, who) for s in all_series]
     if failed:
         query = select(Job).where(Job.state == JobState.FAILED.value)
@@ -210,7 +215,7 @@ def review(session: Session, job_id: int, *, approve: bool, who: str) -> str:
     (nothing is sent). The CLI (`jobs approve|reject`) and the status page both call this."""
     job = session.get(Job, job_id)
     if job is None:
-        raise AdminError(f"no job with id {job_id}")
+        raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
     if job.state != JobState.HELD:
         raise AdminError(f"job {job_id} is {job.state}, not held: only held jobs are "
                          "approved or rejected")
