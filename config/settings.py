@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from denoised_node.config import errors as config_errors
 from denoised_node.config.base import Section as _Section
 from denoised_node.config.rules import DEFAULT_MODEL, NotificationSettings, Rule
 
@@ -440,11 +441,11 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise ConfigError(f"config file {config_path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
-    _apply_env_overrides(data, env)
+    sources = _apply_env_overrides(data, env)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
+        raise ConfigError(config_errors.describe(exc, Settings, origin, sources)) from None
 
 
 # Top-level keys that an environment variable sets whole, as JSON.
@@ -452,7 +453,11 @@ _JSON_KEYS = {"destinations": "a list of destinations", "rules": "a list of rule
               "models": "an object of model names and checkpoints"}
 
 
-def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
+def _apply_env_overrides(data: dict[str, Any], env: dict[str, str],
+                         ) -> dict[tuple[str | int, ...], str]:
+    """Set the overrides in ``data``; returns which variable set which key, so an error
+    in a value blames the variable, not the file."""
+    sources: dict[tuple[str | int, ...], str] = {}
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
@@ -462,6 +467,7 @@ def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
                 data[key] = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{name} must be JSON ({_JSON_KEYS[key]}): {exc}") from None
+            sources[(key,)] = name
             continue
         section, sep, field = key.partition("__")
         if not sep or not field:
@@ -470,6 +476,10 @@ def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
         if not isinstance(target, dict):
             raise ConfigError(f"environment variable {name}: {section!r} is not a section")
         target[field] = _parse_env_value(raw)
+        sources[(section, field)] = name
+        if section not in Settings.model_fields:  # the whole section is the variable's
+            sources[(section,)] = name
+    return sources
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -482,11 +492,5 @@ def _parse_env_value(raw: str) -> Any:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(root)"
-        if error["type"] == "extra_forbidden":
-            parts.append(f"unknown key {key!r}")
-        else:
-            parts.append(f"{key}: {error['msg']}")
-    return "; ".join(parts)
+    """The errors of values given outside a file (the command line)."""
+    return config_errors.plain(exc)
