@@ -62,10 +62,12 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
     from denoised_node.model.errors import ModelError
+    from denoised_node.daemon.logs import use_node_format
     from denoised_node.model.train import TrainConfig, setup_run_logging, train
 
     run = Path(run_dir)
     setup_run_logging(run)
+    use_node_format()  # one log format for every process, training included
     cfg = TrainConfig(
         run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
         volumes=list(volumes) or ["mni152-t1"], pairs=[tuple(p) for p in pairs],
