@@ -75,9 +75,27 @@ def command_error(exc: BaseException) -> CommandError | None:
         ModelError = ()  # type: ignore[assignment,misc]  # noqa: N806
     if ModelError and isinstance(exc, ModelError):
         return CommandError(str(exc))
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return missing_extra(exc.name)
     if isinstance(exc, OSError):
         return CommandError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
     return None
+
+
+# The optional packages of each extra (pyproject.toml), by the top-level name they import as.
+EXTRAS = {"nibabel": "train", "nilearn": "train", "bm4d": "train", "matplotlib": "train",
+          "psycopg": "postgres"}
+
+
+def missing_extra(module: str) -> CommandError | None:
+    """A plain install lacks what an extra brings: say which extra to install."""
+    top = module.split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    what = {"train": "NIfTI files, train and evaluate", "postgres": "PostgreSQL"}[extra]
+    return CommandError(f"{what} need the optional package {top}, which is not installed: "
+                        f"pip install 'denoised-node[{extra}]'")
 
 
 def _setup_logging(settings: Settings, level: str | None = None) -> None:

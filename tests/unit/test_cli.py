@@ -188,3 +188,15 @@ def test_echo_by_ae_title_and_the_rejection_reason(tmp_path: Path) -> None:
         assert code == 4 and "association rejected: Called AE title not recognised" in err
     finally:
         server.shutdown()
+
+
+def test_a_missing_extra_names_what_to_install(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    source = tmp_path / "t1.nii.gz"
+    source.write_bytes(b"not read: nibabel is missing")
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # as on a plain install
+    code, _, err = run("denoise", str(source), str(tmp_path / "out.nii.gz"))
+    assert code == 1 and "Traceback" not in err
+    assert err == ("error: NIfTI files, train and evaluate need the optional package nibabel, "
+                   "which is not installed: pip install 'denoised-node[train]'\n")
