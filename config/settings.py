@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from denoised_node.config import errors as config_errors
 from denoised_node.config.base import Section as _Section
 from denoised_node.config.rules import DEFAULT_MODEL, NotificationSettings, Rule
 
@@ -213,6 +214,8 @@ class WorkerSettings(_Section):
     worker_id: str | None = None
     # `serve` kills (and restarts) a worker that sent no heartbeat for this long.
     watchdog_seconds: float = Field(default=600.0, gt=0)
+    # At most one progress write per job this often (slices denoised, instances sent).
+    progress_interval_seconds: float = Field(default=2.0, ge=0)
 
 
 class SendSettings(_Section):
@@ -405,6 +408,22 @@ class Settings(_Section):
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} (known: {known})")
 
+    def destination_named_or_titled(self, name: str) -> Destination:
+        """A destination by its config name, else by its AE title when exactly one has it
+        (people type the title the PACS is known by)."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        titled = [d for d in self.destinations if d.ae_title == name]
+        if len(titled) == 1:
+            return titled[0]
+        if titled:
+            raise ConfigError(f"{len(titled)} destinations have AE title {name!r} "
+                              f"({', '.join(d.name for d in titled)}): give the name")
+        known = ", ".join(f"{d.name} ({d.ae_title})" for d in self.destinations)
+        raise ConfigError(f"no destination named or titled {name!r} (known: "
+                          f"{known or 'none configured'})")
+
 
 def _is_checkpoint_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.endswith(".safetensors")
@@ -426,11 +445,11 @@ def load_settings(path: str | Path | None = None, environ: dict[str, str] | None
             raise ConfigError(f"config file {config_path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
-    _apply_env_overrides(data, env)
+    sources = _apply_env_overrides(data, env)
     try:
         return Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from None
+        raise ConfigError(config_errors.describe(exc, Settings, origin, sources)) from None
 
 
 # Top-level keys that an environment variable sets whole, as JSON.
@@ -438,7 +457,11 @@ _JSON_KEYS = {"destinations": "a list of destinations", "rules": "a list of rule
               "models": "an object of model names and checkpoints"}
 
 
-def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
+def _apply_env_overrides(data: dict[str, Any], env: dict[str, str],
+                         ) -> dict[tuple[str | int, ...], str]:
+    """Set the overrides in ``data``; returns which variable set which key, so an error
+    in a value blames the variable, not the file."""
+    sources: dict[tuple[str | int, ...], str] = {}
     for name, raw in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
@@ -448,6 +471,7 @@ def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
                 data[key] = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"{name} must be JSON ({_JSON_KEYS[key]}): {exc}") from None
+            sources[(key,)] = name
             continue
         section, sep, field = key.partition("__")
         if not sep or not field:
@@ -456,6 +480,10 @@ def _apply_env_overrides(data: dict[str, Any], env: dict[str, str]) -> None:
         if not isinstance(target, dict):
             raise ConfigError(f"environment variable {name}: {section!r} is not a section")
         target[field] = _parse_env_value(raw)
+        sources[(section, field)] = name
+        if section not in Settings.model_fields:  # the whole section is the variable's
+            sources[(section,)] = name
+    return sources
 
 
 def _parse_env_value(raw: str) -> Any:
@@ -468,11 +496,5 @@ def _parse_env_value(raw: str) -> Any:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(root)"
-        if error["type"] == "extra_forbidden":
-            parts.append(f"unknown key {key!r}")
-        else:
-            parts.append(f"{key}: {error['msg']}")
-    return "; ".join(parts)
+    """The errors of values given outside a file (the command line)."""
+    return config_errors.plain(exc)

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
+from denoised_node.storage.progress import Progress
 from denoised_node.storage.queue import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -23,6 +24,10 @@ from denoised_node.storage.queue import (
 
 class AdminError(Exception):
     """An admin request names something that does not exist or cannot be done."""
+
+
+class NotFound(AdminError):
+    """The job, series or study named does not exist on this node."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +48,27 @@ class JobRow:
     model_identity: str | None = None
     rule_name: str | None = None
     destinations: list[str] | None = None  # None: every destination that is not a shadow
+    progress: Progress | None = None  # while a stage is in hand
+    available_at: datetime | None = None  # a queued or processed job's next attempt
+    series_description: str | None = None
+    series_number: int | None = None
+    series_date: str | None = None  # YYYY-MM-DD
 
-    def as_json(self) -> dict[str, object]:
+    @property
+    def series_name(self) -> str:
+        """'MR 2026-11-25 #3 T1 AX': how people look a series up (no patient data)."""
+        parts = [self.modality or "?", self.series_date or "",
+                 "" if self.series_number is None else f"#{self.series_number}",
+                 self.series_description or ""]
+        return " ".join(p for p in parts if p)
+
+    def as_json(self, now: datetime | None = None) -> dict[str, object]:
         data = asdict(self)
         data["created_at"] = self.created_at.isoformat()
         data["updated_at"] = self.updated_at.isoformat()
+        data["progress"] = self.progress.as_json(now or utcnow()) if self.progress else None
+        data["available_at"] = self.available_at.isoformat() if self.available_at else None
+        data["series_name"] = self.series_name
         return data
 
 
@@ -68,7 +89,13 @@ def _row(job: Job, series: Series) -> JobRow:
                   series.instance_count, job.created_at, job.updated_at, job.reason,
                   job.processing_attempts, job.send_attempts, job.derived_series_uid,
                   job.derived_count, job.model_identity, job.rule_name,
-                  None if job.destinations is None else json.loads(job.destinations))
+                  None if job.destinations is None else json.loads(job.destinations),
+                  Progress.from_row(job), job.available_at, series.description,
+                  series.series_number, _iso_date(series.series_date))
+
+
+def _iso_date(value: str | None) -> str | None:
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if value and len(value) == 8 else None
 
 
 def status_summary(session: Session, now: datetime | None = None) -> dict[str, object]:
@@ -79,10 +106,16 @@ def status_summary(session: Session, now: datetime | None = None) -> dict[str, o
     receiving = session.scalar(
         select(func.count()).select_from(Series).where(
             Series.state == SeriesState.RECEIVING, Series.revision > Series.queued_revision))
+    # Waiting for another attempt after a failure (a destination down, a CUDA error).
+    retrying = session.scalar(
+        select(func.count()).select_from(Job).where(
+            ((Job.state == JobState.QUEUED.value) & (Job.processing_attempts > 0))
+            | ((Job.state == JobState.PROCESSED.value) & (Job.send_attempts > 0))))
     oldest_age = None
     if oldest is not None:
         oldest_age = round((now - oldest).total_seconds(), 1)
-    return {"jobs": counts_by_state(session), "series_receiving": receiving or 0,
+    return {"jobs": counts_by_state(session), "retrying": retrying or 0,
+            "series_receiving": receiving or 0,
             "oldest_waiting_job_seconds": oldest_age}
 
 
@@ -100,7 +133,7 @@ def list_jobs(session: Session, *, states: list[str] | None = None,
 def job_detail(session: Session, job_id: int) -> tuple[JobRow, list[EventRow]]:
     job = session.get(Job, job_id)
     if job is None:
-        raise AdminError(f"no job with id {job_id}")
+        raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
     events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                              .order_by(JobEvent.id)).all()
     return _row(job, job.series), [EventRow(e.at, e.from_state, e.to_state, e.worker, e.reason)
@@ -122,17 +155,18 @@ def replay(session: Session, *, job_id: int | None = None, series_uid: str | Non
     if job_id is not None:
         job = session.get(Job, job_id)
         if job is None:
-            raise AdminError(f"no job with id {job_id}")
+            raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
         return [_replay_job(session, job, who)]
     if series_uid is not None:
         series = session.scalar(select(Series).where(Series.series_uid == series_uid))
         if series is None:
-            raise AdminError(f"no series with SeriesInstanceUID {series_uid}")
+            raise NotFound(f"no series with SeriesInstanceUID {series_uid}; "
+                           "`denoised-node jobs list` shows the stored ones")
         return [_replay_series(session, series, who)]
     if study_uid is not None:
         all_series = session.scalars(select(Series).where(Series.study_uid == study_uid)).all()
         if not all_series:
-            raise AdminError(f"no series of study {study_uid}")
+            raise NotFound(f"no series of study {study_uid} on this node")
         return [_replay_series(session, s, who) for s in all_series]
     if failed:
         query = select(Job).where(Job.state == JobState.FAILED.value)
@@ -181,7 +215,7 @@ def review(session: Session, job_id: int, *, approve: bool, who: str) -> str:
     (nothing is sent). The CLI (`jobs approve|reject`) and the status page both call this."""
     job = session.get(Job, job_id)
     if job is None:
-        raise AdminError(f"no job with id {job_id}")
+        raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
     if job.state != JobState.HELD:
         raise AdminError(f"job {job_id} is {job.state}, not held: only held jobs are "
                          "approved or rejected")

@@ -16,6 +16,7 @@ from denoised_node.config.settings import CONFIG_ENV, ConfigError, Settings
 from denoised_node.daemon.cli_model import evaluate_command, train_command
 from denoised_node.daemon.cli_options import (
     CommandError,
+    ExitCode,
     config_option,
     json_option,
     open_runtime_for,
@@ -25,26 +26,76 @@ from denoised_node.daemon.cli_rules import rules
 from denoised_node.storage.queue import JobState
 
 class NodeGroup(click.Group):
-    """Turns the node's own exceptions into one clear line instead of a traceback."""
+    """Turns every failure into one `error: ...` line (JSON with --json) and the exit code
+    its kind has (ExitCode), instead of a traceback or click's `Error:`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # Errors of any subcommand answer in JSON when its command line asks for JSON.
+        ctx.meta["denoised_node.json"] = "--json" in args
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from denoised_node.daemon.admin import AdminError
-        from denoised_node.daemon.offline import OfflineError
-        from denoised_node.storage.schema import SchemaOutOfDate
-
-        known: tuple[type[BaseException], ...] = (ConfigError, SchemaOutOfDate, AdminError,
-                                                  OfflineError)
-        try:
-            from denoised_node.model.errors import ModelError
-            known += (ModelError,)
-        except ImportError:
-            pass
         try:
             return super().invoke(ctx)
-        except known as exc:
-            raise CommandError(str(exc)) from None
-        except OSError as exc:
-            raise CommandError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except BaseException as exc:
+            error = command_error(exc)
+            if error is None:
+                raise
+            error.as_json = bool(ctx.meta.get("denoised_node.json"))
+            raise error from None
+
+
+def command_error(exc: BaseException) -> CommandError | None:
+    """The one-line error and exit code for a failure the node knows; None for a bug."""
+    from denoised_node.daemon.admin import AdminError, NotFound
+    from denoised_node.daemon.offline import OfflineError
+    from denoised_node.daemon.scu import SendError
+    from denoised_node.storage.schema import SchemaOutOfDate
+
+    if isinstance(exc, CommandError):
+        return exc
+    if isinstance(exc, click.UsageError):
+        where = exc.ctx.command_path if exc.ctx else "denoised-node"
+        return CommandError(f"{exc.format_message()} (see `{where} --help`)", ExitCode.USAGE)
+    if isinstance(exc, click.ClickException):
+        return CommandError(exc.format_message(), ExitCode.FAILED)
+    if isinstance(exc, ConfigError):
+        return CommandError(str(exc), ExitCode.USAGE)
+    if isinstance(exc, NotFound):
+        return CommandError(str(exc), ExitCode.NOT_FOUND)
+    if isinstance(exc, SendError):
+        return CommandError(str(exc), ExitCode.UNREACHABLE)
+    if isinstance(exc, (SchemaOutOfDate, AdminError, OfflineError)):
+        return CommandError(str(exc))
+    try:
+        from denoised_node.model.errors import ModelError
+    except ImportError:  # a plain install without the model's dependencies
+        ModelError = ()  # type: ignore[assignment,misc]  # noqa: N806
+    if ModelError and isinstance(exc, ModelError):
+        return CommandError(str(exc))
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return missing_extra(exc.name)
+    if isinstance(exc, OSError):
+        return CommandError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+    return None
+
+
+# The optional packages of each extra (pyproject.toml), by the top-level name they import as.
+EXTRAS = {"nibabel": "train", "nilearn": "train", "bm4d": "train", "matplotlib": "train",
+          "psycopg": "postgres"}
+
+
+def missing_extra(module: str) -> CommandError | None:
+    """A plain install lacks what an extra brings: say which extra to install."""
+    top = module.split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    what = {"train": "NIfTI files, train and evaluate", "postgres": "PostgreSQL"}[extra]
+    return CommandError(f"{what} need the optional package {top}, which is not installed: "
+                        f"pip install 'denoised-node[{extra}]'")
 
 
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
@@ -60,7 +111,7 @@ def _parse_since(value: str | None) -> datetime | None:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise CommandError(f"--since {value!r} is not an ISO date or time, e.g. 2026-11-25 "
-                           "or 2026-11-25T08:00") from None
+                           "or 2026-11-25T08:00", ExitCode.USAGE) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
@@ -145,6 +196,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
         return
     jobs: dict[str, int] = summary["jobs"]  # type: ignore[assignment]
     click.echo("jobs: " + ", ".join(f"{state} {count}" for state, count in jobs.items()))
+    click.echo(f"retrying after a failure: {summary['retrying']}")
     click.echo(f"series still receiving: {summary['series_receiving']}")
     age = summary["oldest_waiting_job_seconds"]
     click.echo(f"oldest waiting job: {'none' if age is None else f'{age:.0f} s'}")
@@ -167,19 +219,29 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
               since: str | None, limit: int) -> None:
     """The most recent jobs, newest first."""
     from denoised_node.daemon.admin import list_jobs
+    from denoised_node.daemon.job_status import AttemptLimits, job_status
+    from denoised_node.storage.models import utcnow
 
-    runtime = open_runtime_for(settings_from(config_path))
+    settings = settings_from(config_path)
+    runtime = open_runtime_for(settings)
     with runtime.sessions() as session:
         rows = list_jobs(session, states=list(states), since=_parse_since(since), limit=limit)
+    now, limits = utcnow(), AttemptLimits.from_settings(settings)
     if as_json:
-        click.echo(json.dumps([row.as_json() for row in rows]))
+        click.echo(json.dumps([{**row.as_json(now), "status": job_status(row, now, limits)}
+                               for row in rows]))
         return
-    click.echo(f"{'ID':>6}  {'STATE':<10}  {'UPDATED (UTC)':<19}  {'N':>5}  SERIES / REASON")
+    click.echo(f"{'ID':>6}  {'STATE':<10}  {'UPDATED (UTC)':<19}  {'N':>5}  "
+               "SERIES / MODEL / UID / STATUS")
     for row in rows:
+        model = f"  model {row.model_identity}" if row.model_identity else ""
         click.echo(f"{row.id:>6}  {row.state:<10}  {row.updated_at:%Y-%m-%d %H:%M:%S}  "
-                   f"{row.instances:>5}  {row.series_uid}")
-        if row.reason and row.state in ("failed", "ignored", "held"):
-            click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {row.reason}")
+                   f"{row.instances:>5}  {row.series_name}{model}")
+        click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {row.series_uid}")
+        # Every job that is not simply done says what it is doing or why it stopped.
+        line = job_status(row, now, limits)
+        if line:
+            click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {line}")
 
 
 @jobs.command("show")
@@ -189,16 +251,25 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
 def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
     """One job with its event history."""
     from denoised_node.daemon.admin import job_detail
+    from denoised_node.daemon.job_status import AttemptLimits, job_status
+    from denoised_node.storage.models import utcnow
     from denoised_node.storage.queue import is_note
 
-    runtime = open_runtime_for(settings_from(config_path))
+    settings = settings_from(config_path)
+    runtime = open_runtime_for(settings)
     with runtime.sessions() as session:
         row, events = job_detail(session, job_id)
+    now = utcnow()
+    status_line = job_status(row, now, AttemptLimits.from_settings(settings))
     if as_json:
-        click.echo(json.dumps({**row.as_json(), "events": [e.as_json() for e in events]}))
+        click.echo(json.dumps({**row.as_json(now), "status": status_line,
+                               "events": [e.as_json() for e in events]}))
         return
-    for key, value in row.as_json().items():
+    for key, value in row.as_json(now).items():
+        if key == "progress":
+            continue  # the status line says it for people
         click.echo(f"{key + ':':<22}{'' if value is None else value}")
+    click.echo(f"{'status:':<22}{status_line or ''}")
     click.echo("events:")
     for event in events:
         move = (f"({event.to_state}: note)" if is_note(event.from_state, event.to_state)
@@ -252,9 +323,10 @@ def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_u
 
     chosen = [x for x in (job_id, series_uid, study_uid) if x is not None] + ([1] if failed else [])
     if len(chosen) != 1:
-        raise CommandError("give exactly one of --job, --series, --study, --failed")
+        raise CommandError("give exactly one of --job, --series, --study, --failed",
+                           ExitCode.USAGE)
     if since and not failed:
-        raise CommandError("--since goes with --failed")
+        raise CommandError("--since goes with --failed", ExitCode.USAGE)
     runtime = open_runtime_for(settings_from(config_path))
     with runtime.sessions.begin() as session:
         outcomes = do_replay(session, job_id=job_id, series_uid=series_uid, study_uid=study_uid,
@@ -268,6 +340,18 @@ def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_u
             click.echo("nothing to replay")
     if outcomes and not any(o.requeued for o in outcomes):
         sys.exit(1)
+
+
+def _check_series_known(runtime: Any, series_uid: str) -> None:
+    from sqlalchemy import select
+
+    from denoised_node.storage.models import Series
+
+    with runtime.sessions() as session:
+        if session.scalar(select(Series.id).where(Series.series_uid == series_uid)) is None:
+            raise CommandError(f"no series with SeriesInstanceUID {series_uid}; "
+                               "`denoised-node jobs list` shows the stored ones",
+                               ExitCode.NOT_FOUND)
 
 
 @main.command()
@@ -288,6 +372,8 @@ def purge(config_path: Path | None, as_json: bool, older_than_hours: float | Non
 
     settings = settings_from(config_path)
     runtime = open_runtime_for(settings)
+    if series_uid is not None:
+        _check_series_known(runtime, series_uid)
     hours = settings.retention.done_after_hours if older_than_hours is None else older_than_hours
     result = purge_finished(runtime.sessions, runtime.store, timedelta(hours=hours),
                             include_failed=include_failed, series_uid=series_uid,
@@ -303,20 +389,26 @@ def purge(config_path: Path | None, as_json: bool, older_than_hours: float | Non
 @main.command()
 @click.argument("destination")
 @config_option
-def echo(destination: str, config_path: Path | None) -> None:
-    """C-ECHO a configured destination."""
-    from denoised_node.daemon.scu import SendError
+@json_option
+def echo(destination: str, config_path: Path | None, as_json: bool) -> None:
+    """C-ECHO a configured destination, by its name or its AE title."""
     from denoised_node.daemon.scu import echo as do_echo
 
     settings = settings_from(config_path)
-    dest = settings.destination(destination)
     try:
-        code = do_echo(settings, dest)
-    except SendError as exc:
-        raise CommandError(str(exc)) from None
+        dest = settings.destination_named_or_titled(destination)
+    except ConfigError as exc:
+        raise CommandError(f"{exc}; destinations are [[destinations]] in the config",
+                           ExitCode.NOT_FOUND) from None
+    code = do_echo(settings, dest)  # SendError: unreachable or rejected, with the reason
+    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
     if code != 0:
-        raise CommandError(f"{dest.name} answered C-ECHO with status 0x{code:04X}")
-    click.echo(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO ok")
+        raise CommandError(f"{dest.name} ({where}) answered C-ECHO with status 0x{code:04X}")
+    if as_json:
+        click.echo(json.dumps({"destination": dest.name, "ae_title": dest.ae_title,
+                               "host": dest.host, "port": dest.port, "status": code}))
+    else:
+        click.echo(f"{dest.name} ({where}): C-ECHO ok")
 
 
 @main.group()
@@ -326,7 +418,8 @@ def db() -> None:
 
 @db.command("upgrade")
 @config_option
-def db_upgrade(config_path: Path | None) -> None:
+@json_option
+def db_upgrade(config_path: Path | None, as_json: bool) -> None:
     """Create the schema, or bring it to this release's version."""
     from denoised_node.storage.db import make_engine
     from denoised_node.storage.schema import upgrade
@@ -334,7 +427,9 @@ def db_upgrade(config_path: Path | None) -> None:
     settings = settings_from(config_path)
     engine = make_engine(settings.database_url)
     before, after = upgrade(engine)
-    if before == after:
+    if as_json:
+        click.echo(json.dumps({"before": before, "after": after, "changed": before != after}))
+    elif before == after:
         click.echo(f"schema already at revision {after}")
     else:
         click.echo(f"schema upgraded from {before or 'empty'} to {after}")
@@ -344,22 +439,53 @@ def db_upgrade(config_path: Path | None) -> None:
 @click.argument("input_path", type=click.Path(exists=True, path_type=Path))
 @click.argument("output_path", type=click.Path(path_type=Path))
 @config_option
+@json_option
+@click.option("--checkpoint", default=None,
+              help="Model to use: a checkpoint path or name (default: [model] checkpoint).")
+@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: [model] device).")
 @click.option("--no-gate", is_flag=True, help="Write the result even if the safety gate fails.")
-def denoise(input_path: Path, output_path: Path, config_path: Path | None, no_gate: bool) -> None:
+def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_json: bool,
+            checkpoint: str | None, device: str | None, no_gate: bool) -> None:
     """Denoise a DICOM series folder (writing the derived series as the node would) or a
     NIfTI file, without the network."""
     from denoised_node.daemon.offline import denoise_path
 
     settings = settings_from(config_path)
+    model = {k: v for k, v in (("checkpoint", checkpoint), ("device", device)) if v}
+    if model:
+        settings = _with_model(settings, model)
     if no_gate:
         settings = settings.model_copy(update={"gate": settings.gate.model_copy(
             update={"enabled": False})})
     _setup_logging(settings, "WARNING")
-    message = denoise_path(settings, input_path, output_path,
-                           progress=lambda done, total: click.echo(
-                               f"\rdenoising {done}/{total} slices", nl=False, err=True))
-    click.echo("", err=True)
-    click.echo(message)
+    shown = {"progress": False}
+
+    def progress(done: int, total: int) -> None:
+        if not as_json:
+            shown["progress"] = True
+            click.echo(f"\rdenoising {done}/{total} slices", nl=False, err=True)
+
+    try:
+        message = denoise_path(settings, input_path, output_path, progress=progress)
+    finally:
+        if shown["progress"]:  # the progress line ends before any message, error or not
+            click.echo("", err=True)
+    click.echo(json.dumps({"output": str(output_path), "message": message}) if as_json
+               else message)
+
+
+def _with_model(settings: Settings, values: dict[str, str]) -> Settings:
+    """The settings with [model] keys from the command line, checked as the file's are."""
+    from pydantic import ValidationError
+
+    from denoised_node.config.settings import ModelSettings, describe_validation_error
+
+    try:
+        model = ModelSettings.model_validate({**settings.model.model_dump(), **values})
+    except ValidationError as exc:
+        raise CommandError(f"--{'/--'.join(values)}: {describe_validation_error(exc)}",
+                           ExitCode.USAGE) from None
+    return settings.model_copy(update={"model": model})
 
 
 @main.command()

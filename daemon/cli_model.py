@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from denoised_node.daemon.cli_options import CommandError, ExitCode
+
 
 def _load_config(path: str | None) -> object | None:
     if path is None:
@@ -17,7 +19,7 @@ def _load_config(path: str | None) -> object | None:
     try:
         return load_settings(path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError(str(exc), ExitCode.USAGE) from None
 
 
 def _command_line(name: str) -> str:
@@ -28,7 +30,7 @@ def _command_line(name: str) -> str:
 
 
 @click.command("train")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
 @click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="Folder of the run (logs, checkpoints).")
 @click.option("--kind", type=click.Choice(["diffusion_unet", "basic_unet"]), default="diffusion_unet", show_default=True)
 @click.option("--name", default=None, help="Model name in the card (default: unet25d, or basic-unet25d).")
@@ -60,10 +62,12 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
     from denoised_node.model.errors import ModelError
+    from denoised_node.daemon.logs import use_node_format
     from denoised_node.model.train import TrainConfig, setup_run_logging, train
 
     run = Path(run_dir)
     setup_run_logging(run)
+    use_node_format()  # one log format for every process, training included
     cfg = TrainConfig(
         run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
         volumes=list(volumes) or ["mni152-t1"], pairs=[tuple(p) for p in pairs],
@@ -75,7 +79,7 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     try:
         best = train(cfg, resume=resume)
     except (FileExistsError, FileNotFoundError, ValueError, ModelError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError(str(exc)) from None
     click.echo(f"best checkpoint: {best}")
     if then_evaluate:
         from denoised_node.config.settings import GateSettings
@@ -93,7 +97,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 @click.command("evaluate")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
+@click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
 @click.option("--checkpoint", default=None, help="Model to evaluate (default: [model] checkpoint, else the shipped one).")
 @click.option("--baseline", default="baseline-unet", show_default=True,
               help="Plain U-Net checkpoint (name or path); 'none' to leave it out.")
@@ -174,7 +178,7 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
             fam = evaluate_families_cli(cfg, gate, None if compare.lower() == "none" else compare,
                                         echo=lambda line: click.echo(line, err=True))
         except ModelError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise CommandError(str(exc)) from None
         if as_json:
             click.echo(json.dumps(fam, indent=1, default=float))
         else:
@@ -184,7 +188,7 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
     try:
         result = evaluate(cfg, echo=lambda line: click.echo(line, err=True))
     except ModelError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(result["summary"], indent=1))
     else:

@@ -14,6 +14,7 @@ import click
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.cli_options import (
     CommandError,
+    ExitCode,
     config_option,
     json_option,
     open_runtime_for,
@@ -41,7 +42,7 @@ def rules_test(folder: Path | None, series_uid: str | None, calling_ae: str,
     """For each series under FOLDER (or --series UID): the rule that matches and why, the
     model, and where the result would go."""
     if (folder is None) == (series_uid is None):
-        raise CommandError("give a FOLDER or --series UID (one of them)")
+        raise CommandError("give a FOLDER or --series UID (one of them)", ExitCode.USAGE)
     settings = settings_from(config_path)
     if folder is not None:
         found = series_in_folder(folder, calling_ae)
@@ -87,7 +88,9 @@ def stored_series(settings: Settings, series_uid: str) -> SeriesAttributes:
     with runtime.sessions() as session:
         series = session.scalar(select(Series).where(Series.series_uid == series_uid))
         if series is None:
-            raise CommandError(f"no stored series with SeriesInstanceUID {series_uid}")
+            raise CommandError(f"no stored series with SeriesInstanceUID {series_uid}; "
+                               "`denoised-node jobs list` shows the stored ones",
+                               ExitCode.NOT_FOUND)
         paths = session.scalars(select(Instance.path).where(
             Instance.series_id == series.id, Instance.ignored_reason.is_(None))).all()
         calling_ae = series.calling_ae_title or ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -200,6 +201,15 @@ class _CappedServer(ThreadingHTTPServer):
         except BaseException:
             self._finished(request)
             raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line, not the standard library's traceback on stderr: a browser that
+        goes away mid-answer is routine (DEBUG); anything else is a bug worth its stack."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("http client went away: %s", type(exc).__name__)
+            return
+        log.exception("http request failed", extra={"peer_address": str(client_address[0])})
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:

@@ -70,14 +70,26 @@ def _plain(value: object) -> object:
     return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
+def use_node_format(json_lines: bool = False) -> None:
+    """Give every handler of the root logger the node's format (for handlers that another
+    module set up, such as the training run's log file)."""
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+
+
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # pynetdicom logs every PDU at INFO, and some of it (A-ASSOCIATE dumps) is noise.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pynetdicom logs every PDU at INFO, and some of it (A-ASSOCIATE dumps) is noise. Its
+    # lines reach the handler above; a handler of its own (pynetdicom.debug_logger() adds
+    # one, with another format) would print them a second time, differently.
+    library = logging.getLogger("pynetdicom")
+    library.setLevel(logging.WARNING)
+    library.handlers[:] = [h for h in library.handlers if isinstance(h, logging.NullHandler)]
+    library.propagate = True
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # pydicom's validation warnings quote element values, which may be patient names.
     logging.getLogger("pydicom").setLevel(logging.ERROR)

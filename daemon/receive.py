@@ -395,7 +395,7 @@ class Receiver:
                     study_uid=study_uid, series_uid=series_uid,
                     modality=str(ds.get("Modality", "") or "")[:16] or None,
                     sop_class_uid=sop_class, state=SeriesState.RECEIVING,
-                    calling_ae_title=calling_ae[:16], revision=0, queued_revision=0,
+                    **_naming(ds), calling_ae_title=calling_ae[:16], revision=0, queued_revision=0,
                     instance_count=0, first_received_at=now, last_received_at=now,
                 ).returning(Series.id)).scalar_one())
         except IntegrityError:
@@ -419,6 +419,14 @@ class Receiver:
 
 def _nothing() -> None:
     pass
+
+
+def _naming(ds: Dataset) -> dict[str, object]:
+    """What the pages and `jobs list` name a series by; no patient attribute is read."""
+    date = str(ds.get("SeriesDate", "") or ds.get("StudyDate", "") or "")
+    return {"description": str(ds.get("SeriesDescription", "") or "")[:64] or None,
+            "series_number": _int_or_none(ds.get("SeriesNumber")),
+            "series_date": date[:8] if len(date) >= 8 and date[:8].isdigit() else None}
 
 
 def _int_or_none(value: object) -> int | None:

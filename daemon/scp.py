@@ -109,6 +109,17 @@ def handle_echo(event: Any) -> int:
     return int(Status.ECHO_SUCCESS)
 
 
+def handle_accepted(event: Any) -> None:
+    """One INFO line per accepted association: who called, from where, how many contexts
+    (AE titles and addresses only; no patient data is known at this point)."""
+    assoc = event.assoc
+    log.info("association accepted", extra={
+        "calling_ae": str(assoc.requestor.ae_title).strip(),
+        "called_ae": str(assoc.acceptor.ae_title).strip(),
+        "peer_address": str(assoc.requestor.address),
+        "contexts": len(assoc.accepted_contexts)})
+
+
 def handle_released(event: Any, receiver: Receiver, tracker: DeliveryTracker) -> None:
     delivered = tracker.pop(event.assoc)
     try:
@@ -143,6 +154,7 @@ def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, policy: AccessPol
         (evt.EVT_CONN_OPEN, spooler.attach),
         (evt.EVT_CONN_CLOSE, spooler.discard_unfinished),
         (evt.EVT_REQUESTED, handle_requested, [policy, decided]),
+        (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_C_STORE, handle_store, [receiver, tracker, counts]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_RELEASED, handle_released, [receiver, tracker]),

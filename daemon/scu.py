@@ -85,17 +85,34 @@ def echo(settings: Settings, destination: Destination) -> int:
 
 def _associate(ae: Any, settings: Settings, destination: Destination) -> Any:
     """An established association to ``destination`` (over TLS where it says so)."""
+    answers: list[Any] = []
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay),
+                                       (evt.EVT_ACSE_RECV, lambda event: answers.append(
+                                           event.primitive))],
                          tls_args=client_tls_args(settings.tls, destination))
     if assoc.is_established:
         keep_responses_for_the_caller(assoc)
         return assoc
     if assoc.is_rejected:
-        raise SendError(f"{_where(destination)}: association rejected")
+        raise SendError(f"{_where(destination)}: association rejected"
+                        f"{_rejection_reason(answers)}")
     hint = (" (is the port open? for TLS: does tls.ca_certificates trust its certificate, "
             "and does the certificate name the host?)" if destination.tls else "")
     raise SendError(f"{_where(destination)}: association failed{hint}")
+
+
+def _rejection_reason(answers: Sequence[Any]) -> str:
+    """': Called AE title not recognised (permanent, by the service user)' from the
+    A-ASSOCIATE-RJ, as DCMTK says it; empty when none came."""
+    for primitive in answers:
+        if getattr(primitive, "result", None) in (0x01, 0x02):
+            try:
+                return (f": {primitive.reason_str} ({primitive.result_str.lower()}, by the "
+                        f"{primitive.source_str.lower()})")
+            except (KeyError, AttributeError, TypeError):
+                return ""
+    return ""
 
 
 def _contexts_for(files: Sequence[Path]) -> list[tuple[str, list[str]]]:

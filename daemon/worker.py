@@ -7,6 +7,7 @@ The first stop request finishes the job in hand; a second one releases it and st
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from denoised_node.model.errors import ModelError
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.files import FileStore
 from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
+from denoised_node.storage.progress import ProgressRecorder
 from denoised_node.storage.queue import (
     ClaimedJob,
     JobState,
@@ -55,7 +57,8 @@ from denoised_node.storage.series import NothingToDenoise, SeriesError
 
 log = logging.getLogger(__name__)
 
-Sender = Callable[[Settings, Destination, Sequence[Path]], SendResult]
+# send_files's shape; a sender may also take ``progress=(sent, total)`` and report through it.
+Sender = Callable[..., SendResult]
 
 
 class StopNow(BaseException):
@@ -129,6 +132,8 @@ class Worker:
         self.worker_id = worker_id or (f"{configured}:{os.getpid()}" if configured
                                        else default_worker_id())
         self.sender = sender
+        # Senders from before progress existed (test doubles) take no progress argument.
+        self._sender_reports = _takes_progress(sender)
         # READY=1 and WATCHDOG=1 to $NOTIFY_SOCKET: `serve` listens there (or systemd, for a
         # worker unit of its own); beats come from this loop and from denoising progress.
         self.heartbeat = Heartbeat()
@@ -229,8 +234,9 @@ class Worker:
                                             decision.rule else None})
         try:
             outcome = denoise_series(paths, series_uid, denoiser, self.settings, out_dir,
-                                     utcnow(), progress=_progress_logger(job.id,
-                                                                         self.heartbeat.beat),
+                                     utcnow(), progress=_both(
+                                         _progress_logger(job.id, self.heartbeat.beat),
+                                         self._recorder(job, "denoise")),
                                      hold_gate_failures=bool(decision and
                                                              decision.hold_gate_failures),
                                      plan=plan)
@@ -364,9 +370,16 @@ class Worker:
             self._move(job, JobState.SENDING, JobState.FAILED,
                        one_line(f"{exc}; fix the config, then replay the job"))
             return
+        recorder = self._recorder(job, "send")
         try:
-            for destination in destinations:
-                result = self.sender(self.settings, destination, files)
+            for index, destination in enumerate(destinations):
+                if self._sender_reports:
+                    def progress(sent: int, _count: int, before: int = index * len(files)) -> None:
+                        recorder(before + sent, len(files) * len(destinations))
+
+                    result = self.sender(self.settings, destination, files, progress=progress)
+                else:
+                    result = self.sender(self.settings, destination, files)
                 log.info("series sent", extra={"job_id": job.id, "destination": result.destination,
                                                "instances": result.sent})
         except Exception as exc:  # noqa: BLE001 - any send failure is retried, then fails
@@ -388,6 +401,10 @@ class Worker:
                             "send attempt")
 
     # -- bookkeeping --------------------------------------------------------------------
+    def _recorder(self, job: ClaimedJob, stage: str) -> ProgressRecorder:
+        return ProgressRecorder(self.sessions, job.id, self.worker_id, stage,
+                                min_interval=self.settings.worker.progress_interval_seconds)
+
     def _move(self, job: ClaimedJob, from_state: JobState, to_state: JobState, reason: str,
               event: str | None = None, **values: object) -> None:
         """Move the job; a failed or held one (or ``event``) is also sent to the webhook."""
@@ -488,6 +505,22 @@ class Waker:
         except BlockingIOError:
             pass
         return True
+
+
+def _both(*reporters: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        for reporter in reporters:
+            reporter(done, total)
+
+    return report
+
+
+def _takes_progress(sender: Sender) -> bool:
+    try:
+        parameters = inspect.signature(sender).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "progress" or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 def stop_handler(worker: Worker) -> Callable[[int, object], None]:

@@ -59,6 +59,10 @@ class Series(Base):
     series_uid: Mapped[str] = mapped_column(String(64), unique=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    # How people find a series (from its first instance; never a patient attribute).
+    description: Mapped[str | None] = mapped_column(String(64))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_date: Mapped[str | None] = mapped_column(String(8))  # DICOM DA, YYYYMMDD
     state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
     ignored_reason: Mapped[str | None] = mapped_column(Text)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
@@ -116,6 +120,12 @@ class Job(Base):
     # The [[rules]] entry that decided, and the destination names it chose (JSON list).
     rule_name: Mapped[str | None] = mapped_column(String(64))
     destinations: Mapped[str | None] = mapped_column(Text)
+    # The stage in hand and how far it is (storage.progress writes them, bounded in rate).
+    progress_stage: Mapped[str | None] = mapped_column(String(16))
+    progress_done: Mapped[int | None] = mapped_column(Integer)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    progress_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
+from denoised_node.storage.progress import CLEARED as PROGRESS_CLEARED
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,8 @@ def claim(sessions: SessionFactory, worker: str, lease_seconds: float,
             try:
                 transition(session, row.id, from_state, stage, worker=worker, reason="claimed",
                            now=now, lease_owner=worker,
-                           lease_expires_at=now + timedelta(seconds=lease_seconds))
+                           lease_expires_at=now + timedelta(seconds=lease_seconds),
+                           **PROGRESS_CLEARED)
             except StaleState:
                 continue
             job = session.get_one(Job, row.id)

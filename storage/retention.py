@@ -35,11 +35,21 @@ def _latest_jobs(session: Session) -> dict[int, Job]:
     return {job.series_id: job for job in jobs}
 
 
+def _own_folder(series: Series) -> str:
+    return f"instances/{series.study_uid}/{series.series_uid}/"
+
+
+def purgeable_files(session: Session, series: Series) -> int:
+    """The received files purge_series would remove (a dry run's count)."""
+    return sum(1 for path in session.scalars(select(Instance.path).where(
+        Instance.series_id == series.id)) if path and path.startswith(_own_folder(series)))
+
+
 def purge_series(session: Session, store: FileStore, series: Series, now: datetime) -> int:
     """Delete the series' received and derived files and its instance rows; keep the series
     and its jobs (the audit trail) with state purged. Returns the number of files removed."""
     removed = 0
-    own_folder = f"instances/{series.study_uid}/{series.series_uid}/"
+    own_folder = _own_folder(series)
     for instance in session.scalars(select(Instance).where(Instance.series_id == series.id)):
         # Only files in the series' own folder: a row an older release left naming another
         # series' file must not take that file with it.
@@ -86,8 +96,8 @@ def purge_finished(sessions: SessionFactory, store: FileStore, older_than: timed
             if series.revision > series.queued_revision:
                 continue  # new instances are waiting for completion
             purged += 1
-            if not dry_run:
-                files += purge_series(session, store, series, now)
+            files += (purgeable_files(session, series) if dry_run
+                      else purge_series(session, store, series, now))
         if dry_run:
             session.rollback()
     if purged and not dry_run:

@@ -30,6 +30,9 @@ class HealthRow:
     ok: bool | None  # None: not checked yet
     detail: str
     age_seconds: float | None = None  # how old a slow check's result is
+    # Older than two refreshes: the check itself hangs (an echo waiting out its timeout),
+    # so its last answer may no longer be true.
+    stale: bool = False
 
 
 class SlowChecks:
@@ -56,7 +59,8 @@ class SlowChecks:
         for name, _ in self.checks:
             if name in results:
                 result, at = results[name]
-                rows.append(HealthRow(name, result.ok, result.detail, now - at))
+                rows.append(HealthRow(name, result.ok, result.detail, now - at,
+                                      stale=now - at > 2 * self.refresh))
             else:
                 rows.append(HealthRow(name, None, "checking..."))
         return rows

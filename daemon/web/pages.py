@@ -21,6 +21,7 @@ from sqlalchemy import select
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.admin import AdminError, replay, review, status_summary
 from denoised_node.daemon.http import Readiness
+from denoised_node.daemon.job_status import AttemptLimits, job_status
 from denoised_node.daemon.web import formatting
 from denoised_node.daemon.web.activity import STAGE_LABELS, last_hour, recent_jobs
 from denoised_node.daemon.web.csrf import TOKEN_FIELD, CsrfTokens
@@ -120,10 +121,11 @@ class StatusPages:
                              "/metrics, /healthz or /readyz.")
 
     def _render(self, template: str, status: int = 200, **context: Any) -> Response:
+        now, limits = self.clock(), AttemptLimits.from_settings(self.settings)
         page = self.env.get_template(template).render(
             ae_title=self.settings.node.ae_title, csrf_field=TOKEN_FIELD,
-            csrf_token=self.csrf.issue(), stage_labels=STAGE_LABELS, now=self.clock(),
-            **context)
+            csrf_token=self.csrf.issue(), stage_labels=STAGE_LABELS, now=now,
+            job_status=lambda job: job_status(job, now, limits), **context)
         return Response(status, page.encode("utf-8"))
 
     def _message(self, status: int, title: str, message: str, **links: str) -> Response:

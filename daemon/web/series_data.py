@@ -12,7 +12,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from denoised_node.daemon.admin import AdminError, EventRow, JobRow, job_detail
+from denoised_node.daemon.admin import EventRow, JobRow, job_detail
+from denoised_node.daemon.admin import NotFound as AdminNotFound
 from denoised_node.daemon.web.activity import stage_seconds
 from denoised_node.daemon.web.previews import PreviewInput
 from denoised_node.storage.files import FileStore, InvalidUID, check_uid
@@ -55,7 +56,7 @@ class SeriesPage:
     preview: PreviewInput | None  # None: nothing to draw (no job, or files purged)
 
 
-class NotFound(AdminError):
+class NotFound(AdminNotFound):
     """The page names a series or job that does not exist."""
 
 

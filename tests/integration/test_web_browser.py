@@ -195,6 +195,9 @@ def test_a_replay_click_requeues_the_failed_job(run: Run, page: Any) -> None:
     row = page.locator(f"tr[data-job='{failed['id']}']")
     assert row.locator(".state").inner_text() == "failed"
     assert "send attempt 1 of 1" in row.locator(".reason").inner_text()
+    # Named as people look it up, with the model that denoised it.
+    assert re.search(r"MR \d{4}-\d{2}-\d{2} #5 T2 AX", row.inner_text())
+    assert row.locator(".model").inner_text().strip()
     _no_patient_data(page)
     _screenshot(page, "jobs")
 

@@ -135,6 +135,8 @@ def test_fuzzed_datasets_never_break_the_scp(scp, mr_series, tmp_path: Path,  # 
     with runtime.sessions() as session:
         rows = session.scalars(select(Instance)).all()
     for row in rows:  # whatever was kept is whole and readable
+        if not row.path:
+            continue  # an ignored instance (a mutant of another modality) is indexed, not kept
         pydicom.dcmread(runtime.store.path(row.path)).SOPInstanceUID  # noqa: B018
     assert not list(runtime.store.incoming.iterdir())
 

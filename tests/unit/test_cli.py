@@ -67,7 +67,7 @@ def test_bad_config_is_one_clear_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[node]\nportt = 1\n")
     code, _, err = run("status", "--config", str(bad))
-    assert code == 1 and err.startswith("error: ") and "node.portt" in err
+    assert code == 2 and err.startswith("error: ") and "node.portt" in err
 
 
 def test_jobs_list_show_and_replay(config: Path, mr_series) -> None:  # type: ignore[no-untyped-def]
@@ -87,7 +87,7 @@ def test_jobs_list_show_and_replay(config: Path, mr_series) -> None:  # type: ig
     code, out, _ = run("replay", "--job", str(job_id), "--config", str(config))
     assert code == 1 and "already queued" in out
     code, _, err = run("replay", "--series", "1.2.3.999", "--config", str(config))
-    assert code == 1 and "no series" in err
+    assert code == 3 and "no series" in err
 
 
 def test_replay_of_purged_series_says_so(config: Path, mr_series) -> None:  # type: ignore[no-untyped-def]
@@ -112,12 +112,12 @@ def test_replay_needs_exactly_one_selector(config: Path) -> None:
 def test_jobs_show_unknown_job(config: Path) -> None:
     run("db", "upgrade", "--config", str(config))
     code, _, err = run("jobs", "show", "42", "--config", str(config))
-    assert code == 1 and "no job with id 42" in err
+    assert code == 3 and "no job with id 42" in err
 
 
 def test_echo_unknown_destination(config: Path) -> None:
     code, _, err = run("echo", "nowhere", "--config", str(config))
-    assert code == 1 and "no destination named 'nowhere'" in err
+    assert code == 3 and "no destination named or titled 'nowhere'" in err
 
 
 def test_echo_unreachable_destination(tmp_path: Path) -> None:
@@ -127,4 +127,76 @@ def test_echo_unreachable_destination(tmp_path: Path) -> None:
     config.write_text(f'[node]\nacse_timeout = 2\n[[destinations]]\nname = "pacs"\n'
                       f'ae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n')
     code, _, err = run("echo", "pacs", "--config", str(config))
-    assert code == 1 and "association failed" in err
+    assert code == 4 and "association failed" in err
+
+
+# -- one convention: error lines, exit codes, --json everywhere -------------------------------
+
+def test_usage_errors_are_error_lines_with_exit_code_2(config: Path) -> None:
+    code, _, err = run("jobs", "show", "--config", str(config))
+    assert code == 2 and err.startswith("error: ") and "Error:" not in err
+    assert "jobs show --help`" in err  # the program name is CliRunner's here
+    code, _, err = run("replay", "--config", str(config))
+    assert code == 2 and err.startswith("error: give exactly one")
+
+
+def test_errors_are_json_when_json_is_asked(config: Path, tmp_path: Path) -> None:
+    run("db", "upgrade", "--config", str(config))
+    code, out, err = run("jobs", "show", "42", "--config", str(config), "--json")
+    assert code == 3 and err == ""
+    assert json.loads(out) == {"error": json.loads(out)["error"], "exit_code": 3}
+    assert "no job with id 42" in json.loads(out)["error"]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node]\nportt = 1\n")
+    code, out, _ = run("status", "--json", "--config", str(bad))
+    assert code == 2 and json.loads(out)["exit_code"] == 2
+
+
+def test_db_upgrade_answers_in_json_and_takes_c(config: Path) -> None:
+    code, out, _ = run("db", "upgrade", "-c", str(config), "--json")
+    assert code == 0 and json.loads(out)["before"] is None and json.loads(out)["changed"]
+
+
+def test_purge_of_an_unknown_series_is_an_error_like_replay(config: Path) -> None:
+    run("db", "upgrade", "--config", str(config))
+    code, _, err = run("purge", "--series", "1.2.3.999", "--config", str(config))
+    assert code == 3 and err.startswith("error: no series with SeriesInstanceUID 1.2.3.999")
+
+
+def _echo_config(tmp_path: Path, port: int, called: str = "PACS") -> Path:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[node]\nacse_timeout = 5\n[[destinations]]\nname = "pacs"\n'
+                      f'ae_title = "{called}"\nhost = "127.0.0.1"\nport = {port}\n')
+    return config
+
+
+def test_echo_by_ae_title_and_the_rejection_reason(tmp_path: Path) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="REALPACS")
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = True
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        port = server.server_address[1]
+        ok = _echo_config(tmp_path, port, "REALPACS")
+        code, out, _ = run("echo", "REALPACS", "--config", str(ok), "--json")
+        assert code == 0 and json.loads(out)["destination"] == "pacs"
+        wrong = _echo_config(tmp_path, port, "PACS")
+        code, _, err = run("echo", "PACS", "--config", str(wrong))
+        assert code == 4 and "association rejected: Called AE title not recognised" in err
+    finally:
+        server.shutdown()
+
+
+def test_a_missing_extra_names_what_to_install(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    source = tmp_path / "t1.nii.gz"
+    source.write_bytes(b"not read: nibabel is missing")
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # as on a plain install
+    code, _, err = run("denoise", str(source), str(tmp_path / "out.nii.gz"))
+    assert code == 1 and "Traceback" not in err
+    assert err == ("error: NIfTI files, train and evaluate need the optional package nibabel, "
+                   "which is not installed: pip install 'denoised-node[train]'\n")

@@ -65,7 +65,9 @@ def test_gate_failure_is_one_line_and_no_gate_writes_anyway(tmp_path: Path,  # t
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
                                        "--config", str(config)])
     assert result.exit_code == 1 and "safety gate failed" in result.stderr
-    assert result.stderr.count("\n") == 1
+    # The progress line ends before the error, which is one line of its own.
+    progress_line, error_line, _ = result.stderr.split("\n")
+    assert progress_line.startswith("\rdenoising") and error_line.startswith("error: series ")
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"),
                                        "--config", str(config), "--no-gate"])
     assert result.exit_code == 0 and len(list((tmp_path / "b").glob("*.dcm"))) == 2
@@ -110,3 +112,15 @@ def test_doctor_reports_what_is_wrong_and_how_to_fix_it(tmp_path: Path) -> None:
     CliRunner().invoke(main, ["db", "upgrade", "--config", str(config)])
     result = CliRunner().invoke(main, ["doctor", "--config", str(config)])
     assert "database: ok" in result.stdout and "fix:" in result.stdout
+
+
+def test_denoise_takes_checkpoint_and_device(tmp_path: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    source = mr_series_factory(slices=2, rows=32, columns=32)
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
+                                       "-c", str(_config(tmp_path)), "--device", "tpu"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --device: ")
+    missing = tmp_path / "nowhere.safetensors"
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"),
+                                       "-c", str(_config(tmp_path)), "--checkpoint", str(missing),
+                                       "--json"])
+    assert result.exit_code != 0 and str(missing) in json.loads(result.stdout)["error"]

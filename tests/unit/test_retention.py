@@ -55,6 +55,7 @@ def test_failed_series_are_kept_unless_asked(runtime: Runtime, mr_series) -> Non
     dry = purge_finished(runtime.sessions, runtime.store, timedelta(0), include_failed=True,
                          dry_run=True)
     assert dry.series == 1 and len(list(runtime.store.instances.rglob("*.dcm"))) == 12
+    assert dry.files == 12  # what the real purge would remove, counted (it said 0)
     assert purge_finished(runtime.sessions, runtime.store, timedelta(0),
                           include_failed=True).series == 1
 

@@ -92,3 +92,38 @@ def test_unknown_destination_name() -> None:
     settings = load_settings(None, environ={})
     with pytest.raises(ConfigError, match="no destination named 'x'.*pacs"):
         settings.destination("x")
+
+
+def test_unknown_key_says_did_you_mean(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[node]\nportt = 1\n[[destinations]]\nname='a'\nae_title='A'\nhots='h'\n"
+                      "port=1\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    message = str(raised.value)
+    assert message.startswith(f"{config}: ")
+    assert "unknown key 'node.portt'; did you mean 'node.port'?" in message
+    assert "did you mean 'destinations.0.host'?" in message
+
+
+def test_an_environment_variables_error_blames_the_variable_not_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[node]\nport = 104\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={"DENOISED_NODE_NODE__PROT": "5"})
+    assert str(raised.value) == ("environment variable DENOISED_NODE_NODE__PROT: unknown key "
+                                 "'node.prot'; did you mean 'node.port'?")
+    with pytest.raises(ConfigError, match=r"^environment variable DENOISED_NODE_NODE__PORT: "
+                                          r"node\.port: "):
+        load_settings(config, environ={"DENOISED_NODE_NODE__PORT": "70000"})
+
+
+def test_no_library_wording_in_config_errors(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[http]\nusername = 'a'\n[model]\ndevice = 'gpu'\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config, environ={})
+    message = str(raised.value)
+    assert "(root)" not in message and "Value error" not in message
+    assert "model.device: must be auto, cpu, cuda or cuda:N" in message
+    assert "http.username and http.password_file go together" in message
