@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from denoised_node.daemon.cli_options import CommandError, ExitCode
+from denoised_node.daemon.progress_bar import progress_bar
 
 
 def _load_config(path: str | None) -> object | None:
@@ -77,7 +78,8 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
         command=_command_line("train"), init_from=init_from, warmup=warmup,
     )
     try:
-        best = train(cfg, resume=resume)
+        with progress_bar("train", "step" if cfg.steps else "s") as bar:
+            best = train(cfg, resume=resume, progress=bar.progress)
     except (FileExistsError, FileNotFoundError, ValueError, ModelError) as exc:
         raise CommandError(str(exc)) from None
     click.echo(f"best checkpoint: {best}")
@@ -85,9 +87,11 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
         from denoised_node.config.settings import GateSettings
         from denoised_node.model.evaluate import EvalConfig, evaluate_families_cli
 
-        evaluate_families_cli(EvalConfig(checkpoint=str(best), out_dir=run / "eval", device=device,
-                                         threads=threads, holdout=holdout, gap=gap),
-                              GateSettings(), "default", echo=lambda line: click.echo(line, err=True))
+        with progress_bar("evaluate", "case") as bar:
+            evaluate_families_cli(EvalConfig(checkpoint=str(best), out_dir=run / "eval",
+                                             device=device, threads=threads, holdout=holdout,
+                                             gap=gap),
+                                  GateSettings(), "default", echo=bar.echo, progress=bar.progress)
         click.echo(f"evaluation: {run / 'eval' / 'families.md'}")
 
 
@@ -175,8 +179,10 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
 
         gate = getattr(settings, "gate", None) or GateSettings()
         try:
-            fam = evaluate_families_cli(cfg, gate, None if compare.lower() == "none" else compare,
-                                        echo=lambda line: click.echo(line, err=True))
+            with progress_bar("families", "case") as bar:
+                fam = evaluate_families_cli(cfg, gate,
+                                            None if compare.lower() == "none" else compare,
+                                            echo=bar.echo, progress=bar.progress)
         except ModelError as exc:
             raise CommandError(str(exc)) from None
         if as_json:
@@ -186,7 +192,8 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
         click.echo(f"wrote {Path(out_dir) / 'families.md'} and families.json", err=True)
         return
     try:
-        result = evaluate(cfg, echo=lambda line: click.echo(line, err=True))
+        with progress_bar("evaluate", "result") as bar:
+            result = evaluate(cfg, echo=bar.echo, progress=bar.progress)
     except ModelError as exc:
         raise CommandError(str(exc)) from None
     if as_json:

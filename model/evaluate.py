@@ -120,7 +120,8 @@ def _tune(case: _Case, level: float, methods: tuple[str, ...], seed: int) -> dic
     return tuned
 
 
-def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; write results.json, results.md and figure.png to ``cfg.out_dir``."""
     import torch
 
@@ -146,6 +147,12 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
     cache: dict[str, Any] = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     tuned_all: dict[str, Any] = {}
     figure_data: dict[str, np.ndarray] = {}
+    total = len(cfg.contrasts) * len(cfg.levels) * len(cfg.seeds) * len(methods)
+
+    def one_done() -> None:
+        if progress is not None:
+            progress(len(rows), total)
+
     for cname in cfg.contrasts:
         case = _Case(cname, CONTRASTS[cname](), cfg.holdout, cfg.gap)
         for level in cfg.levels:
@@ -164,6 +171,7 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
                     if method in ("nlm", "bm4d") and ckey in cache:
                         rows.append(cache[ckey])
                         echo(f"{cname} {level:.0%} seed {seed} {method:8s} (cached) psnr_mask {cache[ckey]['psnr_mask']:.2f}")
+                        one_done()
                         continue
                     t0 = time.perf_counter()
                     if method == "noisy":
@@ -180,6 +188,7 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None) -> d
                     if method in models:
                         row["planes"] = models[method].planes_for(noisy.shape, MNI_SPACING)
                     rows.append(row)
+                    one_done()
                     if method in ("nlm", "bm4d"):
                         cache[ckey] = row
                         cache_path.write_text(json.dumps(cache, indent=0, default=float))
@@ -282,7 +291,8 @@ def write_figure(data: dict[str, np.ndarray], path: Path, level: float) -> None:
 
 
 def evaluate_families_cli(cfg: EvalConfig, gate: Any, compare: str | None,
-                          echo: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+                          echo: Callable[[str], None] = lambda s: None,
+                          progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The held-out families (``families.py``) for ``cfg.checkpoint`` beside ``compare`` (the
     previous model); NLM's h is the one the T1 validation slices chose at each level."""
     import torch
@@ -312,4 +322,4 @@ def evaluate_families_cli(cfg: EvalConfig, gate: Any, compare: str | None,
         except CheckpointNotFoundError as exc:
             echo(f"left out the previous model: {exc}")
     models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device, tta=cfg.tta, planes=cfg.planes)
-    return evaluate_families(models, out_dir, gate, nlm_h, echo=echo)
+    return evaluate_families(models, out_dir, gate, nlm_h, echo=echo, progress=progress)

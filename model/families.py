@@ -182,7 +182,8 @@ def score_on_families(models: dict[str, Any], seed: int = 0,
 
 
 def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: dict[float, float],
-                      echo: Callable[[str], None] = print, seed: int = 0) -> dict[str, Any]:
+                      echo: Callable[[str], None] = print, seed: int = 0,
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """``models``: name -> Denoiser; ``gate``: the gate settings; ``nlm_h``: level -> h factor."""
     from .evaluate import _nlm
     from .gate import check_result
@@ -190,7 +191,10 @@ def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: d
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     gate_rows: list[dict[str, Any]] = []
-    for case in build_cases(seed=seed):
+    cases = build_cases(seed=seed)
+    for index, case in enumerate(cases):
+        if progress is not None:
+            progress(index, len(cases))
         sigma = case.sigma
         outs = {"noisy": case.noisy}
         h = nlm_h.get(case.level) or nlm_h[min(nlm_h, key=lambda k: abs(k - case.level))]
@@ -212,6 +216,8 @@ def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: d
             verdict = check_result(x, y, gate)
             gate_rows.append({"family": case.family, "level": case.level, "break": brk,
                               "caught": not verdict.passed, "reason": verdict.reason})
+    if progress is not None:
+        progress(len(cases), len(cases))
     last_model = models[list(models)[-1]]
     write_real_scan_figure(last_model, out_dir / "real-epi.png")
     real = _real_epi()

@@ -17,6 +17,7 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,8 +292,10 @@ def _architecture(cfg: TrainConfig, start: tuple[ModelCard, dict[str, torch.Tens
     return default_config(cfg.kind)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Train (or resume) a run; return the path of its best checkpoint."""
+def train(cfg: TrainConfig, *, resume: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> Path:
+    """Train (or resume) a run; return the path of its best checkpoint. ``progress(done,
+    total)``: steps of ``cfg.steps``, or seconds of the time budget, at each log line."""
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, cfg.threads))
@@ -412,6 +415,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                 left = (wall / frac - wall) if frac > 0 else float("nan")
                 logger.info("step %d (%.1f %%, about %.0f min left) loss %.3e lr %.2e %.2f s/step",
                             step, 100 * frac, left / 60, loss_avg, lr, rate)
+                if progress is not None:
+                    progress(*((step, cfg.steps) if cfg.steps else
+                               (round(wall), round(cfg.time_budget_s or wall))))
             if step % cfg.val_every == 0 or finished():
                 metrics = validator.run(ema, schedule, device)
                 line = {"step": step, "wall_s": round(wall), "loss": loss_avg, **metrics}

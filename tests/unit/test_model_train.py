@@ -40,7 +40,9 @@ def test_tiny_training_run_and_resume(tmp_path: Path, volume: Path, kind: str) -
         run_dir=tmp_path / "run", kind=kind, name="tiny", volumes=[str(volume)], steps=4, batch_size=2, patch=32 if kind == "diffusion_unet" else 64,
         warmup=2, val_every=2, log_every=1, holdout=8, gap=4, val_noise=(0.05,), arch=arch, threads=1,
     )
-    best = train(cfg)
+    reported: list[tuple[int, int]] = []
+    best = train(cfg, progress=lambda done, total: reported.append((done, total)))
+    assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]  # what the CLI's bar draws
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [2, 4]
     assert "psnr_mask_5%" in lines[0] and "ssim_mask_5%" in lines[0]
