@@ -103,12 +103,16 @@ def publish(
     *,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    intended_use: dict[str, Any] | None = None,
 ) -> ModelCard:
     """Copy a verified checkpoint to ``dst`` (e.g. ``model/checkpoints/default.safetensors``)
     with a sidecar card ``dst.json`` that pins the file's sha256; ``training`` and ``metrics``
-    are merged into the card (the weights, and so the sha256, stay as they are)."""
+    are merged into the card, ``intended_use`` replaces its own (the weights, and so the
+    sha256, stay as they are)."""
     card, tensors = read_checkpoint(src)
-    card = replace(card, training={**card.training, **(training or {})}, metrics={**card.metrics, **(metrics or {})})
+    card = replace(card, training={**card.training, **(training or {})},
+                   metrics={**card.metrics, **(metrics or {})},
+                   intended_use=card.intended_use if intended_use is None else intended_use)
     dtype = getattr(torch, card.weights_dtype)
     out = write_checkpoint(dst, tensors, card, dtype=dtype, sidecar=True)
     if out.sha256 != card.sha256:  # same tensors, same dtype: cannot differ

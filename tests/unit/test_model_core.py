@@ -282,6 +282,10 @@ def test_publish_keeps_the_weights_and_merges_the_record(tiny: Path, tmp_path: P
     assert card.sha256 == src_card.sha256 and card.training["machine"] == "test"
     assert json.loads(dst.with_suffix(".json").read_text())["card"]["metrics"]["eval"]["psnr"] == 1.0
     assert Denoiser.load(dst, device="cpu").identity == src_card.identity
+    use = {"body_parts": ["KNEE"], "slice_thickness_mm": [2, 4]}
+    again = publish(dst, tmp_path / "knee.safetensors", intended_use=use)
+    assert again.intended_use == use and again.sha256 == src_card.sha256
+    assert publish(tmp_path / "knee.safetensors", tmp_path / "kept.safetensors").intended_use == use
 
 
 def test_planes_apply_to_near_isotropic_volumes_only() -> None:
