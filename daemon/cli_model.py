@@ -146,7 +146,8 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
         result = run_ablation(Path(out_dir), ablation_steps,
                               [int(s) for s in ablation_seeds.split(",") if s.strip()],
                               batch_size=8, patch=64, threads=max(1, threads),
-                              names=[v.strip() for v in variants.split(",") if v.strip()])
+                              names=[v.strip() for v in variants.split(",") if v.strip()],
+                              device=device or "cpu")
         click.echo(json.dumps(result, indent=1) if as_json
                    else ablation_markdown(result, ablation_steps))
         click.echo(f"wrote {Path(out_dir) / 'ablation.md'} and ablation.json", err=True)

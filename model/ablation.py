@@ -43,7 +43,7 @@ def variants() -> dict[str, dict[str, Any]]:
 
 
 def run(out_dir: Path, steps: int, seeds: list[int], batch_size: int, patch: int,
-        threads: int, names: list[str] | None = None) -> dict[str, Any]:
+        threads: int, names: list[str] | None = None, device: str = "cpu") -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     chosen = {n: a for n, a in variants().items() if not names or n in names}
@@ -56,19 +56,20 @@ def run(out_dir: Path, steps: int, seeds: list[int], batch_size: int, patch: int
             cfg = TrainConfig(run_dir=run_dir, kind=arch["kind"], name=f"ablation-{name}", steps=steps,
                               batch_size=batch_size, patch=patch, lr=1e-3, warmup=max(1, steps // 10),
                               seed=seed, threads=threads, val_every=steps, arch=arch,
+                              device=device,
                               command=f"python -m denoised_node.model.ablation (variant {name}, seed {seed})")
             train(cfg, resume=(run_dir / "state.pt").exists())
         last = json.loads(metrics_path.read_text().splitlines()[-1])
         results.setdefault(name, {"parameters": count_parameters(build_network(arch)), "runs": []})
         results[name]["runs"].append({"seed": seed, **last,
-                                      "families": _families(run_dir, threads)})
+                                      "families": _families(run_dir, threads, device)})
     results = {name: results[name] for name in chosen if name in results}
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=1))
     (out_dir / "ablation.md").write_text(to_markdown(results, steps))
     return results
 
 
-def _families(run_dir: Path, threads: int) -> dict[str, float]:
+def _families(run_dir: Path, threads: int, device: str = "cpu") -> dict[str, float]:
     """The run's checkpoint on the held-out families (cached in the run's folder)."""
     cached = run_dir / "families.json"
     if cached.exists():
@@ -77,7 +78,7 @@ def _families(run_dir: Path, threads: int) -> dict[str, float]:
     from .inference import Denoiser
 
     # One plane and one pass for every variant: equal, and what a CPU node runs.
-    model = Denoiser.load(run_dir / "best.safetensors", device="cpu", threads=threads, tta=1,
+    model = Denoiser.load(run_dir / "best.safetensors", device=device, threads=threads, tta=1,
                           planes=1)
     scores = score_on_families({run_dir.name: model}, echo=logging.getLogger(__name__).info)
     cached.write_text(json.dumps(scores[run_dir.name], indent=1))
@@ -127,11 +128,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     parser.add_argument("--variants", default="", help="comma-separated subset")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     res = run(args.out_dir, args.steps, [int(s) for s in args.seeds.split(",")], args.batch_size,
-              args.patch, args.threads, [v for v in args.variants.split(",") if v] or None)
+              args.patch, args.threads, [v for v in args.variants.split(",") if v] or None,
+              device=args.device)
     print(to_markdown(res, args.steps))
 
 

@@ -25,7 +25,7 @@ def test_ablation_trains_each_variant_and_seed_then_reuses_them(tmp_path: Path,
         (cfg.run_dir / "metrics.jsonl").write_text(json.dumps(metrics) + "\n")
         return cfg.run_dir / "best.safetensors"
 
-    def fake_families(run_dir: Path, threads: int) -> dict[str, float]:
+    def fake_families(run_dir: Path, threads: int, device: str) -> dict[str, float]:
         scored.append(run_dir.name)
         return {"psnr_mask": 30.0, "ssim_mask": 0.9, "hfen": 0.3, "lesion_contrast": 0.5,
                 "psnr_t1": 31.0}
