@@ -64,6 +64,8 @@ def run(out_dir: Path, steps: int, seeds: list[int], batch_size: int, patch: int
         results[name]["runs"].append({"seed": seed, **last,
                                       "families": _families(run_dir, threads, device)})
     results = {name: results[name] for name in chosen if name in results}
+    results["noisy input"] = {"parameters": 0, "runs": [{"seed": 0,
+                                                          "families": _noisy_families(out_dir)}]}
     (out_dir / "ablation.json").write_text(json.dumps(results, indent=1))
     (out_dir / "ablation.md").write_text(to_markdown(results, steps))
     return results
@@ -85,6 +87,24 @@ def _families(run_dir: Path, threads: int, device: str = "cpu") -> dict[str, flo
     return scores[run_dir.name]
 
 
+class _Unchanged:
+    """The reference row: the noisy input itself."""
+
+    def denoise(self, volume: np.ndarray, spacing: Any = None) -> np.ndarray:
+        return volume
+
+
+def _noisy_families(out_dir: Path) -> dict[str, float]:
+    cached = out_dir / "noisy-families.json"
+    if cached.exists():
+        return dict(json.loads(cached.read_text()))
+    from .families import score_on_families
+
+    scores = score_on_families({"noisy": _Unchanged()}, echo=logging.getLogger(__name__).info)
+    cached.write_text(json.dumps(scores["noisy"], indent=1))
+    return scores["noisy"]
+
+
 def to_markdown(results: dict[str, Any], steps: int) -> str:
     keys = sorted({k for r in results.values() for run in r["runs"] for k in run if k.startswith("psnr_mask_")},
                   key=lambda k: (k != "psnr_mask_mean", k))
@@ -92,6 +112,8 @@ def to_markdown(results: dict[str, Any], steps: int) -> str:
     lines = [f"Validation PSNR in the mask (dB), mean ± spread over seeds, {steps} steps each.", "",
              head, "|---|---|" + "---|" * len(keys)]
     for name, r in results.items():
+        if not r["parameters"]:
+            continue  # the noisy input has no validation row
         cells = []
         for k in keys:
             vals = np.array([run[k] for run in r["runs"] if k in run], dtype=float)
@@ -118,6 +140,7 @@ def _families_markdown(results: dict[str, Any]) -> str:
             cells.append(f"{vals.mean():.{digits}f} ± {vals.std():.{digits}f}" if len(vals) else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
 
 
 def main() -> None:

@@ -32,9 +32,10 @@ def test_ablation_trains_each_variant_and_seed_then_reuses_them(tmp_path: Path,
 
     monkeypatch.setattr(ablation, "train", fake_train)
     monkeypatch.setattr(ablation, "_families", fake_families)
+    monkeypatch.setattr(ablation, "_noisy_families", lambda out_dir: {"psnr_mask": 25.0})
     result = ablation.run(tmp_path, steps=40, seeds=[1, 2], batch_size=2, patch=32, threads=1,
                           names=["ours", "plain-unet-map"])
-    assert list(result) == ["ours", "plain-unet-map"]
+    assert list(result) == ["ours", "plain-unet-map", "noisy input"]
     # seed-major: a run cut short still holds every variant at the first seed
     assert trained == [("ablation-ours", 1, 40), ("ablation-plain-unet-map", 1, 40),
                        ("ablation-ours", 2, 40), ("ablation-plain-unet-map", 2, 40)]
@@ -43,6 +44,7 @@ def test_ablation_trains_each_variant_and_seed_then_reuses_them(tmp_path: Path,
     text = (tmp_path / "ablation.md").read_text()
     assert "40 steps each" in text and "| ours | 2.95 M | 31.50 ± 0.50 |" in text
     assert "| plain-unet-map | 30.00 ± 0.00 | 0.900 ± 0.000 | 0.300 ± 0.000 |" in text
+    assert "| noisy input | 25.00 ± 0.00 |" in text
     ablation.run(tmp_path, steps=40, seeds=[1, 2], batch_size=2, patch=32, threads=1,
                  names=["ours", "plain-unet-map"])
     assert len(trained) == 4  # finished runs are reused, not trained again
