@@ -196,6 +196,13 @@ def _replay_job(session: Session, job: Job, who: str) -> ReplayOutcome:
                              f"job {job.id}: the files of series {series.series_uid} were purged "
                              f"on {series.purged_at:%Y-%m-%d %H:%M}Z; send it again from the PACS")
     assert state in TERMINAL_STATES | WAITING_FOR_REVIEW
+    if series.instance_count == 0:
+        # Every instance was left out on receipt (a CT routed with a study, a SEG...): a
+        # replay would only end ignored again, with a vaguer reason.
+        return ReplayOutcome(job.id, series.series_uid, False,
+                             f"job {job.id}: the series has no image to denoise "
+                             f"({series.ignored_reason or job.reason or 'none kept'}); "
+                             "not replayed")
     transition(session, job.id, state, JobState.QUEUED, worker=who, reason=f"replayed by {who}",
                processing_attempts=0, send_attempts=0, available_at=utcnow(),
                completed_at=None, lease_owner=None, lease_expires_at=None)

@@ -200,3 +200,27 @@ def test_a_missing_extra_names_what_to_install(tmp_path: Path, monkeypatch) -> N
     assert code == 1 and "Traceback" not in err
     assert err == ("error: NIfTI files, train and evaluate need the optional package nibabel, "
                    "which is not installed: pip install 'denoised-node[train]'\n")
+
+
+def test_replay_of_a_series_with_no_image_keeps_its_reason(config: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    import pydicom
+
+    from denoised_node.config.settings import load_settings
+    from denoised_node.daemon.receive import Receiver
+
+    run("db", "upgrade", "--config", str(config))
+    runtime = open_runtime(load_settings(config, environ={}))
+    ct = mr_series_factory(slices=2, sop_class_uid=pydicom.uid.CTImageStorage, modality="CT")
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in ct.paths:
+        receiver.receive(path.read_bytes(), pydicom.uid.CTImageStorage, "MOD")
+    with runtime.sessions.begin() as session:
+        session.scalars(select(Series)).one().last_received_at -= timedelta(minutes=1)
+    (job_id,) = complete_idle_series(runtime.sessions, runtime.settings.series)
+    with runtime.sessions() as session:
+        before = session.get_one(Job, job_id).reason
+    code, out, _ = run("replay", "--job", str(job_id), "--config", str(config))
+    assert code == 1 and "has no image to denoise" in out and "not replayed" in out
+    with runtime.sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.state, job.reason) == ("ignored", before) and "not an MR image" in before
