@@ -488,6 +488,29 @@ def _with_model(settings: Settings, values: dict[str, str]) -> Settings:
     return settings.model_copy(update={"model": model})
 
 
+@main.command("http-password")
+@click.argument("password_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--user", "username", required=True, help="The user name (http.username).")
+@click.option("--password-stdin", is_flag=True,
+              help="Read the password from standard input instead of asking twice.")
+def http_password(password_file: Path, username: str, password_stdin: bool) -> None:
+    """Write USER:bcrypt-hash to PASSWORD_FILE (mode 0600) for http.password_file."""
+    from denoised_node.daemon.web.passwords import write_password_file
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        raise CommandError("the password is shorter than 8 characters; choose a longer one")
+    try:
+        write_password_file(password_file, username, password)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    click.echo(f"wrote a bcrypt hash for {username} to {password_file}; set http.username = "
+               f"\"{username}\" and http.password_file = \"{password_file}\"")
+
+
 @main.command()
 @config_option
 @json_option

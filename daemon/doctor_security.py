@@ -80,10 +80,15 @@ def http_check(settings: Settings) -> Check | None:
         return None
     where = f"{http.host}:{http.port}"
     try:
-        Guard(http)  # reads the credential files as serve does
+        guard = Guard(http)  # reads the credential files as serve does
     except ConfigError as exc:
         return Check("http", False, str(exc), "serve would refuse to start: fix the file "
                      "or its permissions")
+    if guard.plaintext_password:
+        return Check("http", False, f"http.password_file {http.password_file} holds the "
+                     "password in plain text",
+                     f"store a bcrypt hash instead: denoised-node http-password "
+                     f"{http.password_file} --user {http.username}")
     try:
         with socket.create_server((http.host, http.port)):
             pass

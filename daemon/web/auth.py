@@ -4,7 +4,8 @@ else (loopback only) any local client whose Host header names this machine.
 The Host check stops DNS rebinding: a web page elsewhere whose name resolves to 127.0.0.1
 would otherwise read the pages from the administrator's own browser. With credentials that
 attack gets nothing, since the browser keeps them for the node's origin only.
-Secrets are read from files once at start and never logged.
+Secrets are read from files once at start and never logged; the password file may hold a
+bcrypt hash (passwords.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from denoised_node.config.settings import ConfigError, HttpSettings, is_loopback
+from denoised_node.daemon.web.passwords import StoredPassword
 
 REALM = "denoised-node"
 
@@ -51,11 +53,14 @@ class Verdict:
 class Guard:
     def __init__(self, settings: HttpSettings) -> None:
         self.username = settings.username
-        self._password = (_digest(read_secret(settings.password_file, "http.password_file"))
+        self._password = (StoredPassword(read_secret(settings.password_file,
+                                                     "http.password_file"),
+                                         settings.username, "http.password_file")
                           if settings.password_file else None)
         self._token = (_digest(read_secret(settings.token_file, "http.token_file"))
                        if settings.token_file else None)
         self.authenticated = self._password is not None or self._token is not None
+        self.plaintext_password = self._password is not None and not self._password.hashed
         # Without credentials on loopback, only clients that name a local host get in.
         self._check_host = not self.authenticated and is_loopback(settings.host)
         self._own_host = settings.host.lower()
@@ -75,7 +80,7 @@ class Guard:
         elif scheme.lower() == "basic" and self._password is not None:
             user, password = _basic_credentials(value)
             if (user is not None and hmac.compare_digest(user.encode(), (self.username or "").encode())
-                    & hmac.compare_digest(_digest(password), self._password)):
+                    & self._password.matches(password)):
                 return Verdict(True, user=user)
         return Verdict(False, status=401, reason="authentication required")
 
