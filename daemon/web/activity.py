@@ -62,7 +62,7 @@ class JobView:
         return self.job.state in _TERMINAL
 
 
-def _events_by_job(session: Session, job_ids: Sequence[int]) -> dict[int, list[EventRow]]:
+def events_by_job(session: Session, job_ids: Sequence[int]) -> dict[int, list[EventRow]]:
     found: dict[int, list[EventRow]] = defaultdict(list)
     if not job_ids:
         return found
@@ -77,7 +77,7 @@ def recent_jobs(session: Session, *, states: list[str] | None = None,
                 limit: int = 50) -> list[JobView]:
     jobs = list_jobs(session, states=states, limit=limit)
     ids = [job.id for job in jobs]
-    events = _events_by_job(session, ids)
+    events = events_by_job(session, ids)
     received: dict[int, datetime] = {}
     if ids:
         received.update(session.execute(  # type: ignore[arg-type]
@@ -137,7 +137,7 @@ def last_hour(session: Session, now: datetime, window: timedelta = timedelta(hou
     sent = 0
     if done_ids:
         ids = sorted(done_ids)
-        events = _events_by_job(session, ids)
+        events = events_by_job(session, ids)
         jobs = session.execute(select(Job.id, Job.derived_count, Series.first_received_at)
                                .join(Series, Job.series_id == Series.id)
                                .where(Job.id.in_(ids))).all()

@@ -24,6 +24,7 @@ from denoised_node.daemon.http import Readiness
 from denoised_node.daemon.job_status import AttemptLimits, job_status
 from denoised_node.daemon.web import formatting
 from denoised_node.daemon.web.activity import STAGE_LABELS, last_hour, recent_jobs
+from denoised_node.daemon.web.charts import day_charts
 from denoised_node.daemon.web.csrf import TOKEN_FIELD, CsrfTokens
 from denoised_node.daemon.web.node_health import HealthRow, SlowChecks, slow_checks
 from denoised_node.daemon.web.previews import KINDS, PreviewCache
@@ -139,6 +140,7 @@ class StatusPages:
         with self.sessions() as session:
             summary = status_summary(session, now)
             hour = last_hour(session, now)
+            charts = day_charts(session, now)
             failed = recent_jobs(session, states=[JobState.FAILED.value], limit=5)
             latest_model = session.scalar(select(Job.model_identity).where(
                 Job.model_identity.is_not(None)).order_by(Job.id.desc()).limit(1))
@@ -146,7 +148,7 @@ class StatusPages:
         # ?wait=1 waits for the slow checks (scripts, screenshots); a person never waits.
         health += self.slow.rows(wait=20.0 if request.arg("wait") == "1" else 0.0)
         return self._render("overview.html", active="overview", health=health,
-                            summary=summary, hour=hour, failed=failed,
+                            summary=summary, hour=hour, failed=failed, charts=charts,
                             latest_model=latest_model)
 
     def jobs(self, request: Request) -> Response:

@@ -158,6 +158,12 @@ def test_overview_shows_health_and_the_run(run: Run, page: Any) -> None:
     assert re.search(r"series denoised and sent\s+1", hour)
     assert re.search(r"instances received\s+24", hour)
     assert page.locator("table.latency th:text-is('total')").count() == 1
+    charts = page.locator("svg.chart")
+    assert charts.count() == 4
+    sent = page.locator("svg.chart[aria-label^='series sent']")
+    assert sent.locator("rect.chart-bar").count() == 24
+    assert sent.locator("rect.chart-bar").last.get_attribute("height") != "0.0"  # this hour: 1
+    assert "peak 1" in (sent.text_content() or "")
     _no_patient_data(page)
     _screenshot(page, "overview")
 
