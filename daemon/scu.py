@@ -15,12 +15,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Destination, Settings
 from denoised_node.daemon.network import keep_responses_for_the_caller, make_ae, set_tcp_nodelay
+from denoised_node.daemon.status import describe, is_stored
 from denoised_node.daemon.tls import client_tls_args
 
 log = logging.getLogger(__name__)
 
 # Success and the storage warnings (coercion, elements discarded, dataset mismatch): kept.
-_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 _MAX_CONTEXTS = 128
 
 
@@ -57,8 +57,9 @@ def send_files(settings: Settings, destination: Destination, files: Sequence[Pat
             if code is None:
                 raise SendError(f"{_where(destination)}: no answer for {path.name} "
                                 "(timeout or connection lost)")
-            if int(code) not in _STORED:
-                raise SendError(f"{_where(destination)}: status 0x{int(code):04X} for {path.name}")
+            if not is_stored(int(code)):
+                raise SendError(f"{_where(destination)}: status {describe(int(code))} for "
+                                f"{path.name}")
             sent += 1
             if progress:
                 progress(sent, len(files))

@@ -1,13 +1,18 @@
-"""The one table that maps what went wrong on receive to a DIMSE C-STORE status (PS3.4 B.2.3).
+"""DIMSE C-STORE statuses (PS3.4 B.2.3) on both sides: the one table that maps what went
+wrong on receive to the status the SCP answers, and what a destination's answer means when the
+node sends (``is_stored``, ``describe``).
 
-No other module writes a status code: handlers raise, and ``status_for`` answers.
+No other module writes or reads a status code: handlers raise, ``status_for`` answers, and
+the SCU asks ``is_stored``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 from enum import IntEnum
 
+from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS
 from sqlalchemy.exc import SQLAlchemyError
 
 from denoised_node.storage.files import InvalidUID, OutOfSpace
@@ -35,6 +40,29 @@ class Status(IntEnum):
     PROCESSING_FAILURE = 0x0110
     # C-ECHO success and the generic failure for ECHO.
     ECHO_SUCCESS = 0x0000
+
+
+class StoreWarning(IntEnum):
+    """Warnings a destination may answer: the instance was stored all the same."""
+
+    COERCION_OF_DATA_ELEMENTS = 0xB000
+    ELEMENTS_DISCARDED = 0xB006
+    DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xB007
+
+
+STORED = frozenset({int(Status.SUCCESS), *map(int, StoreWarning)})
+
+
+def is_stored(code: int) -> bool:
+    """Did the destination keep the instance (success, or a warning that it kept it)?"""
+    return int(code) in STORED
+
+
+def describe(code: int) -> str:
+    """``0xA700 (Refused: Out of Resources)``: the code and its meaning (pynetdicom's tables)."""
+    known = STORAGE_SERVICE_CLASS_STATUS.get(int(code)) or GENERAL_STATUS.get(int(code))
+    meaning = known[1] if known else "not a status the standard defines for C-STORE"
+    return f"0x{int(code):04X} ({meaning})"
 
 
 class ReceiveError(Exception):
@@ -76,6 +104,6 @@ def status_for(exc: BaseException) -> Status:
     for kind, status in _TABLE:
         if isinstance(exc, kind):
             return status
-    if isinstance(exc, OSError) and exc.errno == 28:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return Status.OUT_OF_RESOURCES
     return Status.PROCESSING_FAILURE
