@@ -18,6 +18,7 @@ from denoised_node.storage.queue import (
     JobState,
     counts_by_state,
     enqueue,
+    released,
     transition,
 )
 
@@ -204,8 +205,8 @@ def _replay_job(session: Session, job: Job, who: str) -> ReplayOutcome:
                              f"({series.ignored_reason or job.reason or 'none kept'}); "
                              "not replayed")
     transition(session, job.id, state, JobState.QUEUED, worker=who, reason=f"replayed by {who}",
-               processing_attempts=0, send_attempts=0, available_at=utcnow(),
-               completed_at=None, lease_owner=None, lease_expires_at=None)
+               processing_attempts=0, send_attempts=0, completed_at=None,
+               **released(utcnow()))
     if series.state == SeriesState.IGNORED:
         series.state = SeriesState.RECEIVING
     return ReplayOutcome(job.id, series.series_uid, True, f"job {job.id} queued")
@@ -228,8 +229,7 @@ def review(session: Session, job_id: int, *, approve: bool, who: str) -> str:
                          "approved or rejected")
     if approve:
         transition(session, job_id, JobState.HELD, JobState.PROCESSED, worker=who,
-                   reason=f"approved by {who}", available_at=utcnow(), lease_owner=None,
-                   lease_expires_at=None)
+                   reason=f"approved by {who}", **released(utcnow()))
         return f"job {job_id} approved: its derived series will be sent"
     transition(session, job_id, JobState.HELD, JobState.IGNORED, worker=who,
                reason=f"rejected by {who}; nothing was sent")

@@ -15,7 +15,7 @@ from denoised_node.config.settings import RetentionSettings
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.files import STALE_TEMP_SECONDS, FileStore
 from denoised_node.storage.models import Job, utcnow
-from denoised_node.storage.queue import LEASE_RETURNS, JobState, StaleState, transition
+from denoised_node.storage.queue import LEASE_RETURNS, JobState, StaleState, return_to_stage
 from denoised_node.storage.retention import forget_purged, purge_finished, remove_orphans
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ def release_dead_local_leases(sessions: SessionFactory) -> list[int]:
                 continue
             from_state = JobState(state)
             try:
-                transition(session, job_id, from_state, LEASE_RETURNS[from_state],
-                           reason=f"worker {owner} is gone (node restarted)", now=now,
-                           lease_owner=None, lease_expires_at=None, available_at=now)
+                return_to_stage(session, job_id, from_state,
+                                reason=f"worker {owner} is gone (node restarted)", now=now)
             except StaleState:
                 continue
             released.append(job_id)

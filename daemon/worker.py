@@ -42,6 +42,7 @@ from denoised_node.storage.files import FileStore
 from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
 from denoised_node.storage.progress import ProgressRecorder
 from denoised_node.storage.queue import (
+    LEASE_RETURNS,
     ClaimedJob,
     JobState,
     StaleState,
@@ -49,6 +50,7 @@ from denoised_node.storage.queue import (
     claim,
     next_available,
     release_expired_leases,
+    released,
     renew_lease,
     transition,
 )
@@ -332,8 +334,7 @@ class Worker:
                     extra={"job_id": job.id})
         self._move(job, stage, back_to,
                    f"{reason} ({what} {attempts} of {limit}; retry in {delay:.0f} s)",
-                   lease_owner=None, lease_expires_at=None,
-                   available_at=utcnow() + timedelta(seconds=delay), **{counter: attempts})
+                   **released(utcnow(), delay), **{counter: attempts})
 
     # -- sending ------------------------------------------------------------------------
     def _start_sending(self, job: ClaimedJob) -> ClaimedJob | None:
@@ -362,7 +363,7 @@ class Worker:
         if len(files) != expected:
             self._move(job, JobState.SENDING, JobState.QUEUED,
                        f"{len(files)} of {expected} derived files found; denoising again",
-                       lease_owner=None, lease_expires_at=None, available_at=utcnow())
+                       **released(utcnow()))
             return
         try:
             destinations = self._destinations(chosen)
@@ -438,10 +439,9 @@ class Worker:
         job = self.current
         if job is None:
             return
-        back = JobState.QUEUED if job.stage == JobState.PROCESSING else JobState.PROCESSED
         try:
-            self._move(job, job.stage, back, "worker stopped; job released",
-                       lease_owner=None, lease_expires_at=None, available_at=utcnow())
+            self._move(job, job.stage, LEASE_RETURNS[job.stage], "worker stopped; job released",
+                       **released(utcnow()))
         except Exception:  # noqa: BLE001 - the lease expires anyway
             log.exception("could not release the job in hand", extra={"job_id": job.id})
         self.current = None

@@ -124,6 +124,21 @@ def transition(
     )
 
 
+def released(now: datetime, delay: float = 0.0) -> dict[str, object]:
+    """The values of a job given back to the queue: no lease, claimable after ``delay`` s."""
+    return {"lease_owner": None, "lease_expires_at": None,
+            "available_at": now + timedelta(seconds=delay)}
+
+
+def return_to_stage(session: Session, job_id: int, from_state: JobState, *, reason: str,
+                    now: datetime | None = None, worker: str | None = None) -> None:
+    """Give a leased job back to the start of its stage (LEASE_RETURNS): processing to
+    queued, sending to processed; claimable at once."""
+    now = now or utcnow()
+    transition(session, job_id, from_state, LEASE_RETURNS[from_state], worker=worker,
+               reason=reason, now=now, **released(now))
+
+
 def add_note(connection: Connection | Session, series_id: int, reason: str,
              now: datetime) -> int | None:
     """Record something that happened to a series (an instance moved in or out) in its latest
@@ -269,9 +284,8 @@ def release_expired_leases(sessions: SessionFactory, now: datetime | None = None
         for job_id, state, owner in expired:
             from_state = JobState(state)
             try:
-                transition(session, job_id, from_state, LEASE_RETURNS[from_state],
-                           reason=f"lease of {owner} expired", now=now,
-                           lease_owner=None, lease_expires_at=None, available_at=now)
+                return_to_stage(session, job_id, from_state, reason=f"lease of {owner} expired",
+                                now=now)
             except StaleState:
                 continue
             released.append(job_id)
