@@ -50,7 +50,7 @@ PLANE_CHOICES = (1, 2, 3)
 PLANE_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
 # The other planes look like the training data only where voxels are near-cubic and the
 # volume is deep enough to give them a few rows; other volumes get the acquisition plane.
-# Measured at 5 % with the shipped checkpoint (docs/model.md, model/planes_study.py): 3 planes
+# Measured at 5 % with the shipped checkpoint (docs/model.md, benchmarks/planes_study.py): 3 planes
 # gain 1.1 dB at 1 mm slices, 0.9 at 1.25 mm, 0.5 at 1.5 mm and lose 0.3 at 2 mm (1 mm pixels).
 ISOTROPY_LIMIT = 1.4
 MIN_PLANE_DEPTH = 16

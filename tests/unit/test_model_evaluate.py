@@ -87,7 +87,7 @@ def test_evaluate_records_the_planes_each_network_got(tmp_path: Path) -> None:
 def test_planes_study_table(tmp_path: Path) -> None:
     from denoised_node.model.data import load_mni_t1
     from denoised_node.model.inference import Denoiser
-    from denoised_node.model.planes_study import planes_by_spacing, to_markdown
+    from benchmarks.planes_study import planes_by_spacing, to_markdown
 
     den = Denoiser.load(_tiny(tmp_path / "tiny.safetensors"), device="cpu")  # untrained: the identity
     centre = load_mni_t1()[:, 70:134, 60:124]  # a 64x64 window keeps the test quick

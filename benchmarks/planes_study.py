@@ -4,7 +4,7 @@
 The held-out slab of the MNI152 T1 template with its gaps (never trained on) is resampled to
 thicker slices (linear interpolation, 1 mm pixels kept), Rician noise is added and the model
 denoises it with 1, 2 and 3 planes; PSNR in the mask on the slab. Run it as
-``python -m denoised_node.model.planes_study [--checkpoint C] [--level 5] [--threads N]``.
+``python -m benchmarks.planes_study [--checkpoint C] [--level 5] [--threads N]``.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Split, foreground_mask, load_mni_t1
-from .inference import PLANE_CHOICES, Denoiser, denoise_volume
-from .metrics import psnr
-from .noise import add_rician
+from denoised_node.model.data import Split, foreground_mask, load_mni_t1
+from denoised_node.model.inference import PLANE_CHOICES, Denoiser, denoise_volume
+from denoised_node.model.metrics import psnr
+from denoised_node.model.noise import add_rician
 
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 3.0)
 
@@ -68,7 +68,7 @@ def to_markdown(rows: list[SpacingRow]) -> str:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    parser = argparse.ArgumentParser(prog="python -m denoised_node.model.planes_study", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.planes_study", description=__doc__)
     parser.add_argument("--checkpoint", default="default")
     parser.add_argument("--level", type=float, default=5.0, help="Rician noise, % of the max")
     parser.add_argument("--threads", type=int, default=0)
