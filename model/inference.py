@@ -33,32 +33,22 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
-# Test-time augmentation: the network is run on these rotations (k * 90 degrees) and mirror
-# images of each slice and the results, mapped back, are averaged (deterministic; 2 gains about
-# 0.2 dB, 8 about 0.45 dB over a single pass on the validation slices).
+# Test-time augmentation: the slice's 90-degree rotations and mirror images, mapped back and
+# averaged (deterministic); docs/model.md measures them beside the planes.
 TTA_TRANSFORMS: tuple[tuple[int, bool], ...] = (
     (0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True)
 )
 TTA_CHOICES = (1, 2, 4, 8)
 
-# Multi-planar inference: on a near-isotropic volume the 2.5D network also runs with rows and
-# then columns as the slice axis, and the planes' results are averaged. Their errors are
-# largely independent (each plane sees other neighbours), so this gains far more than flips:
-# +0.7 dB with 2 planes and +1.05 dB with 3 on the held-out slab at 5 %, against +0.25 dB for
-# 2 flipped passes (docs/model.md). Training samples blocks along all three axes.
+# Multi-planar inference: on a near-isotropic volume the 2.5D network also runs with rows,
+# then columns, as the slice axis and the planes are averaged; their errors are largely
+# independent. Where it applies (voxel sides within ISOTROPY_LIMIT of each other, at least
+# MIN_PLANE_DEPTH slices) and why each plane reads the noise a little lower
+# (PLANE_SIGMA_FACTOR): docs/model.md, "Several planes on near-isotropic volumes".
 PLANE_CHOICES = (1, 2, 3)
 PLANE_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
-# The other planes look like the training data only where voxels are near-cubic and the
-# volume is deep enough to give them a few rows; other volumes get the acquisition plane.
-# Measured at 5 % with the shipped checkpoint (docs/model.md, benchmarks/planes_study.py): 3 planes
-# gain 1.1 dB at 1 mm slices, 0.9 at 1.25 mm, 0.5 at 1.5 mm and lose 0.3 at 2 mm (1 mm pixels).
 ISOTROPY_LIMIT = 1.4
 MIN_PLANE_DEPTH = 16
-# The average removes much of each plane's error variance, so each plane does best a little
-# less smoothed: its noise level is read lower by this factor. Chosen on the T2-like contrast
-# outside the test slab (never trained on, never tested on): with a longer-trained checkpoint
-# 0.8-0.9 was best for 2 planes and 0.8 for 3 (0.1-0.3 dB); the shipped one is flat there
-# between 0.8 and 1.0 (within 0.03 dB).
 PLANE_SIGMA_FACTOR = {1: 1.0, 2: 0.85, 3: 0.8}
 
 Spacing = tuple[float, float, float]
