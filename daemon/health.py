@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 from sqlalchemy import Engine, text
 
-from denoised_node.daemon.http import Check, CheckResult
+from denoised_node.daemon.http import Probe, CheckResult
 from denoised_node.storage.files import FileStore
 
 
-def database(engine: Engine) -> Check:
+def database(engine: Engine) -> Probe:
     def check() -> CheckResult:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
@@ -19,7 +19,7 @@ def database(engine: Engine) -> Check:
     return check
 
 
-def model_loaded(ready_workers: Callable[[], int], configured: int) -> Check:
+def model_loaded(ready_workers: Callable[[], int], configured: int) -> Probe:
     """At least one local worker said READY=1 (its model is loaded). With worker.count = 0
     the workers run elsewhere and are not this node's to check."""
 
@@ -34,7 +34,7 @@ def model_loaded(ready_workers: Callable[[], int], configured: int) -> Check:
     return check
 
 
-def disk(store: FileStore, min_free_mb: int) -> Check:
+def disk(store: FileStore, min_free_mb: int) -> Probe:
     def check() -> CheckResult:
         free_mb = store.free_bytes() // 2**20
         detail = f"{free_mb} MiB free, watermark {min_free_mb} MiB"
@@ -45,7 +45,7 @@ def disk(store: FileStore, min_free_mb: int) -> Check:
     return check
 
 
-def listening(alive: Callable[[], bool], what: str) -> Check:
+def listening(alive: Callable[[], bool], what: str) -> Probe:
     def check() -> CheckResult:
         return CheckResult(alive(), f"{what} {'running' if alive() else 'stopped'}")
 

@@ -37,13 +37,15 @@ class CheckResult:
     detail: str
 
 
-Check = Callable[[], CheckResult]
+# A health or readiness probe: a quick call that says ok or not, and why (doctor.Check is the
+# slower, fuller finding `denoised-node doctor` prints).
+Probe = Callable[[], CheckResult]
 
 
 class Readiness:
     """Named checks; ready when every one passes. A check that raises has failed."""
 
-    def __init__(self, checks: Sequence[tuple[str, Check]]) -> None:
+    def __init__(self, checks: Sequence[tuple[str, Probe]]) -> None:
         self.checks = list(checks)
 
     def report(self) -> tuple[bool, dict[str, dict[str, Any]]]:

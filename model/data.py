@@ -87,7 +87,7 @@ def load_raw(path: str | Path) -> np.ndarray:
     return np.nan_to_num(vol.astype(np.float32))
 
 
-def load_volume(path: str | Path) -> np.ndarray:
+def load_training_volume(path: str | Path) -> np.ndarray:
     """A clean volume from a NIfTI file or a DICOM folder, as (slices, rows, cols), max 1."""
     vol = load_raw(path)
     vol -= min(0.0, float(vol.min()))

@@ -22,7 +22,7 @@ import numpy as np
 from .data import Split, foreground_mask, load_mni_t1, load_mni_t2_like
 from .errors import CheckpointNotFoundError
 from .inference import Denoiser
-from .metrics import hfen, psnr, ssim
+from .quality import hfen, psnr, ssim
 from .noise import add_rician
 
 logger = logging.getLogger(__name__)

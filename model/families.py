@@ -31,7 +31,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, shift
 
 from .data import Split, foreground_mask, load_mni_t1, load_mni_t2_like
-from .metrics import hfen, psnr, ssim
+from .quality import hfen, psnr, ssim
 from .noise import add_coil_noise, add_rician, gfactor_field
 
 MARGIN = 2

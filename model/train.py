@@ -33,7 +33,7 @@ from .data import (
     load_mni_t1,
     load_mni_t2_like,
     load_pair,
-    load_volume,
+    load_training_volume,
     mni_maps,
     volume_maps,
 )
@@ -90,7 +90,7 @@ class TrainConfig:
 def _load_volumes(specs: list[str]) -> list[np.ndarray]:
     vols = []
     for spec in specs:
-        vols.append(load_mni_t1() if spec == "mni152-t1" else load_volume(spec))
+        vols.append(load_mni_t1() if spec == "mni152-t1" else load_training_volume(spec))
     return vols
 
 

@@ -13,7 +13,7 @@ import torch
 
 from .data import Split, foreground_mask
 from .inference import denoise_volume
-from .metrics import psnr, ssim
+from .quality import psnr, ssim
 from .noise import add_coil_noise, add_rician, gfactor_field
 from .schedule import NoiseSchedule
 

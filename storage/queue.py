@@ -34,31 +34,33 @@ class JobState(StrEnum):
     HELD = "held"
 
 
-S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     # ignored: superseded by a newer job for the same series.
-    S.QUEUED: frozenset({S.PROCESSING, S.IGNORED, S.FAILED}),
+    JobState.QUEUED: frozenset({JobState.PROCESSING, JobState.IGNORED, JobState.FAILED}),
     # queued: retry after a transient error or an expired lease; ignored: nothing to denoise;
     # held: the rule asks for review, or the gate refused and the rule holds refusals.
-    S.PROCESSING: frozenset({S.PROCESSED, S.QUEUED, S.FAILED, S.IGNORED, S.HELD}),
+    JobState.PROCESSING: frozenset({JobState.PROCESSED, JobState.QUEUED, JobState.FAILED,
+                                    JobState.IGNORED, JobState.HELD}),
     # processed: approved; ignored: rejected or superseded; queued: replayed.
-    S.HELD: frozenset({S.PROCESSED, S.IGNORED, S.QUEUED}),
+    JobState.HELD: frozenset({JobState.PROCESSED, JobState.IGNORED, JobState.QUEUED}),
     # queued: replayed; ignored: superseded before it was sent.
-    S.PROCESSED: frozenset({S.SENDING, S.QUEUED, S.IGNORED}),
+    JobState.PROCESSED: frozenset({JobState.SENDING, JobState.QUEUED, JobState.IGNORED}),
     # processed: send retry after backoff, or an expired lease; queued: derived files lost.
-    S.SENDING: frozenset({S.DONE, S.PROCESSED, S.FAILED, S.QUEUED}),
-    S.DONE: frozenset({S.QUEUED}),
-    S.FAILED: frozenset({S.QUEUED}),
-    S.IGNORED: frozenset({S.QUEUED}),
+    JobState.SENDING: frozenset({JobState.DONE, JobState.PROCESSED, JobState.FAILED,
+                                 JobState.QUEUED}),
+    JobState.DONE: frozenset({JobState.QUEUED}),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.IGNORED: frozenset({JobState.QUEUED}),
 }
-ACTIVE_STATES = frozenset({S.QUEUED, S.PROCESSING, S.PROCESSED, S.SENDING})
-TERMINAL_STATES = frozenset({S.DONE, S.FAILED, S.IGNORED})
+ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.PROCESSING, JobState.PROCESSED,
+                           JobState.SENDING})
+TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
 # Neither: held jobs wait for a person, not a worker, and keep their derived files.
-WAITING_FOR_REVIEW = frozenset({S.HELD})
+WAITING_FOR_REVIEW = frozenset({JobState.HELD})
 # A claim moves a job from the left state into the right one.
-CLAIMABLE = {S.QUEUED: S.PROCESSING, S.PROCESSED: S.SENDING}
+CLAIMABLE = {JobState.QUEUED: JobState.PROCESSING, JobState.PROCESSED: JobState.SENDING}
 # An expired lease returns the job to where its stage began.
-LEASE_RETURNS = {S.PROCESSING: S.QUEUED, S.SENDING: S.PROCESSED}
+LEASE_RETURNS = {JobState.PROCESSING: JobState.QUEUED, JobState.SENDING: JobState.PROCESSED}
 
 
 class QueueError(Exception):
@@ -164,16 +166,16 @@ def enqueue(session: Session, series: Series, *, reason: str, now: datetime | No
     now = now or utcnow()
     superseded = session.scalars(
         select(Job).where(Job.series_id == series.id,
-                          Job.state.in_([S.QUEUED, S.PROCESSED, S.HELD]))
+                          Job.state.in_([JobState.QUEUED, JobState.PROCESSED, JobState.HELD]))
     ).all()
-    job = Job(series_id=series.id, state=S.QUEUED.value, series_revision=series.revision,
+    job = Job(series_id=series.id, state=JobState.QUEUED.value, series_revision=series.revision,
               available_at=now, created_at=now, updated_at=now)
     session.add(job)
     session.flush()
-    session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=S.QUEUED.value,
+    session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=JobState.QUEUED.value,
                          reason=reason))
     for old in superseded:
-        transition(session, old.id, JobState(old.state), S.IGNORED,
+        transition(session, old.id, JobState(old.state), JobState.IGNORED,
                    reason=f"superseded by job {job.id}", now=now)
     series.queued_revision = series.revision
     return job
@@ -260,7 +262,7 @@ def renew_lease(sessions: SessionFactory, job_id: int, worker: str, lease_second
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.lease_owner == worker,
-                   Job.state.in_([S.PROCESSING.value, S.SENDING.value]))
+                   Job.state.in_([JobState.PROCESSING.value, JobState.SENDING.value]))
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
             .execution_options(synchronize_session=False)
         )

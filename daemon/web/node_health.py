@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.http import Check, CheckResult
+from denoised_node.daemon.http import Probe, CheckResult
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class HealthRow:
 class SlowChecks:
     """Runs ``checks`` in the background when their results are older than ``refresh``."""
 
-    def __init__(self, checks: Sequence[tuple[str, Check]],
+    def __init__(self, checks: Sequence[tuple[str, Probe]],
                  refresh: float = REFRESH_SECONDS) -> None:
         self.checks = list(checks)
         self.refresh = refresh
@@ -92,7 +92,7 @@ class SlowChecks:
 
 
 def slow_checks(settings: Settings) -> SlowChecks:
-    checks: list[tuple[str, Check]] = [
+    checks: list[tuple[str, Probe]] = [
         ("model file", lambda: model_file(settings.model.checkpoint)),
         ("gpu", lambda: gpu(settings.model.device)),
     ]
@@ -104,7 +104,7 @@ def slow_checks(settings: Settings) -> SlowChecks:
     return SlowChecks(checks)
 
 
-def _echo_check(settings: Settings, destination: Destination) -> Check:
+def _echo_check(settings: Settings, destination: Destination) -> Probe:
     def check() -> CheckResult:
         from denoised_node.daemon.scu import SendError, echo
 

@@ -1,4 +1,5 @@
-"""Image quality figures: PSNR and SSIM (whole image and inside a mask) and HFEN."""
+"""Image quality figures: PSNR and SSIM (whole image and inside a mask) and HFEN (the node's
+own counters are daemon/metrics.py)."""
 
 from __future__ import annotations
 
