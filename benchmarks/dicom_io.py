@@ -87,7 +87,7 @@ def _into_bare_pynetdicom(series: Path, workdir: Path, folders: list[Path] | Non
     from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     from denoised_node.config.settings import load_settings
-    from denoised_node.daemon.network import make_ae, set_tcp_nodelay
+    from denoised_node.daemon.dicom_network import make_ae, set_tcp_nodelay
 
     ae = make_ae(load_settings(None, environ={}), "BARE")
     for context in AllStoragePresentationContexts:

@@ -27,7 +27,7 @@ from denoised_node.daemon.connection_guard import (
     GuardedAssociationServer,
     GuardLimits,
 )
-from denoised_node.daemon.network import make_ae, set_tcp_nodelay
+from denoised_node.daemon.dicom_network import make_ae, set_tcp_nodelay
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.spool import Spool, Spooler
 from denoised_node.daemon.status import Status, status_for

@@ -14,7 +14,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.network import keep_responses_for_the_caller, make_ae, set_tcp_nodelay
+from denoised_node.daemon.dicom_network import keep_responses_for_the_caller, make_ae, set_tcp_nodelay
 from denoised_node.daemon.status import describe, is_stored
 from denoised_node.daemon.tls import client_tls_args
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.network import keep_responses_for_the_caller
+from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.daemon.scp import start_scp

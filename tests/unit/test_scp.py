@@ -13,7 +13,7 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.network import keep_responses_for_the_caller
+from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.daemon.scp import start_scp
