@@ -213,34 +213,34 @@ class Worker:
             # What the series is (localizer, reformat, no pixel data...) comes first, then
             # which rule takes it.
             plan = plan_series(paths, input_policy(self.settings))
-            facts = self._facts = _first_readable(paths, calling_ae)
-            decision = self._decide(facts) if facts is not None else None
+            # The rules read the first image the plan will denoise (its header was read).
+            facts = self._facts = attributes_from_file(plan.stacks[0].slices[0].path,
+                                                       calling_ae)
+            decision = self._decide(facts)
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
             return False
-        except (PermanentError, SeriesError, ConfigError, ModelError) as exc:
+        except (PermanentError, SeriesError, ConfigError, ModelError, ValueError) as exc:
             self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)))
             return False
-        if decision is not None and not decision.denoise:
+        rule_name = decision.rule.name if decision.rule else None
+        if not decision.denoise:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, str(decision.ignored_reason),
-                       rule_name=decision.rule.name if decision.rule else None)
+                       rule_name=rule_name)
             return False
-        denoiser = self.models.get(decision.checkpoint) if decision and decision.checkpoint \
-            else self.denoiser
+        denoiser = self.models.get(decision.checkpoint or self.settings.model.checkpoint)
         out_dir = self.store.derived_dir(job.id)
         self.store.remove_tree(out_dir)
         started = time.monotonic()
         log.info("denoising series", extra={**extra, "series_uid": series_uid,
                                             "instances": len(paths), "model": denoiser.identity,
-                                            "rule": decision.rule.name if decision and
-                                            decision.rule else None})
+                                            "rule": rule_name})
         try:
             outcome = denoise_series(paths, series_uid, denoiser, self.settings, out_dir,
                                      utcnow(), progress=_both(
                                          _progress_logger(job.id, self.heartbeat.beat),
                                          self._recorder(job, "denoise")),
-                                     hold_gate_failures=bool(decision and
-                                                             decision.hold_gate_failures),
+                                     hold_gate_failures=decision.hold_gate_failures,
                                      plan=plan)
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
@@ -263,19 +263,17 @@ class Worker:
                    f"({outcome.describe_seconds()}){_skipped_note(outcome.skipped)}")
         values: dict[str, object] = {
             "derived_series_uid": outcome.derived_series_uid,
-            "derived_count": len(outcome.files), "model_identity": denoiser.identity}
-        if decision is not None:
-            values.update(rule_name=decision.rule.name if decision.rule else None,
-                          destinations=json.dumps(list(decision.destinations)))
+            "derived_count": len(outcome.files), "model_identity": denoiser.identity,
+            "rule_name": rule_name, "destinations": json.dumps(list(decision.destinations))}
         if outcome.gate_refusal is not None:
             self._move(job, JobState.PROCESSING, JobState.HELD,
                        one_line(f"{outcome.gate_refusal}; held for review (approve or reject)"),
                        event="gate_refused", **values)
             return False
-        if decision is not None and decision.review:
+        if decision.review:
             self._move(job, JobState.PROCESSING, JobState.HELD,
-                       f"{summary}; held for review by rule {decision.rule.name!r}"  # type: ignore[union-attr]
-                       " (approve or reject)", **values)
+                       f"{summary}; held for review by rule {rule_name!r} (approve or reject)",
+                       **values)
             return False
         self._move(job, JobState.PROCESSING, JobState.PROCESSED, summary, **values)
         return True
@@ -445,15 +443,6 @@ class Worker:
         except Exception:  # noqa: BLE001 - the lease expires anyway
             log.exception("could not release the job in hand", extra={"job_id": job.id})
         self.current = None
-
-
-def _first_readable(paths: Sequence[Path], calling_ae: str) -> SeriesAttributes | None:
-    for path in paths:
-        try:
-            return attributes_from_file(path, calling_ae)
-        except ValueError:
-            continue
-    return None
 
 
 def _skipped_note(skipped: Sequence[tuple[str, str]]) -> str:
