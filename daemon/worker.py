@@ -7,7 +7,6 @@ The first stop request finishes the job in hand; a second one releases it and st
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -59,8 +58,9 @@ from denoised_node.storage.series import NothingToDenoise, SeriesError
 
 log = logging.getLogger(__name__)
 
-# send_files's shape; a sender may also take ``progress=(sent, total)`` and report through it.
-Sender = Callable[..., SendResult]
+# send_files's shape: settings, destination, files and progress(sent, total) or None.
+Sender = Callable[[Settings, Destination, Sequence[Path], Callable[[int, int], None] | None],
+                  SendResult]
 
 
 class StopNow(BaseException):
@@ -134,8 +134,6 @@ class Worker:
         self.worker_id = worker_id or (f"{configured}:{os.getpid()}" if configured
                                        else default_worker_id())
         self.sender = sender
-        # Senders from before progress existed (test doubles) take no progress argument.
-        self._sender_reports = _takes_progress(sender)
         # READY=1 and WATCHDOG=1 to $NOTIFY_SOCKET: `serve` listens there (or systemd, for a
         # worker unit of its own); beats come from this loop and from denoising progress.
         self.heartbeat = Heartbeat()
@@ -372,13 +370,10 @@ class Worker:
         recorder = self._recorder(job, "send")
         try:
             for index, destination in enumerate(destinations):
-                if self._sender_reports:
-                    def progress(sent: int, _count: int, before: int = index * len(files)) -> None:
-                        recorder(before + sent, len(files) * len(destinations))
+                def progress(sent: int, _count: int, before: int = index * len(files)) -> None:
+                    recorder(before + sent, len(files) * len(destinations))
 
-                    result = self.sender(self.settings, destination, files, progress=progress)
-                else:
-                    result = self.sender(self.settings, destination, files)
+                result = self.sender(self.settings, destination, files, progress=progress)
                 log.info("series sent", extra={"job_id": job.id, "destination": result.destination,
                                                "instances": result.sent})
         except Exception as exc:  # noqa: BLE001 - any send failure is retried, then fails
@@ -502,14 +497,6 @@ def _both(*reporters: Callable[[int, int], None]) -> Callable[[int, int], None]:
             reporter(done, total)
 
     return report
-
-
-def _takes_progress(sender: Sender) -> bool:
-    try:
-        parameters = inspect.signature(sender).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == "progress" or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 def stop_handler(worker: Worker) -> Callable[[int, object], None]:

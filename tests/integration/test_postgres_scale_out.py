@@ -100,7 +100,7 @@ class LoggingSender:
         self.worker = worker
 
     def __call__(self, settings: Settings, destination: Destination,
-                 files: Sequence[Path]) -> SendResult:
+                 files: Sequence[Path], progress: object = None) -> SendResult:
         line = f"{self.worker} {files[0].parent.name} {len(files)}\n".encode()
         fd = os.open(self.log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

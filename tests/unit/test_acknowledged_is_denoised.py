@@ -37,7 +37,7 @@ def _age_and_complete(runtime: Runtime) -> list[int]:
 
 
 def _run_worker(runtime: Runtime, denoiser, sent: list[list[Path]] | None = None) -> None:  # type: ignore[no-untyped-def]
-    def sender(settings, destination, files):  # type: ignore[no-untyped-def]
+    def sender(settings, destination, files, progress=None):  # type: ignore[no-untyped-def]
         if sent is not None:
             sent.append(list(files))
         return SendResult(destination.name, len(files))

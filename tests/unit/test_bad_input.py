@@ -79,7 +79,7 @@ def test_instance_without_pixel_data_or_geometry_is_ignored_with_the_reason(  # 
         session.scalars(select(Series)).one().last_received_at -= timedelta(minutes=1)
     complete_idle_series(runtime.sessions, runtime.settings.series)
     Worker(runtime.settings, runtime.sessions, runtime.store, fake_denoiser,
-           sender=lambda *a: None).run(burst=True)  # type: ignore[arg-type, return-value]
+           sender=lambda *a, **k: None).run(burst=True)  # type: ignore[arg-type, return-value]
     with runtime.sessions() as session:
         job = session.scalars(select(Job)).one()
     assert job.state == "ignored"

@@ -27,7 +27,7 @@ class RecordingSender:
         self.sent: list[list[Path]] = []
 
     def __call__(self, settings: Settings, destination: Destination,
-                 files: Sequence[Path]) -> SendResult:
+                 files: Sequence[Path], progress: object = None) -> SendResult:
         if self.failures > 0:
             self.failures -= 1
             raise SendError(f"{destination.name}: association rejected")

@@ -141,7 +141,7 @@ def test_worker_records_a_phase_only_series_as_ignored(runtime: Runtime,
             series.last_received_at -= timedelta(minutes=5)
     assert complete_idle_series(runtime.sessions, runtime.settings.series)
 
-    def never_send(*args: Any) -> SendResult:
+    def never_send(*args: Any, **kwargs: Any) -> SendResult:
         raise AssertionError("an ignored series is not sent")
 
     worker = Worker(runtime.settings, runtime.sessions, runtime.store, _NoNetwork(),

@@ -45,7 +45,7 @@ class Recorder:
         self.sent: Counter[str] = Counter()
 
     def __call__(self, settings: Settings, destination: Destination,
-                 files: Sequence[Path]) -> SendResult:
+                 files: Sequence[Path], progress: object = None) -> SendResult:
         self.sent[destination.name] += len(files)
         return SendResult(destination.name, len(files))
 

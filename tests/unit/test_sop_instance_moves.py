@@ -41,7 +41,7 @@ def _complete_and_work(runtime: Runtime, denoiser) -> list[list[Path]]:  # type:
     complete_idle_series(runtime.sessions, runtime.settings.series)
     sent: list[list[Path]] = []
 
-    def sender(settings, destination, files):  # type: ignore[no-untyped-def]
+    def sender(settings, destination, files, progress=None):  # type: ignore[no-untyped-def]
         (runtime.store.root / "sent").mkdir(exist_ok=True)
         kept = Path(tempfile.mkdtemp(dir=runtime.store.root / "sent"))
         copies = []

@@ -47,7 +47,7 @@ class FailingFor:
         self.failing = set(series.sop_instance_uids)
 
     def __call__(self, settings: Settings, destination: Destination,
-                 files: Sequence[Path]) -> SendResult:
+                 files: Sequence[Path], progress: object = None) -> SendResult:
         derived = pydicom.dcmread(files[0], stop_before_pixels=True)
         if derived.SourceImageSequence[0].ReferencedSOPInstanceUID in self.failing:
             raise SendError(f"{destination.name}: association rejected")
@@ -324,7 +324,7 @@ def test_a_series_of_several_stacks_offers_each(settings_factory: Callable[..., 
             row.last_received_at -= timedelta(minutes=5)
     complete_idle_series(runtime.sessions, settings.series)
     Worker(settings, runtime.sessions, runtime.store, fake_denoiser,  # type: ignore[arg-type]
-           worker_id="w", sender=lambda s, d, f: SendResult(d.name, len(f))).run(burst=True)
+           worker_id="w", sender=lambda s, d, f, progress: SendResult(d.name, len(f))).run(burst=True)
     pages = StatusPages(settings, runtime.sessions, runtime.store, _readiness(), slow=_slow())
     html = pages.handle(Request.build("GET", f"/series/{series.series_uid}",
                                       {"Host": "127.0.0.1"})).body.decode()
