@@ -85,6 +85,10 @@ class NodeSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=11112, ge=0, le=65535)  # 0: any free port (tests)
     data_dir: Path = Field(default_factory=default_data_dir)
+    # Processes that receive associations, all on node.port (and tls.port): associations
+    # arriving together are received in parallel, up to one process per core. 1: serve
+    # receives in its own process. The limits below hold per receiving process.
+    receive_processes: int = Field(default=1, ge=1, le=64)
     max_associations: int = Field(default=16, ge=1)
     # Connections one address may hold at once (more are closed when accepted), so that
     # one misbehaving host cannot take every association slot.

@@ -168,6 +168,23 @@ def worker(config_path: Path | None, burst: bool, max_jobs: int | None) -> None:
         pass
 
 
+@main.command(hidden=True)
+@config_option
+@click.option("--listen", "listen", multiple=True, required=True,
+              help="TRANSPORT=FD: a listening socket inherited from serve.")
+@click.option("--events-fd", type=int, required=True, help="The pipe to serve's counts.")
+@click.option("--processes", type=int, default=1, help="How many receive on these sockets.")
+def receiver(config_path: Path | None, listen: tuple[str, ...], events_fd: int,
+             processes: int) -> None:
+    """One receiving process of serve (node.receive_processes): not run by hand."""
+    from denoised_node.daemon.receiver_process import inherited_sockets, run_receiver
+
+    settings = settings_from(config_path)
+    _setup_logging(settings)
+    sys.exit(run_receiver(settings, inherited_sockets(list(listen)), events_fd,
+                          shared=processes > 1))
+
+
 def _check_shared_store(settings: Settings) -> None:
     """A worker on a shared (PostgreSQL) queue reads what an SCP on another host stored:
     refuse a data_dir that holds no store (the share not mounted) rather than start and fail

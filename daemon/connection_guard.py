@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import threading
 import time
 from collections import Counter
@@ -184,18 +185,43 @@ class GuardedSocket(AssociationSocket):
 
 
 _GC_PASSES = 60  # pynetdicom's own cadence: 60 passes of serve_forever's 0.5 s poll
+# Long enough for an idle process to win the accept, short beside an association's set-up.
+_YIELD_PER_ASSOCIATION_SECONDS = 0.001
 
 
 class GuardedAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with ConnectionGuard's admission in the accept loop."""
+    """pynetdicom's threaded server with ConnectionGuard's admission in the accept loop,
+    accepting on a socket bound beforehand (scp_sockets.py), perhaps shared with other
+    receiving processes (``shared``)."""
 
     def __init__(self, *args: Any, guard: ConnectionGuard, transport: str,
-                 **kwargs: Any) -> None:
+                 listening: socket.socket, shared: bool = False, **kwargs: Any) -> None:
         self.guard = guard
         self.transport = transport
+        self._listening = listening
+        self._shared = shared
         self._served = False
         self._passes = 0
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """Take the socket bound beforehand instead of binding one."""
+        self.socket.close()
+        self.socket = self._listening
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening already
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Every process sharing the socket wakes for a connection and one accepts it (the
+        others get EAGAIN and wait again). One already serving associations lets the others
+        go first, so that associations arriving together spread over the processes."""
+        if self._shared:
+            serving = sum(1 for assoc in self.active_associations if assoc.is_alive())
+            if serving:
+                time.sleep(min(serving, 5) * _YIELD_PER_ASSOCIATION_SECONDS)
+        return super().get_request()
 
     def service_actions(self) -> None:
         """pynetdicom collects garbage (gc.collect, its dead association threads) every 60th

@@ -12,11 +12,13 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from denoised_node.config.settings import RetentionSettings
+from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.rescan import settle_unindexed
 from denoised_node.storage.db import SessionFactory, is_postgres
-from denoised_node.storage.files import STALE_TEMP_SECONDS, FileStore
+from denoised_node.storage.files import STALE_TEMP_SECONDS
 from denoised_node.storage.models import Job, utcnow
 from denoised_node.storage.queue import LEASE_RETURNS, JobState, StaleState, return_to_stage
-from denoised_node.storage.retention import forget_purged, purge_finished, remove_orphans
+from denoised_node.storage.retention import forget_purged, purge_finished
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +75,16 @@ def _escape_like(text: str) -> str:
 
 
 class RetentionLoop(threading.Thread):
-    def __init__(self, sessions: SessionFactory, store: FileStore,
-                 settings: RetentionSettings) -> None:
+    def __init__(self, receiver: Receiver, settings: RetentionSettings) -> None:
         super().__init__(name="retention", daemon=True)
-        self.sessions = sessions
-        self.store = store
+        self.receiver = receiver
+        self.sessions = receiver.sessions
+        self.store = receiver.store
         self.settings = settings
         self.stopping = threading.Event()
 
     def run_once(self) -> None:
-        remove_orphans(self.sessions, self.store, ORPHAN_AGE)
+        settle_unindexed(self.receiver, ORPHAN_AGE)
         if self.settings.done_after_hours > 0:
             purge_finished(self.sessions, self.store,
                            timedelta(hours=self.settings.done_after_hours))

@@ -8,8 +8,8 @@ access policy (access.py), and every C-STORE dataset written to a file as it arr
 
 from __future__ import annotations
 
-import errno
 import logging
+import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from denoised_node.config.settings import ConfigError, Settings
+from denoised_node.config.settings import Settings
 from denoised_node.daemon.access import AccessPolicy, Refusal, handle_requested
 from denoised_node.daemon.connection_guard import (
     ConnectionGuard,
@@ -29,13 +29,12 @@ from denoised_node.daemon.connection_guard import (
 )
 from denoised_node.daemon.dicom_network import make_ae, set_tcp_nodelay
 from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.scp_sockets import PLAIN, TLS, bind_listeners
 from denoised_node.daemon.spool import Spool, Spooler
 from denoised_node.daemon.status import Status, status_for
 from denoised_node.daemon.tls import TLSAssociationServer, server_context
 
 log = logging.getLogger(__name__)
-
-PLAIN, TLS = "plain", "tls"
 
 
 class ScpCounts(Protocol):
@@ -180,14 +179,22 @@ class ScpListeners:
     def alive(self) -> bool:
         return all(thread.is_alive() for thread in self.threads)
 
+    def associations(self) -> list[Any]:
+        """The associations in progress (their threads)."""
+        return [assoc for server in self.servers.values()
+                for assoc in server.active_associations]
+
     def shutdown(self) -> None:
         """No new associations; the ones in progress finish first."""
         for server in self.servers.values():
             server.shutdown()
 
 
-def start_scp(settings: Settings, receiver: Receiver,
-              counts: ScpCounts | None = None) -> ScpListeners:
+def start_scp(settings: Settings, receiver: Receiver, counts: ScpCounts | None = None,
+              sockets: dict[str, socket.socket] | None = None,
+              shared: bool = False) -> ScpListeners:
+    """Serve on ``sockets`` (from scp_sockets.bind_listeners; bound here when None).
+    ``shared``: other processes accept on the same sockets (node.receive_processes)."""
     ae = build_ae(settings)
     tracker = DeliveryTracker()
     policy = AccessPolicy.from_settings(settings.node)
@@ -195,18 +202,14 @@ def start_scp(settings: Settings, receiver: Receiver,
     guard = ConnectionGuard(GuardLimits.from_settings(settings.node), policy, counts)
     spooler = Spooler(receiver.store.incoming, receiver.max_bytes)
     tls = settings.tls
-    plan: list[tuple[str, int]] = []
-    if tls.plain_port:
-        plan.append((PLAIN, settings.node.port))
-    if tls.enabled:
-        plan.append((TLS, tls.port))
     tls_context = server_context(tls) if tls.enabled else None  # file errors before binding
+    sockets = sockets if sockets is not None else bind_listeners(settings)
     listeners = ScpListeners({})
     try:
-        for transport, port in plan:
+        for transport, listening in sockets.items():
             handlers = scp_handlers(receiver, tracker, policy, counts, transport, guard, spooler)
-            server = _make_server(ae, settings, transport, port, handlers, tls_context, counts,
-                                  guard)
+            server = _make_server(ae, settings, transport, listening, shared, handlers,
+                                  tls_context, counts, guard)
             thread = threading.Thread(target=make_target(server.serve_forever),
                                       name=f"scp-{transport}", daemon=True)
             thread.start()
@@ -226,23 +229,17 @@ def start_scp(settings: Settings, receiver: Receiver,
     return listeners
 
 
-def _make_server(ae: AE, settings: Settings, transport: str, port: int, handlers: list[Any],
-                 tls_context: Any, counts: ScpCounts,
+def _make_server(ae: AE, settings: Settings, transport: str, listening: socket.socket,
+                 shared: bool, handlers: list[Any], tls_context: Any, counts: ScpCounts,
                  guard: ConnectionGuard) -> ThreadedAssociationServer:
-    address = (settings.node.host, port)
-    key = "tls.port" if transport == TLS else "node.port"
-    try:
-        if transport == TLS:
-            return ae.make_server(address, evt_handlers=handlers,  # type: ignore[no-any-return]
-                                  server_class=TLSAssociationServer, tls_context=tls_context,
-                                  handshake_timeout=settings.node.acse_timeout,
-                                  on_handshake_failure=lambda: counts.association(
-                                      "handshake_failed", TLS), guard=guard, transport=TLS)
-        return ae.make_server(address, evt_handlers=handlers,  # type: ignore[return-value]
-                              server_class=GuardedAssociationServer, guard=guard,
-                              transport=PLAIN)
-    except OSError as exc:
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
-            raise ConfigError(f"cannot listen on {settings.node.host}:{port} ({key}): "
-                              f"{exc.strerror}; choose another {key} or node.host") from None
-        raise
+    address = listening.getsockname()[:2]
+    if transport == TLS:
+        return ae.make_server(address, evt_handlers=handlers,  # type: ignore[no-any-return]
+                              server_class=TLSAssociationServer, tls_context=tls_context,
+                              handshake_timeout=settings.node.acse_timeout,
+                              on_handshake_failure=lambda: counts.association(
+                                  "handshake_failed", TLS), guard=guard, transport=TLS,
+                              listening=listening, shared=shared)
+    return ae.make_server(address, evt_handlers=handlers,  # type: ignore[return-value]
+                          server_class=GuardedAssociationServer, guard=guard,
+                          transport=PLAIN, listening=listening, shared=shared)

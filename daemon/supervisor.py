@@ -16,39 +16,43 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon import health
+from denoised_node.daemon.child_process import node_command, restart_delay, spawn
 from denoised_node.daemon.completion import CompletionLoop
 from denoised_node.daemon.http import Readiness, StatusServer
 from denoised_node.daemon.maintenance import (
-    ORPHAN_AGE,
     RetentionLoop,
     release_dead_local_leases,
 )
 from denoised_node.daemon.metrics import node_registry
 from denoised_node.daemon.notify import (
-    NOTIFY_SOCKET,
     Notification,
     NotifyListener,
     sd_notify,
     watchdog_seconds,
 )
 from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.scp import start_scp
+from denoised_node.daemon.rescan import settle_unindexed
+from denoised_node.daemon.runtime import Runtime, open_runtime
+from denoised_node.daemon.receiver_events import EventReader
+from denoised_node.daemon.receiver_pool import ReceiverPool
+from denoised_node.daemon.scp import ScpCounts, ScpListeners, start_scp
+from denoised_node.daemon.scp_sockets import bind_listeners
+from denoised_node.daemon.tls import server_context
 from denoised_node.daemon.web.pages import StatusPages
 from denoised_node.storage.db import is_sqlite
-from denoised_node.storage.retention import remove_orphans
 
 log = logging.getLogger(__name__)
 
-_RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 60.0)
 _WORKER_STOP_SECONDS = 60.0
 _WORKER_START_SECONDS = 600.0
 
@@ -69,9 +73,7 @@ class WorkerPool:
 
     def __init__(self, count: int, config_path: Path | None, *, notify_socket: str | None = None,
                  watchdog_seconds: float = 600.0) -> None:
-        self.command = [sys.executable, "-m", "denoised_node.daemon.cli", "worker"]
-        if config_path is not None:
-            self.command += ["--config", str(config_path)]
+        self.command = node_command("worker", config_path)
         self.children = [_Child(i) for i in range(count)]
         self.notify_socket = notify_socket
         self.watchdog_seconds = watchdog_seconds
@@ -121,21 +123,12 @@ class WorkerPool:
             return True
         return False
 
-    def _environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        for name in (NOTIFY_SOCKET, "WATCHDOG_USEC", "WATCHDOG_PID"):  # systemd's are for serve
-            env.pop(name, None)
-        if self.notify_socket:
-            env[NOTIFY_SOCKET] = self.notify_socket
-        return env
-
     def start(self) -> None:
         for child in self.children:
             self._spawn(child)
 
     def _spawn(self, child: _Child) -> None:
-        child.process = subprocess.Popen(self.command, preexec_fn=_die_with_parent,
-                                         env=self._environment())
+        child.process = spawn(self.command, notify_socket=self.notify_socket)
         child.started_at = child.last_heard = time.monotonic()
         child.ready = False
         log.info("worker process started", extra={"worker_index": child.index,
@@ -162,7 +155,7 @@ class WorkerPool:
                 continue
             if process is not None:
                 child.failures += 1
-                delay = _RESTART_DELAYS[min(child.failures, len(_RESTART_DELAYS)) - 1]
+                delay = restart_delay(child.failures)
                 child.restart_at = now + delay
                 log.error("worker process exited; restarting in %.0f s", delay,
                           extra={"worker_index": child.index, "pid": process.pid,
@@ -186,17 +179,6 @@ class WorkerPool:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to send SIGTERM when `serve` dies, even by
-    SIGKILL, so no orphaned worker keeps claiming jobs (it finishes the job in hand)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 class SystemdLink:
@@ -233,7 +215,7 @@ def serve(settings: Settings, config_path: Path | None,
           ready: threading.Event | None = None) -> int:
     runtime = open_runtime(settings, initialise_empty=True)
     runtime.store.clean_incoming()
-    remove_orphans(runtime.sessions, runtime.store, ORPHAN_AGE)
+    settle_unindexed(Receiver(runtime.store, runtime.sessions, settings), timedelta(0))
     release_dead_local_leases(runtime.sessions)
     stop = threading.Event()
 
@@ -255,11 +237,10 @@ def serve(settings: Settings, config_path: Path | None,
                             lambda: float(runtime.store.free_bytes())),
     })
     completion = CompletionLoop(runtime.sessions, settings.series, on_queued=pool.wake)
-    receiver = Receiver(runtime.store, runtime.sessions, settings)
-    receiver.on_activity = completion.poke
-    server = start_scp(settings, receiver, scp_counts)
+    server = _start_receiving(settings, config_path, runtime, scp_counts, completion.poke)
     http: StatusServer | None = None
-    retention = RetentionLoop(runtime.sessions, runtime.store, settings.retention)
+    retention = RetentionLoop(Receiver(runtime.store, runtime.sessions, settings),
+                              settings.retention)
     try:
         if settings.http.enabled:
             readiness = Readiness([
@@ -271,7 +252,7 @@ def serve(settings: Settings, config_path: Path | None,
             pages = StatusPages(settings, runtime.sessions, runtime.store, readiness)
             http = StatusServer(settings.http, registry, readiness, pages).start()
     except BaseException:
-        server.shutdown()
+        server.stop()
         raise
     completion.start()
     retention.start()
@@ -283,6 +264,7 @@ def serve(settings: Settings, config_path: Path | None,
         while not stop.wait(systemd.interval):
             pool.notified(listener.receive())
             pool.check()
+            server.check()
             status = f"{pool.ready_count} of {settings.worker.count} worker(s) ready"
             if systemd.tick(pool.ready_count, server.alive() and completion.is_alive(), status):
                 log.info("node ready", extra={"ae_title": settings.node.ae_title,
@@ -290,7 +272,7 @@ def serve(settings: Settings, config_path: Path | None,
                                               "data_dir": str(settings.node.data_dir)})
     finally:
         sd_notify("STOPPING=1")
-        server.shutdown()  # no new associations; the ones in progress finish first
+        server.stop()  # no new associations; the ones in progress finish first
         completion.stop()
         retention.stop()
         pool.stop()
@@ -301,3 +283,44 @@ def serve(settings: Settings, config_path: Path | None,
         runtime.engine.dispose()
         log.info("node stopped")
     return 0
+
+
+class _Receiving(Protocol):
+    def alive(self) -> bool: ...
+
+    def check(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class _InProcess:
+    """The storage SCP on serve's own threads (node.receive_processes = 1)."""
+
+    def __init__(self, listeners: ScpListeners) -> None:
+        self.listeners = listeners
+
+    def alive(self) -> bool:
+        return self.listeners.alive()
+
+    def check(self) -> None:
+        pass  # a stopped SCP thread starves systemd's watchdog, which restarts the node
+
+    def stop(self) -> None:
+        self.listeners.shutdown()
+
+
+def _start_receiving(settings: Settings, config_path: Path | None, runtime: Runtime,
+                     counts: ScpCounts, on_activity: Callable[[], None]) -> _Receiving:
+    processes = settings.node.receive_processes
+    if processes == 1:
+        receiver = Receiver.for_node(runtime)
+        receiver.on_activity = on_activity
+        return _InProcess(start_scp(settings, receiver, counts))
+    if settings.tls.enabled:
+        server_context(settings.tls)  # a bad certificate stops serve, not each receiver
+    sockets = bind_listeners(settings)
+    log.info("storage SCP listening in %d processes", processes, extra={
+        "ae_title": settings.node.ae_title, "host": settings.node.host,
+        "ports": " ".join(str(s.getsockname()[1]) for s in sockets.values())})
+    return ReceiverPool(processes, config_path, sockets,
+                        EventReader(counts, on_activity)).start()

@@ -25,9 +25,15 @@ def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False, synced_commits: bool = True) -> Engine:
     """Build the engine for ``url``; for SQLite, make the file's folder and set the pragmas
-    the node relies on (WAL, full sync so a commit survives power loss, a busy timeout)."""
+    the node relies on (WAL, full sync so a commit survives power loss, a busy timeout).
+
+    ``synced_commits=False`` (the receiver's index only): a commit returns before it is on
+    disk (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off). A power loss can
+    undo the last such commits, never corrupt the database; what they indexed is found
+    again from the files (daemon/rescan.py, docs/reliability.md). Any synced commit after
+    them makes them durable too."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "future": True}
     if parsed.get_backend_name() == "sqlite":
@@ -36,20 +42,22 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
         engine = create_engine(url, **kwargs)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, "FULL" if synced_commits else "NORMAL")
         return engine
     kwargs["pool_pre_ping"] = True
+    if not synced_commits and parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = {"options": "-c synchronous_commit=off"}
     return create_engine(url, **kwargs)
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own is deferred).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()

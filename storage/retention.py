@@ -126,15 +126,14 @@ def forget_purged(sessions: SessionFactory, older_than: timedelta,
 _PATHS_PER_QUERY = 500  # bound parameters per IN list (SQLite's limit is higher)
 
 
-def remove_orphans(sessions: SessionFactory, store: FileStore, older_than: timedelta,
-                   now: datetime | None = None) -> int:
-    """Remove files under instances/ that no index row names and that are older than
-    ``older_than``: a crash between the rename into place and the commit of the row, or
-    before a moved instance's old file was removed, leaves one. None was acknowledged
-    (the SCP answers after the commit). Younger files may be a write in progress (here or,
-    on a shared store, on another host). Walks one series folder at a time."""
+def unindexed_files(sessions: SessionFactory, store: FileStore, older_than: timedelta,
+                    now: datetime | None = None) -> list[str]:
+    """Store-relative paths of the files under instances/ that no index row names and that
+    are older than ``older_than`` (younger ones may be a write in progress, here or, on a
+    shared store, on another host). Walks one series folder at a time; what to do with
+    them is daemon/rescan.py's."""
     cutoff = ((now or utcnow()) - older_than).timestamp()
-    removed = 0
+    found: list[str] = []
     for series_folder in sorted(p for p in store.instances.glob("*/*") if p.is_dir()):
         files = [p for p in series_folder.glob("*.dcm") if _modified_before(p, cutoff)]
         if not files:
@@ -146,14 +145,8 @@ def remove_orphans(sessions: SessionFactory, store: FileStore, older_than: timed
                 chunk = [prefix + p.name for p in files[start:start + _PATHS_PER_QUERY]]
                 named.update(session.scalars(select(Instance.path).where(
                     Instance.path.in_(chunk))))
-        for path in files:
-            if prefix + path.name not in named:
-                store.remove(prefix + path.name)
-                removed += 1
-    if removed:
-        log.warning("removed files no index row names (left by a crash)",
-                    extra={"files": removed})
-    return removed
+        found += [prefix + p.name for p in files if prefix + p.name not in named]
+    return found
 
 
 def _modified_before(path: Path, cutoff: float) -> bool:

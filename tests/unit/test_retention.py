@@ -98,31 +98,3 @@ def test_dead_local_worker_leases_are_released(runtime: Runtime, mr_series) -> N
     assert release_dead_local_leases(runtime.sessions) == [job.id]
     with runtime.sessions() as session:
         assert session.get_one(Job, job.id).state == "queued"
-
-
-def test_files_no_row_names_are_removed_once_stale(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
-    """A crash between the rename into instances/ and the commit of the index row (or
-    before a moved instance's old file was removed) leaves a .dcm that no row names. It was
-    never acknowledged: the sweep removes it once it is older than a write can take, and
-    never touches an indexed file or a fresh one."""
-    import os
-
-    from denoised_node.storage.retention import remove_orphans
-
-    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
-    for path in mr_series.paths:
-        receiver.receive(path.read_bytes(), MR, "MOD")
-    folder = runtime.store.instances / mr_series.study_uid / mr_series.series_uid
-    orphan = folder / "1.2.3.4.5.dcm"
-    orphan.write_bytes(b"renamed into place, never indexed")
-    unknown = runtime.store.instances / "1.2.3" / "1.2.3.9" / "1.2.3.9.1.dcm"
-    unknown.parent.mkdir(parents=True)
-    unknown.write_bytes(b"a series the index does not know")
-    fresh = folder / "1.2.3.4.6.dcm"
-    fresh.write_bytes(b"being indexed right now")
-    hour_ago = utcnow().timestamp() - 3600
-    for old in (orphan, unknown):
-        os.utime(old, (hour_ago, hour_ago))
-    assert remove_orphans(runtime.sessions, runtime.store, timedelta(minutes=10)) == 2
-    assert not orphan.exists() and not unknown.exists() and fresh.exists()
-    assert len(list(folder.glob("*.dcm"))) == len(mr_series.paths) + 1
