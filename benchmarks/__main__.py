@@ -9,7 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_WORKDIR, Row, format_table, fsync_latency_ms, series_folder
+from benchmarks.common import (
+    DEFAULT_WORKDIR,
+    Row,
+    cpu_hogs,
+    format_table,
+    fsync_latency_ms,
+    series_folder,
+)
 
 SECTIONS = ("receive", "send", "inference", "e2e", "soak", "idle")
 # The soak runs only when asked: it takes its --soak-seconds whatever the machine.
@@ -34,10 +41,12 @@ def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) 
 
         print(f"peers: {tool_versions()}", file=sys.stderr)
         series = series_folder(args.workdir, args.slices)
-        if "receive" in chosen:
-            rows += receive_rows(series, args.workdir)
-        if "send" in chosen:
-            rows += send_rows(series, args.workdir)
+        suffix = ", busy (a CPU hog per core beside)" if args.busy else ""
+        with cpu_hogs((os.cpu_count() or 1) if args.busy else 0):
+            if "receive" in chosen:
+                rows += receive_rows(series, args.workdir, suffix)
+            if "send" in chosen:
+                rows += send_rows(series, args.workdir, suffix)
     if "inference" in chosen:
         from benchmarks.inference import inference_rows
 
@@ -71,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long the soak section attacks and sends")
     parser.add_argument("--soak-no-attack", action="store_true",
                         help="the soak's senders and probes alone: the figures to compare with")
+    parser.add_argument("--busy", action="store_true",
+                        help="receive and send with a CPU hog per core beside (a busy machine)")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,20 @@ def split_folder(source: Path, parts: int, target: Path) -> list[Path]:
             os.link(path, folder / path.name)
         folders.append(folder)
     return folders
+
+
+@contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """``count`` processes that spin at the lowest priority a hog can have beside the
+    measured ones (the same nice level): a busy machine."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(count)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
 
 
 def timed(action: Callable[[], Any]) -> float:

@@ -9,6 +9,7 @@ Send: the node's SCU and DCMTK storescu each send the same files to a fresh Orth
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import threading
@@ -39,10 +40,12 @@ def _send_parallel(folders: list[Path], port: int, called: str) -> None:
         raise errors[0]
 
 
-def _into_node(series: Path, workdir: Path, folders: list[Path] | None) -> float:
+def _into_node(series: Path, workdir: Path, folders: list[Path] | None,
+               processes: int = 1) -> float:
     port = free_port()
     config = node_config(fresh_dir(workdir), port, None, worker={"count": 0},
-                         series={"idle_seconds": 3600}, http={"enabled": False})
+                         series={"idle_seconds": 3600}, http={"enabled": False},
+                         node={"receive_processes": processes})
     node = start_node(config, port, workdir / "node.log")
     try:
         count = len(list(series.glob("*.dcm")))
@@ -103,19 +106,23 @@ def _into_bare_pynetdicom(series: Path, workdir: Path, folders: list[Path] | Non
         server.shutdown()
 
 
-def receive_rows(series: Path, workdir: Path) -> list[Row]:
+def receive_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Row]:
+    """The node with one receiving process and with one per core, beside the peers."""
     count = len(list(series.glob("*.dcm")))
+    cores = os.cpu_count() or 1
     rows = []
     four = split_folder(series, 4, workdir / "split4")
     for label, folders in (("1 association", None), ("4 associations at once", four)):
-        node = _into_node(series, workdir / "node", folders)
-        orthanc = _into_orthanc(series, workdir / "orthanc", folders)
-        storescp = _into_storescp(series, workdir / "storescp", folders)
-        bare = _into_bare_pynetdicom(series, workdir, folders)
-        rows.append(Row(SECTION, f"{count} x 256x256, {label}", node, "img/s",
-                        {"Orthanc": orthanc, "storescp": storescp, "bare pynetdicom": bare},
-                        "node: fsync + index; Orthanc: index, no fsync; storescp: files "
-                        "only; bare pynetdicom: keeps nothing"))
+        nodes = {processes: _into_node(series, workdir / "node", folders, processes)
+                 for processes in sorted({1, cores})}
+        peers = {"Orthanc": _into_orthanc(series, workdir / "orthanc", folders),
+                 "storescp": _into_storescp(series, workdir / "storescp", folders),
+                 "bare pynetdicom": _into_bare_pynetdicom(series, workdir, folders)}
+        for processes, rate in nodes.items():
+            rows.append(Row(SECTION, f"{count} x 256x256, {label}, receive_processes = "
+                            f"{processes}{label_suffix}", rate, "img/s", peers,
+                            "node: fsync + index; Orthanc: index, no fsync; storescp: files "
+                            "only; bare pynetdicom (1 process): keeps nothing"))
     return rows
 
 

@@ -14,7 +14,12 @@ from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.dicom_network import keep_responses_for_the_caller, make_ae, set_tcp_nodelay
+from denoised_node.daemon.dicom_network import (
+    files_sent_as_they_are,
+    keep_responses_for_the_caller,
+    make_ae,
+    set_tcp_nodelay,
+)
 from denoised_node.daemon.status import describe, is_stored
 from denoised_node.daemon.tls import client_tls_args
 
@@ -44,25 +49,29 @@ def send_files(settings: Settings, destination: Destination, files: Sequence[Pat
     first instance the destination does not keep."""
     if not files:
         return SendResult(destination.name, 0)
-    contexts = _contexts_for(files)
+    kinds = [_kind(path) for path in files]
+    contexts = _contexts_for(kinds)
     ae = _scu_ae(settings)
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     assoc = _associate(ae, settings, destination)
+    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
+                for c in assoc.accepted_contexts}
     sent = 0
     try:
-        for path in files:
-            status = assoc.send_c_store(_payload(path, assoc))
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise SendError(f"{_where(destination)}: no answer for {path.name} "
-                                "(timeout or connection lost)")
-            if not is_stored(int(code)):
-                raise SendError(f"{_where(destination)}: status {describe(int(code))} for "
-                                f"{path.name}")
-            sent += 1
-            if progress:
-                progress(sent, len(files))
+        with files_sent_as_they_are():
+            for path, kind in zip(files, kinds, strict=True):
+                status = assoc.send_c_store(path if kind in accepted else _converted(path))
+                code = getattr(status, "Status", None)
+                if code is None:
+                    raise SendError(f"{_where(destination)}: no answer for {path.name} "
+                                    "(timeout or connection lost)")
+                if not is_stored(int(code)):
+                    raise SendError(f"{_where(destination)}: status {describe(int(code))} for "
+                                    f"{path.name}")
+                sent += 1
+                if progress:
+                    progress(sent, len(files))
     finally:
         if assoc.is_established:
             assoc.release()
@@ -116,15 +125,19 @@ def _rejection_reason(answers: Sequence[Any]) -> str:
     return ""
 
 
-def _contexts_for(files: Sequence[Path]) -> list[tuple[str, list[str]]]:
+def _kind(path: Path) -> tuple[str, str]:
+    """(SOP class, transfer syntax) from the file's meta information."""
+    meta = pydicom.filereader.read_file_meta_info(path)
+    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+
+
+def _contexts_for(kinds: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     """One uncompressed context per SOP class, and each compressed syntax in a context of
     its own: offered together, a PACS may pick the uncompressed one, and a compressed file
     could then not be sent as it is."""
     uncompressed = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
     contexts: list[tuple[str, list[str]]] = []
-    for path in files:
-        meta = pydicom.filereader.read_file_meta_info(path)
-        sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+    for sop_class, syntax in kinds:
         for wanted in ((sop_class, uncompressed), (sop_class, [syntax])):
             if wanted[1] == [syntax] and syntax in uncompressed:
                 continue
@@ -136,13 +149,10 @@ def _contexts_for(files: Sequence[Path]) -> list[tuple[str, list[str]]]:
     return contexts
 
 
-def _payload(path: Path, assoc: Any) -> Path | pydicom.Dataset:
-    """The file as it is where its transfer syntax was accepted, else decompressed."""
-    meta = pydicom.filereader.read_file_meta_info(path)
-    accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
-                for c in assoc.accepted_contexts}
-    if (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) in accepted:
-        return path
+def _converted(path: Path) -> pydicom.Dataset:
+    """A file whose own transfer syntax was not accepted: decoded (and decompressed), for
+    pynetdicom to encode in an accepted one. A file sent as it is goes from the disk in
+    chunks, never decoded (dicom_network.make_ae)."""
     ds = pydicom.dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress()

@@ -1,0 +1,62 @@
+"""daemon/scu.py against a pynetdicom SCP in this process: a file whose transfer syntax the
+destination accepted goes as it is on disk (never decoded and encoded again); one it did
+not accept is converted; the switch is off again after the send."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+from pydicom.uid import ImplicitVRLittleEndian
+
+import pynetdicom.association
+from denoised_node.config.settings import Destination, Settings
+from denoised_node.daemon.scu import send_files
+from tests.integration.peers import free_port
+
+
+@pytest.fixture
+def pacs() -> Iterator[tuple[int, list[Any]]]:
+    """An SCP that accepts MR in Implicit VR Little Endian only; keeps what it gets."""
+    received: list[Any] = []
+
+    def keep(event: Any) -> int:
+        received.append(event.dataset)
+        return 0
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(MRImageStorage, ImplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, keep)])
+    yield port, received
+    server.shutdown()
+
+
+def test_files_go_as_they_are_and_others_are_converted(
+        pacs, settings: Settings, mr_series_factory,  # type: ignore[no-untyped-def]
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    port, received = pacs
+    implicit = mr_series_factory(transfer_syntax=str(ImplicitVRLittleEndian), slices=3, seed=5)
+    explicit = mr_series_factory(slices=2, seed=6)  # Explicit VR LE: not accepted
+    decoded: list[str] = []
+    real_dcmread = pydicom.dcmread
+
+    def counting_dcmread(path: Any, *args: Any, **kwargs: Any) -> Any:
+        decoded.append(str(path))
+        return real_dcmread(path, *args, **kwargs)
+
+    monkeypatch.setattr(pynetdicom.association, "dcmread", counting_dcmread)
+    monkeypatch.setattr("denoised_node.daemon.scu.pydicom.dcmread", counting_dcmread)
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    result = send_files(settings, destination, implicit.paths + explicit.paths)
+    assert result.sent == 5 and len(received) == 5
+    assert sorted(decoded) == sorted(str(p) for p in explicit.paths)  # converted ones only
+    sent_uids = {str(ds.SOPInstanceUID) for ds in received}
+    assert sent_uids == {i.sop_instance_uid for i in implicit.instances + explicit.instances}
+    assert pynetdicom_config.STORE_SEND_CHUNKED_DATASET is False
