@@ -271,8 +271,9 @@ class HttpSettings(_Section):
     allow_unauthenticated: bool = False
     # Patient name, ID and birth date on the series page; off: never shown.
     show_patient_data: bool = False
-    # Seconds a connection may take for each read or write of a request (an idle one is
-    # closed), and the connections served at once (more get 503 at once).
+    # Seconds a connection may stay silent with no request in progress (half a request, or
+    # an answer not read, counts) before it is closed, and the connections open at once
+    # (past it the longest silent one is closed, or a 503 when every one is busy).
     request_timeout: float = Field(default=10.0, gt=0)
     max_connections: int = Field(default=32, ge=1)
 

@@ -91,6 +91,9 @@ def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
     library.handlers[:] = [h for h in library.handlers if isinstance(h, logging.NullHandler)]
     library.propagate = True
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # waitress warns "Task queue depth" whenever a request waits for one of the HTTP
+    # threads, as a browser fetching a page's pictures at once makes some do: routine.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     # pydicom's validation warnings quote element values, which may be patient names.
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?$")

@@ -101,6 +101,18 @@ def test_past_the_cap_idle_connections_give_way_and_busy_ones_get_a_quick_503(  
     assert _healthz(port) == 200
 
 
+def test_a_flood_of_idle_connections_never_locks_the_probe_out(http_factory) -> None:  # type: ignore[no-untyped-def]
+    port = http_factory(max_connections="4", request_timeout="30")
+    flood = [_idle(port) for _ in range(20)]
+    try:
+        time.sleep(0.2)
+        assert _healthz(port) == 200
+        assert sum(not closed_quickly(sock) for sock in flood) <= 4  # the rest were closed
+    finally:
+        for sock in flood:
+            sock.close()
+
+
 class _SlowPages:
     """Status pages that take until ``release`` is set."""
 

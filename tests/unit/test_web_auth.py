@@ -7,6 +7,7 @@ import base64
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from email.message import Message
 from pathlib import Path
 
 import pytest
@@ -107,13 +108,14 @@ class _Echo:
                         "text/plain; charset=utf-8")
 
 
-def _open(url: str, **headers: str) -> tuple[int, dict[str, str], str]:
+def _open(url: str, **headers: str) -> tuple[int, Message, str]:
+    """Status, headers (names in any case, as HTTP has them) and body."""
     request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, dict(answer.headers), answer.read().decode()
+            return answer.status, answer.headers, answer.read().decode()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read().decode()
+        return error.code, error.headers, error.read().decode()
 
 
 @pytest.fixture
