@@ -126,7 +126,7 @@ def receive_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Ro
     return rows
 
 
-def send_rows(series: Path, workdir: Path) -> list[Row]:
+def send_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Row]:
     from denoised_node.config.settings import Destination, load_settings
     from denoised_node.daemon.scu import send_files
 
@@ -151,7 +151,8 @@ def send_rows(series: Path, workdir: Path) -> list[Row]:
             orthanc.stop()
 
     node, dcmtk = node_rate(), storescu_rate()
-    return [Row("send", f"{len(files)} x 256x256 to Orthanc, 1 association", node, "img/s",
+    return [Row("send", f"{len(files)} x 256x256 to Orthanc, 1 association{label_suffix}",
+                node, "img/s",
                 {"storescu": dcmtk}, "TCP_NODELAY on both sides")]
 
 
