@@ -210,7 +210,11 @@ class WorkerSettings(_Section):
     # queues wakes its workers at once; a replay from the CLI, or a job another host's serve
     # queued (PostgreSQL scale-out), waits at most this long.
     idle_poll_seconds: float = Field(default=10.0, gt=0)
+    # Processing errors worth a retry (out of memory, a CUDA error): tried this many times,
+    # with an exponential backoff and jitter between the tries.
     max_processing_attempts: int = Field(default=3, ge=1)
+    processing_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    processing_backoff_max_seconds: float = Field(default=300.0, gt=0)
     worker_id: str | None = None
     # `serve` kills (and restarts) a worker that sent no heartbeat for this long.
     watchdog_seconds: float = Field(default=600.0, gt=0)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -18,6 +20,9 @@ from sqlalchemy.orm import Session
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.progress import CLEARED as PROGRESS_CLEARED
+
+if TYPE_CHECKING:
+    from denoised_node.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +62,52 @@ ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.PROCESSING, JobState.PROCES
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
 # Neither: held jobs wait for a person, not a worker, and keep their derived files.
 WAITING_FOR_REVIEW = frozenset({JobState.HELD})
-# A claim moves a job from the left state into the right one.
-CLAIMABLE = {JobState.QUEUED: JobState.PROCESSING, JobState.PROCESSED: JobState.SENDING}
-# An expired lease returns the job to where its stage began.
-LEASE_RETURNS = {JobState.PROCESSING: JobState.QUEUED, JobState.SENDING: JobState.PROCESSED}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many times a stage is tried, and the exponential backoff between the tries."""
+
+    max_attempts: int
+    backoff_base_seconds: float
+    backoff_max_seconds: float
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        return backoff_seconds(attempt, self.backoff_base_seconds, self.backoff_max_seconds, rng)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage a worker claims a job for. ``state``: the job's state while in hand;
+    ``back_to``: where the stage begins, and where a retry, an expired lease or a stopped
+    worker returns the job; ``attempts_column``: the job's count of failed attempts;
+    ``attempt_noun``: how reasons and status lines name one; ``policy``: its retry settings."""
+
+    state: JobState
+    back_to: JobState
+    attempts_column: str
+    attempt_noun: str
+    policy: Callable[[Settings], RetryPolicy]
+
+
+def _processing_policy(settings: Settings) -> RetryPolicy:
+    worker = settings.worker
+    return RetryPolicy(worker.max_processing_attempts, worker.processing_backoff_base_seconds,
+                       worker.processing_backoff_max_seconds)
+
+
+def _send_policy(settings: Settings) -> RetryPolicy:
+    send = settings.send
+    return RetryPolicy(send.max_attempts, send.backoff_base_seconds, send.backoff_max_seconds)
+
+
+STAGES: dict[JobState, Stage] = {stage.state: stage for stage in (
+    Stage(JobState.PROCESSING, JobState.QUEUED, "processing_attempts", "attempt",
+          _processing_policy),
+    Stage(JobState.SENDING, JobState.PROCESSED, "send_attempts", "send attempt", _send_policy),
+)}
+# A claim moves a job from where a stage begins into the stage.
+CLAIMABLE = {stage.back_to: stage.state for stage in STAGES.values()}
 
 
 class QueueError(Exception):
@@ -134,11 +181,36 @@ def released(now: datetime, delay: float = 0.0) -> dict[str, object]:
 
 def return_to_stage(session: Session, job_id: int, from_state: JobState, *, reason: str,
                     now: datetime | None = None, worker: str | None = None) -> None:
-    """Give a leased job back to the start of its stage (LEASE_RETURNS): processing to
-    queued, sending to processed; claimable at once."""
+    """Give a leased job back to the start of its stage (STAGES): processing to queued,
+    sending to processed; claimable at once."""
     now = now or utcnow()
-    transition(session, job_id, from_state, LEASE_RETURNS[from_state], worker=worker,
+    transition(session, job_id, from_state, STAGES[from_state].back_to, worker=worker,
                reason=reason, now=now, **released(now))
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    """Where a failed attempt leaves a job: ``to_state`` with ``values``; ``delay`` is None
+    when the attempt limit is reached (failed), else the seconds until the next attempt."""
+
+    to_state: JobState
+    reason: str
+    values: dict[str, object]
+    delay: float | None
+
+
+def after_failed_attempt(stage: Stage, attempts_before: int, policy: RetryPolicy, reason: str,
+                         now: datetime, rng: random.Random | None = None) -> AfterFailure:
+    """The move after an attempt of ``stage`` failed (``attempts_before`` failed earlier):
+    back to the start of the stage after a backoff, or failed at the policy's limit."""
+    attempts, limit = attempts_before + 1, policy.max_attempts
+    counted = f"{stage.attempt_noun} {attempts} of {limit}"
+    if attempts >= limit:
+        return AfterFailure(JobState.FAILED, f"{reason} ({counted})",
+                            {stage.attempts_column: attempts}, None)
+    delay = policy.delay(attempts, rng)
+    return AfterFailure(stage.back_to, f"{reason} ({counted}; retry in {delay:.0f} s)",
+                        {**released(now, delay), stage.attempts_column: attempts}, delay)
 
 
 def add_note(connection: Connection | Session, series_id: int, reason: str,
@@ -278,7 +350,7 @@ def release_expired_leases(sessions: SessionFactory, now: datetime | None = None
         # returns and skips those another holds, so two never wait on each other (in id
         # order, which also rules out a deadlock between two that lock in turn).
         query = (select(Job.id, Job.state, Job.lease_owner)
-                 .where(Job.state.in_(list(LEASE_RETURNS)), Job.lease_expires_at < now)
+                 .where(Job.state.in_(list(STAGES)), Job.lease_expires_at < now)
                  .order_by(Job.id))
         if is_postgres(session):
             query = query.with_for_update(skip_locked=True)
