@@ -81,6 +81,12 @@ class EventRow:
     to_state: str
     worker: str | None
     reason: str | None
+    kind: str  # storage.queue.EventKind: what happened (the reason says it to people)
+
+    @classmethod
+    def from_row(cls, event: JobEvent) -> EventRow:
+        return cls(event.at, event.from_state, event.to_state, event.worker, event.reason,
+                   event.kind)
 
     def as_json(self) -> dict[str, object]:
         return {**asdict(self), "at": self.at.isoformat()}
@@ -138,7 +144,7 @@ def job_detail(session: Session, job_id: int) -> tuple[JobRow, list[EventRow]]:
         raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
     events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                              .order_by(JobEvent.id)).all()
-    return _row(job, job.series), [EventRow(e.at, e.from_state, e.to_state, e.worker, e.reason)
+    return _row(job, job.series), [EventRow.from_row(e)
                                    for e in events]
 
 

@@ -57,6 +57,51 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.IGNORED: frozenset({JobState.QUEUED}),
 }
+
+
+class EventKind(StrEnum):
+    """What an audit row records, so that readers (stage durations, outcomes) never parse the
+    reason text, which is for people."""
+
+    CREATED = "created"  # a job for a completed series (or a series replayed)
+    NOTE = "note"  # something happened to the series; the state did not change
+    STARTED = "started"  # a stage began: claimed for processing, or sending began
+    DENOISED = "denoised"  # processing -> processed: the derived series is written
+    HELD = "held"  # waits for review
+    APPROVED = "approved"  # held -> processed
+    REJECTED = "rejected"  # held -> ignored
+    SENT = "sent"  # sending -> done
+    RETRY = "retry"  # an attempt failed; back to the start of its stage after a backoff
+    RELEASED = "released"  # back to the start of its stage: lease expired, worker gone or stopped
+    REQUEUED = "requeued"  # sending -> queued: the derived files were lost, denoise again
+    FAILED = "failed"
+    IGNORED = "ignored"  # nothing to denoise, or the rule ignores the series
+    SUPERSEDED = "superseded"  # a newer job of the same series covers this one
+    REPLAYED = "replayed"  # queued again by a person
+
+
+def kind_of_move(from_state: JobState | None, to_state: JobState) -> EventKind:
+    """The kind a move has unless its caller says otherwise (return_to_stage says RELEASED,
+    enqueue SUPERSEDED)."""
+    if from_state is None:
+        return EventKind.CREATED
+    if from_state == to_state:
+        return EventKind.NOTE
+    by_target = {JobState.FAILED: EventKind.FAILED, JobState.DONE: EventKind.SENT,
+                 JobState.HELD: EventKind.HELD, JobState.PROCESSING: EventKind.STARTED,
+                 JobState.SENDING: EventKind.STARTED}
+    if to_state in by_target:
+        return by_target[to_state]
+    if to_state == JobState.PROCESSED:
+        return {JobState.PROCESSING: EventKind.DENOISED,
+                JobState.HELD: EventKind.APPROVED}.get(from_state, EventKind.RETRY)
+    if to_state == JobState.IGNORED:
+        return EventKind.REJECTED if from_state == JobState.HELD else EventKind.IGNORED
+    # Queued again: a failed processing attempt, lost derived files, or a person's replay.
+    return {JobState.PROCESSING: EventKind.RETRY,
+            JobState.SENDING: EventKind.REQUEUED}.get(from_state, EventKind.REPLAYED)
+
+
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.PROCESSING, JobState.PROCESSED,
                            JobState.SENDING})
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
@@ -140,14 +185,16 @@ def transition(
     *,
     worker: str | None = None,
     reason: str | None = None,
+    kind: EventKind | None = None,
     now: datetime | None = None,
     **values: object,
 ) -> None:
     """Move job ``job_id`` from ``from_state`` to ``to_state`` or raise.
 
     Extra ``values`` are set on the job in the same UPDATE; ``reason`` is recorded in the
-    audit row and as the job's latest reason. Raises ``IllegalTransition`` for a
-    move the table forbids and ``StaleState`` when the job is not in ``from_state``.
+    audit row and as the job's latest reason, ``kind`` (by default ``kind_of_move``) in the
+    audit row. Raises ``IllegalTransition`` for a move the table forbids and ``StaleState``
+    when the job is not in ``from_state``.
     """
     if to_state not in TRANSITIONS[from_state]:
         raise IllegalTransition(f"job {job_id}: {from_state} -> {to_state} is not allowed")
@@ -169,7 +216,8 @@ def transition(
         raise StaleState(f"job {job_id} is no longer {from_state}")
     session.add(
         JobEvent(job_id=job_id, at=now, from_state=from_state.value, to_state=to_state.value,
-                 worker=worker, reason=reason)
+                 kind=(kind or kind_of_move(from_state, to_state)).value, worker=worker,
+                 reason=reason)
     )
 
 
@@ -185,7 +233,7 @@ def return_to_stage(session: Session, job_id: int, from_state: JobState, *, reas
     sending to processed; claimable at once."""
     now = now or utcnow()
     transition(session, job_id, from_state, STAGES[from_state].back_to, worker=worker,
-               reason=reason, now=now, **released(now))
+               reason=reason, kind=EventKind.RELEASED, now=now, **released(now))
 
 
 @dataclass(frozen=True)
@@ -223,13 +271,9 @@ def add_note(connection: Connection | Session, series_id: int, reason: str,
     if latest is None:
         return None
     connection.execute(insert(JobEvent).values(job_id=latest.id, at=now, from_state=latest.state,
-                                               to_state=latest.state, reason=reason))
+                                               to_state=latest.state, kind=EventKind.NOTE.value,
+                                               reason=reason))
     return int(latest.id)
-
-
-def is_note(from_state: str | None, to_state: str) -> bool:
-    """An audit row that records an event, not a move (see add_note)."""
-    return from_state == to_state
 
 
 def enqueue(session: Session, series: Series, *, reason: str, now: datetime | None = None) -> Job:
@@ -245,10 +289,10 @@ def enqueue(session: Session, series: Series, *, reason: str, now: datetime | No
     session.add(job)
     session.flush()
     session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=JobState.QUEUED.value,
-                         reason=reason))
+                         kind=EventKind.CREATED.value, reason=reason))
     for old in superseded:
         transition(session, old.id, JobState(old.state), JobState.IGNORED,
-                   reason=f"superseded by job {job.id}", now=now)
+                   reason=f"superseded by job {job.id}", kind=EventKind.SUPERSEDED, now=now)
     series.queued_revision = series.revision
     return job
 
