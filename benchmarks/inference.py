@@ -32,8 +32,9 @@ def _rate(denoise, volume: np.ndarray) -> float:  # type: ignore[no-untyped-def]
 
 
 def inference_rows(device: str = "cpu", threads: int = 2) -> list[Row]:
+    from denoised_node.model.hyperparameters import default_config
     from denoised_node.model.inference import Denoiser, Spacing, denoise_volume
-    from denoised_node.model.network import build_network, count_parameters, default_config
+    from denoised_node.model.network import build_network, count_parameters
 
     if device == "cpu":
         torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -158,8 +158,22 @@ class SeriesSettings(_Section):
     reformats: Literal["ignore", "denoise"] = "ignore"
 
 
+# The checkpoint shipped in the package (model/checkpoints/), by its bare name. (A rule's
+# model DEFAULT_MODEL is another thing: whatever [model] checkpoint names.)
+SHIPPED_CHECKPOINT = "default"
+# Passes averaged per slice (flips and rotations) and planes averaged on near-isotropic
+# volumes that inference accepts (model/inference.py reads them from here).
+TTAPasses = Literal[1, 2, 4, 8]
+Planes = Literal[1, 2, 3]
+TTA_CHOICES: tuple[int, ...] = get_args(TTAPasses)
+PLANE_CHOICES: tuple[int, ...] = get_args(Planes)
+
+
 class ModelSettings(_Section):
-    checkpoint: str = "default"
+    """The home of the inference knobs' defaults: ``Denoiser.load`` takes its defaults from
+    here. The architecture and the noise schedule come from the checkpoint's card."""
+
+    checkpoint: str = SHIPPED_CHECKPOINT
     device: str = "auto"
     batch_size: int = Field(default=8, ge=1)
     amp: bool = True
@@ -168,9 +182,9 @@ class ModelSettings(_Section):
     # unloaded while the weights of those loaded exceed this.
     cache_mb: int = Field(default=1024, ge=1)
     # Passes averaged per slice (flips/rotations): None = 1 on a CPU (speed), 8 on a GPU.
-    tta: Literal[1, 2, 4, 8] | None = None
+    tta: TTAPasses | None = None
     # Planes averaged on near-isotropic volumes (1, 2, 3): None = 2 on a CPU, 3 on a GPU.
-    planes: Literal[1, 2, 3] | None = None
+    planes: Planes | None = None
 
     @field_validator("device")
     @classmethod
@@ -214,7 +228,11 @@ class WorkerSettings(_Section):
     # queues wakes its workers at once; a replay from the CLI, or a job another host's serve
     # queued (PostgreSQL scale-out), waits at most this long.
     idle_poll_seconds: float = Field(default=10.0, gt=0)
+    # Processing errors worth a retry (out of memory, a CUDA error): tried this many times,
+    # with an exponential backoff and jitter between the tries.
     max_processing_attempts: int = Field(default=3, ge=1)
+    processing_backoff_base_seconds: float = Field(default=2.0, gt=0)
+    processing_backoff_max_seconds: float = Field(default=300.0, gt=0)
     worker_id: str | None = None
     # `serve` kills (and restarts) a worker that sent no heartbeat for this long.
     watchdog_seconds: float = Field(default=600.0, gt=0)

@@ -6,13 +6,14 @@ import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
 from denoised_node.storage.progress import Progress
 from denoised_node.storage.queue import (
     ACTIVE_STATES,
+    STAGES,
     TERMINAL_STATES,
     WAITING_FOR_REVIEW,
     JobState,
@@ -80,6 +81,12 @@ class EventRow:
     to_state: str
     worker: str | None
     reason: str | None
+    kind: str  # storage.queue.EventKind: what happened (the reason says it to people)
+
+    @classmethod
+    def from_row(cls, event: JobEvent) -> EventRow:
+        return cls(event.at, event.from_state, event.to_state, event.worker, event.reason,
+                   event.kind)
 
     def as_json(self) -> dict[str, object]:
         return {**asdict(self), "at": self.at.isoformat()}
@@ -109,9 +116,9 @@ def status_summary(session: Session, now: datetime | None = None) -> dict[str, o
             Series.state == SeriesState.RECEIVING, Series.revision > Series.queued_revision))
     # Waiting for another attempt after a failure (a destination down, a CUDA error).
     retrying = session.scalar(
-        select(func.count()).select_from(Job).where(
-            ((Job.state == JobState.QUEUED.value) & (Job.processing_attempts > 0))
-            | ((Job.state == JobState.PROCESSED.value) & (Job.send_attempts > 0))))
+        select(func.count()).select_from(Job).where(or_(*(
+            (Job.state == stage.back_to.value) & (getattr(Job, stage.attempts_column) > 0)
+            for stage in STAGES.values()))))
     oldest_age = None
     if oldest is not None:
         oldest_age = round((now - oldest).total_seconds(), 1)
@@ -137,7 +144,7 @@ def job_detail(session: Session, job_id: int) -> tuple[JobRow, list[EventRow]]:
         raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
     events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                              .order_by(JobEvent.id)).all()
-    return _row(job, job.series), [EventRow(e.at, e.from_state, e.to_state, e.worker, e.reason)
+    return _row(job, job.series), [EventRow.from_row(e)
                                    for e in events]
 
 

@@ -270,7 +270,7 @@ def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
     from denoised_node.daemon.admin import job_detail
     from denoised_node.daemon.job_status import AttemptLimits, job_status
     from denoised_node.storage.models import utcnow
-    from denoised_node.storage.queue import is_note
+    from denoised_node.storage.queue import EventKind
 
     settings = settings_from(config_path)
     runtime = open_runtime_for(settings)
@@ -289,7 +289,7 @@ def jobs_show(job_id: int, config_path: Path | None, as_json: bool) -> None:
     click.echo(f"{'status:':<22}{status_line or ''}")
     click.echo("events:")
     for event in events:
-        move = (f"({event.to_state}: note)" if is_note(event.from_state, event.to_state)
+        move = (f"({event.to_state}: note)" if event.kind == EventKind.NOTE
                 else f"{event.from_state or '-'} -> {event.to_state}")
         click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S}  {move:<24}  {event.worker or '':<20}  "
                    f"{event.reason or ''}")

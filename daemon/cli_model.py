@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
+from denoised_node.config.settings import PLANE_CHOICES, SHIPPED_CHECKPOINT, TTA_CHOICES
 from denoised_node.daemon.cli_options import CommandError, ExitCode
 from denoised_node.daemon.progress_bar import progress_bar
+from denoised_node.model.hyperparameters import HYPERPARAMETERS, KINDS, TRAINING
 
 
 def _load_config(path: str | None) -> object | None:
@@ -33,7 +35,7 @@ def _command_line(name: str) -> str:
 @click.command("train")
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
 @click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="Folder of the run (logs, checkpoints).")
-@click.option("--kind", type=click.Choice(["diffusion_unet", "basic_unet"]), default="diffusion_unet", show_default=True)
+@click.option("--kind", type=click.Choice(KINDS), default=HYPERPARAMETERS.kind, show_default=True)
 @click.option("--name", default=None, help="Model name in the card (default: unet25d, or basic-unet25d).")
 @click.option("--volume", "volumes", multiple=True, help="Clean NIfTI file or DICOM folder; default: the MNI152 T1 template.")
 @click.option("--pair", "pairs", nargs=2, multiple=True, metavar="NOISY CLEAN",
@@ -41,19 +43,19 @@ def _command_line(name: str) -> str:
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 5000 without --time-budget).")
 @click.option("--time-budget", "time_budget", type=float, default=None, metavar="MINUTES",
               help="Train for this much wall-clock time; the learning-rate schedule follows it.")
-@click.option("--batch-size", type=int, default=12, show_default=True)
-@click.option("--patch", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--seed", type=int, default=20240611, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+@click.option("--batch-size", type=int, default=TRAINING.batch_size, show_default=True)
+@click.option("--patch", type=int, default=HYPERPARAMETERS.patch, show_default=True)
+@click.option("--lr", type=float, default=TRAINING.lr, show_default=True)
+@click.option("--seed", type=int, default=TRAINING.seed, show_default=True)
+@click.option("--threads", type=int, default=TRAINING.threads, show_default=True, help="torch CPU threads.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--val-every", type=int, default=250, show_default=True)
-@click.option("--holdout", type=int, default=24, show_default=True, help="Central test slab never trained on (slices).")
-@click.option("--gap", type=int, default=8, show_default=True, help="Slices either side of the slab, also never trained on.")
+@click.option("--val-every", type=int, default=TRAINING.val_every, show_default=True)
+@click.option("--holdout", type=int, default=TRAINING.holdout, show_default=True, help="Central test slab never trained on (slices).")
+@click.option("--gap", type=int, default=TRAINING.gap, show_default=True, help="Slices either side of the slab, also never trained on.")
 @click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last state.")
 @click.option("--init-from", default=None, metavar="CHECKPOINT",
               help="Fine-tune: start from these weights ('default' = the shipped model) with a fresh schedule.")
-@click.option("--warmup", type=int, default=300, show_default=True, help="Warm-up steps before the cosine decay.")
+@click.option("--warmup", type=int, default=TRAINING.warmup, show_default=True, help="Warm-up steps before the cosine decay.")
 @click.option("--evaluate", "then_evaluate", is_flag=True,
               help="Then evaluate the best checkpoint on the held-out families beside the shipped model (RUN-DIR/eval).")
 def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
@@ -62,8 +64,8 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
                   then_evaluate: bool) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
-    from denoised_node.model.errors import ModelError
     from denoised_node.daemon.logs import use_node_format
+    from denoised_node.model.errors import ModelError
     from denoised_node.model.train import TrainConfig, setup_run_logging, train
 
     run = Path(run_dir)
@@ -91,7 +93,7 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
             evaluate_families_cli(EvalConfig(checkpoint=str(best), out_dir=run / "eval",
                                              device=device, threads=threads, holdout=holdout,
                                              gap=gap),
-                                  GateSettings(), "default", echo=bar.echo, progress=bar.progress)
+                                  GateSettings(), SHIPPED_CHECKPOINT, echo=bar.echo, progress=bar.progress)
         click.echo(f"evaluation: {run / 'eval' / 'families.md'}")
 
 
@@ -112,12 +114,12 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--contrasts", default="t1,t2like", show_default=True)
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: [model] device).")
 @click.option("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
-@click.option("--tta", type=click.Choice(["1", "2", "4", "8"]), default=None,
+@click.option("--tta", type=click.Choice([str(n) for n in TTA_CHOICES]), default=None,
               help="Averaged passes per slice for the networks (default: 1 on a CPU, 8 on a GPU).")
-@click.option("--planes", type=click.Choice(["1", "2", "3"]), default=None,
+@click.option("--planes", type=click.Choice([str(n) for n in PLANE_CHOICES]), default=None,
               help="Planes averaged for the networks (default: 2 on a CPU, 3 on a GPU).")
-@click.option("--holdout", type=int, default=24, show_default=True, help="Test slab (slices), as in training.")
-@click.option("--gap", type=int, default=8, show_default=True, help="Gap either side of the slab, as in training.")
+@click.option("--holdout", type=int, default=TRAINING.holdout, show_default=True, help="Test slab (slices), as in training.")
+@click.option("--gap", type=int, default=TRAINING.gap, show_default=True, help="Gap either side of the slab, as in training.")
 @click.option("--families", is_flag=True,
               help="Evaluate on the held-out families (thick slices, noise kinds, lesions, texture, a real EPI) and study the gate.")
 @click.option("--compare", default="unet25d-1.0", show_default=True,
@@ -159,7 +161,7 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
     settings = _load_config(config_path)
     model_settings = getattr(settings, "model", None)
     cfg = EvalConfig(
-        checkpoint=checkpoint or (model_settings.checkpoint if model_settings else "default"),
+        checkpoint=checkpoint or (model_settings.checkpoint if model_settings else SHIPPED_CHECKPOINT),
         baseline=None if baseline.lower() == "none" else baseline,
         levels=_floats(levels),
         seeds=tuple(range(seeds)),

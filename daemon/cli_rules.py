@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from denoised_node.config.rules import DEFAULT_MODEL
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.cli_options import (
     CommandError,
@@ -132,7 +133,7 @@ def _print(facts: SeriesAttributes, count: int, decision: Decision) -> None:
     if not decision.denoise:
         click.echo(f"  ignored: {decision.ignored_reason}")
         return
-    model = decision.rule.model if decision.rule else "default"
+    model = decision.rule.model if decision.rule else DEFAULT_MODEL
     click.echo(f"  model: {model} -> {_identity(decision.checkpoint) or decision.checkpoint}")
     click.echo(f"  destinations: {', '.join(decision.destinations) or 'none'}")
     click.echo(f"  review: {'yes, held until approved' if decision.review else 'no'}"

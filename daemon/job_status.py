@@ -4,22 +4,25 @@ stopped. Pure: the caller passes the time and the attempt limits."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.admin import JobRow
-from denoised_node.storage.queue import JobState
+from denoised_node.storage.queue import STAGES, JobState
 
 
 @dataclass(frozen=True)
 class AttemptLimits:
-    processing: int
-    send: int
+    """The attempt limit of each stage (storage.queue.STAGES), by the stage's state."""
+
+    by_stage: Mapping[JobState, int]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AttemptLimits:
-        return cls(settings.worker.max_processing_attempts, settings.send.max_attempts)
+        return cls({state: stage.policy(settings).max_attempts
+                    for state, stage in STAGES.items()})
 
 
 def _in(seconds: float) -> str:
@@ -32,13 +35,12 @@ def _in(seconds: float) -> str:
 
 def retry_note(row: JobRow, now: datetime, limits: AttemptLimits) -> str | None:
     """'send attempt 4 of 20 in 41 s (12:01:10Z)' for a job waiting to try again."""
-    if row.state == JobState.QUEUED and row.processing_attempts:
-        what, failed, limit = "attempt", row.processing_attempts, limits.processing
-    elif row.state == JobState.PROCESSED and row.send_attempts:
-        what, failed, limit = "send attempt", row.send_attempts, limits.send
-    else:
+    stage = next((stage for stage in STAGES.values()
+                  if row.state == stage.back_to and getattr(row, stage.attempts_column)), None)
+    if stage is None:
         return None
-    note = f"{what} {failed + 1} of {limit}"
+    failed = getattr(row, stage.attempts_column)
+    note = f"{stage.attempt_noun} {failed + 1} of {limits.by_stage[stage.state]}"
     if row.available_at is not None:
         wait = (row.available_at - now).total_seconds()
         note += (f" {_in(wait)} ({row.available_at:%H:%M:%S}Z)" if wait >= 1

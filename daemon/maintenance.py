@@ -17,7 +17,7 @@ from denoised_node.daemon.rescan import settle_unindexed
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.files import STALE_TEMP_SECONDS
 from denoised_node.storage.models import Job, utcnow
-from denoised_node.storage.queue import LEASE_RETURNS, JobState, StaleState, return_to_stage
+from denoised_node.storage.queue import STAGES, JobState, StaleState, return_to_stage
 from denoised_node.storage.retention import forget_purged, purge_finished
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def release_dead_local_leases(sessions: SessionFactory) -> list[int]:
     now = utcnow()
     with sessions.begin() as session:
         query = (select(Job.id, Job.state, Job.lease_owner)
-                 .where(Job.state.in_([s.value for s in LEASE_RETURNS]),
+                 .where(Job.state.in_([s.value for s in STAGES]),
                         Job.lease_owner.like(f"{_escape_like(host)}:%", escape="\\"))
                  .order_by(Job.id))
         if is_postgres(session):

@@ -27,8 +27,14 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from denoised_node.storage.db import SessionFactory
+from denoised_node.storage.job_events import (
+    LATENCY_STAGES,
+    SERIES_OUTCOMES,
+    outcome_of,
+    stage_durations,
+)
 from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
-from denoised_node.storage.queue import TERMINAL_STATES, JobState, counts_by_state, is_note
+from denoised_node.storage.queue import EventKind, JobState, counts_by_state
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +45,7 @@ PREFIX = "denoised_node"
 # Seconds, from a quick C-STORE to a large series waiting behind others on a CPU.
 BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
            3600.0, 7200.0, 21600.0)
-STAGES = {
-    "receive_to_complete": "first instance received to series complete (job queued)",
-    "queue_wait": "job queued (or requeued) to claimed by a worker",
-    "inference": "claimed to derived series written (load, denoise, gate, write)",
-    "send": "sending started to the last destination's success",
-    "end_to_end": "first instance received to the derived series sent",
-}
 INSTANCE_OUTCOMES = ("stored", "duplicate", "ignored", "refused")
-# How a job ends; "superseded": newer instances queued the series again before it started.
-SERIES_OUTCOMES = ("done", "failed", "ignored", "superseded")
-SUPERSEDED_REASON = "superseded by job"  # storage/queue.py's enqueue() says so
 
 
 class ScpMetrics:
@@ -89,7 +85,6 @@ class _Histogram:
     count: int = 0
 
     def observe(self, seconds: float) -> None:
-        seconds = max(seconds, 0.0)  # clocks of several hosts may disagree a little
         self.total += seconds
         self.count += 1
         for index, bound in enumerate(BUCKETS):
@@ -110,10 +105,17 @@ class _Event:
     id: int
     job_id: int
     at: datetime
-    from_state: str | None
     to_state: str
-    reason: str | None
+    kind: str
     first_received_at: datetime
+
+
+@dataclass
+class _JobSoFar:
+    """The events of a job not ended yet, and how many of its stage times were observed."""
+
+    events: list[_Event] = field(default_factory=list)
+    observed: int = 0
 
 
 class QueueCollector(Collector):
@@ -131,9 +133,9 @@ class QueueCollector(Collector):
         self.settle = timedelta(seconds=settle_seconds)
         self._lock = threading.Lock()
         self._cursor = 0
-        self._entered: dict[int, dict[str, datetime]] = {}
-        self._outcomes = {outcome: 0 for outcome in SERIES_OUTCOMES}
-        self._stages = {stage: _Histogram() for stage in STAGES}
+        self._jobs: dict[int, _JobSoFar] = {}
+        self._outcomes = {name: 0 for name in SERIES_OUTCOMES}
+        self._stages = {stage: _Histogram() for stage in LATENCY_STAGES}
 
     def collect(self) -> Iterator[Metric]:
         now = utcnow()
@@ -166,7 +168,7 @@ class QueueCollector(Collector):
         yield series
         latency = HistogramMetricFamily(f"{PREFIX}_stage_seconds",
                                         "Time spent per stage; " + "; ".join(
-                                            f"{k}: {v}" for k, v in STAGES.items()),
+                                            f"{k}: {v}" for k, v in LATENCY_STAGES.items()),
                                         labels=["stage"])
         for name, (buckets, total) in stages.items():
             latency.add_metric([name], buckets, total)
@@ -177,8 +179,8 @@ class QueueCollector(Collector):
         while True:
             with self.sessions() as session:
                 rows = session.execute(
-                    select(JobEvent.id, JobEvent.job_id, JobEvent.at, JobEvent.from_state,
-                           JobEvent.to_state, JobEvent.reason, Series.first_received_at)
+                    select(JobEvent.id, JobEvent.job_id, JobEvent.at, JobEvent.to_state,
+                           JobEvent.kind, Series.first_received_at)
                     .join(Job, Job.id == JobEvent.job_id)
                     .join(Series, Series.id == Job.series_id)
                     .where(JobEvent.id > self._cursor, JobEvent.at <= cutoff)
@@ -190,31 +192,20 @@ class QueueCollector(Collector):
                 return
 
     def _follow(self, event: _Event) -> None:
-        if is_note(event.from_state, event.to_state):
-            return  # an event of the series, not a stage
-        entered = self._entered.setdefault(event.job_id, {})
-        to_state, at = event.to_state, event.at
-        if event.from_state is None:  # the job was created: its series just completed
-            self._observe("receive_to_complete", at - event.first_received_at)
-            entered["first_received"] = event.first_received_at
-        if to_state == JobState.PROCESSING and "queued" in entered:
-            self._observe("queue_wait", at - entered["queued"])
-        elif to_state == JobState.PROCESSED and event.from_state == JobState.PROCESSING:
-            self._observe("inference", at - entered.get("processing", at))
-        elif to_state == JobState.DONE:
-            if "sending" in entered:
-                self._observe("send", at - entered["sending"])
-            if "first_received" in entered:  # a replay is no end-to-end figure
-                self._observe("end_to_end", at - entered["first_received"])
-        entered[to_state] = at
-        if to_state in {state.value for state in TERMINAL_STATES}:
-            superseded = (to_state == JobState.IGNORED
-                          and (event.reason or "").startswith(SUPERSEDED_REASON))
-            self._outcomes["superseded" if superseded else to_state] += 1
-            del self._entered[event.job_id]
-
-    def _observe(self, stage: str, elapsed: timedelta) -> None:
-        self._stages[stage].observe(elapsed.total_seconds())
+        """Observe the stages this event ends (storage.job_events measures them from the
+        job's events so far) and, when it ends the job, its outcome."""
+        if event.kind == EventKind.NOTE:
+            return  # an event of the series, not of a stage
+        job = self._jobs.setdefault(event.job_id, _JobSoFar())
+        job.events.append(event)
+        times = stage_durations(job.events, event.first_received_at)
+        for time in times[job.observed:]:
+            self._stages[time.stage].observe(time.seconds)
+        job.observed = len(times)
+        ended = outcome_of(event.kind)
+        if ended is not None:
+            self._outcomes[ended] += 1
+            del self._jobs[event.job_id]  # a replay is measured as a run of its own
 
 
 def node_registry(sessions: SessionFactory, *, postgres: bool,

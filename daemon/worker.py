@@ -41,16 +41,17 @@ from denoised_node.storage.files import FileStore
 from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
 from denoised_node.storage.progress import ProgressRecorder
 from denoised_node.storage.queue import (
-    LEASE_RETURNS,
+    STAGES,
     ClaimedJob,
     JobState,
     StaleState,
-    backoff_seconds,
+    after_failed_attempt,
     claim,
     next_available,
     release_expired_leases,
     released,
     renew_lease,
+    return_to_stage,
     transition,
 )
 from denoised_node.storage.reasons import describe_error, one_line
@@ -254,7 +255,7 @@ class Worker:
             return False
         except Exception as exc:  # noqa: BLE001 - out of memory, CUDA, disk: worth a retry
             log.exception("processing failed", extra=extra)
-            self._retry_processing(job, describe_error(exc))
+            self._retry_or_fail(job, describe_error(exc))
             return False
         seconds = time.monotonic() - started
         summary = (f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s "
@@ -311,26 +312,16 @@ class Worker:
                                  f"e.g. {missing[0]}; send the series again from the PACS")
         return uid, paths, calling_ae
 
-    def _retry_processing(self, job: ClaimedJob, reason: str) -> None:
-        self._retry_or_fail(job, JobState.PROCESSING, JobState.QUEUED, "processing_attempts",
-                            job.processing_attempts + 1,
-                            self.settings.worker.max_processing_attempts, reason, "attempt")
-
-    def _retry_or_fail(self, job: ClaimedJob, stage: JobState, back_to: JobState,
-                       counter: str, attempts: int, limit: int, reason: str, what: str) -> None:
-        """Fail the job at the attempt limit, else send it back to ``back_to`` after an
-        exponential backoff with jitter."""
-        if attempts >= limit:
-            self._move(job, stage, JobState.FAILED, f"{reason} ({what} {attempts} of {limit})",
-                       **{counter: attempts})
-            return
-        delay = backoff_seconds(attempts, self.settings.send.backoff_base_seconds,
-                                self.settings.send.backoff_max_seconds)
-        log.warning("%s failed, retrying in %.0f s: %s", stage.value, delay, reason,
-                    extra={"job_id": job.id})
-        self._move(job, stage, back_to,
-                   f"{reason} ({what} {attempts} of {limit}; retry in {delay:.0f} s)",
-                   **released(utcnow(), delay), **{counter: attempts})
+    def _retry_or_fail(self, job: ClaimedJob, reason: str) -> None:
+        """After a failed attempt of the job's stage: back to the start of the stage after a
+        backoff, or failed at the stage's attempt limit (both from the stage table)."""
+        stage = STAGES[job.stage]
+        outcome = after_failed_attempt(stage, getattr(job, stage.attempts_column),
+                                       stage.policy(self.settings), reason, utcnow())
+        if outcome.delay is not None:
+            log.warning("%s failed, retrying in %.0f s: %s", stage.state.value, outcome.delay,
+                        reason, extra={"job_id": job.id})
+        self._move(job, stage.state, outcome.to_state, outcome.reason, **outcome.values)
 
     # -- sending ------------------------------------------------------------------------
     def _start_sending(self, job: ClaimedJob) -> ClaimedJob | None:
@@ -377,7 +368,7 @@ class Worker:
                 log.info("series sent", extra={"job_id": job.id, "destination": result.destination,
                                                "instances": result.sent})
         except Exception as exc:  # noqa: BLE001 - any send failure is retried, then fails
-            self._retry_sending(job, describe_error(exc))
+            self._retry_or_fail(job, describe_error(exc))
             return
         names = ", ".join(d.name for d in destinations) or "no destination configured"
         self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}")
@@ -388,11 +379,6 @@ class Worker:
         if chosen is None:
             return [d for d in self.settings.destinations if not d.shadow]
         return [self.settings.destination(name) for name in json.loads(chosen)]
-
-    def _retry_sending(self, job: ClaimedJob, reason: str) -> None:
-        self._retry_or_fail(job, JobState.SENDING, JobState.PROCESSED, "send_attempts",
-                            job.send_attempts + 1, self.settings.send.max_attempts, reason,
-                            "send attempt")
 
     # -- bookkeeping --------------------------------------------------------------------
     def _recorder(self, job: ClaimedJob, stage: str) -> ProgressRecorder:
@@ -433,8 +419,13 @@ class Worker:
         if job is None:
             return
         try:
-            self._move(job, job.stage, LEASE_RETURNS[job.stage], "worker stopped; job released",
-                       **released(utcnow()))
+            with self.sessions.begin() as session:
+                return_to_stage(session, job.id, job.stage, reason="worker stopped; job released",
+                                worker=self.worker_id)
+            log.info("job released", extra={"job_id": job.id})
+        except StaleState:
+            log.error("job was taken over while in hand (lease lost); not released",
+                      extra={"job_id": job.id})
         except Exception:  # noqa: BLE001 - the lease expires anyway
             log.exception("could not release the job in hand", extra={"job_id": job.id})
         self.current = None

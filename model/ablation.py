@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .network import build_network, count_parameters, default_config
+from .hyperparameters import default_config
+from .network import build_network, count_parameters
 from .train import TrainConfig, setup_run_logging, train
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .hyperparameters import HYPERPARAMETERS
 from .noise import add_rician, estimate_sigma
 from .schedule import NoiseSchedule
 
@@ -180,10 +181,10 @@ class Split:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    patch: int = 128
-    in_slices: int = 5
-    sigma_range: tuple[float, float] = (0.005, 0.12)  # Rician sigma, fraction of the clean max
-    axis_probs: tuple[float, float, float] = (0.6, 0.2, 0.2)  # axial, coronal, sagittal planes
+    patch: int = HYPERPARAMETERS.patch
+    in_slices: int = HYPERPARAMETERS.in_slices
+    sigma_range: tuple[float, float] = HYPERPARAMETERS.sigma_range
+    axis_probs: tuple[float, float, float] = HYPERPARAMETERS.axis_probs
     stride2_prob: float = 0.25  # neighbours two slices apart (thicker-slice scans)
     gamma_prob: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.4)

@@ -19,11 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from denoised_node.config.settings import SHIPPED_CHECKPOINT
+
 from .data import Split, foreground_mask, load_mni_t1, load_mni_t2_like
 from .errors import CheckpointNotFoundError
+from .hyperparameters import TRAINING
 from .inference import Denoiser
-from .quality import hfen, psnr, ssim
 from .noise import add_rician
+from .quality import hfen, psnr, ssim
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ MNI_SPACING = (1.0, 1.0, 1.0)  # mm: the 1 mm template, isotropic (so several pl
 
 @dataclass(frozen=True)
 class EvalConfig:
-    checkpoint: str = "default"
+    checkpoint: str = SHIPPED_CHECKPOINT
     baseline: str | None = None
     levels: tuple[float, ...] = (0.01, 0.03, 0.05, 0.07, 0.09)
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -48,8 +51,8 @@ class EvalConfig:
     figure_level: float = 0.05
     tta: int | None = None  # None: the Denoiser's default for the device
     planes: int | None = None  # None: the Denoiser's default for the device
-    holdout: int = 24
-    gap: int = 8
+    holdout: int = TRAINING.holdout  # the slab training held out
+    gap: int = TRAINING.gap
     extra: dict[str, Any] = field(default_factory=dict)
 
 

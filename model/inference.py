@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from denoised_node.config.settings import ModelSettings
+from denoised_node.config.settings import PLANE_CHOICES, TTA_CHOICES, ModelSettings
 
 from .card import resolve_checkpoint
 from .checkpoint import ModelCard, read_checkpoint
 from .errors import CheckpointMismatchError, DeviceUnavailableError, InputVolumeError
+from .hyperparameters import HYPERPARAMETERS
 from .network import DenoiseNet, build_network
 from .noise import estimate_sigma, robust_scale
 from .noise_map import noise_map
@@ -38,20 +39,22 @@ Progress = Callable[[int, int], None]
 TTA_TRANSFORMS: tuple[tuple[int, bool], ...] = (
     (0, False), (0, True), (2, False), (2, True), (1, False), (1, True), (3, False), (3, True)
 )
-TTA_CHOICES = (1, 2, 4, 8)
 
 # Multi-planar inference: on a near-isotropic volume the 2.5D network also runs with rows,
 # then columns, as the slice axis and the planes are averaged; their errors are largely
 # independent. Where it applies (voxel sides within ISOTROPY_LIMIT of each other, at least
 # MIN_PLANE_DEPTH slices) and why each plane reads the noise a little lower
 # (PLANE_SIGMA_FACTOR): docs/model.md, "Several planes on near-isotropic volumes".
-PLANE_CHOICES = (1, 2, 3)
 PLANE_ORDERS: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (1, 0, 2), (2, 0, 1))
 ISOTROPY_LIMIT = 1.4
 MIN_PLANE_DEPTH = 16
 PLANE_SIGMA_FACTOR = {1: 1.0, 2: 0.85, 3: 0.8}
 
 Spacing = tuple[float, float, float]
+
+# The [model] section's defaults (batch size, mixed precision, threads...): their one home is
+# config/settings.py's ModelSettings, which Denoiser.load and denoise_volume default to.
+NODE_DEFAULTS = ModelSettings()
 
 
 def _run_tta(net: DenoiseNet, x: torch.Tensor, t: torch.Tensor, tta: int) -> torch.Tensor:
@@ -175,7 +178,7 @@ def denoise_volume(
     schedule: NoiseSchedule,
     *,
     device: torch.device | None = None,
-    batch_size: int = 8,
+    batch_size: int = NODE_DEFAULTS.batch_size,
     amp: bool = False,
     progress: Progress | None = None,
     tta: int = 1,
@@ -296,7 +299,7 @@ def _denoise_3d(
 ) -> np.ndarray:
     """3D variant: overlapping blocks along the slice axis, averaged where they overlap;
     ``local``: the noise-map channel, padded like the volume."""
-    depth = int(net.cfg.get("block_depth", 16))
+    depth = int(net.cfg.get("block_depth", HYPERPARAMETERS.block_depth))
     step = max(1, depth - 4)
     n = padded.shape[0]
     acc = np.zeros_like(padded)
@@ -328,8 +331,8 @@ class Denoiser:
     net: DenoiseNet
     schedule: NoiseSchedule
     device: torch.device
-    batch_size: int = 8
-    amp: bool = True
+    batch_size: int = NODE_DEFAULTS.batch_size
+    amp: bool = NODE_DEFAULTS.amp
     path: Path | None = None
     tta: int = 1
     planes: int = 1  # on near-isotropic volumes (planes_for); others get 1
@@ -337,11 +340,11 @@ class Denoiser:
     @classmethod
     def load(
         cls,
-        checkpoint: str | Path = "default",
-        device: str = "auto",
-        batch_size: int = 8,
-        amp: bool = True,
-        threads: int = 0,
+        checkpoint: str | Path = NODE_DEFAULTS.checkpoint,
+        device: str = NODE_DEFAULTS.device,
+        batch_size: int = NODE_DEFAULTS.batch_size,
+        amp: bool = NODE_DEFAULTS.amp,
+        threads: int = NODE_DEFAULTS.threads,
         tta: int | None = None,
         planes: int | None = None,
     ) -> Denoiser:

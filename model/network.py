@@ -1,4 +1,5 @@
-"""The denoising network, built from a plain config dict (``build_network(cfg)``).
+"""The denoising network, built from a plain config dict (``build_network(cfg)``); the
+shipped architecture is ``hyperparameters.default_config``.
 
 A checkpoint stores this dict in its model card, so loading needs nothing but the file.
 
@@ -32,42 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hyperparameters import KINDS
+
 logger = logging.getLogger(__name__)
-
-KINDS = ("diffusion_unet", "basic_unet")
-
-
-def default_config(kind: str = "diffusion_unet") -> dict[str, Any]:
-    """The architecture of the shipped model (and of its plain baseline)."""
-    if kind == "diffusion_unet":
-        return {
-            "kind": "diffusion_unet",
-            "spatial_dims": 2,
-            "in_slices": 5,
-            "space_to_depth": 2,
-            "noise_estimator": "noise_map",
-            "noise_map_channel": True,
-            "unet": {
-                "channels": [48, 64, 96, 96],
-                "attention_levels": [False, False, False, True],
-                "num_res_blocks": 1,
-                "num_head_channels": 32,
-                "norm_num_groups": 16,
-            },
-        }
-    if kind == "basic_unet":
-        return {
-            "kind": "basic_unet",
-            "spatial_dims": 2,
-            "in_slices": 5,
-            "space_to_depth": 2,
-            "noise_estimator": "noise_map",
-            "noise_map_channel": True,
-            # 2.94 M parameters, like ours; no normalisation (DRUNet-style: instance norm would
-            # make its residual blind to the input's scale), told the noise level by the map.
-            "unet": {"features": [48, 64, 96, 176, 240, 48], "norm": None},
-        }
-    raise ValueError(f"unknown network kind {kind!r}; known: {', '.join(KINDS)}")
 
 
 def _fold(x: torch.Tensor, r: int) -> torch.Tensor:

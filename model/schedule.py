@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from .hyperparameters import HYPERPARAMETERS
+
 
 @dataclass(frozen=True)
 class NoiseSchedule:
-    sigma_min: float = 0.002
-    sigma_max: float = 0.2
-    num_steps: int = 1000
+    sigma_min: float = HYPERPARAMETERS.sigma_min
+    sigma_max: float = HYPERPARAMETERS.sigma_max
+    num_steps: int = HYPERPARAMETERS.num_steps
     kind: str = "log"
 
     def __post_init__(self) -> None:

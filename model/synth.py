@@ -32,20 +32,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .hyperparameters import HYPERPARAMETERS
+
 MAX_FLOOR = 0.25
 THICK_SUBSAMPLES = 3  # points across a thick slice's profile (a thin one: the 1 mm source)
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    patch: int = 128
-    in_slices: int = 5
-    sigma_range: tuple[float, float] = (0.005, 0.12)  # fraction of the clean's bright level
+    patch: int = HYPERPARAMETERS.patch
+    in_slices: int = HYPERPARAMETERS.in_slices
+    sigma_range: tuple[float, float] = HYPERPARAMETERS.sigma_range  # of the clean's bright level
     procedural_prob: float = 0.2
     # The T1 template itself as the contrast: the tissue maps are smooth, and a run with 35 %
     # of template samples lost 2 dB on the template's real texture within 200 steps.
     template_texture_prob: float = 0.6
-    axis_probs: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    axis_probs: tuple[float, float, float] = HYPERPARAMETERS.axis_probs
     pixel_mm: tuple[float, float] = (0.5, 2.0)
     native_prob: float = 0.4  # on the source's own grid: 1 mm pixels, right angles
     thick_prob: float = 0.45  # a 2D acquisition with thick slices

@@ -37,8 +37,9 @@ from .data import (
     mni_maps,
     volume_maps,
 )
+from .hyperparameters import HYPERPARAMETERS, TRAINING, default_config
 from .inference import noise_map_factor, uses_noise_map
-from .network import DenoiseNet, build_network, count_parameters, default_config, widen_input
+from .network import DenoiseNet, build_network, count_parameters, widen_input
 from .noise import estimate_sigma, robust_scale
 from .noise_map import noise_map
 from .schedule import NoiseSchedule
@@ -53,28 +54,28 @@ MODEL_VERSION = "1.0"
 @dataclass
 class TrainConfig:
     run_dir: Path
-    kind: str = "diffusion_unet"
+    kind: str = HYPERPARAMETERS.kind
     name: str = "unet25d"
     volumes: list[str] = field(default_factory=lambda: ["mni152-t1"])
     pairs: list[tuple[str, str]] = field(default_factory=list)  # real (noisy, clean) pairs instead
     steps: int | None = 6000  # None: train until the time budget is spent
     time_budget_s: float | None = None  # wall-clock budget; the schedule follows elapsed time
-    batch_size: int = 12
-    patch: int = 128
-    lr: float = 1e-3
-    warmup: int = 300
+    batch_size: int = TRAINING.batch_size
+    patch: int = HYPERPARAMETERS.patch
+    lr: float = TRAINING.lr
+    warmup: int = TRAINING.warmup
     min_lr_ratio: float = 0.03
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    seed: int = 20240611
-    threads: int = 1
+    seed: int = TRAINING.seed
+    threads: int = TRAINING.threads
     device: str = "cpu"
     amp: bool = True
-    val_every: int = 250
+    val_every: int = TRAINING.val_every
     save_every_s: float = 300.0
-    holdout: int = 24
-    gap: int = 8
-    sigma_range: tuple[float, float] = (0.005, 0.12)
+    holdout: int = TRAINING.holdout
+    gap: int = TRAINING.gap
+    sigma_range: tuple[float, float] = HYPERPARAMETERS.sigma_range
     val_noise: tuple[float, ...] = (0.01, 0.05, 0.09)
     arch: dict[str, Any] | None = None  # overrides default_config(kind)
     log_every: int = 25
@@ -168,8 +169,8 @@ def initial_lineage(card: ModelCard) -> dict[str, Any]:
 
 def _initial_weights(path: str, kind: str) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Read a checkpoint to fine-tune from; it must be of the kind being trained."""
-    from .checkpoint import read_checkpoint
     from .card import resolve_checkpoint
+    from .checkpoint import read_checkpoint
 
     card, tensors = read_checkpoint(resolve_checkpoint(path))
     if card.architecture.get("kind") != kind:
@@ -308,7 +309,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     schedule = NoiseSchedule()
     net = build_network(arch).to(device)
     ema = build_network(arch).to(device)
-    depth = int(arch.get("block_depth", 16)) if net.spatial_dims == 3 else net.in_slices
+    depth = int(arch.get("block_depth", HYPERPARAMETERS.block_depth)) if net.spatial_dims == 3 else net.in_slices
     source, vols, pair_noisy, t2 = _sources(cfg, depth, device)
     split0 = Split(vols[0].shape[0], cfg.holdout, cfg.gap)
     validator = Validator(vols[0], split0, cfg.val_noise, net.in_slices, cfg.seed + 1, noisy=pair_noisy,

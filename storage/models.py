@@ -144,6 +144,8 @@ class JobEvent(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     from_state: Mapped[str | None] = mapped_column(String(16))
     to_state: Mapped[str] = mapped_column(String(16))
+    # What happened (storage.queue.EventKind); the reason says it to people.
+    kind: Mapped[str] = mapped_column(String(16))
     worker: Mapped[str | None] = mapped_column(String(128))
     reason: Mapped[str | None] = mapped_column(Text)
 

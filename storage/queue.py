@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -18,6 +20,9 @@ from sqlalchemy.orm import Session
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.progress import CLEARED as PROGRESS_CLEARED
+
+if TYPE_CHECKING:
+    from denoised_node.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +57,102 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.IGNORED: frozenset({JobState.QUEUED}),
 }
+
+
+class EventKind(StrEnum):
+    """What an audit row records, so that readers (stage durations, outcomes) never parse the
+    reason text, which is for people."""
+
+    CREATED = "created"  # a job for a completed series (or a series replayed)
+    NOTE = "note"  # something happened to the series; the state did not change
+    STARTED = "started"  # a stage began: claimed for processing, or sending began
+    DENOISED = "denoised"  # processing -> processed: the derived series is written
+    HELD = "held"  # waits for review
+    APPROVED = "approved"  # held -> processed
+    REJECTED = "rejected"  # held -> ignored
+    SENT = "sent"  # sending -> done
+    RETRY = "retry"  # an attempt failed; back to the start of its stage after a backoff
+    RELEASED = "released"  # back to the start of its stage: lease expired, worker gone or stopped
+    REQUEUED = "requeued"  # sending -> queued: the derived files were lost, denoise again
+    FAILED = "failed"
+    IGNORED = "ignored"  # nothing to denoise, or the rule ignores the series
+    SUPERSEDED = "superseded"  # a newer job of the same series covers this one
+    REPLAYED = "replayed"  # queued again by a person
+
+
+def kind_of_move(from_state: JobState | None, to_state: JobState) -> EventKind:
+    """The kind a move has unless its caller says otherwise (return_to_stage says RELEASED,
+    enqueue SUPERSEDED)."""
+    if from_state is None:
+        return EventKind.CREATED
+    if from_state == to_state:
+        return EventKind.NOTE
+    by_target = {JobState.FAILED: EventKind.FAILED, JobState.DONE: EventKind.SENT,
+                 JobState.HELD: EventKind.HELD, JobState.PROCESSING: EventKind.STARTED,
+                 JobState.SENDING: EventKind.STARTED}
+    if to_state in by_target:
+        return by_target[to_state]
+    if to_state == JobState.PROCESSED:
+        return {JobState.PROCESSING: EventKind.DENOISED,
+                JobState.HELD: EventKind.APPROVED}.get(from_state, EventKind.RETRY)
+    if to_state == JobState.IGNORED:
+        return EventKind.REJECTED if from_state == JobState.HELD else EventKind.IGNORED
+    # Queued again: a failed processing attempt, lost derived files, or a person's replay.
+    return {JobState.PROCESSING: EventKind.RETRY,
+            JobState.SENDING: EventKind.REQUEUED}.get(from_state, EventKind.REPLAYED)
+
+
 ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.PROCESSING, JobState.PROCESSED,
                            JobState.SENDING})
 TERMINAL_STATES = frozenset({JobState.DONE, JobState.FAILED, JobState.IGNORED})
 # Neither: held jobs wait for a person, not a worker, and keep their derived files.
 WAITING_FOR_REVIEW = frozenset({JobState.HELD})
-# A claim moves a job from the left state into the right one.
-CLAIMABLE = {JobState.QUEUED: JobState.PROCESSING, JobState.PROCESSED: JobState.SENDING}
-# An expired lease returns the job to where its stage began.
-LEASE_RETURNS = {JobState.PROCESSING: JobState.QUEUED, JobState.SENDING: JobState.PROCESSED}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many times a stage is tried, and the exponential backoff between the tries."""
+
+    max_attempts: int
+    backoff_base_seconds: float
+    backoff_max_seconds: float
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        return backoff_seconds(attempt, self.backoff_base_seconds, self.backoff_max_seconds, rng)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage a worker claims a job for. ``state``: the job's state while in hand;
+    ``back_to``: where the stage begins, and where a retry, an expired lease or a stopped
+    worker returns the job; ``attempts_column``: the job's count of failed attempts;
+    ``attempt_noun``: how reasons and status lines name one; ``policy``: its retry settings."""
+
+    state: JobState
+    back_to: JobState
+    attempts_column: str
+    attempt_noun: str
+    policy: Callable[[Settings], RetryPolicy]
+
+
+def _processing_policy(settings: Settings) -> RetryPolicy:
+    worker = settings.worker
+    return RetryPolicy(worker.max_processing_attempts, worker.processing_backoff_base_seconds,
+                       worker.processing_backoff_max_seconds)
+
+
+def _send_policy(settings: Settings) -> RetryPolicy:
+    send = settings.send
+    return RetryPolicy(send.max_attempts, send.backoff_base_seconds, send.backoff_max_seconds)
+
+
+STAGES: dict[JobState, Stage] = {stage.state: stage for stage in (
+    Stage(JobState.PROCESSING, JobState.QUEUED, "processing_attempts", "attempt",
+          _processing_policy),
+    Stage(JobState.SENDING, JobState.PROCESSED, "send_attempts", "send attempt", _send_policy),
+)}
+# A claim moves a job from where a stage begins into the stage.
+CLAIMABLE = {stage.back_to: stage.state for stage in STAGES.values()}
 
 
 class QueueError(Exception):
@@ -93,14 +185,16 @@ def transition(
     *,
     worker: str | None = None,
     reason: str | None = None,
+    kind: EventKind | None = None,
     now: datetime | None = None,
     **values: object,
 ) -> None:
     """Move job ``job_id`` from ``from_state`` to ``to_state`` or raise.
 
     Extra ``values`` are set on the job in the same UPDATE; ``reason`` is recorded in the
-    audit row and as the job's latest reason. Raises ``IllegalTransition`` for a
-    move the table forbids and ``StaleState`` when the job is not in ``from_state``.
+    audit row and as the job's latest reason, ``kind`` (by default ``kind_of_move``) in the
+    audit row. Raises ``IllegalTransition`` for a move the table forbids and ``StaleState``
+    when the job is not in ``from_state``.
     """
     if to_state not in TRANSITIONS[from_state]:
         raise IllegalTransition(f"job {job_id}: {from_state} -> {to_state} is not allowed")
@@ -122,7 +216,8 @@ def transition(
         raise StaleState(f"job {job_id} is no longer {from_state}")
     session.add(
         JobEvent(job_id=job_id, at=now, from_state=from_state.value, to_state=to_state.value,
-                 worker=worker, reason=reason)
+                 kind=(kind or kind_of_move(from_state, to_state)).value, worker=worker,
+                 reason=reason)
     )
 
 
@@ -134,11 +229,36 @@ def released(now: datetime, delay: float = 0.0) -> dict[str, object]:
 
 def return_to_stage(session: Session, job_id: int, from_state: JobState, *, reason: str,
                     now: datetime | None = None, worker: str | None = None) -> None:
-    """Give a leased job back to the start of its stage (LEASE_RETURNS): processing to
-    queued, sending to processed; claimable at once."""
+    """Give a leased job back to the start of its stage (STAGES): processing to queued,
+    sending to processed; claimable at once."""
     now = now or utcnow()
-    transition(session, job_id, from_state, LEASE_RETURNS[from_state], worker=worker,
-               reason=reason, now=now, **released(now))
+    transition(session, job_id, from_state, STAGES[from_state].back_to, worker=worker,
+               reason=reason, kind=EventKind.RELEASED, now=now, **released(now))
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    """Where a failed attempt leaves a job: ``to_state`` with ``values``; ``delay`` is None
+    when the attempt limit is reached (failed), else the seconds until the next attempt."""
+
+    to_state: JobState
+    reason: str
+    values: dict[str, object]
+    delay: float | None
+
+
+def after_failed_attempt(stage: Stage, attempts_before: int, policy: RetryPolicy, reason: str,
+                         now: datetime, rng: random.Random | None = None) -> AfterFailure:
+    """The move after an attempt of ``stage`` failed (``attempts_before`` failed earlier):
+    back to the start of the stage after a backoff, or failed at the policy's limit."""
+    attempts, limit = attempts_before + 1, policy.max_attempts
+    counted = f"{stage.attempt_noun} {attempts} of {limit}"
+    if attempts >= limit:
+        return AfterFailure(JobState.FAILED, f"{reason} ({counted})",
+                            {stage.attempts_column: attempts}, None)
+    delay = policy.delay(attempts, rng)
+    return AfterFailure(stage.back_to, f"{reason} ({counted}; retry in {delay:.0f} s)",
+                        {**released(now, delay), stage.attempts_column: attempts}, delay)
 
 
 def add_note(connection: Connection | Session, series_id: int, reason: str,
@@ -151,13 +271,9 @@ def add_note(connection: Connection | Session, series_id: int, reason: str,
     if latest is None:
         return None
     connection.execute(insert(JobEvent).values(job_id=latest.id, at=now, from_state=latest.state,
-                                               to_state=latest.state, reason=reason))
+                                               to_state=latest.state, kind=EventKind.NOTE.value,
+                                               reason=reason))
     return int(latest.id)
-
-
-def is_note(from_state: str | None, to_state: str) -> bool:
-    """An audit row that records an event, not a move (see add_note)."""
-    return from_state == to_state
 
 
 def enqueue(session: Session, series: Series, *, reason: str, now: datetime | None = None) -> Job:
@@ -173,10 +289,10 @@ def enqueue(session: Session, series: Series, *, reason: str, now: datetime | No
     session.add(job)
     session.flush()
     session.add(JobEvent(job_id=job.id, at=now, from_state=None, to_state=JobState.QUEUED.value,
-                         reason=reason))
+                         kind=EventKind.CREATED.value, reason=reason))
     for old in superseded:
         transition(session, old.id, JobState(old.state), JobState.IGNORED,
-                   reason=f"superseded by job {job.id}", now=now)
+                   reason=f"superseded by job {job.id}", kind=EventKind.SUPERSEDED, now=now)
     series.queued_revision = series.revision
     return job
 
@@ -278,7 +394,7 @@ def release_expired_leases(sessions: SessionFactory, now: datetime | None = None
         # returns and skips those another holds, so two never wait on each other (in id
         # order, which also rules out a deadlock between two that lock in turn).
         query = (select(Job.id, Job.state, Job.lease_owner)
-                 .where(Job.state.in_(list(LEASE_RETURNS)), Job.lease_expires_at < now)
+                 .where(Job.state.in_(list(STAGES)), Job.lease_expires_at < now)
                  .order_by(Job.id))
         if is_postgres(session):
             query = query.with_for_update(skip_locked=True)

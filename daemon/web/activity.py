@@ -1,5 +1,6 @@
-"""What the job-event audit log says: seconds per stage for each job, and the last hour's
-throughput and latency. Stages are those of the metrics (metrics.STAGES), measured alike."""
+"""What the job-event audit log says, for the status pages: seconds per stage for each job,
+and the last hour's throughput and latency (storage.job_events measures them, for the metrics
+too)."""
 
 from __future__ import annotations
 
@@ -13,42 +14,25 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from denoised_node.daemon.admin import EventRow, JobRow, list_jobs
-from denoised_node.daemon.metrics import STAGES, SUPERSEDED_REASON
+from denoised_node.storage.job_events import (
+    LATENCY_STAGES,
+    OUTCOMES,
+    SERIES_OUTCOMES,
+    latest_run,
+    stage_durations,
+)
 from denoised_node.storage.models import Instance, Job, JobEvent, Series
-from denoised_node.storage.queue import TERMINAL_STATES, JobState, is_note
+from denoised_node.storage.queue import TERMINAL_STATES, EventKind
 
 STAGE_LABELS = {"receive_to_complete": "receive", "queue_wait": "wait",
                 "inference": "denoise", "send": "send", "end_to_end": "total"}
-assert set(STAGE_LABELS) == set(STAGES)
+assert set(STAGE_LABELS) == set(LATENCY_STAGES)
 _TERMINAL = {state.value for state in TERMINAL_STATES}
 
 
 def stage_seconds(events: Iterable[EventRow], first_received_at: datetime) -> dict[str, float]:
-    """Seconds per stage of the job's latest run. A replay starts a new run: its stages
-    replace the old ones, and it has no end-to-end figure (as in the metrics)."""
-    seconds: dict[str, float] = {}
-    entered: dict[str, datetime] = {}
-    replayed = False
-    for event in events:
-        at, to_state = event.at, event.to_state
-        if is_note(event.from_state, to_state):
-            continue  # an event of the series, not a stage
-        if event.from_state is None:
-            seconds["receive_to_complete"] = (at - first_received_at).total_seconds()
-        elif event.from_state in _TERMINAL and to_state == JobState.QUEUED:
-            replayed = True
-            seconds = {k: v for k, v in seconds.items() if k == "receive_to_complete"}
-        if to_state == JobState.PROCESSING and "queued" in entered:
-            seconds["queue_wait"] = (at - entered["queued"]).total_seconds()
-        elif to_state == JobState.PROCESSED and event.from_state == JobState.PROCESSING:
-            seconds["inference"] = (at - entered.get("processing", at)).total_seconds()
-        elif to_state == JobState.DONE:
-            if "sending" in entered:
-                seconds["send"] = (at - entered["sending"]).total_seconds()
-            if not replayed:
-                seconds["end_to_end"] = (at - first_received_at).total_seconds()
-        entered[to_state] = at
-    return {stage: max(value, 0.0) for stage, value in seconds.items()}
+    """Seconds per stage of the job's latest run (a replay's stages replace the old ones)."""
+    return latest_run(stage_durations(events, first_received_at))
 
 
 @dataclass(frozen=True)
@@ -69,7 +53,7 @@ def events_by_job(session: Session, job_ids: Sequence[int]) -> dict[int, list[Ev
     rows = session.scalars(select(JobEvent).where(JobEvent.job_id.in_(job_ids))
                            .order_by(JobEvent.id))
     for e in rows:
-        found[e.job_id].append(EventRow(e.at, e.from_state, e.to_state, e.worker, e.reason))
+        found[e.job_id].append(EventRow.from_row(e))
     return found
 
 
@@ -121,15 +105,13 @@ class HourStats:
 def last_hour(session: Session, now: datetime, window: timedelta = timedelta(hours=1),
               ) -> HourStats:
     since = now - window
-    ended = dict.fromkeys(("done", "failed", "ignored", "superseded"), 0)
+    ended = dict.fromkeys(SERIES_OUTCOMES, 0)
     done_ids: set[int] = set()
-    rows = session.execute(select(JobEvent.job_id, JobEvent.to_state, JobEvent.reason).where(
-        JobEvent.at >= since, JobEvent.to_state.in_(_TERMINAL),
-        JobEvent.from_state.is_distinct_from(JobEvent.to_state))).all()  # notes: no end
-    for job_id, state, reason in rows:
-        superseded = state == JobState.IGNORED and (reason or "").startswith(SUPERSEDED_REASON)
-        ended["superseded" if superseded else state] += 1
-        if state == JobState.DONE:
+    rows = session.execute(select(JobEvent.job_id, JobEvent.kind).where(
+        JobEvent.at >= since, JobEvent.kind.in_([kind.value for kind in OUTCOMES]))).all()
+    for job_id, kind in rows:
+        ended[OUTCOMES[EventKind(kind)]] += 1
+        if kind == EventKind.SENT:
             done_ids.add(job_id)
     received = session.scalar(select(func.count()).select_from(Instance)
                               .where(Instance.received_at >= since)) or 0
@@ -146,4 +128,4 @@ def last_hour(session: Session, now: datetime, window: timedelta = timedelta(hou
             for stage, value in stage_seconds(events[job_id], first_received_at).items():
                 latency[stage].append(value)
     return HourStats(since, ended, received, sent,
-                     {stage: Spread.of(latency[stage]) for stage in STAGES if latency[stage]})
+                     {stage: Spread.of(latency[stage]) for stage in LATENCY_STAGES if latency[stage]})

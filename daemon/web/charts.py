@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from denoised_node.daemon.web.activity import events_by_job, stage_seconds
 from denoised_node.daemon.web.formatting import duration
 from denoised_node.storage.models import Job, JobEvent, Series
-from denoised_node.storage.queue import JobState
+from denoised_node.storage.queue import EventKind, JobState
 
 HOURS = 24
 _WAITING = {JobState.QUEUED.value, JobState.PROCESSED.value}
@@ -47,9 +47,8 @@ def day_charts(session: Session, now: datetime) -> list[Chart]:
     done, failed = [0.0] * HOURS, [0.0] * HOURS
     latencies: dict[int, list[float]] = defaultdict(list)
     ended = session.execute(select(JobEvent.job_id, JobEvent.to_state, JobEvent.at).where(
-        JobEvent.at >= start, JobEvent.to_state.in_([JobState.DONE.value,
-                                                      JobState.FAILED.value]),
-        JobEvent.from_state.is_distinct_from(JobEvent.to_state))).all()
+        JobEvent.at >= start, JobEvent.kind.in_([EventKind.SENT.value,
+                                                 EventKind.FAILED.value]))).all()
     done_at = {job_id: at for job_id, state, at in ended if state == JobState.DONE}
     for _job_id, state, at in ended:
         (done if state == JobState.DONE else failed)[hour_of(at)] += 1

@@ -173,6 +173,39 @@ def test_processing_errors_retry_a_bounded_number_of_times(runtime: Runtime, mr_
     assert job.processing_attempts == runtime.settings.worker.max_processing_attempts
 
 
+def test_processing_and_sending_retry_with_their_own_backoff(settings_factory,  # type: ignore[no-untyped-def]
+                                                             mr_series_factory,
+                                                             fake_denoiser) -> None:
+    from denoised_node.daemon.runtime import open_runtime
+
+    settings = settings_factory(worker__processing_backoff_base_seconds=1000,
+                                worker__processing_backoff_max_seconds=1000,
+                                send__backoff_base_seconds=10, send__backoff_max_seconds=10)
+    runtime = open_runtime(settings, initialise_empty=True)
+    _receive(runtime, mr_series_factory(slices=2).paths)
+    _complete(runtime)
+
+    def waits() -> tuple[str, float, str]:
+        with runtime.sessions() as session:
+            job = session.scalars(select(Job)).one()
+            return (job.state, (job.available_at - utcnow()).total_seconds(), job.reason or "")
+
+    _worker(runtime, ExplodingDenoiser(), RecordingSender()).run(burst=True)
+    state, wait, reason = waits()
+    # Attempt 1 of processing waits in [base/2, base] of the processing settings.
+    assert state == "queued" and 490 <= wait <= 1000, (wait, reason)
+    assert "attempt 1 of 3" in reason
+    with runtime.sessions.begin() as session:
+        session.scalars(select(Job)).one().available_at = utcnow()
+    _worker(runtime, fake_denoiser, RecordingSender(failures=1)).run(burst=True)
+    state, wait, reason = waits()
+    assert state == "processed" and 4 <= wait <= 10, (wait, reason)
+    assert "send attempt 1 of 20" in reason
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+        assert (job.processing_attempts, job.send_attempts) == (1, 1)
+
+
 def test_missing_source_files_fail_with_a_clear_reason(runtime: Runtime, mr_series,  # type: ignore[no-untyped-def]
                                                       fake_denoiser) -> None:
     _receive(runtime, mr_series.paths)

@@ -157,16 +157,19 @@ def _row(**values: Any) -> JobRow:
     return JobRow(**{**base, **values})
 
 
+LIMITS = AttemptLimits({JobState.PROCESSING: 3, JobState.SENDING: 20})
+
+
 def test_a_retrying_send_says_attempt_next_time_and_last_error() -> None:
     now = utcnow()
     row = _row(send_attempts=3, available_at=now + timedelta(seconds=41),
                reason="pacs (PACS@h:1): association rejected")
-    line = job_status(row, now, AttemptLimits(processing=3, send=20))
+    line = job_status(row, now, LIMITS)
     assert line is not None
     assert line.startswith("retrying: send attempt 4 of 20 in 41 s (")
     assert line.endswith("; last error: pacs (PACS@h:1): association rejected")
     due = job_status(_row(state="queued", processing_attempts=1, available_at=now, reason="x"),
-                     now, AttemptLimits(3, 20))
+                     now, LIMITS)
     assert due == "retrying: attempt 2 of 3, due now (waiting for a free worker); last error: x"
     assert job_status(_row(state="done", reason="sent 12 to pacs"), now,
-                      AttemptLimits(3, 20)) is None
+                      LIMITS) is None

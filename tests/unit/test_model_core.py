@@ -20,8 +20,9 @@ from denoised_node.model.errors import (
     InputVolumeError,
     ModelError,
 )
+from denoised_node.model.hyperparameters import HYPERPARAMETERS, default_config
 from denoised_node.model.inference import Denoiser, planes_for
-from denoised_node.model.network import build_network, default_config
+from denoised_node.model.network import build_network
 from denoised_node.model.noise import add_rician, estimate_sigma, robust_scale
 from denoised_node.model.schedule import NoiseSchedule
 
@@ -141,6 +142,70 @@ def test_checkpoint_round_trip(tiny: Path) -> None:
     den = Denoiser.load(tiny, device="cpu")
     assert den.identity == f"dn-tiny-0.0-{card.sha256[:12]}"
     assert den.card == card and den.device == torch.device("cpu")
+
+
+def test_a_checkpoint_loads_with_its_cards_architecture_and_schedule(tmp_path: Path) -> None:
+    """Not the defaults: the card's in_slices and noise schedule win."""
+    net = build_network(TINY)
+    schedule = NoiseSchedule(sigma_min=0.001, sigma_max=0.4, num_steps=500)
+    card = ModelCard(name="tiny", version="0.1", architecture=TINY, schedule=schedule.to_dict())
+    write_checkpoint(tmp_path / "t.safetensors", net.state_dict(), card)
+    den = Denoiser.load(tmp_path / "t.safetensors", device="cpu")
+    assert den.net.in_slices == TINY["in_slices"] != HYPERPARAMETERS.in_slices
+    assert den.schedule == schedule != NoiseSchedule()
+
+
+def test_every_default_hyperparameter_comes_from_one_place() -> None:
+    from denoised_node.model.data import SamplerConfig
+    from denoised_node.model.synth import SynthConfig
+    from denoised_node.model.train import TrainConfig
+
+    h = HYPERPARAMETERS
+    cfg = default_config()
+    assert cfg["kind"] == h.kind and default_config("basic_unet")["kind"] == "basic_unet"
+    assert (cfg["spatial_dims"], cfg["in_slices"], cfg["space_to_depth"]) == (
+        h.spatial_dims, h.in_slices, h.space_to_depth)
+    assert (cfg["noise_estimator"], cfg["noise_map_channel"]) == (
+        h.noise_estimator, h.noise_map_channel)
+    assert NoiseSchedule() == NoiseSchedule(h.sigma_min, h.sigma_max, h.num_steps)
+    train = TrainConfig(run_dir=Path("run"))
+    assert (train.kind, train.patch, train.sigma_range) == (h.kind, h.patch, h.sigma_range)
+    for sampler in (SynthConfig(), SamplerConfig()):
+        assert (sampler.patch, sampler.in_slices, sampler.sigma_range, sampler.axis_probs) == (
+            h.patch, h.in_slices, h.sigma_range, h.axis_probs)
+    from denoised_node.daemon.cli_model import evaluate_command, train_command
+    from denoised_node.model.evaluate import EvalConfig
+
+    options = {p.name: p.default for p in train_command.params}
+    for name in ("kind", "batch_size", "patch", "lr", "seed", "threads", "val_every", "holdout",
+                 "gap", "warmup"):
+        assert options[name] == getattr(train, name), name
+    evaluation = {p.name: p.default for p in evaluate_command.params}
+    assert (evaluation["holdout"], evaluation["gap"]) == (train.holdout, train.gap)
+    assert (EvalConfig().holdout, EvalConfig().gap) == (train.holdout, train.gap)
+    cfg["unet"]["channels"].append(1)  # a copy: the defaults stay as they were
+    assert default_config()["unet"]["channels"] != cfg["unet"]["channels"]
+
+
+def test_denoiser_defaults_are_the_model_settings_defaults() -> None:
+    import inspect
+
+    from denoised_node.config.settings import ModelSettings
+
+    node = ModelSettings()
+    params = inspect.signature(Denoiser.load).parameters
+    for name in ("checkpoint", "device", "batch_size", "amp", "threads"):
+        assert params[name].default == getattr(node, name), name
+    assert inference.TTA_CHOICES == (1, 2, 4, 8) and inference.PLANE_CHOICES == (1, 2, 3)
+
+
+def test_hyperparameters_and_config_import_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, denoised_node.config.settings, denoised_node.model.hyperparameters; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_tampered_weights_are_refused(tiny: Path) -> None:

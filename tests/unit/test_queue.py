@@ -16,10 +16,14 @@ from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.storage.db import make_engine, make_session_factory
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import (
+    CLAIMABLE,
+    STAGES,
     TRANSITIONS,
     IllegalTransition,
     JobState,
+    RetryPolicy,
     StaleState,
+    after_failed_attempt,
     backoff_seconds,
     claim,
     counts_by_state,
@@ -176,6 +180,48 @@ def test_backoff_grows_and_is_capped() -> None:
     assert 1 <= backoff_seconds(1, 2, 600, rng) <= 2
     assert 8 <= backoff_seconds(4, 2, 600, rng) <= 16
     assert all(backoff_seconds(30, 2, 600, rng) <= 600 for _ in range(20))
+
+
+def test_each_stage_starts_where_a_claim_takes_it_from() -> None:
+    assert CLAIMABLE == {JobState.QUEUED: JobState.PROCESSING,
+                         JobState.PROCESSED: JobState.SENDING}
+    for stage in STAGES.values():
+        assert stage.back_to in TRANSITIONS[stage.state]  # a retry or a release is legal
+        assert JobState.FAILED in TRANSITIONS[stage.state]
+        assert hasattr(Job, stage.attempts_column)
+
+
+def test_a_failed_attempt_goes_back_to_the_start_of_its_stage_after_a_backoff() -> None:
+    now = utcnow()
+    policy = RetryPolicy(max_attempts=3, backoff_base_seconds=10, backoff_max_seconds=100)
+    outcome = after_failed_attempt(STAGES[JobState.SENDING], 1, policy, "refused", now,
+                                   random.Random(1))
+    assert outcome.to_state == JobState.PROCESSED
+    assert outcome.delay is not None and 10 <= outcome.delay <= 20  # attempt 2: base * 2
+    assert outcome.values["send_attempts"] == 2
+    assert outcome.values["available_at"] == now + timedelta(seconds=outcome.delay)
+    assert outcome.values["lease_owner"] is None
+    assert outcome.reason.startswith("refused (send attempt 2 of 3; retry in ")
+
+
+def test_the_last_failed_attempt_fails_the_job() -> None:
+    policy = RetryPolicy(max_attempts=3, backoff_base_seconds=10, backoff_max_seconds=100)
+    outcome = after_failed_attempt(STAGES[JobState.PROCESSING], 2, policy, "CUDA error",
+                                   utcnow())
+    assert outcome.to_state == JobState.FAILED and outcome.delay is None
+    assert outcome.values == {"processing_attempts": 3}
+    assert outcome.reason == "CUDA error (attempt 3 of 3)"
+
+
+def test_each_stage_reads_its_own_retry_settings(settings_factory: Callable[..., Settings],
+                                                 ) -> None:
+    settings = settings_factory(worker__max_processing_attempts=4,
+                                worker__processing_backoff_base_seconds=7,
+                                worker__processing_backoff_max_seconds=70,
+                                send__max_attempts=9, send__backoff_base_seconds=1,
+                                send__backoff_max_seconds=5)
+    assert STAGES[JobState.PROCESSING].policy(settings) == RetryPolicy(4, 7, 70)
+    assert STAGES[JobState.SENDING].policy(settings) == RetryPolicy(9, 1, 5)
 
 
 def test_counts_by_state_lists_every_state(runtime: Runtime) -> None:

@@ -31,6 +31,27 @@ def test_example_config_loads_with_the_contract_keys() -> None:
     assert settings.destinations[0].name == "pacs"
 
 
+def test_processing_retries_have_their_own_backoff(tmp_path: Path) -> None:
+    defaults = load_settings(None, environ={})
+    # The defaults are those the send retries have (and processing retries borrowed).
+    assert defaults.worker.max_processing_attempts == 3
+    assert defaults.worker.processing_backoff_base_seconds == defaults.send.backoff_base_seconds == 2
+    assert defaults.worker.processing_backoff_max_seconds == defaults.send.backoff_max_seconds == 300
+    example = load_settings(EXAMPLE, environ={})
+    assert example.worker.processing_backoff_base_seconds == 2
+    assert example.worker.processing_backoff_max_seconds == 300
+    config = tmp_path / "c.toml"
+    config.write_text("[worker]\nprocessing_backoff_base_seconds = 30\n")
+    settings = load_settings(config, environ={
+        "DENOISED_NODE_WORKER__PROCESSING_BACKOFF_MAX_SECONDS": "600"})
+    assert settings.worker.processing_backoff_base_seconds == 30
+    assert settings.worker.processing_backoff_max_seconds == 600
+    assert settings.send.backoff_base_seconds == 2  # the send's are not touched
+    config.write_text("[worker]\nprocessing_backoff_base_seconds = 0\n")
+    with pytest.raises(ConfigError, match="processing_backoff_base_seconds"):
+        load_settings(config, environ={})
+
+
 def test_unknown_key_is_an_error_naming_it(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text("[node]\nae_title = 'X'\nprot = 5\n")

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from denoised_node.daemon.runtime import Runtime
 from denoised_node.daemon.web.charts import Chart, bar_chart, day_charts
 from denoised_node.storage.models import Job, JobEvent, Series
+from denoised_node.storage.queue import JobState, kind_of_move
 
 NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
 
@@ -25,8 +26,10 @@ def _job(runtime: Runtime, uid: str, moves: list[tuple[float, str | None, str]])
         session.add(job)
         session.flush()
         for hours, from_state, to_state in moves:
+            before = None if from_state is None else JobState(from_state)
             session.add(JobEvent(job_id=job.id, at=NOW - timedelta(hours=hours),
-                                 from_state=from_state, to_state=to_state))
+                                 from_state=from_state, to_state=to_state,
+                                 kind=kind_of_move(before, JobState(to_state)).value))
 
 
 def test_hourly_sent_failed_latency_and_waiting(runtime: Runtime) -> None:

@@ -16,12 +16,14 @@ from denoised_node.daemon.web import node_health
 from denoised_node.daemon.web.activity import Spread, stage_seconds
 from denoised_node.daemon.web.node_health import SlowChecks, gpu, model_file
 from denoised_node.model.card import read_card, resolve_checkpoint
+from denoised_node.storage.queue import JobState, kind_of_move
 
 T0 = datetime(2024, 3, 15, 10, 0, tzinfo=UTC)
 
 
 def _event(seconds: float, from_state: str | None, to_state: str) -> EventRow:
-    return EventRow(T0 + timedelta(seconds=seconds), from_state, to_state, "w", None)
+    kind = kind_of_move(None if from_state is None else JobState(from_state), JobState(to_state))
+    return EventRow(T0 + timedelta(seconds=seconds), from_state, to_state, "w", None, kind)
 
 
 def test_stage_seconds_follow_the_metrics_definitions() -> None:
