@@ -380,7 +380,7 @@ class Receiver:
         """Remove a file that no index row names after a commit, holding the lock of the
         series it was filed under: a receiver writing the same path again for that series
         either finds it gone under its own lock (and writes it again) or has indexed it,
-        and then it stays. A crash before this leaves an orphan for remove_orphans."""
+        and then it stays. A crash before this leaves a stale copy, which rescan.py removes."""
         try:
             with self.engine.begin() as connection:
                 connection.execute(_SERIES_ROW_LOCKED, {"row_id": series_id})
