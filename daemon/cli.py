@@ -37,8 +37,8 @@ class NodeGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.Abort):
-            raise
+        except (click.exceptions.Exit, click.Abort, SystemExit):
+            raise  # an exit status, not an error: and no import of torch to classify it
         except BaseException as exc:
             error = command_error(exc)
             if error is None:

@@ -213,6 +213,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         pass  # listening already
 
+    def server_close(self) -> None:
+        """Close this process's descriptor only. pynetdicom's shutdown(SHUT_RDWR) would end
+        the listening socket itself, for every process that shares it."""
+        self.socket.close()
+
     def get_request(self) -> tuple[socket.socket, Any]:
         """Every process sharing the socket wakes for a connection and one accepts it (the
         others get EAGAIN and wait again). One already serving associations lets the others

@@ -224,3 +224,27 @@ def test_replay_of_a_series_with_no_image_keeps_its_reason(config: Path, mr_seri
     with runtime.sessions() as session:
         job = session.get_one(Job, job_id)
         assert (job.state, job.reason) == ("ignored", before) and "not an MR image" in before
+
+
+def test_an_exit_status_is_not_classified_as_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve and receiver end with sys.exit(status). Classifying that as an error imported
+    the model's modules (torch): seconds on every stop of the node and of each receiving
+    process."""
+    import click
+
+    from denoised_node.daemon import cli
+
+    classified: list[BaseException] = []
+    monkeypatch.setattr(cli, "command_error", lambda exc: classified.append(exc))
+
+    @click.group(cls=cli.NodeGroup)
+    def group() -> None:
+        pass
+
+    @group.command()
+    def stops() -> None:
+        raise SystemExit(3)
+
+    result = CliRunner().invoke(group, ["stops"])
+    assert result.exit_code == 3
+    assert classified == []
