@@ -3,17 +3,59 @@ command line, systemd's variables kept for serve, and death with serve."""
 
 from __future__ import annotations
 
+import enum
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from denoised_node.daemon.notify import NOTIFY_SOCKET
 
+log = logging.getLogger(__name__)
+
 # A child that keeps dying is restarted after these delays, the last one from then on.
 RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 60.0)
+# Running this long, a child's earlier deaths are forgiven: its next one waits the least.
+_HEALTHY_SECONDS = 300.0
+
+
+class Check(enum.Enum):
+    RUNNING = "running"
+    DUE = "due"  # dead, and its restart delay is over: start it
+    WAITING = "waiting"  # dead, restart delay not over
+
+
+@dataclass
+class ChildSlot:
+    """One supervised child process of serve, and when to start it again once it died."""
+
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    failures: int = 0  # deaths in a row
+    restart_at: float = 0.0
+    started_at: float = field(default_factory=time.monotonic)
+
+    def check(self, now: float, kind: str, index_key: str) -> Check:
+        """Notice a death (logged, with the delay before the restart) or a long healthy run."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            if now - self.started_at > _HEALTHY_SECONDS:
+                self.failures = 0
+            return Check.RUNNING
+        if process is not None:
+            self.failures += 1
+            delay = restart_delay(self.failures)
+            self.restart_at = now + delay
+            log.error("%s exited; restarting in %.0f s", kind, delay,
+                      extra={index_key: self.index, "pid": process.pid,
+                             "exit_status": process.returncode})
+            self.process = None
+        return Check.DUE if now >= self.restart_at else Check.WAITING
 
 
 def restart_delay(failures: int) -> float:

@@ -15,26 +15,15 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from denoised_node.daemon.child_process import node_command, restart_delay, spawn
+from denoised_node.daemon.child_process import Check, ChildSlot, node_command, spawn
 from denoised_node.daemon.receiver_events import EventReader
 
 log = logging.getLogger(__name__)
 
 # A receiver finishes its associations within this on SIGTERM (receiver_process.py).
 FINISH_SECONDS = 30.0
-_HEALTHY_SECONDS = 300.0
-
-
-@dataclass
-class _Receiver:
-    index: int
-    process: subprocess.Popen[bytes] | None = None
-    failures: int = 0
-    started_at: float = 0.0
-    restart_at: float = 0.0
 
 
 class ReceiverPool:
@@ -49,7 +38,7 @@ class ReceiverPool:
                                     *[option for fd in fds for option in ("--listen", fd)],
                                     "--events-fd", str(events.write_fd),
                                     "--processes", str(count))
-        self.receivers = [_Receiver(i) for i in range(count)]
+        self.receivers = [ChildSlot(i) for i in range(count)]
 
     def start(self) -> ReceiverPool:
         self.events.start()
@@ -61,7 +50,7 @@ class ReceiverPool:
         """Receiving: at least one receiver runs (the others are being restarted)."""
         return any(r.process is not None and r.process.poll() is None for r in self.receivers)
 
-    def _spawn(self, receiver: _Receiver) -> None:
+    def _spawn(self, receiver: ChildSlot) -> None:
         fds = [listening.fileno() for listening in self.sockets.values()]
         receiver.process = spawn(self.command, pass_fds=[*fds, self.events.write_fd])
         receiver.started_at = time.monotonic()
@@ -71,20 +60,7 @@ class ReceiverPool:
     def check(self) -> None:
         now = time.monotonic()
         for receiver in self.receivers:
-            process = receiver.process
-            if process is not None and process.poll() is None:
-                if now - receiver.started_at > _HEALTHY_SECONDS:
-                    receiver.failures = 0
-                continue
-            if process is not None:
-                receiver.failures += 1
-                delay = restart_delay(receiver.failures)
-                receiver.restart_at = now + delay
-                log.error("receiving process exited; restarting in %.0f s", delay,
-                          extra={"receiver_index": receiver.index, "pid": process.pid,
-                                 "exit_status": process.returncode})
-                receiver.process = None
-            elif now >= receiver.restart_at:
+            if receiver.check(now, "receiving process", "receiver_index") is Check.DUE:
                 self._spawn(receiver)
 
     def stop(self) -> None:

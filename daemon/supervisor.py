@@ -26,7 +26,7 @@ from typing import Protocol
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon import health
-from denoised_node.daemon.child_process import node_command, restart_delay, spawn
+from denoised_node.daemon.child_process import Check, ChildSlot, node_command, spawn
 from denoised_node.daemon.completion import CompletionLoop
 from denoised_node.daemon.http import Readiness, StatusServer
 from denoised_node.daemon.maintenance import (
@@ -58,12 +58,7 @@ _WORKER_START_SECONDS = 600.0
 
 
 @dataclass
-class _Child:
-    index: int
-    process: subprocess.Popen[bytes] | None = None
-    failures: int = 0
-    restart_at: float = 0.0
-    started_at: float = field(default_factory=time.monotonic)
+class _Child(ChildSlot):
     ready: bool = False  # said READY=1: its model is loaded
     last_heard: float = field(default_factory=time.monotonic)
 
@@ -137,32 +132,22 @@ class WorkerPool:
     def check(self) -> None:
         now = time.monotonic()
         for child in self.children:
-            process = child.process
-            if process is not None and process.poll() is None:
-                if now - child.started_at > 300:
-                    child.failures = 0  # it has been healthy for a while
-                if self._hung(child, now):
-                    # A stuck CUDA call, a deadlock: its lease expires and the job goes
-                    # back to the queue; the next check restarts it.
-                    process.kill()
-                    child.ready = False
-                    try:
-                        process.wait(10)
-                    except subprocess.TimeoutExpired:  # stuck in the kernel or the driver
-                        log.error("worker did not exit after SIGKILL; trying again later",
-                                  extra={"worker_index": child.index, "pid": process.pid})
-                        child.last_heard = now
-                continue
-            if process is not None:
-                child.failures += 1
-                delay = restart_delay(child.failures)
-                child.restart_at = now + delay
-                log.error("worker process exited; restarting in %.0f s", delay,
-                          extra={"worker_index": child.index, "pid": process.pid,
-                                 "exit_status": process.returncode})
-                child.process = None
-            elif now >= child.restart_at:
+            state = child.check(now, "worker process", "worker_index")
+            if state is Check.DUE:
                 self._spawn(child)
+            elif state is Check.RUNNING and self._hung(child, now):
+                # A stuck CUDA call, a deadlock: its lease expires and the job goes back to
+                # the queue; the next check restarts it.
+                process = child.process
+                assert process is not None
+                process.kill()
+                child.ready = False
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:  # stuck in the kernel or the driver
+                    log.error("worker did not exit after SIGKILL; trying again later",
+                              extra={"worker_index": child.index, "pid": process.pid})
+                    child.last_heard = now
 
     def stop(self, timeout: float = _WORKER_STOP_SECONDS) -> None:
         running = [c.process for c in self.children if c.process and c.process.poll() is None]
