@@ -127,18 +127,25 @@ def receive_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Ro
 
 
 def send_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Row]:
+    """The node's SCU on 1, 2 and 4 associations (send.associations) against storescu on
+    one, each into a fresh Orthanc."""
     from denoised_node.config.settings import Destination, load_settings
     from denoised_node.daemon.scu import send_files
 
     files = sorted(series.glob("*.dcm"))
 
-    def node_rate() -> float:
+    def node_rate(associations: int) -> float:
         orthanc = start_orthanc(fresh_dir(workdir / "orthanc-send"))
         try:
-            settings = load_settings(None, environ={})
+            settings = load_settings(None, environ={
+                "DENOISED_NODE_SEND__ASSOCIATIONS": str(associations)})
             destination = Destination(name="o", ae_title=orthanc.aet, host="127.0.0.1",
                                       port=orthanc.dicom_port)
-            return len(files) / timed(lambda: send_files(settings, destination, files))
+            rate = len(files) / timed(lambda: send_files(settings, destination, files))
+            stored = orthanc.get("/statistics")["CountInstances"]
+            if stored != len(files):
+                raise RuntimeError(f"Orthanc stored {stored} of {len(files)} instances")
+            return rate
         finally:
             orthanc.stop()
 
@@ -150,10 +157,11 @@ def send_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Row]:
         finally:
             orthanc.stop()
 
-    node, dcmtk = node_rate(), storescu_rate()
-    return [Row("send", f"{len(files)} x 256x256 to Orthanc, 1 association{label_suffix}",
-                node, "img/s",
-                {"storescu": dcmtk}, "TCP_NODELAY on both sides")]
+    nodes = {associations: node_rate(associations) for associations in (1, 2, 4)}
+    peers = {"storescu (1 association)": storescu_rate()}
+    return [Row("send", f"{len(files)} x 256x256 to Orthanc, send.associations = "
+                f"{associations}{label_suffix}", rate, "img/s", peers,
+                "TCP_NODELAY on both sides") for associations, rate in nodes.items()]
 
 
 def tool_versions() -> str:

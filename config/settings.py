@@ -247,6 +247,9 @@ class SendSettings(_Section):
     backoff_base_seconds: float = Field(default=2.0, gt=0)
     backoff_max_seconds: float = Field(default=300.0, gt=0)
     calling_ae_title: AETitle | None = None  # None: the node's own AE title
+    # Associations a series is sent on at once to one destination, its images dealt over
+    # them in turn. 1: one association per series, which every PACS takes.
+    associations: int = Field(default=1, ge=1, le=8)
     # Lossless only; a compressed one must be accepted by every destination.
     output_transfer_syntax: Literal[
         "explicit", "implicit", "rle", "jpeg-ls", "jpeg2000"] = "explicit"

@@ -1,8 +1,10 @@
-"""The Storage SCU: send a derived series to a destination in one association."""
+"""The Storage SCU: send a derived series to a destination, on one association or on
+send.associations at once."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,37 +47,91 @@ def _scu_ae(settings: Settings):  # type: ignore[no-untyped-def]
 
 def send_files(settings: Settings, destination: Destination, files: Sequence[Path],
                progress: Callable[[int, int], None] | None = None) -> SendResult:
-    """C-STORE ``files`` to ``destination`` in one association; raise SendError on the
-    first instance the destination does not keep."""
+    """C-STORE ``files`` to ``destination`` on send.associations associations at once (one
+    by default); raise SendError on the first instance the destination does not keep, and
+    stop sending on the others."""
     if not files:
         return SendResult(destination.name, 0)
     kinds = [_kind(path) for path in files]
     contexts = _contexts_for(kinds)
+    shares = min(settings.send.associations, len(files))
+    counter = _SentCounter(len(files), progress)
+    with files_sent_as_they_are():
+        if shares == 1:
+            _send_on_one_association(settings, destination, contexts, files, kinds, counter)
+        else:
+            _send_on_several(settings, destination, contexts, files, kinds, counter, shares)
+    return SendResult(destination.name, counter.sent)
+
+
+def _send_on_several(settings: Settings, destination: Destination,
+                     contexts: list[tuple[str, list[str]]], files: Sequence[Path],
+                     kinds: Sequence[tuple[str, str]], counter: _SentCounter,
+                     shares: int) -> None:
+    # Image i goes on association i mod n: each carries an even share, in the series' order.
+    errors: list[BaseException] = []
+
+    def one(share: int) -> None:
+        try:
+            _send_on_one_association(settings, destination, contexts, files[share::shares],
+                                     kinds[share::shares], counter)
+        except BaseException as exc:  # noqa: BLE001 - raised after the join
+            errors.append(exc)
+            counter.stop.set()
+
+    threads = [threading.Thread(target=one, args=(share,), name=f"send-{share}")
+               for share in range(shares)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+class _SentCounter:
+    """Images stored, over all of a send's associations; a failure on one stops the others."""
+
+    def __init__(self, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self.total = total
+        self.progress = progress
+        self.sent = 0
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def stored(self) -> None:
+        with self._lock:
+            self.sent += 1
+            sent = self.sent
+        if self.progress:
+            self.progress(sent, self.total)
+
+
+def _send_on_one_association(settings: Settings, destination: Destination,
+                             contexts: list[tuple[str, list[str]]], files: Sequence[Path],
+                             kinds: Sequence[tuple[str, str]], counter: _SentCounter) -> None:
     ae = _scu_ae(settings)
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     assoc = _associate(ae, settings, destination)
     accepted = {(str(c.abstract_syntax), str(c.transfer_syntax[0]))
                 for c in assoc.accepted_contexts}
-    sent = 0
     try:
-        with files_sent_as_they_are():
-            for path, kind in zip(files, kinds, strict=True):
-                status = assoc.send_c_store(path if kind in accepted else _converted(path))
-                code = getattr(status, "Status", None)
-                if code is None:
-                    raise SendError(f"{_where(destination)}: no answer for {path.name} "
-                                    "(timeout or connection lost)")
-                if not is_stored(int(code)):
-                    raise SendError(f"{_where(destination)}: status {describe(int(code))} for "
-                                    f"{path.name}")
-                sent += 1
-                if progress:
-                    progress(sent, len(files))
+        for path, kind in zip(files, kinds, strict=True):
+            if counter.stop.is_set():
+                return  # another association failed: its error is the send's
+            status = assoc.send_c_store(path if kind in accepted else _converted(path))
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise SendError(f"{_where(destination)}: no answer for {path.name} "
+                                "(timeout or connection lost)")
+            if not is_stored(int(code)):
+                raise SendError(f"{_where(destination)}: status {describe(int(code))} for "
+                                f"{path.name}")
+            counter.stored()
     finally:
         if assoc.is_established:
             assoc.release()
-    return SendResult(destination.name, sent)
 
 
 def echo(settings: Settings, destination: Destination) -> int:

@@ -16,7 +16,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 import pynetdicom.association
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.scu import send_files
+from denoised_node.daemon.scu import SendError, send_files
 from tests.integration.peers import free_port
 
 
@@ -60,3 +60,39 @@ def test_files_go_as_they_are_and_others_are_converted(
     sent_uids = {str(ds.SOPInstanceUID) for ds in received}
     assert sent_uids == {i.sop_instance_uid for i in implicit.instances + explicit.instances}
     assert pynetdicom_config.STORE_SEND_CHUNKED_DATASET is False
+
+
+def test_several_associations_share_a_series(pacs, settings_factory,  # type: ignore[no-untyped-def]
+                                             mr_series_factory) -> None:
+    port, received = pacs
+    series = mr_series_factory(transfer_syntax=str(ImplicitVRLittleEndian), slices=7, seed=8)
+    settings = settings_factory(send__associations=3)
+    seen: list[tuple[int, int]] = []
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    result = send_files(settings, destination, series.paths,
+                        progress=lambda sent, total: seen.append((sent, total)))
+    assert result.sent == 7
+    assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(
+        i.sop_instance_uid for i in series.instances)
+    assert [sent for sent, _ in seen] == list(range(1, 8)) and {t for _, t in seen} == {7}
+
+
+def test_a_refusal_on_one_association_fails_the_send(settings_factory,  # type: ignore[no-untyped-def]
+                                                     mr_series_factory) -> None:
+    series = mr_series_factory(transfer_syntax=str(ImplicitVRLittleEndian), slices=8, seed=9)
+    refused = series.instances[5].sop_instance_uid
+
+    def keep_but_one(event: Any) -> int:
+        return 0xA700 if str(event.request.AffectedSOPInstanceUID) == refused else 0
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(MRImageStorage, ImplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, keep_but_one)])
+    try:
+        destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+        with pytest.raises(SendError, match="0xA700"):
+            send_files(settings_factory(send__associations=2), destination, series.paths)
+    finally:
+        server.shutdown()
