@@ -100,11 +100,10 @@ class _SentCounter:
         self._lock = threading.Lock()
 
     def stored(self) -> None:
-        with self._lock:
+        with self._lock:  # progress hears the counts in order, from one thread at a time
             self.sent += 1
-            sent = self.sent
-        if self.progress:
-            self.progress(sent, self.total)
+            if self.progress:
+                self.progress(self.sent, self.total)
 
 
 def _send_on_one_association(settings: Settings, destination: Destination,
