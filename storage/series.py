@@ -141,7 +141,8 @@ class PixelFormat:
 class SourceImage:
     """One stored source file as planning read it: what identifies it, how its pixels are
     stored, and its header (read_header), from which its derived object is made. The pixel
-    data is read from the file by ``pixels``/``frames``, never kept here."""
+    data is read from the file by ``pixels``/``frames`` (from the header only where it holds
+    them: values too small to leave on disk, a deflated file)."""
 
     path: Path
     sop_instance_uid: str
