@@ -36,7 +36,7 @@ from denoised_node.daemon.status import (
 )
 from denoised_node.storage.db import SessionFactory, make_engine
 from denoised_node.storage.derive import is_own_output
-from denoised_node.storage.files import FileStore, check_uid
+from denoised_node.storage.files import FileStore, InstanceUIDs, check_uid
 from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
 from denoised_node.storage.queue import add_note
 from denoised_node.storage.reasons import one_line
@@ -261,9 +261,9 @@ class Receiver:
             raise SOPClassMismatch(
                 f"dataset SOP class {sop_class} differs from the presentation context's "
                 f"{context_sop_class}")
-        study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
+        uids = InstanceUIDs(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"),
+                            ds.get("SOPInstanceUID"))
+        sop_uid = uids.sop
         check_uid(sop_class, "SOPClassUID")
         ignored = self._ignored_reason(ds, sop_class)
         if ignored is None and "PixelData" not in ds:
@@ -276,9 +276,10 @@ class Receiver:
         relative = ""
         existed = False
         if ignored is None:
-            relative = self.store.instance_path(study_uid, series_uid, sop_uid)
+            relative = uids.relative_path  # checked once, above
             existed = self.store.path(relative).is_file()
-            if existed:
+            if existed:  # a resend of the same bytes is answered without writing anything;
+                # _index asks again under the series lock, where another receiver may have won
                 with self.engine.connect() as connection:
                     kept = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
                 if kept is not None and kept.sha256 == digest:
@@ -288,8 +289,7 @@ class Receiver:
         else:
             self.store.check_space(0)
         try:
-            indexed = self._index(ds, study_uid, series_uid, sop_uid, sop_class, relative,
-                                  spool, ignored, calling_ae)
+            indexed = self._index(ds, uids, sop_class, relative, spool, ignored, calling_ae)
         except Exception:
             # The index row is what makes a file count; without it a new file is not kept.
             if relative and not existed:
@@ -310,8 +310,8 @@ class Receiver:
             return f"modality {modality or '(none)'} is not in series.modalities"
         return None
 
-    def _index(self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
-               relative: str, spool: Spool, ignored: str | None, calling_ae: str) -> _Indexed:
+    def _index(self, ds: Dataset, uids: InstanceUIDs, sop_class: str, relative: str,
+               spool: Spool, ignored: str | None, calling_ae: str) -> _Indexed:
         """Add or update the instance row and count it in its series, in one transaction.
         Core statements, not the ORM: this runs once per received image.
 
@@ -320,9 +320,9 @@ class Receiver:
         old series loses it (and is denoised again without it), and both series' jobs get a
         note of the move."""
         now = utcnow()
+        sop_uid = uids.sop
         with self.engine.begin() as connection:
-            series_id = self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
-                                                calling_ae, now)
+            series_id = self._series_for_update(connection, ds, uids, sop_class, calling_ae, now)
             if relative and not self.store.path(relative).is_file():
                 # Retention purged the series, or a move took the file, between our write
                 # and our lock: put it in place again (the spool is a second name of it).
@@ -352,7 +352,7 @@ class Receiver:
                                                       "added": counted - was_counted, "now": now})
             else:
                 self._record_move(connection, sop_uid, existing.series_id, series_id,
-                                  series_uid, was_counted, counted, now)
+                                  uids.series, was_counted, counted, now)
             stale = existing.path if existing.path and existing.path != relative else ""
             return _Indexed(Received(series_id, sop_uid, False, ignored), stale,
                             existing.series_id)
@@ -390,12 +390,12 @@ class Receiver:
             log.exception("could not remove the file an instance left behind",
                           extra={"path": relative})
 
-    def _series_for_update(self, connection: Connection, ds: Dataset, study_uid: str,
-                           series_uid: str, sop_class: str, calling_ae: str,
-                           now: datetime) -> int:
+    def _series_for_update(self, connection: Connection, ds: Dataset, uids: InstanceUIDs,
+                           sop_class: str, calling_ae: str, now: datetime) -> int:
         # The row lock (PostgreSQL; SQLite serialises writers) makes concurrent receivers of
         # one series take turns: no lost revision or instance_count increment, and a
         # resent instance finds the other receiver's row instead of a unique violation.
+        study_uid, series_uid = uids.study, uids.series
         found = connection.execute(_SERIES_LOCKED, {"series_uid": series_uid}).first()
         if found is not None:
             if found.study_uid != study_uid:
@@ -414,8 +414,7 @@ class Receiver:
                 ).returning(Series.id)).scalar_one())
         except IntegrityError:
             # Another association created it first (PostgreSQL; SQLite serialises writers).
-            return self._series_for_update(connection, ds, study_uid, series_uid, sop_class,
-                                           calling_ae, now)
+            return self._series_for_update(connection, ds, uids, sop_class, calling_ae, now)
 
     def mark_released(self, delivered: Counter[int]) -> None:
         """An association released normally: a series whose every instance came in it may

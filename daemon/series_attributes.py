@@ -77,6 +77,11 @@ def attributes_from_file(path: Path, calling_ae_title: str = "") -> SeriesAttrib
         dataset = pydicom.dcmread(path, stop_before_pixels=True)
     except (InvalidDicomError, OSError, EOFError) as exc:
         raise ValueError(f"{path.name} is not a readable DICOM file: {exc}") from None
+    return attributes_from_dataset(dataset, calling_ae_title)
+
+
+def attributes_from_dataset(dataset: Dataset, calling_ae_title: str = "") -> SeriesAttributes:
+    """Facts from a header already read (the worker's plan of the series)."""
     return SeriesAttributes(str(dataset.get("SeriesInstanceUID", "")), dataset, calling_ae_title)
 
 

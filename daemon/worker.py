@@ -33,7 +33,7 @@ from denoised_node.daemon.pipeline import (
 )
 from denoised_node.daemon.rules import Decision, decide
 from denoised_node.daemon.scu import SendResult, send_files
-from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_file
+from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_dataset
 from denoised_node.daemon.webhook import JobNotice, Notifier
 from denoised_node.model.errors import ModelError
 from denoised_node.storage.db import SessionFactory
@@ -212,9 +212,9 @@ class Worker:
             # What the series is (localizer, reformat, no pixel data...) comes first, then
             # which rule takes it.
             plan = plan_series(paths, input_policy(self.settings))
-            # The rules read the first image the plan will denoise (its header was read).
-            facts = self._facts = attributes_from_file(plan.stacks[0].slices[0].path,
-                                                       calling_ae)
+            # The rules read the header of the first image the plan will denoise.
+            facts = self._facts = attributes_from_dataset(
+                plan.stacks[0].slices[0].source.header, calling_ae)
             decision = self._decide(facts)
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))

@@ -6,18 +6,23 @@ new series beside the old one. A multi-frame source (Enhanced or Legacy Converte
 MR) gives a multi-frame object with the same functional groups, each frame marked DERIVED and
 pointing at its source frame. Everything else of the source is kept: private tags, the
 specific character set and its values, window, geometry.
+
+A derived object is made from the header that planning read (SourceImage.header, copied) and
+the denoised values; the source's pixel data is read again only for what was not denoised
+(frames of a stack left out, mosaic grid cells without a slice).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_encoder
 from pydicom.sequence import Sequence as DicomSequence
@@ -32,12 +37,16 @@ from pydicom.uid import (
 )
 
 from denoised_node.storage.files import sync_filesystem, write_atomic
+from denoised_node.storage.mosaic import MosaicLayout
 from denoised_node.storage.private_vr import keep_private_values_untyped
 from denoised_node.storage.series import (
     ENHANCED_MR_IMAGE_STORAGE,
     MULTIFRAME_MR_SOP_CLASSES,
+    PIXEL_DATA,
+    PixelFormat,
     SeriesError,
     SliceRef,
+    SourceImage,
     Stack,
 )
 
@@ -118,14 +127,21 @@ def is_own_output(ds: Dataset) -> bool:
     return False
 
 
-def stored_values(physical: np.ndarray, slope: float, intercept: float, ds: Dataset,
-                  dtype: np.dtype) -> np.ndarray:
+def stored_values(physical: np.ndarray, slope: float, intercept: float,
+                  pixel_format: PixelFormat) -> np.ndarray:
     """Physical values back to stored ones, clipped to what BitsStored can represent."""
-    bits = int(ds.BitsStored)
-    signed = int(ds.PixelRepresentation) == 1
-    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    low, high = pixel_format.stored_range
     stored = np.rint((physical.astype(np.float64) - intercept) / slope)
-    return np.clip(stored, low, high).astype(dtype)
+    return np.clip(stored, low, high).astype(pixel_format.dtype)
+
+
+@dataclass
+class _Assembly:
+    """A multi-frame object or mosaic whose derived pixels arrive a stack at a time."""
+
+    source: SourceImage
+    pixels: np.ndarray  # (frames, rows, columns), or the mosaic image
+    filled: np.ndarray  # per frame or tile: its derived values are in place
 
 
 class DerivedSeriesWriter:
@@ -140,9 +156,9 @@ class DerivedSeriesWriter:
         self.info = info
         self.now = now
         self.written: list[Path] = []
-        self._pending: dict[Path, tuple[Dataset, np.ndarray, np.ndarray]] = {}
-        self._mosaics: dict[Path, tuple[Dataset, np.ndarray, np.ndarray]] = {}
-        self._unchanged: set[tuple[Path, int]] = set()  # frames of stacks left out
+        self._pending: dict[Path, _Assembly] = {}  # multi-frame objects
+        self._mosaics: dict[Path, _Assembly] = {}
+        self._unchanged: dict[Path, set[int]] = defaultdict(set)  # frames of stacks left out
         out_dir.mkdir(parents=True, exist_ok=True)
 
     def add_stack(self, stack: Stack, denoised: np.ndarray) -> None:
@@ -163,13 +179,13 @@ class DerivedSeriesWriter:
         for ref in stack.slices:
             if ref.frame is None:
                 continue
-            self._unchanged.add((ref.path, ref.frame))
+            self._unchanged[ref.path].add(ref.frame)
             if ref.path in self._pending:
-                self._pending[ref.path][2][ref.frame] = True
+                self._pending[ref.path].filled[ref.frame] = True
                 self._finish_if_complete(ref.path)
 
     def close(self) -> list[Path]:
-        incomplete = [p.name for p, (_, _, filled) in self._pending.items() if not filled.all()]
+        incomplete = [p.name for p, pending in self._pending.items() if not pending.filled.all()]
         if incomplete:
             raise SeriesError(f"multi-frame objects with frames missing: {', '.join(incomplete)}")
         if self._mosaics:
@@ -181,46 +197,49 @@ class DerivedSeriesWriter:
         return list(self.written)
 
     def _write_classic(self, ref: SliceRef, image: np.ndarray) -> None:
-        ds = pydicom.dcmread(ref.path)
-        source_pixels = ds.pixel_array
-        stored = stored_values(image, ref.slope, ref.intercept, ds, source_pixels.dtype)
-        self._finish(ds, stored)
+        pixel_format = ref.source.pixel_format
+        self._finish(ref.source, stored_values(image, ref.slope, ref.intercept, pixel_format))
 
     def _add_frame(self, ref: SliceRef, image: np.ndarray) -> None:
         if ref.path not in self._pending:
-            self._pending[ref.path] = _read_multiframe(ref.path)
-            for path, frame in self._unchanged:
-                if path == ref.path:
-                    self._pending[path][2][frame] = True
-        ds, frames, filled = self._pending[ref.path]
+            self._pending[ref.path] = _multiframe_assembly(ref.source)
+            for frame in self._unchanged.get(ref.path, ()):
+                self._pending[ref.path].filled[frame] = True
+        pending = self._pending[ref.path]
         assert ref.frame is not None
-        frames[ref.frame] = stored_values(image, ref.slope, ref.intercept, ds, frames.dtype)
-        filled[ref.frame] = True
+        pending.pixels[ref.frame] = stored_values(image, ref.slope, ref.intercept,
+                                                  ref.source.pixel_format)
+        pending.filled[ref.frame] = True
         self._finish_if_complete(ref.path)
 
     def _finish_if_complete(self, path: Path) -> None:
-        ds, frames, filled = self._pending[path]
-        if filled.all():
+        pending = self._pending[path]
+        if pending.filled.all():
             del self._pending[path]
-            self._finish(ds, frames)  # (frames, rows, cols) even for one: NumberOfFrames
+            unchanged = sorted(self._unchanged.get(path, ()))
+            if unchanged:  # frames of a stack left out keep the source's values
+                for frame, pixels in zip(unchanged, pending.source.frames(unchanged)):
+                    pending.pixels[frame] = pixels
+            # (frames, rows, columns) even for one frame: NumberOfFrames
+            self._finish(pending.source, pending.pixels)
 
     def _add_tile(self, ref: SliceRef, image: np.ndarray) -> None:
         """A mosaic is written once all its tiles are back in place; the grid cells past the
         last slice keep the source's values."""
-        assert ref.tile is not None
+        tile = ref.tile
+        assert tile is not None
         if ref.path not in self._mosaics:
-            source = pydicom.dcmread(ref.path)
-            self._mosaics[ref.path] = (source, source.pixel_array.copy(),
-                                       np.zeros(ref.tile.layout.count, bool))
-        ds, mosaic, filled = self._mosaics[ref.path]
-        ref.tile.layout.fill(mosaic, ref.tile.index,
-                             stored_values(image, ref.slope, ref.intercept, ds, mosaic.dtype))
-        filled[ref.tile.index] = True
-        if filled.all():
+            self._mosaics[ref.path] = _mosaic_assembly(ref.source, tile.layout)
+        mosaic = self._mosaics[ref.path]
+        tile.layout.fill(mosaic.pixels, tile.index, stored_values(
+            image, ref.slope, ref.intercept, ref.source.pixel_format))
+        mosaic.filled[tile.index] = True
+        if mosaic.filled.all():
             del self._mosaics[ref.path]
-            self._finish(ds, mosaic)
+            self._finish(mosaic.source, mosaic.pixels)
 
-    def _finish(self, ds: Dataset, stored: np.ndarray) -> None:
+    def _finish(self, source: SourceImage, stored: np.ndarray) -> None:
+        ds = _header_copy(source)
         source_sop_uid = str(ds.SOPInstanceUID)
         source_sop_class = str(ds.SOPClassUID)
         derive_attributes(ds, self.info, self.now)
@@ -248,12 +267,32 @@ class DerivedSeriesWriter:
         log.debug("derived instance written", extra={"source_sop": source_sop_uid})
 
 
-def _read_multiframe(path: Path) -> tuple[Dataset, np.ndarray, np.ndarray]:
-    """The source, its frames (filled in as stacks are denoised) and which are done."""
-    ds = pydicom.dcmread(path)
-    pixels = ds.pixel_array
-    pixels = pixels if pixels.ndim == 3 else pixels[np.newaxis]
-    return ds, pixels.copy(), np.zeros(len(pixels), dtype=bool)
+def _header_copy(source: SourceImage) -> Dataset:
+    """The source's header to turn into the derived object's: a copy (the header is the
+    plan's, and the rules' facts), without the source's pixel data (never read for this)."""
+    ds = copy.deepcopy(source.header)
+    del ds[PIXEL_DATA]
+    return ds
+
+
+def _multiframe_assembly(source: SourceImage) -> _Assembly:
+    """Every frame of a multi-frame object is denoised or left out with its stack, so the
+    frames start empty; those left out are read from the source at the end."""
+    ds = source.header
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    shape = (frames, int(ds.Rows), int(ds.Columns))
+    return _Assembly(source, np.zeros(shape, source.pixel_format.dtype),
+                     np.zeros(frames, dtype=bool))
+
+
+def _mosaic_assembly(source: SourceImage, layout: MosaicLayout) -> _Assembly:
+    """Grid cells without a slice keep the source's values: read when there are such."""
+    ds = source.header
+    if layout.count < layout.per_side**2:
+        pixels = source.pixels().copy()
+    else:
+        pixels = np.zeros((int(ds.Rows), int(ds.Columns)), source.pixel_format.dtype)
+    return _Assembly(source, pixels, np.zeros(layout.count, dtype=bool))
 
 
 def _decode_big_endian(ds: Dataset) -> None:

@@ -50,6 +50,26 @@ def check_uid(value: object, what: str) -> str:
 
 
 @dataclass(frozen=True)
+class InstanceUIDs:
+    """The UIDs that file an instance, checked (and trimmed) on construction: an object that
+    exists names a safe path."""
+
+    study: str
+    series: str
+    sop: str
+
+    def __post_init__(self) -> None:
+        for name, what in (("study", "StudyInstanceUID"), ("series", "SeriesInstanceUID"),
+                           ("sop", "SOPInstanceUID")):
+            object.__setattr__(self, name, check_uid(getattr(self, name), what))
+
+    @property
+    def relative_path(self) -> str:
+        """Where the store keeps the instance, relative to its root."""
+        return f"instances/{self.study}/{self.series}/{self.sop}.dcm"
+
+
+@dataclass(frozen=True)
 class StoredFile:
     relative_path: str
     size_bytes: int
@@ -77,9 +97,7 @@ class FileStore:
             )
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
-        parts = [check_uid(study_uid, "StudyInstanceUID"), check_uid(series_uid, "SeriesInstanceUID"),
-                 check_uid(sop_uid, "SOPInstanceUID")]
-        return f"instances/{parts[0]}/{parts[1]}/{parts[2]}.dcm"
+        return InstanceUIDs(study_uid, series_uid, sop_uid).relative_path
 
     def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
         relative = self.instance_path(study_uid, series_uid, sop_uid)

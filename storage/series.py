@@ -1,9 +1,11 @@
 """Stored series -> stacks of slices -> volumes.
 
 A series may hold several stacks (echoes, repeated positions over time, b-values,
-orientations, matrices); each is denoised on its own. Headers are read first (no pixels), so
-grouping is cheap, and a volume is filled one image at a time into a preallocated array, so
-memory stays bounded. Classic MR (one slice per instance), Enhanced MR and Legacy Converted
+orientations, matrices); each is denoised on its own. Each file's header is read once, when
+the series is planned (its pixel data stays on disk), and carried in a SourceImage to the
+steps after: the rules read it and the derived object is made from it. The pixel data is
+read when a volume is loaded, one image at a time into a preallocated array, so memory stays
+bounded. Classic MR (one slice per instance), Enhanced MR and Legacy Converted
 Enhanced MR (multi-frame) objects are handled alike: a frame is just another slice.
 
 Images the network must not touch are skipped with a reason (docs/inputs.md lists them).
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,8 +24,10 @@ import numpy as np
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_deferred_data_element
 from pydicom.multival import MultiValue
-from pydicom.pixels import iter_pixels
+from pydicom.pixels import iter_pixels, pixel_array
+from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from denoised_node.storage.mosaic import MosaicError, MosaicTile, is_mosaic, mosaic_layout
@@ -72,19 +76,123 @@ class NothingToDenoise(SeriesError):
     """No instance of the series has the pixel data and geometry needed to denoise it."""
 
 
+PIXEL_DATA = BaseTag(0x7FE00010)
+# Values longer than this stay on disk when a header is read: the pixel data. Any other one
+# (a vendor's private header) is read in at once, so that no later step opens the file for it.
+_DEFER_BYTES = 4096
+
+
+def read_header(path: Path) -> Dataset:
+    """The file's dataset without its pixel data in memory (that is read when needed, e.g.
+    by ``pixel_array(path)``); every other value is read. One open of the file."""
+    with path.open("rb") as stream:
+        ds = pydicom.dcmread(stream, defer_size=_DEFER_BYTES)
+        # A deflated file is inflated into a buffer: its values are read from there, the
+        # pixel data too (no decoder reads a deflated file by its path).
+        inflated = ds.buffer
+        source = stream if inflated is None else inflated
+        for tag in list(ds.keys()):
+            element = ds.get_item(tag, keep_deferred=True)
+            if (isinstance(element, RawDataElement) and element.value is None
+                    and element.length and (tag != PIXEL_DATA or inflated is not None)):
+                # Into the element dict: set as an item, a private value would be converted
+                # with pydicom's guess at its VR; the writer keeps unknown ones as they came.
+                ds._dict[tag] = read_deferred_data_element(type(source), source, None, element)
+        ds.buffer = None  # nothing is deferred to it any more
+    return ds
+
+
 @dataclass(frozen=True)
-class SliceRef:
-    """One 2D image: a classic instance, or one frame (0-based) of a multi-frame one."""
+class PixelFormat:
+    """How an image stores its pixel values: the derived image stores its own alike."""
+
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+
+    def __post_init__(self) -> None:
+        if self.bits_allocated not in (8, 16):
+            raise ValueError(f"BitsAllocated {self.bits_allocated} is not supported")
+        if not 1 <= self.bits_stored <= self.bits_allocated:
+            raise ValueError(f"BitsStored {self.bits_stored} does not fit BitsAllocated "
+                             f"{self.bits_allocated}")
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> PixelFormat:
+        try:
+            return cls(int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation) == 1)
+        except (AttributeError, TypeError) as exc:
+            raise ValueError(f"image pixel attributes missing or invalid: {exc}") from exc
+
+    @property
+    def dtype(self) -> np.dtype:
+        """What the decoder gives for these pixels (native byte order)."""
+        return np.dtype(f"{'i' if self.signed else 'u'}{self.bits_allocated // 8}")
+
+    @property
+    def stored_range(self) -> tuple[int, int]:
+        """The lowest and highest value BitsStored can hold."""
+        if self.signed:
+            return -(2 ** (self.bits_stored - 1)), 2 ** (self.bits_stored - 1) - 1
+        return 0, 2**self.bits_stored - 1
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One stored source file as planning read it: what identifies it, how its pixels are
+    stored, and its header (read_header), from which its derived object is made. The pixel
+    data is read from the file by ``pixels``/``frames`` (from the header only where it holds
+    them: values too small to leave on disk, a deflated file)."""
 
     path: Path
     sop_instance_uid: str
     sop_class_uid: str
+    pixel_format: PixelFormat
+    header: Dataset = field(repr=False, compare=False)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, path: Path) -> SourceImage:
+        """Raises ValueError when the image cannot be denoised and written back."""
+        if "PixelData" not in ds:
+            raise ValueError("no pixel data")
+        if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
+            raise ValueError("no SOP Instance UID or SOP Class UID")
+        return cls(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                   PixelFormat.from_dataset(ds), ds)
+
+    def pixels(self) -> np.ndarray:
+        """The decoded pixel data: (rows, columns), or (frames, rows, columns)."""
+        return pixel_array(self._pixel_source())
+
+    def frames(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        """The frames ``indices`` (in that order, which should be the file's), one at a time."""
+        return iter_pixels(self._pixel_source(), indices=list(indices))
+
+    def _pixel_source(self) -> Path | Dataset:
+        element = self.header.get_item(PIXEL_DATA, keep_deferred=True)
+        deferred = isinstance(element, RawDataElement) and element.value is None
+        return self.path if deferred else self.header  # the header holds small ones
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """One 2D image: a classic instance, or one frame (0-based) of a multi-frame one."""
+
+    source: SourceImage
     frame: int | None
     position: float  # along the stack's normal, mm
     slope: float
     intercept: float
     instance_number: int
     tile: MosaicTile | None = None  # a slice cut from a Siemens mosaic
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.source.sop_instance_uid
 
 
 @dataclass(frozen=True)
@@ -155,8 +263,7 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
     mosaics: list[Stack] = []
     for path in paths:
         try:
-            # Large values (pixel data) are deferred: present, but not read into memory.
-            ds = pydicom.dcmread(path, defer_size=4096)
+            ds = read_header(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped with a reason
             plan.skipped.append((path.stem, f"unreadable: {one_line(str(exc))}"))
             continue
@@ -169,10 +276,15 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
             plan.skipped.append((sop_uid, reason))
             continue
         try:
+            source = SourceImage.from_dataset(ds, path)
+        except ValueError as exc:
+            plan.skipped.append((sop_uid, one_line(str(exc))))
+            continue
+        try:
             if is_mosaic(ds):
-                mosaics.append(_mosaic_stack(ds, path))
+                mosaics.append(_mosaic_stack(source))
             else:
-                candidates.extend(_candidates_of(ds, path))
+                candidates.extend(_candidates_of(source))
         except MosaicError as exc:
             plan.skipped.append((sop_uid, f"mosaic layout unknown: {one_line(str(exc))}"))
         except (AttributeError, KeyError, ValueError, IndexError, TypeError) as exc:
@@ -187,16 +299,17 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
     return plan
 
 
-def _mosaic_stack(ds: Dataset, path: Path) -> Stack:
+def _mosaic_stack(source: SourceImage) -> Stack:
     """One mosaic instance is one volume: its tiles, in grid order, are its slices."""
+    ds = source.header
     layout = mosaic_layout(ds)
     spacing = _spacing(ds.PixelSpacing)
     between = _float_or(ds.get("SpacingBetweenSlices") or ds.get("SliceThickness"), 1.0)
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    refs = tuple(SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), None,
-                          index * between, slope, intercept, _instance_number(ds),
-                          MosaicTile(index, layout)) for index in range(layout.count))
+    refs = tuple(SliceRef(source, None, index * between, slope, intercept,
+                          _instance_number(ds), MosaicTile(index, layout))
+                 for index in range(layout.count))
     label = (f"mosaic {layout.tile_rows}x{layout.tile_columns}x{layout.count}, "
              f"instance {_instance_number(ds)}")
     return Stack(layout.tile_rows, layout.tile_columns, refs, label, spacing)
@@ -265,24 +378,25 @@ def _encoding_mismatch(ds: Dataset) -> str | None:
     return None
 
 
-def _candidates_of(ds: Dataset, path: Path) -> list[_Candidate]:
+def _candidates_of(source: SourceImage) -> list[_Candidate]:
+    ds = source.header
     if "PerFrameFunctionalGroupsSequence" in ds:
-        return _frame_candidates(ds, path)
+        return _frame_candidates(source)
     orientation = _floats(ds.ImageOrientationPatient, 6)
     position = _floats(ds.ImagePositionPatient, 3)
     key = _StackKey(_rounded(orientation), int(ds.Rows), int(ds.Columns),
                     _spacing(ds.PixelSpacing), _echo(ds.get("EchoNumbers")),
                     _integer(ds.get("TemporalPositionIdentifier")),
                     _number(ds.get("DiffusionBValue")))
-    ref = SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), None,
-                   _along_normal(orientation, position),
+    ref = SliceRef(source, None, _along_normal(orientation, position),
                    float(ds.get("RescaleSlope", 1) or 1),
                    float(ds.get("RescaleIntercept", 0) or 0), _instance_number(ds))
     return [_Candidate(ref, key)]
 
 
-def _frame_candidates(ds: Dataset, path: Path) -> list[_Candidate]:
+def _frame_candidates(source: SourceImage) -> list[_Candidate]:
     """One candidate per frame; attributes come from the frame's or the shared groups."""
+    ds = source.header
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
     out = []
     for index, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
@@ -291,8 +405,8 @@ def _frame_candidates(ds: Dataset, path: Path) -> list[_Candidate]:
         position = _floats(value("PlanePositionSequence", "ImagePositionPatient"), 3)
         slope = value("PixelValueTransformationSequence", "RescaleSlope")
         intercept = value("PixelValueTransformationSequence", "RescaleIntercept")
-        ref = SliceRef(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID), index,
-                       _along_normal(orientation, position), _float_or(slope, 1.0) or 1.0,
+        ref = SliceRef(source, index, _along_normal(orientation, position),
+                       _float_or(slope, 1.0) or 1.0,
                        _float_or(intercept, 0.0), _instance_number(ds))
         out.append(_Candidate(ref, _frame_key(ds, frame, shared, orientation)))
     return out
@@ -422,23 +536,25 @@ def flat_reason(volume: np.ndarray) -> str | None:
 
 
 def load_volume(stack: Stack) -> np.ndarray:
-    """The stack's images as float32 (slices, rows, columns) in physical units."""
+    """The stack's images as float32 (slices, rows, columns) in physical units. Reads the
+    pixel data of each file once (a multi-frame file: once per stack it has frames in)."""
     volume = np.empty((stack.depth, stack.rows, stack.columns), dtype=np.float32)
-    frames_by_path: dict[Path, list[tuple[int, int]]] = defaultdict(list)  # path: (frame, slot)
+    frames_by_source: dict[Path, list[tuple[int, int]]] = defaultdict(list)  # (frame, slot)
     mosaic: tuple[Path, np.ndarray] | None = None  # the mosaic image, decoded once
     for slot, ref in enumerate(stack.slices):
         if ref.tile is not None:
             if mosaic is None or mosaic[0] != ref.path:
-                mosaic = (ref.path, pydicom.dcmread(ref.path).pixel_array)
+                mosaic = (ref.path, ref.source.pixels())
             _put(volume, slot, stack, ref, mosaic[1][ref.tile.layout.tile(ref.tile.index)])
         elif ref.frame is None:
-            _put(volume, slot, stack, ref, pydicom.dcmread(ref.path).pixel_array)
+            _put(volume, slot, stack, ref, ref.source.pixels())
         else:
-            frames_by_path[ref.path].append((ref.frame, slot))
-    for path, frames in frames_by_path.items():
+            frames_by_source[ref.path].append((ref.frame, slot))
+    for frames in frames_by_source.values():
         # Multi-frame: decode only this stack's frames, one at a time, in file order.
         frames.sort()
-        pixels = iter_pixels(path, indices=[frame for frame, _ in frames])
+        source = stack.slices[frames[0][1]].source
+        pixels = source.frames([frame for frame, _ in frames])
         for (_, slot), image in zip(frames, pixels):
             _put(volume, slot, stack, stack.slices[slot], image)
     return volume

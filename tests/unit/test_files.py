@@ -4,7 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from denoised_node.storage.files import FileStore, InvalidUID, OutOfSpace, StoreError, check_uid
+from denoised_node.storage.files import (
+    FileStore,
+    InstanceUIDs,
+    InvalidUID,
+    OutOfSpace,
+    StoreError,
+    check_uid,
+)
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.5.1.4.1.1.4", "2.25.123", "1"])
@@ -48,3 +55,13 @@ def test_watermark_refuses_before_writing(tmp_path: Path) -> None:
     with pytest.raises(OutOfSpace, match="watermark"):
         store.write_instance("1.2", "1.2.3", "1.2.3.4", b"x")
     assert not (tmp_path / "instances" / "1.2").exists()
+
+
+def test_instance_uids_are_checked_once_on_construction() -> None:
+    uids = InstanceUIDs(" 1.2.3 ", "1.2.3.4\x00", "1.2.3.4.5")
+    assert (uids.study, uids.series, uids.sop) == ("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert uids.relative_path == "instances/1.2.3/1.2.3.4/1.2.3.4.5.dcm"
+    with pytest.raises(InvalidUID, match="SeriesInstanceUID '../x'"):
+        InstanceUIDs("1.2.3", "../x", "1.2.3.4.5")
+    with pytest.raises(InvalidUID, match="SOPInstanceUID ''"):
+        InstanceUIDs("1.2.3", "1.2.3.4", None)  # type: ignore[arg-type]  # as ds.get gives it
