@@ -73,3 +73,13 @@ class ScaledDenoiser:
 @pytest.fixture
 def fake_denoiser() -> ScaledDenoiser:
     return ScaledDenoiser()
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    """A tiny 2.5D checkpoint (tests/fixtures/tiny_model.py), weights nudged off the identity."""
+    from tests.fixtures.tiny_model import tiny_checkpoint
+
+    path = tmp_path / "tiny.safetensors"
+    tiny_checkpoint(path)
+    return path
