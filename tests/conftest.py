@@ -13,6 +13,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import os  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # The xdist workers share the cores: one torch thread each (set before torch is imported),
+    # or two workers with two threads spin against each other on a 2-core machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import itertools  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402

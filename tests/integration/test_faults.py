@@ -87,6 +87,12 @@ class NodeHarness:
         with sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=5) as db:
             return [row[0] for row in db.execute("SELECT state FROM jobs ORDER BY id")]
 
+    def send_attempts(self) -> list[int]:
+        if not self.database.exists():
+            return []
+        with sqlite3.connect(f"file:{self.database}?mode=ro", uri=True, timeout=5) as db:
+            return [row[0] for row in db.execute("SELECT send_attempts FROM jobs ORDER BY id")]
+
     def stop(self) -> None:
         if self.node is None or self.node.process.popen.poll() is not None:
             return
@@ -269,16 +275,23 @@ def test_pacs_down_then_back(harness, orthanc: Orthanc, mr_series_factory) -> No
                          "max_attempts": 40})
     node.start()
     orthanc.process.stop()
+    down = time.monotonic()
     sources = _series(mr_series_factory, 3, 10)
     for source in sources:
         storescu(source.directory, "127.0.0.1", node.port, "PACS", NODE_AET)
     wait_until(lambda: node.job_states().count("processed") == 3, timeout=120,
                what="every series waiting to be sent")
-    time.sleep(15)
+    # Down across several backed-off attempts of every series, not one refusal.
+    wait_until(lambda: min(node.send_attempts() or [0]) >= 3, timeout=120, interval=0.5,
+               what="a third send attempt of every series")
+    attempts = node.send_attempts()
+    assert set(node.job_states()) <= {"processed", "sending"}  # retrying, none given up
+    down_seconds = time.monotonic() - down
     _restart(orthanc)
     result = _wait_delivered(orthanc, sources, 120)
-    _record("PACS down (Orthanc stopped) for about 30 s while 3 series are processed",
-            result)
+    _record("PACS down (Orthanc stopped) while 3 series are processed and their sends fail",
+            result, note=f"down {down_seconds:.0f} s; {min(attempts)}-"
+                         f"{max(attempts)} send attempts per series before it was back")
     assert result["delivered"] == 3 and result["duplicates"] == 0
 
 

@@ -15,18 +15,23 @@ from denoised_node.storage.db import make_engine
 from denoised_node.storage.schema import upgrade
 
 
+def make_settings(directory: Path, **overrides: Any) -> Settings:
+    """Settings with data in ``directory``/data and the gate off (the fake denoiser is not a
+    real model); keyword args are env-style overrides, e.g. series__idle_seconds=0."""
+    env = {"DENOISED_NODE_NODE__DATA_DIR": str(directory / "data"),
+           "DENOISED_NODE_NODE__MIN_FREE_MB": "0", "DENOISED_NODE_GATE__ENABLED": "false"}
+    for key, value in overrides.items():
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        env[f"DENOISED_NODE_{key.upper()}"] = text
+    return load_settings(None, environ=env)
+
+
 @pytest.fixture
 def settings_factory(tmp_path: Path) -> Callable[..., Settings]:
-    """make(**env) -> Settings with data in tmp_path and the gate off (the fake denoiser is
-    not a real model); keyword args are env-style overrides, e.g. make(series__idle_seconds=0)."""
+    """make(**env) -> make_settings(tmp_path, **env)."""
 
     def make(**overrides: Any) -> Settings:
-        env = {"DENOISED_NODE_NODE__DATA_DIR": str(tmp_path / "data"),
-               "DENOISED_NODE_NODE__MIN_FREE_MB": "0", "DENOISED_NODE_GATE__ENABLED": "false"}
-        for key, value in overrides.items():
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-            env[f"DENOISED_NODE_{key.upper()}"] = text
-        return load_settings(None, environ=env)
+        return make_settings(tmp_path, **overrides)
 
     return make
 
@@ -68,3 +73,13 @@ class ScaledDenoiser:
 @pytest.fixture
 def fake_denoiser() -> ScaledDenoiser:
     return ScaledDenoiser()
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    """A tiny 2.5D checkpoint (tests/fixtures/tiny_model.py), weights nudged off the identity."""
+    from tests.fixtures.tiny_model import tiny_checkpoint
+
+    path = tmp_path / "tiny.safetensors"
+    tiny_checkpoint(path)
+    return path

@@ -10,7 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from denoised_node.daemon.cli_model import evaluate_command
+from denoised_node.model import evaluate as evaluate_module
 from denoised_node.model.checkpoint import ModelCard, write_checkpoint
+from denoised_node.model.data import load_mni_t1
 from denoised_node.model.evaluate import EvalConfig, _rician_correct, evaluate
 from denoised_node.model.network import build_network
 from denoised_node.model.schedule import NoiseSchedule
@@ -20,6 +22,12 @@ TINY = {
     "unet": {"channels": [8, 16], "attention_levels": [False, True], "num_res_blocks": 1,
              "num_head_channels": 16, "norm_num_groups": 8},
 }
+
+
+def _centre_of_t1() -> np.ndarray:
+    """The MNI T1 template's slices cut to a 64x64 window of the brain: every slice kept (the
+    split into training, gap and test slabs is along them), a tenth of the pixels to denoise."""
+    return load_mni_t1()[:, 70:134, 60:124]
 
 
 def _tiny(path: Path) -> Path:
@@ -75,22 +83,23 @@ def test_evaluate_cli_reports_a_missing_checkpoint(tmp_path: Path) -> None:
     assert res.exit_code != 0 and "does not exist" in res.output
 
 
-def test_evaluate_records_the_planes_each_network_got(tmp_path: Path) -> None:
+def test_evaluate_records_the_planes_each_network_got(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setitem(evaluate_module.CONTRASTS, "t1", _centre_of_t1)
     ckpt = _tiny(tmp_path / "tiny.safetensors")
     cfg = EvalConfig(checkpoint=str(ckpt), baseline=None, levels=(0.05,), seeds=(0,), methods=("ours",),
                      contrasts=("t1",), out_dir=tmp_path / "eval", device="cpu", holdout=16, gap=2, planes=3)
     result = evaluate(cfg)
     assert result["models"]["ours"]["planes"] == 3
-    assert [row["planes"] for row in result["rows"]] == [3]  # 20 slices of 1 mm: isotropic, deep enough
+    # 20 slices of 1 mm by 64x64: isotropic, deep enough
+    assert [row["planes"] for row in result["rows"]] == [3]
 
 
 def test_planes_study_table(tmp_path: Path) -> None:
-    from denoised_node.model.data import load_mni_t1
-    from denoised_node.model.inference import Denoiser
     from benchmarks.planes_study import planes_by_spacing, to_markdown
+    from denoised_node.model.inference import Denoiser
 
     den = Denoiser.load(_tiny(tmp_path / "tiny.safetensors"), device="cpu")  # untrained: the identity
-    centre = load_mni_t1()[:, 70:134, 60:124]  # a 64x64 window keeps the test quick
+    centre = _centre_of_t1()
     rows = planes_by_spacing(den, holdout=16, gap=4, spacings=(1.0, 2.0), volume=centre)
     assert [row.slices for row in rows] == [24, 12]
     for row in rows:

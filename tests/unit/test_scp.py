@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,17 @@ def test_store_series_over_the_network(node, mr_series) -> None:  # type: ignore
     for path in mr_series.paths:
         assert assoc.send_c_store(path).Status == Status.SUCCESS
     assoc.release()
-    with runtime.sessions() as session:
-        series = session.scalars(select(Series)).one()
-        assert series.instance_count == len(mr_series.paths)
-        assert series.released_at is not None  # whole series in one released association
+    # The SCP marks the series released in its EVT_RELEASED handler, which may run just after
+    # this side's release() returns: wait for it (a few seconds at most), then check.
+    deadline = time.monotonic() + 10
+    while True:
+        with runtime.sessions() as session:
+            series = session.scalars(select(Series)).one()
+        if series.released_at is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert series.instance_count == len(mr_series.paths)
+    assert series.released_at is not None  # whole series in one released association
 
 
 def test_other_sop_class_is_accepted_and_ignored(node, mr_series_factory) -> None:  # type: ignore[no-untyped-def]

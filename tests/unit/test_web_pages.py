@@ -4,12 +4,14 @@ over a node that received two series, denoised and sent one, and failed to send 
 from __future__ import annotations
 
 import io
+import itertools
 import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -32,7 +34,8 @@ from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.retention import purge_series
 from denoised_node.storage.schema import upgrade
 from tests.fixtures.identity import StudyInfo
-from tests.fixtures.mr_series import GeneratedSeries
+from tests.fixtures.mr_series import GeneratedSeries, MRSeriesSpec, generate_series
+from tests.unit.conftest import ScaledDenoiser, make_settings
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 PATIENT = StudyInfo(seed=7, patient_name="Doe^Jane", patient_id="PID-7731",
@@ -114,8 +117,23 @@ def build_node(settings: Settings, series_factory: Callable[..., GeneratedSeries
 @pytest.fixture
 def node(settings_factory: Callable[..., Settings],
          mr_series_factory: Callable[..., GeneratedSeries], fake_denoiser: object) -> Node:
+    """A node of its own, for a test that changes the database, the store or the pages."""
     settings = settings_factory(send__max_attempts=1)
     return build_node(settings, mr_series_factory, fake_denoiser)
+
+
+@pytest.fixture(scope="module")
+def read_only_node(tmp_path_factory: pytest.TempPathFactory) -> Node:
+    """The same node built once for the tests that only GET pages (receiving, denoising and
+    sending its two series is what takes the time); a test that writes takes `node`."""
+    root = tmp_path_factory.mktemp("web-pages")
+    numbers = itertools.count(1)
+
+    def series_factory(spec: MRSeriesSpec | None = None, **overrides: Any) -> GeneratedSeries:
+        return generate_series(root / f"series{next(numbers)}", spec, **overrides)
+
+    return build_node(make_settings(root, send__max_attempts=1), series_factory,
+                      ScaledDenoiser())
 
 
 def _html(response: Response) -> str:
@@ -134,12 +152,14 @@ def _no_patient_data(text: str) -> None:
         assert value not in text
 
 
-def test_the_run_behind_the_pages(node: Node) -> None:
+def test_the_run_behind_the_pages(read_only_node: Node) -> None:
+    node = read_only_node
     assert node.job_state(node.done_job) == "done"
     assert node.job_state(node.failed_job) == "failed"
 
 
-def test_overview_shows_health_counts_and_the_last_hour(node: Node) -> None:
+def test_overview_shows_health_counts_and_the_last_hour(read_only_node: Node) -> None:
+    node = read_only_node
     response = node.get("/")
     html = _html(response)
     assert response.status == 200
@@ -174,7 +194,8 @@ def test_slow_checks_never_hold_up_a_page(node: Node) -> None:
     assert "at last" not in html
 
 
-def test_jobs_lists_states_stage_times_and_a_replay_button_for_failed(node: Node) -> None:
+def test_jobs_lists_states_stage_times_and_a_replay_button_for_failed(read_only_node: Node) -> None:
+    node = read_only_node
     html = _html(node.get("/jobs"))
     done_row = re.search(rf'<tr class="row-done" data-job="{node.done_job}">(.*?)</tr>', html,
                          re.DOTALL)
@@ -191,7 +212,8 @@ def test_jobs_lists_states_stage_times_and_a_replay_button_for_failed(node: Node
     _no_patient_data(html)
 
 
-def test_series_page_shows_before_after_residual_and_gate_figures(node: Node) -> None:
+def test_series_page_shows_before_after_residual_and_gate_figures(read_only_node: Node) -> None:
+    node = read_only_node
     response = node.get(f"/series/{node.done.series_uid}")
     html = _html(response)
     assert response.status == 200
@@ -207,7 +229,8 @@ def test_series_page_shows_before_after_residual_and_gate_figures(node: Node) ->
     assert "<h3>Patient</h3>" not in html
 
 
-def test_the_pictures_are_pngs_of_the_middle_slice(node: Node) -> None:
+def test_the_pictures_are_pngs_of_the_middle_slice(read_only_node: Node) -> None:
+    node = read_only_node
     sizes = set()
     for kind in ("before", "after", "residual"):
         response = node.get(f"/jobs/{node.done_job}/{kind}.png?stack=0")
@@ -288,7 +311,8 @@ def test_patient_data_only_where_the_setting_allows(settings_factory: Callable[.
     _no_patient_data(_html(shown.get("/jobs")) + _html(shown.get("/")))
 
 
-def test_unknown_paths_methods_and_uids(node: Node) -> None:
+def test_unknown_paths_methods_and_uids(read_only_node: Node) -> None:
+    node = read_only_node
     assert node.get("/nothing").status == 404
     assert node.get("/series/1.2.3").status == 404
     assert node.get("/series/not-a-uid").status == 404
@@ -302,7 +326,8 @@ def test_unknown_paths_methods_and_uids(node: Node) -> None:
     assert css.status == 200 and css.content_type.startswith("text/css")
 
 
-def test_every_page_carries_the_security_headers(node: Node) -> None:
+def test_every_page_carries_the_security_headers(read_only_node: Node) -> None:
+    node = read_only_node
     headers = dict(node.get("/").all_headers())
     assert "script-src" not in headers["Content-Security-Policy"]
     assert "default-src 'none'" in headers["Content-Security-Policy"]
