@@ -3,10 +3,7 @@ gap-free series, late instances and series that are not MR."""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
 from datetime import timedelta
-from pathlib import Path
 
 import pydicom
 from sqlalchemy import select
@@ -15,31 +12,20 @@ from denoised_node.daemon.completion import complete_idle_series
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime
 from denoised_node.storage.models import Job, utcnow
-
-MR = "1.2.840.10008.5.1.4.1.1.4"
-
-
-def _receive(runtime: Runtime, paths: Sequence[Path]) -> Counter[int]:
-    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
-    return Counter(receiver.receive(p.read_bytes(), MR, "MOD").series_id for p in paths)
-
-
-def _job_states(runtime: Runtime) -> list[str]:
-    with runtime.sessions() as session:
-        return [j.state for j in session.scalars(select(Job).order_by(Job.id))]
+from tests.fixtures.node_state import job_states, receive_files
 
 
 def test_series_completes_after_idle_time(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
-    _receive(runtime, mr_series.paths)
+    receive_files(runtime, mr_series.paths)
     assert complete_idle_series(runtime.sessions, runtime.settings.series) == []
     later = utcnow() + timedelta(seconds=runtime.settings.series.idle_seconds + 1)
     assert len(complete_idle_series(runtime.sessions, runtime.settings.series, later)) == 1
     assert complete_idle_series(runtime.sessions, runtime.settings.series, later) == []
-    assert _job_states(runtime) == ["queued"]
+    assert job_states(runtime) == ["queued"]
 
 
 def test_released_gap_free_series_completes_early(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
-    delivered = _receive(runtime, mr_series.paths)
+    delivered = receive_files(runtime, mr_series.paths)
     Receiver(runtime.store, runtime.sessions, runtime.settings).mark_released(delivered)
     soon = utcnow() + timedelta(seconds=runtime.settings.series.released_grace_seconds + 0.1)
     assert len(complete_idle_series(runtime.sessions, runtime.settings.series, soon)) == 1
@@ -48,19 +34,19 @@ def test_released_gap_free_series_completes_early(runtime: Runtime, mr_series) -
 def test_released_series_with_gaps_waits_for_idle(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
     paths = [p for i, p in enumerate(mr_series.paths)
              if pydicom.dcmread(p).InstanceNumber != 5]
-    delivered = _receive(runtime, paths)
+    delivered = receive_files(runtime, paths)
     Receiver(runtime.store, runtime.sessions, runtime.settings).mark_released(delivered)
     soon = utcnow() + timedelta(seconds=2)
     assert complete_idle_series(runtime.sessions, runtime.settings.series, soon) == []
 
 
 def test_late_instances_queue_the_series_again(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
-    _receive(runtime, mr_series.paths[:-1])
+    receive_files(runtime, mr_series.paths[:-1])
     later = utcnow() + timedelta(seconds=60)
     complete_idle_series(runtime.sessions, runtime.settings.series, later)
-    _receive(runtime, mr_series.paths[-1:])
+    receive_files(runtime, mr_series.paths[-1:])
     complete_idle_series(runtime.sessions, runtime.settings.series, later + timedelta(seconds=60))
-    assert _job_states(runtime) == ["ignored", "queued"]
+    assert job_states(runtime) == ["ignored", "queued"]
 
 
 def test_series_without_mr_is_ignored_with_the_reason(runtime: Runtime, mr_series_factory) -> None:  # type: ignore[no-untyped-def]

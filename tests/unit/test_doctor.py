@@ -9,19 +9,11 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from denoised_node.daemon.cli import main
-
-
-def _config(tmp_path: Path, port: int = 1) -> Path:
-    path = tmp_path / "node.toml"
-    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nmin_free_mb = 0\nacse_timeout = 2\n'
-                    '[model]\ndevice = "cpu"\n'
-                    f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
-                    f'port = {port}\n')
-    return path
+from tests.fixtures.node_state import minimal_config
 
 
 def test_doctor_reports_what_is_wrong_and_how_to_fix_it(tmp_path: Path) -> None:
-    config = _config(tmp_path)
+    config = minimal_config(tmp_path)
     result = CliRunner().invoke(main, ["doctor", "--config", str(config), "--json"])
     assert result.exit_code == 1
     checks = {c["name"]: c for c in json.loads(result.stdout)}

@@ -13,22 +13,14 @@ from click.testing import CliRunner
 
 from denoised_node.daemon.cli import main
 from denoised_node.storage.derive import is_own_output
-
-
-def _config(tmp_path: Path, port: int = 1) -> Path:
-    path = tmp_path / "node.toml"
-    path.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\nmin_free_mb = 0\nacse_timeout = 2\n'
-                    '[model]\ndevice = "cpu"\n'
-                    f'[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
-                    f'port = {port}\n')
-    return path
+from tests.fixtures.node_state import minimal_config
 
 
 def test_denoise_dicom_folder_writes_the_derived_series(tmp_path: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
     source = mr_series_factory(slices=4, rows=128, columns=112, noise_sigma=30.0)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(out),
-                                       "--config", str(_config(tmp_path))])
+                                       "--config", str(minimal_config(tmp_path))])
     assert result.exit_code == 0, result.output
     files = sorted(out.glob("*.dcm"))
     assert len(files) == 4 and "4 derived instance(s)" in result.stdout
@@ -48,7 +40,7 @@ def test_denoise_nifti_keeps_affine_and_shape(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(noisy.astype(np.float32), affine), str(source))
     target = tmp_path / "t1_denoised.nii.gz"
     result = CliRunner().invoke(main, ["denoise", str(source), str(target),
-                                       "--config", str(_config(tmp_path))])
+                                       "--config", str(minimal_config(tmp_path))])
     assert result.exit_code == 0, result.output
     image = nib.load(str(target))
     assert image.shape == noisy.shape
@@ -61,7 +53,7 @@ def test_denoise_nifti_keeps_affine_and_shape(tmp_path: Path) -> None:
 def test_gate_failure_is_one_line_and_no_gate_writes_anyway(tmp_path: Path,  # type: ignore[no-untyped-def]
                                                             mr_series_factory) -> None:
     config = tmp_path / "strict.toml"
-    config.write_text(_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
+    config.write_text(minimal_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
     source = mr_series_factory(slices=2, rows=96, columns=96)
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
                                        "--config", str(config)])
@@ -83,7 +75,7 @@ def test_nifti_goes_through_the_gate_too(tmp_path: Path) -> None:
     source = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(noisy.astype(np.float32), np.eye(4)), str(source))
     config = tmp_path / "strict.toml"
-    config.write_text(_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
+    config.write_text(minimal_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
     target = tmp_path / "out.nii.gz"
     result = CliRunner().invoke(main, ["denoise", str(source), str(target), "--config", str(config)])
     assert result.exit_code == 1 and "safety gate failed" in result.stderr
@@ -97,17 +89,17 @@ def test_denoise_rejects_other_inputs(tmp_path: Path) -> None:
     other = tmp_path / "notes.txt"
     other.write_text("hello")
     result = CliRunner().invoke(main, ["denoise", str(other), str(tmp_path / "x"),
-                                       "--config", str(_config(tmp_path))])
+                                       "--config", str(minimal_config(tmp_path))])
     assert result.exit_code != 0
 
 
 def test_denoise_takes_checkpoint_and_device(tmp_path: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
     source = mr_series_factory(slices=2, rows=32, columns=32)
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
-                                       "-c", str(_config(tmp_path)), "--device", "tpu"])
+                                       "-c", str(minimal_config(tmp_path)), "--device", "tpu"])
     assert result.exit_code == 2 and result.stderr.startswith("error: --device: ")
     missing = tmp_path / "nowhere.safetensors"
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"),
-                                       "-c", str(_config(tmp_path)), "--checkpoint", str(missing),
+                                       "-c", str(minimal_config(tmp_path)), "--checkpoint", str(missing),
                                        "--json"])
     assert result.exit_code != 0 and str(missing) in json.loads(result.stdout)["error"]

@@ -3,7 +3,6 @@ stops and lost leases. The series are received and completed through the real co
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -14,14 +13,12 @@ from sqlalchemy import select
 
 from denoised_node.config.settings import Destination, Settings
 from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime
 from denoised_node.daemon.scu import SendError, SendResult
 from denoised_node.daemon.worker import Worker
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
-
-MR = "1.2.840.10008.5.1.4.1.1.4"
+from tests.fixtures.node_state import job_states, receive_files
 
 
 class RecordingSender:
@@ -36,16 +33,6 @@ class RecordingSender:
             raise SendError(f"{destination.name}: association rejected")
         self.sent.append(list(files))
         return SendResult(destination.name, len(files))
-
-
-def _receive(runtime: Runtime, paths: Sequence[Path]) -> Counter[int]:
-    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
-    return Counter(receiver.receive(p.read_bytes(), MR, "MOD").series_id for p in paths)
-
-
-def _job_states(runtime: Runtime) -> list[str]:
-    with runtime.sessions() as session:
-        return [j.state for j in session.scalars(select(Job).order_by(Job.id))]
 
 
 def _worker(runtime: Runtime, denoiser, sender) -> Worker:  # type: ignore[no-untyped-def]
@@ -63,11 +50,11 @@ def _complete(runtime: Runtime) -> None:
 
 def test_worker_denoises_and_sends_every_instance(runtime: Runtime, mr_series,  # type: ignore[no-untyped-def]
                                                  fake_denoiser) -> None:
-    _receive(runtime, mr_series.paths)
+    receive_files(runtime, mr_series.paths)
     _complete(runtime)
     sender = RecordingSender()
     assert _worker(runtime, fake_denoiser, sender).run(burst=True) == 1
-    assert _job_states(runtime) == ["done"]
+    assert job_states(runtime) == ["done"]
     assert len(sender.sent) == 1 and len(sender.sent[0]) == len(mr_series.paths)
     refs = {pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID
             for p in sender.sent[0]}
@@ -83,16 +70,16 @@ def test_worker_denoises_and_sends_every_instance(runtime: Runtime, mr_series,  
 
 
 def test_send_failure_retries_then_succeeds(runtime: Runtime, mr_series, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
-    _receive(runtime, mr_series.paths)
+    receive_files(runtime, mr_series.paths)
     _complete(runtime)
     sender = RecordingSender(failures=1)
     worker = _worker(runtime, fake_denoiser, sender)
     worker.run(burst=True)
-    assert _job_states(runtime) == ["processed"]  # waiting out its backoff
+    assert job_states(runtime) == ["processed"]  # waiting out its backoff
     with runtime.sessions.begin() as session:
         session.scalars(select(Job)).one().available_at = utcnow()
     worker.run(burst=True)
-    assert _job_states(runtime) == ["done"] and fake_denoiser.calls == 1
+    assert job_states(runtime) == ["done"] and fake_denoiser.calls == 1
 
 
 def test_send_fails_after_the_attempt_limit(settings_factory, mr_series_factory,  # type: ignore[no-untyped-def]
@@ -101,7 +88,7 @@ def test_send_fails_after_the_attempt_limit(settings_factory, mr_series_factory,
 
     settings = settings_factory(send__max_attempts=1)
     runtime = open_runtime(settings, initialise_empty=True)
-    _receive(runtime, mr_series_factory(slices=2).paths)
+    receive_files(runtime, mr_series_factory(slices=2).paths)
     _complete(runtime)
     _worker(runtime, fake_denoiser, RecordingSender(failures=5)).run(burst=True)
     with runtime.sessions() as session:
@@ -118,7 +105,7 @@ class ExplodingDenoiser:
 
 
 def test_processing_errors_retry_a_bounded_number_of_times(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
-    _receive(runtime, mr_series.paths)
+    receive_files(runtime, mr_series.paths)
     _complete(runtime)
     worker = _worker(runtime, ExplodingDenoiser(), RecordingSender())
     for _ in range(runtime.settings.worker.max_processing_attempts):
@@ -140,7 +127,7 @@ def test_processing_and_sending_retry_with_their_own_backoff(settings_factory,  
                                 worker__processing_backoff_max_seconds=1000,
                                 send__backoff_base_seconds=10, send__backoff_max_seconds=10)
     runtime = open_runtime(settings, initialise_empty=True)
-    _receive(runtime, mr_series_factory(slices=2).paths)
+    receive_files(runtime, mr_series_factory(slices=2).paths)
     _complete(runtime)
 
     def waits() -> tuple[str, float, str]:
@@ -166,7 +153,7 @@ def test_processing_and_sending_retry_with_their_own_backoff(settings_factory,  
 
 def test_missing_source_files_fail_with_a_clear_reason(runtime: Runtime, mr_series,  # type: ignore[no-untyped-def]
                                                       fake_denoiser) -> None:
-    _receive(runtime, mr_series.paths)
+    receive_files(runtime, mr_series.paths)
     _complete(runtime)
     for path in runtime.store.instances.rglob("*.dcm"):
         path.unlink()
@@ -192,11 +179,11 @@ def test_second_stop_returns_the_job_to_the_queue(runtime: Runtime, mr_series) -
         def denoise(self, volume, progress=None, spacing=None):  # type: ignore[no-untyped-def]
             raise StopNow()
 
-    _receive(runtime, mr_series.paths)
+    receive_files(runtime, mr_series.paths)
     _complete(runtime)
     with pytest.raises(StopNow):
         _worker(runtime, Interrupted(), RecordingSender()).run()
-    assert _job_states(runtime) == ["queued"]
+    assert job_states(runtime) == ["queued"]
 
 
 def test_configured_worker_id_gets_the_pid(settings_factory, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
@@ -214,7 +201,7 @@ def test_lost_lease_before_sending_drops_the_job_quietly(runtime: Runtime, mr_se
                                                          fake_denoiser, monkeypatch) -> None:
     from denoised_node.storage.queue import transition as real_transition
 
-    _receive(runtime, mr_series.paths)
+    receive_files(runtime, mr_series.paths)
     _complete(runtime)
     worker = _worker(runtime, fake_denoiser, RecordingSender())
     original = worker._start_sending
@@ -226,4 +213,4 @@ def test_lost_lease_before_sending_drops_the_job_quietly(runtime: Runtime, mr_se
 
     monkeypatch.setattr(worker, "_start_sending", taken_over)
     assert worker.run(burst=True, max_jobs=1) == 1
-    assert _job_states(runtime) == ["sending"]
+    assert job_states(runtime) == ["sending"]
