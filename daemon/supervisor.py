@@ -200,7 +200,9 @@ def serve(settings: Settings, config_path: Path | None,
           ready: threading.Event | None = None) -> int:
     runtime = open_runtime(settings, initialise_empty=True)
     runtime.store.clean_incoming()
-    settle_unindexed(Receiver(runtime.store, runtime.sessions, settings), timedelta(0))
+    # Indexes again what a crash left unindexed: synced commits, like every other writer here.
+    rescanner = Receiver(runtime.store, runtime.sessions, settings)
+    settle_unindexed(rescanner, timedelta(0))
     release_dead_local_leases(runtime.sessions)
     stop = threading.Event()
 
@@ -224,8 +226,7 @@ def serve(settings: Settings, config_path: Path | None,
     completion = CompletionLoop(runtime.sessions, settings.series, on_queued=pool.wake)
     server = _start_receiving(settings, config_path, runtime, scp_counts, completion.poke)
     http: StatusServer | None = None
-    retention = RetentionLoop(Receiver(runtime.store, runtime.sessions, settings),
-                              settings.retention)
+    retention = RetentionLoop(rescanner, settings.retention)
     try:
         if settings.http.enabled:
             readiness = Readiness([
