@@ -34,10 +34,12 @@ def _command_line(name: str) -> str:
 
 @click.command("train")
 @click.option("--config", "-c", "config_path", type=click.Path(dir_okay=False), default=None, help="Node config (TOML).")
-@click.option("--run-dir", type=click.Path(file_okay=False), required=True, help="Folder of the run (logs, checkpoints).")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None, help="Folder of a new run (logs, checkpoints).")
 @click.option("--kind", type=click.Choice(KINDS), default=HYPERPARAMETERS.kind, show_default=True)
 @click.option("--name", default=None, help="Model name in the card (default: unet25d, or basic-unet25d).")
-@click.option("--volume", "volumes", multiple=True, help="Clean NIfTI file or DICOM folder; default: the MNI152 T1 template.")
+@click.option("--volume", "volumes", multiple=True,
+              help="Clean NIfTI file, DICOM folder or named source (mni152-t1, mni152-scalp, inia19-macaque); "
+                   "default: the three named sources.")
 @click.option("--pair", "pairs", nargs=2, multiple=True, metavar="NOISY CLEAN",
               help="Train on a real noisy/clean pair (NIfTI files or DICOM folders) instead of simulated noise.")
 @click.option("--steps", type=int, default=None, help="Optimiser steps (default 5000 without --time-budget).")
@@ -52,7 +54,11 @@ def _command_line(name: str) -> str:
 @click.option("--val-every", type=int, default=TRAINING.val_every, show_default=True)
 @click.option("--holdout", type=int, default=TRAINING.holdout, show_default=True, help="Central test slab never trained on (slices).")
 @click.option("--gap", type=int, default=TRAINING.gap, show_default=True, help="Slices either side of the slab, also never trained on.")
-@click.option("--resume", is_flag=True, help="Continue the run in --run-dir from its last state.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Continue this run from its last state, with its own config and schedule "
+                   "(only --threads and --device may change).")
+@click.option("--precision", type=click.Choice(["auto", "fp32"]), default="auto", show_default=True,
+              help="auto: bf16 autocast where the GPU or CPU has native bf16 (fp32 master weights).")
 @click.option("--init-from", default=None, metavar="CHECKPOINT",
               help="Fine-tune: start from these weights ('default' = the shipped model) with a fresh schedule.")
 @click.option("--warmup", type=int, default=TRAINING.warmup, show_default=True, help="Warm-up steps before the cosine decay.")
@@ -60,25 +66,43 @@ def _command_line(name: str) -> str:
               help="Then evaluate the best checkpoint on the held-out families beside the shipped model (RUN-DIR/eval).")
 def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
                   pairs: tuple[tuple[str, str], ...], steps: int | None, time_budget: float | None, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
-                  val_every: int, holdout: int, gap: int, resume: bool, init_from: str | None, warmup: int,
-                  then_evaluate: bool) -> None:
+                  val_every: int, holdout: int, gap: int, resume_dir: str | None, precision: str,
+                  init_from: str | None, warmup: int, then_evaluate: bool) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     _load_config(config_path)
     from denoised_node.daemon.logs import use_node_format
     from denoised_node.model.errors import ModelError
-    from denoised_node.model.train import TrainConfig, setup_run_logging, train
+    from denoised_node.model.train import DEFAULT_VOLUMES, TrainConfig, load_run_config, setup_run_logging, train
 
-    run = Path(run_dir)
+    if (run_dir is None) == (resume_dir is None):
+        raise CommandError("give --run-dir for a new run, or --resume RUN_DIR to continue one", ExitCode.USAGE)
+    if resume_dir is not None:
+        try:
+            cfg = load_run_config(Path(resume_dir))
+        except (FileNotFoundError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        ctx = click.get_current_context()
+        changed = [p for p in ("kind", "name", "volumes", "pairs", "steps", "time_budget", "batch_size", "patch",
+                               "lr", "seed", "val_every", "holdout", "gap", "init_from", "warmup", "precision")
+                   if ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT]
+        if changed:
+            raise CommandError(f"--resume continues the run's own schedule; leave out --{changed[0].replace('_', '-')}",
+                               ExitCode.USAGE)
+        cfg.threads, cfg.device = threads, device
+        cfg.command = _command_line("train")
+    run = Path(resume_dir or run_dir)  # type: ignore[arg-type]
     setup_run_logging(run)
     use_node_format()  # one log format for every process, training included
-    cfg = TrainConfig(
-        run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
-        volumes=list(volumes) or ["mni152-t1"], pairs=[tuple(p) for p in pairs],
-        steps=steps if steps is not None or time_budget is not None else 5000,
-        time_budget_s=None if time_budget is None else 60.0 * time_budget, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
-        threads=threads, device=device, val_every=val_every, holdout=holdout, gap=gap,
-        command=_command_line("train"), init_from=init_from, warmup=warmup,
-    )
+    if resume_dir is None:
+        cfg = TrainConfig(
+            run_dir=run, kind=kind, name=name or ("unet25d" if kind == "diffusion_unet" else "basic-unet25d"),
+            volumes=list(volumes) or list(DEFAULT_VOLUMES), pairs=[tuple(p) for p in pairs],
+            steps=steps if steps is not None or time_budget is not None else 5000,
+            time_budget_s=None if time_budget is None else 60.0 * time_budget, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
+            threads=threads, device=device, val_every=val_every, holdout=holdout, gap=gap,
+            command=_command_line("train"), init_from=init_from, warmup=warmup, amp=precision == "auto",
+        )
+    resume = resume_dir is not None
     try:
         with progress_bar("train", "step" if cfg.steps else "s") as bar:
             best = train(cfg, resume=resume, progress=bar.progress)

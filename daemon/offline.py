@@ -18,6 +18,7 @@ import pydicom
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.pipeline import GateFailed, denoise_series
 from denoised_node.storage.models import utcnow
+from denoised_node.storage.series import NothingToDenoise
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -77,6 +78,9 @@ def _denoise_dicom_folder(settings: Settings, source: Path, target: Path, denois
         except GateFailed as exc:
             raise OfflineError(f"series {series_uid}: {exc}; nothing written for it "
                                "(--no-gate writes it anyway)") from None
+        except NothingToDenoise as exc:  # a scout, an empty series: nothing to do is no failure
+            lines.append(f"series {series_uid}: ignored, nothing to denoise: {exc}; nothing written for it")
+            continue
         lines.append(f"{len(outcome.files)} derived instance(s) of series "
                      f"{outcome.derived_series_uid} written to {out_dir}")
     return "\n".join(lines)

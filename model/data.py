@@ -66,6 +66,53 @@ def mni_maps() -> np.ndarray:
     return brain_maps(load_mni_t1(), gm, wm)
 
 
+# Named training anatomy beyond nilearn's template; each ships inside an installable package
+# (nothing is downloaded at run time). The model card lists each source and its licence.
+NIMARE_SCALP = "resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"
+INIA19_T1 = Path("/usr/share/mricron/templates/inia19-t1-brain.nii.gz")
+NAMED_VOLUMES = {
+    "mni152-t1": "nilearn's MNI152 2009c T1 template and tissue maps, 1 mm, brain only (BSD-3)",
+    "mni152-scalp": ("FSL MNI152NLin6Asym T1 with scalp and neck, 1 mm, from the nimare wheel "
+                     "(`pip install --no-deps nimare`; MIT)"),
+    "inia19-macaque": ("INIA19 macaque T1 template, 0.5 mm voxels read as a 1 mm grid, from "
+                       "Debian's mricron-data (`apt-get install mricron-data`; see its debian/copyright)"),
+}
+
+
+def _named_path(spec: str) -> Path:
+    """Where an installed package keeps the named volume, or a clear error naming the install."""
+    if spec == "mni152-scalp":
+        import importlib.util
+
+        found = importlib.util.find_spec("nimare")
+        roots = list(found.submodule_search_locations or []) if found else []
+        for root in roots:
+            path = Path(root) / NIMARE_SCALP
+            if path.exists():
+                return path
+        raise FileNotFoundError("mni152-scalp needs the nimare wheel: pip install --no-deps nimare")
+    if spec == "inia19-macaque":
+        if INIA19_T1.exists():
+            return INIA19_T1
+        raise FileNotFoundError(f"inia19-macaque needs {INIA19_T1}: apt-get install mricron-data")
+    raise ValueError(f"unknown named volume {spec!r}; known: {', '.join(NAMED_VOLUMES)}")
+
+
+def load_named_volume(spec: str) -> np.ndarray:
+    """A named volume (``NAMED_VOLUMES``) as (slices, rows, cols), its bright level 1: divided by
+    its 99.9th percentile and clipped at 1.2 (the macaque template has a few outliers at 3x)."""
+    if spec == "mni152-t1":
+        return load_mni_t1()
+    vol = load_raw(_named_path(spec))
+    vol = np.clip(vol, 0.0, None)
+    level = float(np.percentile(vol[vol > 0], 99.9))
+    return np.clip(vol / level, 0.0, 1.2).astype(np.float32) / 1.2
+
+
+def is_named_volume(spec: str) -> bool:
+    return spec in NAMED_VOLUMES
+
+
 def volume_maps(vol: np.ndarray) -> np.ndarray:
     """Another clean volume as the synthesiser's anatomy: its own intensities as the texture
     channel, no tissue maps (so its contrast is drawn by gamma and bias only)."""

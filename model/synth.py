@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .dead_leaves import dead_leaves_maps
 from .hyperparameters import HYPERPARAMETERS
 
 MAX_FLOOR = 0.25
@@ -43,7 +44,13 @@ class SynthConfig:
     patch: int = HYPERPARAMETERS.patch
     in_slices: int = HYPERPARAMETERS.in_slices
     sigma_range: tuple[float, float] = HYPERPARAMETERS.sigma_range  # of the clean's bright level
-    procedural_prob: float = 0.2
+    # The constant mixture of a run (never a sequence of fine-tunes): dead leaves and the
+    # organ-like volumes, each this share of samples; the named anatomy the rest.
+    dead_leaves_prob: float = 0.35
+    procedural_prob: float = 0.15
+    regenerate_every: int = 100  # samples drawn from one procedural volume before a new one
+    # A random intensity curve (air stays dark) on this share: contrasts no source has.
+    curve_prob: float = 0.35
     # The T1 template itself as the contrast: the tissue maps are smooth, and a run with 35 %
     # of template samples lost 2 dB on the template's real texture within 200 steps.
     template_texture_prob: float = 0.6
@@ -134,7 +141,9 @@ class Synthesizer:
     """Draws batches of simulated acquisitions from tissue-map volumes (see the module doc)."""
 
     def __init__(self, brain_blocks: list[np.ndarray], cfg: SynthConfig, device: torch.device,
-                 seed: int) -> None:
+                 seed: int, block_weights: list[float] | None = None) -> None:
+        """``block_weights``: each anatomy block's share of the anatomy samples (default: by
+        its foreground size)."""
         if not brain_blocks:
             raise ValueError("no training anatomy: every volume is too small for the held-out split")
         self.cfg = cfg
@@ -143,9 +152,13 @@ class Synthesizer:
         self.gen.manual_seed(seed)
         self.brain = [torch.from_numpy(np.ascontiguousarray(b)).to(device) for b in brain_blocks]
         self.brain_fg = [_foreground(b) for b in self.brain]
-        sizes = torch.tensor([float(len(f)) for f in self.brain_fg])
-        self.brain_probs = sizes / sizes.sum()
+        if block_weights is not None and len(block_weights) != len(brain_blocks):
+            raise ValueError("one weight per anatomy block")
+        sizes = torch.tensor(block_weights if block_weights is not None
+                             else [float(len(f)) for f in self.brain_fg], dtype=torch.float64)
+        self.brain_probs = (sizes / sizes.sum()).float()
         self.procedural: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.leaves: tuple[torch.Tensor, torch.Tensor] | None = None
         self.draws = 0
 
     # -- random helpers ---------------------------------------------------------------------
@@ -165,11 +178,18 @@ class Synthesizer:
     def _source(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Tissue maps (C, D, H, W) and the voxel coordinates of their foreground (K, 3)."""
         cfg = self.cfg
-        if self.procedural is None or self.draws % 50 == 0:
-            maps = procedural_maps(self.gen, self.device)
-            self.procedural = (maps, _foreground(maps))
+        fresh = self.draws % cfg.regenerate_every == 0
         self.draws += 1
-        if self._p(1, cfg.procedural_prob).item():
+        u = float(torch.rand(1, generator=self.gen, device=self.device))
+        if u < cfg.dead_leaves_prob:
+            if self.leaves is None or fresh:
+                maps = dead_leaves_maps(self.gen, self.device)
+                self.leaves = (maps, _foreground(maps))
+            return self.leaves
+        if u < cfg.dead_leaves_prob + cfg.procedural_prob:
+            if self.procedural is None or fresh:
+                maps = procedural_maps(self.gen, self.device)
+                self.procedural = (maps, _foreground(maps))
             return self.procedural
         i = int(self._choice(torch.arange(len(self.brain)), 1, self.brain_probs))
         return self.brain[i], self.brain_fg[i]
@@ -248,7 +268,27 @@ class Synthesizer:
         img = img / img.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
         gamma = torch.where(self._p(n, cfg.gamma_prob), self._u(n, 0.7, 1.4), torch.ones(n, device=self.device))
         img = img.clamp_min(0) ** gamma[:, None, None, None]
-        return img
+        return self._curve(img)
+
+    def _curve(self, img: torch.Tensor, knots: int = 6) -> torch.Tensor:
+        """A random piecewise-linear intensity curve on ``curve_prob`` of the samples: inverts or
+        reorders contrasts (T1 into T2- or FLAIR-like) for sources that carry one contrast only;
+        zero stays zero (air has no signal)."""
+        n = img.shape[0]
+        use = self._p(n, self.cfg.curve_prob)
+        if not bool(use.any()):
+            return img
+        ys = self._u(n * knots, 0.05, 1.0).reshape(n, knots)
+        ys[:, 0] = 0.0
+        x = img.clamp(0.0, 1.0) * (knots - 1)
+        lo = x.floor().clamp(max=knots - 2)
+        frac = x - lo
+        idx = lo.long().flatten(1)
+        y0 = torch.gather(ys, 1, idx).reshape(img.shape)
+        y1 = torch.gather(ys, 1, idx + 1).reshape(img.shape)
+        curved = y0 + frac * (y1 - y0)
+        curved = curved / curved.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
+        return torch.where(use[:, None, None, None], curved, img)
 
     def _bias(self, img: torch.Tensor) -> torch.Tensor:
         n, _, p, _ = img.shape
@@ -296,8 +336,9 @@ class Synthesizer:
         signal = self._apply_kspace(img, mask)  # complex
         clean = signal.abs()
         lo, hi = cfg.sigma_range
-        log_draw = torch.exp(self._u(n, math.log(lo), math.log(hi)))
-        sigma = torch.where(self._p(n, 0.5), self._u(n, lo, hi), log_draw)
+        # Log-uniform, so that each decade of noise gets its share (train.py weights the loss
+        # by 1/sigma^2, so that 1 % noise is not drowned by 9 %).
+        sigma = torch.exp(self._u(n, math.log(lo), math.log(hi)))
         # Filtered noise keeps its marginal sigma: divide by the filter's RMS gain.
         gain = mask.pow(2).mean(dim=(-2, -1)).clamp_min(1e-6).sqrt()
         g = self._gfactor(n)

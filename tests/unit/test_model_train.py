@@ -45,7 +45,10 @@ def test_tiny_training_run_and_resume(tmp_path: Path, volume: Path, kind: str) -
     assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]  # what the CLI's bar draws
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [2, 4]
-    assert "psnr_mask_5%" in lines[0] and "ssim_mask_5%" in lines[0]
+    # One domain per training volume and the 5 mm dead leaves; the score is their mean.
+    assert "psnr_mask_phantom:5%" in lines[0] and "ssim_mask_phantom:5%" in lines[0]
+    domains = [lines[0]["psnr_mask_phantom"], lines[0]["psnr_mask_leaves-5mm"]]
+    assert lines[0]["psnr_mask_mean"] == pytest.approx(np.mean(domains), abs=1e-3)
     den = Denoiser.load(best, device="cpu")
     assert den.card.training["steps"] in (2, 4) and den.card.architecture == arch
     vol = np.random.default_rng(1).random((3, 40, 40)).astype(np.float32)
@@ -161,3 +164,86 @@ def test_synthesised_batches_cover_the_randomised_families() -> None:
     again = Synthesizer([maps], cfg, torch.device("cpu"), seed=1).batch(4)
     torch.testing.assert_close(batch.noisy, again.noisy)  # seeded: reproducible
     assert synth.batch(2, all_slices=True).clean.shape == (2, 1, 3, 32, 32)
+
+
+def test_loss_weights_balance_the_noise_levels() -> None:
+    import torch
+
+    from denoised_node.model.train import sample_weights, weighted_mse
+
+    cfg = TrainConfig(run_dir=Path("unused"), sigma_range=(0.01, 0.04), steps=1)
+    sigma = torch.tensor([0.01, 0.02, 0.04])
+    weights = sample_weights(sigma, cfg)
+    assert weights is not None
+    torch.testing.assert_close(weights, torch.tensor([4.0, 1.0, 0.25]))  # (0.02 / sigma)^2
+    # An error the size of each sample's noise counts the same at every level.
+    pred = torch.zeros(3, 1, 4, 4)
+    target = sigma[:, None, None, None].expand(3, 1, 4, 4)
+    per_sample = (pred - target).pow(2).flatten(1).mean(1) * weights
+    torch.testing.assert_close(per_sample, torch.full((3,), 0.0004))
+    assert sample_weights(torch.tensor([float("nan")]), cfg) is None  # real pairs: sigma unknown
+    cfg.loss_weighting = "none"
+    assert sample_weights(sigma, cfg) is None
+    torch.testing.assert_close(weighted_mse(pred, target, None), torch.nn.functional.mse_loss(pred, target))
+
+
+def test_resume_reads_the_runs_own_config_and_refuses_changes(tmp_path: Path, volume: Path) -> None:
+    from click.testing import CliRunner
+
+    from denoised_node.daemon.cli_model import train_command
+    from denoised_node.model.train import load_run_config
+
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), "--volume", str(volume), "--steps", "2", "--batch-size", "1", "--patch", "32",
+            "--val-every", "2", "--device", "cpu", "--holdout", "8", "--gap", "4", "--precision", "fp32"]
+    assert CliRunner().invoke(train_command, args).exit_code == 0
+    cfg = load_run_config(run)
+    assert (cfg.steps, cfg.batch_size, cfg.patch, cfg.volumes, cfg.amp) == (2, 1, 32, [str(volume)], False)
+    changed = CliRunner().invoke(train_command, ["--resume", str(run), "--steps", "9"])
+    assert changed.exit_code != 0 and "leave out --steps" in changed.output
+    again = CliRunner().invoke(train_command, ["--resume", str(run), "--threads", "1"])
+    assert again.exit_code == 0, again.output
+    assert "resumed" in (run / "train.log").read_text()
+    missing = CliRunner().invoke(train_command, ["--resume", str(tmp_path / "nothing")])
+    assert missing.exit_code != 0 and "holds no run" in missing.output
+    neither = CliRunner().invoke(train_command, ["--steps", "1"])
+    assert neither.exit_code != 0 and "--run-dir" in neither.output
+
+
+def test_dead_leaves_hold_flat_regions_and_edges_at_many_scales() -> None:
+    import torch
+
+    from denoised_node.model.dead_leaves import dead_leaves_volume
+
+    gen = torch.Generator()
+    gen.manual_seed(5)
+    vol = dead_leaves_volume(gen, torch.device("cpu")).numpy()  # the training size (about 1 s)
+    assert vol.min() >= 0 and vol.max() == pytest.approx(1.0)
+    grad = np.abs(np.diff(vol, axis=2))
+    curvature = np.abs(np.diff(vol, n=2, axis=2))
+    assert (curvature < 1e-3).mean() > 0.3  # flat or linearly shaded insides
+    assert (grad > 0.05).mean() > 0.02  # and edges
+    again = torch.Generator()
+    again.manual_seed(5)
+    small = dead_leaves_volume(again, torch.device("cpu"), (8, 32, 32), shapes=20).numpy()
+    again.manual_seed(5)
+    np.testing.assert_array_equal(small, dead_leaves_volume(again, torch.device("cpu"), (8, 32, 32), shapes=20).numpy())
+
+
+def test_the_mixture_draws_dead_leaves_and_keeps_air_dark() -> None:
+    import torch
+
+    from denoised_node.model.synth import SynthConfig, Synthesizer
+
+    maps = np.zeros((4, 40, 64, 64), dtype=np.float32)
+    maps[0, :, 16:48, 16:48] = 1.0  # anatomy: one bright block
+    only_leaves = SynthConfig(patch=32, in_slices=3, dead_leaves_prob=1.0, procedural_prob=0.0)
+    synth = Synthesizer([maps], only_leaves, torch.device("cpu"), seed=2)
+    src, _ = synth._source()
+    assert synth.leaves is not None and src is synth.leaves[0]
+    curve = Synthesizer([maps], SynthConfig(patch=32, in_slices=3, curve_prob=1.0), torch.device("cpu"), seed=3)
+    img = torch.rand(4, 3, 8, 8)
+    img[:, :, 0, 0] = 0.0
+    out = curve._curve(img)
+    assert (out[:, :, 0, 0] == 0).all() and not torch.equal(out, img)
+    assert out.amax() == pytest.approx(1.0)

@@ -103,3 +103,20 @@ def test_denoise_takes_checkpoint_and_device(tmp_path: Path, mr_series_factory) 
                                        "-c", str(minimal_config(tmp_path)), "--checkpoint", str(missing),
                                        "--json"])
     assert result.exit_code != 0 and str(missing) in json.loads(result.stdout)["error"]
+
+
+def test_a_series_with_nothing_to_denoise_is_ignored_not_failed(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                 mr_series_factory) -> None:
+    """An all-zero series (like a real empty Philips MPRAGE) is nothing to do: exit 0, one line
+    saying why, nothing written (it was a NothingToDenoise traceback with exit 1)."""
+    source = mr_series_factory(slices=3, rows=64, columns=64)
+    for path in source.directory.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = bytes(len(ds.PixelData))
+        ds.save_as(path)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(out),
+                                       "--config", str(minimal_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert "ignored, nothing to denoise" in result.stdout and result.exception is None
+    assert not list(out.glob("*.dcm"))
