@@ -155,15 +155,37 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--ablation-seeds", default="1,2", show_default=True)
 @click.option("--variants", default="ours,t-fixed,plain-unet-map", show_default=True,
               help="Ablation variants (ours, t-fixed, no-map, blind, plain-unet-map).")
+@click.option("--validation", "on_validation", is_flag=True,
+              help="Score --checkpoint on the training recipe's validation domains, as a run scores its own.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
 def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: str, out_dir: str, levels: str,
                      seeds: int, methods: str, contrasts: str, device: str | None, threads: int, tta: str | None,
                      planes: str | None, holdout: int,
                      gap: int, families: bool, compare: str, ablation: bool, ablation_steps: int,
-                     ablation_seeds: str, variants: str, as_json: bool) -> None:
+                     ablation_seeds: str, variants: str, on_validation: bool, as_json: bool) -> None:
     """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG);
-    or the held-out families (--families), or the ablation (--ablation)."""
+    or the held-out families (--families), or the ablation (--ablation), or the validation
+    domains (--validation)."""
     import json
+
+    if on_validation:
+        import torch
+
+        from denoised_node.model.validation import validate_checkpoint
+
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            scores = validate_checkpoint(checkpoint or SHIPPED_CHECKPOINT, device=device or "cpu")
+        except (FileNotFoundError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps(scores, indent=1))
+        else:
+            for key, value in scores.items():
+                if key.startswith("psnr_mask_") and ":" not in key:
+                    click.echo(f"{key[len('psnr_mask_'):]:<16} {value:7.3f} dB")
+        return
 
     if ablation:
         from denoised_node.model.ablation import run as run_ablation

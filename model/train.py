@@ -45,7 +45,7 @@ from .noise import estimate_sigma, robust_scale
 from .noise_map import noise_map
 from .schedule import NoiseSchedule
 from .synth import Batch, SynthConfig, Synthesizer
-from .validation import DomainValidator, Validator, leaves_5mm_volume
+from .validation import VALIDATION_NOISE_SEED, DomainValidator, Validator, domain_validator
 
 logger = logging.getLogger(__name__)
 
@@ -269,24 +269,14 @@ def _sources(cfg: TrainConfig, in_slices: int, device: torch.device
 
 def build_validator(cfg: TrainConfig, vols: list[np.ndarray], pair_noisy: np.ndarray | None,
                     t2: np.ndarray | None, in_slices: int, families: bool) -> DomainValidator:
-    """The validation domains: each training volume's validation slices (the T1 template's also
-    as a T2-like contrast), and dead leaves of a seed no run trains on, as 5 mm slices."""
-    def one(vol: np.ndarray, rows: tuple[int, int], noisy: np.ndarray | None = None) -> Validator:
-        return Validator(vol, rows, cfg.val_noise, in_slices, cfg.seed + 1, noisy=noisy, families=families)
-
+    """The run's validation domains (``validation.domain_validator``), or a real pair's slices."""
     if cfg.pairs:
-        return DomainValidator({"paired": one(vols[0], Split(vols[0].shape[0], cfg.holdout, cfg.gap).validation,
-                                              pair_noisy)})
-    domains: dict[str, Validator] = {}
-    for spec, vol in zip(cfg.volumes, vols):
-        rows = Split(vol.shape[0], cfg.holdout, cfg.gap).validation
-        domains[_volume_name(spec)] = one(vol, rows)
-        if spec == "mni152-t1" and t2 is not None:
-            domains["mni152-t2like"] = one(t2, rows)
-    if cfg.dead_leaves_prob > 0:
-        leaves = leaves_5mm_volume()
-        domains["leaves-5mm"] = one(leaves, (2, leaves.shape[0] - 2))
-    return DomainValidator(domains)
+        rows = Split(vols[0].shape[0], cfg.holdout, cfg.gap).validation
+        return DomainValidator({"paired": Validator(vols[0], rows, cfg.val_noise, in_slices, VALIDATION_NOISE_SEED,
+                                                    noisy=pair_noisy, families=families)})
+    return domain_validator([_volume_name(s) for s in cfg.volumes], vols, t2, in_slices, VALIDATION_NOISE_SEED,
+                            levels=cfg.val_noise, holdout=cfg.holdout, gap=cfg.gap,
+                            leaves=cfg.dead_leaves_prob > 0, families=families)
 
 
 class PairBatches:

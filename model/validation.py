@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import foreground_mask
+from .data import Split, foreground_mask
 from .inference import denoise_volume
 from .quality import psnr, ssim
 from .noise import add_coil_noise, add_rician, gfactor_field
@@ -75,6 +75,8 @@ class Validator:
 
 
 VALIDATION_LEAVES_SEED = 7_000_001  # no training run draws its dead leaves from this seed
+# The validation noise, the same for every run and seed, so that runs compare on one set.
+VALIDATION_NOISE_SEED = 20261208
 LEAVES_SLICE_MM = 5
 
 
@@ -115,3 +117,35 @@ class DomainValidator:
             out[f"psnr_mask_{name}"] = mean
         out["psnr_mask_mean"] = round(float(np.mean(means)), 3)
         return out
+
+
+def domain_validator(names: list[str], vols: list[np.ndarray], t2_like: np.ndarray | None, in_slices: int,
+                     seed: int, *, levels: tuple[float, ...] = (0.01, 0.05, 0.09), holdout: int = 24,
+                     gap: int = 8, leaves: bool = True, families: bool = True) -> DomainValidator:
+    """The validation domains: each volume's validation slices (the MNI T1's also as the T2-like
+    contrast), and dead leaves of the validation seed as 5 mm slices."""
+    domains: dict[str, Validator] = {}
+    for name, vol in zip(names, vols):
+        rows = Split(vol.shape[0], holdout, gap).validation
+        domains[name] = Validator(vol, rows, levels, in_slices, seed, families=families)
+        if name == "mni152-t1" and t2_like is not None:
+            domains["mni152-t2like"] = Validator(t2_like, rows, levels, in_slices, seed, families=families)
+    if leaves:
+        vol = leaves_5mm_volume()
+        domains["leaves-5mm"] = Validator(vol, (2, vol.shape[0] - 2), levels, in_slices, seed, families=families)
+    return DomainValidator(domains)
+
+
+def validate_checkpoint(checkpoint: str, device: str = "cpu", seed: int = VALIDATION_NOISE_SEED) -> dict[str, float]:
+    """A checkpoint (a path or a shipped name) scored on the default recipe's validation
+    domains, exactly as a run of that recipe scores its own checkpoints (same cases and noise
+    seed): what "beats 2.0 on every domain" is measured by."""
+    from .card import resolve_checkpoint
+    from .data import load_mni_t2_like, load_named_volume
+    from .inference import Denoiser
+
+    names = ["mni152-t1", "mni152-scalp", "inia19-macaque"]
+    den = Denoiser.load(resolve_checkpoint(checkpoint), device=device)
+    validator = domain_validator(names, [load_named_volume(n) for n in names], load_mni_t2_like(),
+                                 den.net.in_slices, seed)
+    return validator.run(den.net, den.schedule, torch.device(device))
