@@ -155,6 +155,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--ablation-seeds", default="1,2", show_default=True)
 @click.option("--variants", default="ours,t-fixed,plain-unet-map", show_default=True,
               help="Ablation variants (ours, t-fixed, no-map, blind, plain-unet-map).")
+@click.option("--bm4d", "with_bm4d", is_flag=True,
+              help="With --families: BM4D (true sigma) and BM4D with the clean volume as its pilot (the ceiling) too.")
 @click.option("--validation", "on_validation", is_flag=True,
               help="Score --checkpoint on the training recipe's validation domains, as a run scores its own.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
@@ -162,7 +164,7 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
                      seeds: int, methods: str, contrasts: str, device: str | None, threads: int, tta: str | None,
                      planes: str | None, holdout: int,
                      gap: int, families: bool, compare: str, ablation: bool, ablation_steps: int,
-                     ablation_seeds: str, variants: str, on_validation: bool, as_json: bool) -> None:
+                     ablation_seeds: str, variants: str, with_bm4d: bool, on_validation: bool, as_json: bool) -> None:
     """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG);
     or the held-out families (--families), or the ablation (--ablation), or the validation
     domains (--validation)."""
@@ -220,6 +222,7 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
         planes=int(planes) if planes else None,
         holdout=holdout,
         gap=gap,
+        extra={"bm4d": with_bm4d},
     )
     if families:
         from denoised_node.config.settings import GateSettings

@@ -325,4 +325,5 @@ def evaluate_families_cli(cfg: EvalConfig, gate: Any, compare: str | None,
         except CheckpointNotFoundError as exc:
             echo(f"left out the previous model: {exc}")
     models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device, tta=cfg.tta, planes=cfg.planes)
-    return evaluate_families(models, out_dir, gate, nlm_h, echo=echo, progress=progress)
+    return evaluate_families(models, out_dir, gate, nlm_h, echo=echo, progress=progress,
+                             with_bm4d=bool(cfg.extra.get("bm4d")))

@@ -12,6 +12,14 @@ use); thresholds, checkpoints and NLM's strength are chosen on validation data e
 | lesions | the T1 slab with 24 small Gaussian lesions (+-20 % of the max) inserted, 5 % |
 | blobs | a non-brain texture (scikit-image binary blobs, smoothed), Rician |
 | real-epi | a real EPI volume (nibabel's example4d, its two volumes averaged as the reference), Rician on top |
+| real-epi-v2v | the same EPI's first volume with noise added, scored against its second, with the second's own noise (from the difference of the two) taken out of the squared error |
+| scalp, macaque | the central test slabs of the scalp template and the INIA19 macaque (training samples neither), Rician |
+| colin27, colin27-5mm | Colin27 (one subject, `held_out.py`): its central slab at 1 mm, and its central 100 mm as 20 axial 5 mm slices, Rician |
+| phantom-5mm | a piecewise-smooth brain-like phantom, 20 axial 5 mm slices of 256x256, Rician |
+
+The families from optional packages (mricron-data, the nimare wheel) are left out, and named in
+the result's ``skipped``, where those are not installed. With ``bm4d`` the table has BM4D (true
+sigma) and, as the ceiling, BM4D with the clean volume as its Wiener pilot (``bm4d-oracle``).
 
 ``evaluate_families`` scores noisy, NLM (true sigma; h as validation chose it for Rician at
 that level), the shipped 1.x model and the model under test (PSNR and SSIM in the mask, HFEN,
@@ -32,7 +40,7 @@ from scipy.ndimage import gaussian_filter, shift
 
 from .data import Split, foreground_mask, load_mni_t1, load_mni_t2_like
 from .quality import hfen, psnr, ssim
-from .noise import add_coil_noise, add_rician, gfactor_field
+from .noise import add_coil_noise, add_rician, estimate_sigma, gfactor_field
 
 MARGIN = 2
 
@@ -46,6 +54,8 @@ class Case:
     spacing: tuple[float, float, float]
     sigma: float  # the noise sigma added (absolute)
     lesions: np.ndarray | None = None  # the inserted lesion pattern (signed), if any
+    # Scored against a second real acquisition: its own noise variance, taken out of the MSE.
+    reference_noise_var: float = 0.0
 
     @property
     def inner(self) -> slice:
@@ -97,7 +107,10 @@ def _real_epi() -> np.ndarray:
     return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (z, y, x)
 
 
-def build_cases(levels: tuple[float, ...] = (0.03, 0.05, 0.09), seed: int = 0) -> list[Case]:
+def build_cases(levels: tuple[float, ...] = (0.03, 0.05, 0.09), seed: int = 0,
+                skipped: list[str] | None = None) -> list[Case]:
+    """Every family's cases; the optional families whose package is missing are named in
+    ``skipped`` (when given) instead."""
     rng = np.random.default_rng(10_000 + seed)
     t1 = load_mni_t1()
     t2 = load_mni_t2_like()
@@ -131,6 +144,45 @@ def build_cases(levels: tuple[float, ...] = (0.03, 0.05, 0.09), seed: int = 0) -
     for lvl in levels[:2]:
         sig = lvl * float(epi.max())
         cases.append(Case("real-epi", lvl, epi, add_rician(epi, sig, rng), (2.2, 2.0, 2.0), sig))
+    cases += _v2v_cases(levels[:2], rng)
+    cases += _optional_cases(levels, rng, skipped if skipped is not None else [])
+    return cases
+
+
+def _v2v_cases(levels: tuple[float, ...], rng: np.random.Generator) -> list[Case]:
+    from .held_out import epi_volumes, reference_noise_variance
+
+    first, second = epi_volumes()
+    var = reference_noise_variance(first, second, foreground_mask(second))
+    out = []
+    for lvl in levels:
+        sig = lvl * float(first.max())
+        out.append(Case("real-epi-v2v", lvl, second, add_rician(first, sig, rng), (2.2, 2.0, 2.0), sig,
+                        reference_noise_var=var))
+    return out
+
+
+def _optional_cases(levels: tuple[float, ...], rng: np.random.Generator, skipped: list[str]) -> list[Case]:
+    from . import held_out
+
+    iso, thick = (1.0, 1.0, 1.0), (float(held_out.THICK_MM), 1.0, 1.0)
+    builders: dict[str, Callable[[], tuple[np.ndarray, tuple[float, float, float]]]] = {
+        "scalp": lambda: (held_out.named_test_slab("mni152-scalp", MARGIN), iso),
+        "macaque": lambda: (held_out.named_test_slab("inia19-macaque", MARGIN), iso),
+        "colin27": lambda: (held_out.central_slab(held_out.colin27(), MARGIN), iso),
+        "colin27-5mm": lambda: (held_out.thick_slices(held_out.colin27()), thick),
+        "phantom-5mm": lambda: (held_out.thick_slices(held_out.smooth_phantom()), thick),
+    }
+    cases = []
+    for family, build in builders.items():
+        try:
+            clean, spacing = build()
+        except FileNotFoundError as exc:
+            skipped.append(f"{family}: {exc}")
+            continue
+        for lvl in levels:
+            cases.append(Case(family, lvl, clean, add_rician(clean, lvl * float(clean.max()), rng), spacing,
+                              lvl * float(clean.max())))
     return cases
 
 
@@ -150,6 +202,9 @@ def score(case: Case, out: np.ndarray) -> dict[str, float]:
     peak = float(case.clean.max())  # PSNR's peak: the clean maximum, as in evaluate.py
     mask = foreground_mask(case.clean)[case.inner]
     row = {"psnr_mask": psnr(c, o, peak, mask), "ssim_mask": ssim(c, o, peak, mask), "hfen": hfen(c, o)}
+    if case.reference_noise_var:
+        err = float(((o.astype(np.float64) - c) ** 2)[mask].mean()) - case.reference_noise_var
+        row["psnr_mask"] = float("inf") if err <= 0 else float(10 * np.log10(peak**2 / err))
     if case.lesions is not None:
         row["lesion_contrast"] = lesion_contrast(case, out)
     return row
@@ -181,17 +236,29 @@ def score_on_families(models: dict[str, Any], seed: int = 0,
     return {name: {k: float(np.mean(v)) for k, v in rows.items() if v} for name, rows in sums.items()}
 
 
+def _bm4d_oracle(noisy: np.ndarray, sigma: float, clean: np.ndarray) -> np.ndarray:
+    """BM4D's Wiener stage with the clean volume as its pilot: a ceiling no denoiser reaches."""
+    import bm4d
+
+    return np.asarray(bm4d.bm4d(noisy, sigma, stage_arg=clean), dtype=np.float32)
+
+
 def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: dict[float, float],
                       echo: Callable[[str], None] = print, seed: int = 0,
-                      progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """``models``: name -> Denoiser; ``gate``: the gate settings; ``nlm_h``: level -> h factor."""
-    from .evaluate import _nlm
+                      progress: Callable[[int, int], None] | None = None,
+                      with_bm4d: bool = False) -> dict[str, Any]:
+    """``models``: name -> Denoiser; ``gate``: the gate settings; ``nlm_h``: level -> h factor;
+    ``with_bm4d``: BM4D (true sigma) and its oracle as well (minutes a case on a CPU)."""
+    from .evaluate import _bm4d, _nlm
     from .gate import check_result
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     gate_rows: list[dict[str, Any]] = []
-    cases = build_cases(seed=seed)
+    skipped: list[str] = []
+    cases = build_cases(seed=seed, skipped=skipped)
+    for note in skipped:
+        echo(f"left out {note}")
     for index, case in enumerate(cases):
         if progress is not None:
             progress(index, len(cases))
@@ -199,6 +266,9 @@ def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: d
         outs = {"noisy": case.noisy}
         h = nlm_h.get(case.level) or nlm_h[min(nlm_h, key=lambda k: abs(k - case.level))]
         outs["nlm"] = _nlm(case.noisy, sigma, h)
+        if with_bm4d:
+            outs["bm4d"] = _bm4d(case.noisy, sigma)
+            outs["bm4d-oracle"] = _bm4d_oracle(case.noisy, sigma, case.clean)
         for name, model in models.items():
             outs[name] = model.denoise(case.noisy, spacing=case.spacing)
         for name, out in outs.items():
@@ -223,16 +293,70 @@ def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: d
     real = _real_epi()
     real_out = last_model.denoise(real, spacing=(2.2, 2.0, 2.0))
     verdict = check_result(real, real_out, gate)
-    result = {"rows": rows, "gate": gate_rows,
+    result = {"rows": rows, "gate": gate_rows, "skipped": skipped,
               "real_epi_as_acquired": {"gate_passed": verdict.passed, "gate_reason": verdict.reason,
-                                       "figures": verdict.figures}}
+                                       "figures": verdict.figures},
+              "vendor_slices": vendor_slices_as_acquired(last_model, gate, out_dir, skipped, echo)}
     (out_dir / "families.json").write_text(json.dumps(result, indent=1, default=float))
     (out_dir / "families.md").write_text(families_markdown(result, list(models)))
     return result
 
 
+def vendor_slices_as_acquired(model: Any, gate: Any, out_dir: Path, skipped: list[str],
+                              echo: Callable[[str], None]) -> dict[str, Any]:
+    """The real vendor slices as acquired (no reference): the gate's verdict, the noise read in
+    the result against the input (Haar MAD on the slice's scale), and a figure of input, result
+    and residual (``vendor-<name>.png``)."""
+    from .gate import check_result
+    from .held_out import VENDOR_SLICES, vendor_slice
+
+    found: dict[str, Any] = {}
+    for name in VENDOR_SLICES:
+        try:
+            img = vendor_slice(name)
+        except FileNotFoundError as exc:
+            skipped.append(f"{name}: {exc}")
+            continue
+        out = model.denoise(img)
+        verdict = check_result(img, out, gate)
+        noise_in, noise_out = estimate_sigma(img[0]), estimate_sigma(out[0])
+        found[name] = {"gate_passed": verdict.passed, "gate_reason": verdict.reason,
+                       "noise_in": noise_in, "noise_out": noise_out,
+                       "noise_ratio": noise_out / noise_in if noise_in > 0 else float("nan")}
+        write_triptych(img[0], out[0], f"{name} as acquired: {getattr(model, 'identity', '')}",
+                       out_dir / f"vendor-{name}.png")
+        echo(f"{name}: gate {'pass' if verdict.passed else 'refused: ' + verdict.reason}; "
+             f"noise {noise_in:.3g} -> {noise_out:.3g}")
+    return found
+
+
+def write_triptych(img: np.ndarray, out: np.ndarray, title: str, path: Path) -> None:
+    """Input, result and residual (which should hold noise only) of one slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vmax = float(np.percentile(img, 99.5))
+    res = img - out
+    lim = 4 * 1.4826 * float(np.median(np.abs(res[img > 0]))) if (img > 0).any() else 1.0
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
+    for ax, (name, data, kw) in zip(axes, (
+            ("input", img, {"cmap": "gray", "vmin": 0, "vmax": vmax}),
+            ("denoised", out, {"cmap": "gray", "vmin": 0, "vmax": vmax}),
+            ("residual (input - result)", res, {"cmap": "RdBu_r", "vmin": -(lim or 1.0), "vmax": lim or 1.0}))):
+        ax.imshow(data, **kw)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def families_markdown(result: dict[str, Any], models: list[str]) -> str:
-    methods = ["noisy", "nlm", *models]
+    baselines = [m for m in ("nlm", "bm4d", "bm4d-oracle") if any(r["method"] == m for r in result["rows"])]
+    methods = ["noisy", *baselines, *models]
     lines = ["| family | noise | " + " | ".join(methods) + " | gate on " + models[-1] + " |",
              "|---|---|" + "---|" * (len(methods) + 1)]
     keys = list(dict.fromkeys((r["family"], r["level"]) for r in result["rows"]))
@@ -254,6 +378,15 @@ def families_markdown(result: dict[str, Any], models: list[str]) -> str:
         lines.append(f"| {brk} | {sum(g['caught'] for g in rs)} of {len(rs)} |")
     total = result["gate"]
     lines.append(f"| all | {sum(g['caught'] for g in total)} of {len(total)} |")
+    vendor = result.get("vendor_slices") or {}
+    if vendor:
+        lines += ["", "| real vendor slice | gate | noise in -> out |", "|---|---|---|"]
+        for name, v in vendor.items():
+            verdict = "pass" if v["gate_passed"] else "refused: " + v["gate_reason"].split(":")[0]
+            lines.append(f"| {name} | {verdict} | {v['noise_in']:.3g} -> {v['noise_out']:.3g} "
+                         f"({v['noise_ratio']:.2f}x) |")
+    if result.get("skipped"):
+        lines += ["", "Left out (package not installed): " + "; ".join(result["skipped"]) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -40,7 +40,7 @@ class _Smoother:
 def test_families_table_and_gate_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clean = _disc()
     noisy = add_rician(clean, 0.05, np.random.default_rng(0))
-    monkeypatch.setattr(families, "build_cases", lambda seed=0: [
+    monkeypatch.setattr(families, "build_cases", lambda seed=0, skipped=None: [
         Case("disc", 0.05, clean, noisy, (1.0, 1.0, 1.0), 0.05)])
     monkeypatch.setattr(families, "_real_epi", lambda: noisy)
     result = evaluate_families({"ours": _Smoother()}, tmp_path, GateSettings(), {0.05: 0.8},
@@ -55,3 +55,35 @@ def test_families_table_and_gate_study(tmp_path: Path, monkeypatch: pytest.Monke
     text = (tmp_path / "families.md").read_text()
     assert "| disc | 5% |" in text and "caught" in text
     assert (tmp_path / "real-epi.png").stat().st_size > 1000
+
+
+def test_scoring_against_a_second_acquisition_takes_its_noise_out() -> None:
+    """real-epi-v2v: a result equal to the truth scores as if the reference were clean, though
+    the reference carries noise of its own."""
+    rng = np.random.default_rng(1)
+    truth = _disc()
+    reference = truth + rng.normal(0, 0.02, truth.shape).astype(np.float32)
+    plain = Case("x", 0.05, reference, reference, (1.0, 1.0, 1.0), 0.05)
+    v2v = Case("x", 0.05, reference, reference, (1.0, 1.0, 1.0), 0.05, reference_noise_var=0.02**2)
+    assert families.score(plain, truth)["psnr_mask"] == pytest.approx(10 * np.log10(truth.max() ** 2 / 0.02**2), abs=0.3)
+    assert families.score(v2v, truth)["psnr_mask"] > families.score(plain, truth)["psnr_mask"] + 6
+
+
+def test_held_out_material_left_out_when_its_package_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from denoised_node.model import held_out
+
+    monkeypatch.setattr(held_out, "COLIN27", Path("/nonexistent/ch2.nii.gz"))
+    skipped: list[str] = []
+    cases = families._optional_cases((0.05,), np.random.default_rng(0), skipped)
+    assert any(s.startswith("colin27: ") and "mricron-data" in s for s in skipped)
+    phantom = [c for c in cases if c.family == "phantom-5mm"]
+    assert len(phantom) == 1 and phantom[0].clean.shape == (20, 256, 256) and phantom[0].spacing[0] == 5.0
+
+
+def test_thick_slices_average_the_centre_five_by_five() -> None:
+    from denoised_node.model.held_out import thick_slices
+
+    vol = np.arange(100, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
+    thick = thick_slices(vol, slices=4, mm=5)
+    assert thick.shape == (4, 4, 4)
+    np.testing.assert_allclose(thick[:, 0, 0] * 57.0, [42, 47, 52, 57], rtol=1e-6)  # slices 40-59, over the max
