@@ -62,6 +62,7 @@ OUTPUT_TRANSFER_SYNTAXES = {
 }
 _ENCAPSULATED = frozenset({RLELossless, JPEGLSLossless, JPEG2000Lossless})
 SERIES_NUMBER_OFFSET = 1000
+IS_MIN, IS_MAX = -(2**31), 2**31 - 1  # what an Integer String may hold
 # Attributes that describe the source's pixel values and would be wrong in the derived object.
 _STALE_ATTRIBUTES = (
     "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
@@ -117,6 +118,19 @@ class DerivationInfo:
 def derived_uid(model_identity: str, source_uid: str) -> str:
     """A UID under 2.25 computed from the model identity and the source UID."""
     return generate_uid(prefix="2.25.", entropy_srcs=[model_identity, str(source_uid)])
+
+
+def derived_series_number(source: object) -> int | str:
+    """The source's SeriesNumber + 1000, or - 1000 where that would leave IS's range
+    (dciodvfy); empty (it is type 2) when the source's is not a number within the range."""
+    try:
+        number = int(str(source))
+    except ValueError:
+        return ""
+    derived = number + SERIES_NUMBER_OFFSET
+    if derived > IS_MAX:
+        derived = number - SERIES_NUMBER_OFFSET
+    return derived if IS_MIN <= derived <= IS_MAX else ""
 
 
 def is_own_output(ds: Dataset) -> bool:
@@ -324,7 +338,7 @@ def derive_attributes(ds: Dataset, info: DerivationInfo, now: datetime) -> None:
     ds.SeriesDescription = _with_suffix(str(ds.get("SeriesDescription", "") or ""),
                                         info.description_suffix)
     if ds.get("SeriesNumber") not in (None, ""):
-        ds.SeriesNumber = int(ds.SeriesNumber) + SERIES_NUMBER_OFFSET
+        ds.SeriesNumber = derived_series_number(ds.SeriesNumber)
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.ContributingEquipmentSequence = DicomSequence(

@@ -123,3 +123,13 @@ def test_values_are_clipped_to_the_stored_range(mr_series_factory, tmp_path: Pat
     for path in writer.close():
         pixels = pydicom.dcmread(path).pixel_array
         assert pixels[0, 0] == 4095 and pixels[0, 1] == 0
+
+
+@pytest.mark.parametrize("number", [2147483647, 2147482700, -2147483648, 0])
+def test_the_derived_series_number_stays_within_is(mr_series_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                   number: int) -> None:
+    """Issue 29, item 12: IS holds -2**31 .. 2**31-1; the derived number differs from the
+    source's and stays in range (dciodvfy)."""
+    series = mr_series_factory(slices=1, series_number=number)
+    derived = pydicom.dcmread(_write_identity(series, tmp_path)[0]).SeriesNumber
+    assert -2**31 <= derived <= 2**31 - 1 and derived != number
