@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_deferred_data_element
 from pydicom.multival import MultiValue
@@ -31,6 +32,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from denoised_node.storage.mosaic import MosaicError, MosaicTile, is_mosaic, mosaic_layout
+from denoised_node.storage.private_vr import UNDEFINED_LENGTH
 from denoised_node.storage.reasons import one_line
 from denoised_node.storage.recognise import (
     DEFAULT_POLICY,
@@ -77,6 +79,11 @@ class NothingToDenoise(SeriesError):
 
 
 PIXEL_DATA = BaseTag(0x7FE00010)
+_PIXEL_DATA_ELEMENTS = (("Pixel Data", "PixelData"), ("Float Pixel Data", "FloatPixelData"),
+                        ("Double Float Pixel Data", "DoubleFloatPixelData"))
+# Real images nest a few levels (Enhanced MR's functional groups: 3); the copy and the
+# writer recurse once or twice per level, so a few thousand would end them.
+MAX_SEQUENCE_DEPTH = 32
 # Values longer than this stay on disk when a header is read: the pixel data. Any other one
 # (a vendor's private header) is read in at once, so that no later step opens the file for it.
 _DEFER_BYTES = 4096
@@ -342,6 +349,11 @@ def malformed_reason(ds: Dataset) -> str | None:
     mismatch = _encoding_mismatch(ds)
     if mismatch:
         return mismatch
+    pixel_elements = [name for name, keyword in _PIXEL_DATA_ELEMENTS if keyword in ds]
+    if len(pixel_elements) > 1:
+        return f"more than one pixel data element ({', '.join(pixel_elements)})"
+    if _nested_deeper_than(ds, MAX_SEQUENCE_DEPTH):
+        return f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels"
     try:
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         allocated = int(ds.get("BitsAllocated", 16) or 0)
@@ -356,6 +368,39 @@ def malformed_reason(ds: Dataset) -> str | None:
     if frames != 1 and str(ds.get("SOPClassUID", "")) not in MULTIFRAME_MR_SOP_CLASSES:
         return f"NumberOfFrames {frames} on a single-frame MR image (one frame expected)"
     return None
+
+
+def _nested_deeper_than(ds: Dataset, limit: int) -> bool:
+    """True when sequences nest more than ``limit`` deep. Walked without recursion: the
+    steps after (copying, writing) recurse per level, and a few thousand levels would end
+    them in a RecursionError."""
+    pending = [(ds, 0)]
+    while pending:
+        dataset, depth = pending.pop()
+        for tag in list(dataset.keys()):
+            if not _is_sequence(dataset.get_item(tag)):
+                continue
+            if depth + 1 > limit:
+                return True
+            pending += [(item, depth + 1) for item in dataset[tag].value or []]
+    return False
+
+
+def _is_sequence(element: DataElement | RawDataElement) -> bool:
+    """Whether pydicom reads the element as a sequence; a raw one is not converted to find
+    out (a private value of unknown VR must stay raw for the writer, storage/private_vr.py)."""
+    if not isinstance(element, RawDataElement):
+        return element.VR == "SQ"
+    if element.VR == "SQ":
+        return True
+    if element.VR not in (None, "UN") or element.tag == PIXEL_DATA:
+        return False
+    if element.length == UNDEFINED_LENGTH:
+        return True
+    try:
+        return not element.tag.is_private and dictionary_VR(element.tag) == "SQ"
+    except KeyError:
+        return False
 
 
 def _encoding_mismatch(ds: Dataset) -> str | None:
