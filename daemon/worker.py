@@ -46,6 +46,7 @@ from denoised_node.storage.queue import (
     JobState,
     StaleState,
     after_failed_attempt,
+    attempt_limits,
     claim,
     next_available,
     release_expired_leases,
@@ -156,7 +157,7 @@ class Worker:
             while not self.stop_requested.is_set():
                 if self.on_idle:
                     self.on_idle()
-                release_expired_leases(self.sessions)
+                release_expired_leases(self.sessions, attempt_limits(self.settings))
                 job = claim(self.sessions, self.worker_id, self.settings.worker.lease_seconds)
                 if job is None:
                     if burst:
