@@ -13,6 +13,7 @@ Images the network must not touch are skipped with a reason (docs/inputs.md list
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -92,6 +93,12 @@ _DEFER_BYTES = 4096
 def read_header(path: Path) -> Dataset:
     """The file's dataset without its pixel data in memory (that is read when needed, e.g.
     by ``pixel_array(path)``); every other value is read. One open of the file."""
+    return read_source_file(path)[0]
+
+
+def read_source_file(path: Path) -> tuple[Dataset, str]:
+    """``read_header``, and the SHA-256 of the file's bytes in the same open: what the file
+    holds, which the derived objects' UIDs are made from (storage/derived_uids.py)."""
     with path.open("rb") as stream:
         ds = pydicom.dcmread(stream, defer_size=_DEFER_BYTES)
         # A deflated file is inflated into a buffer: its values are read from there, the
@@ -106,7 +113,9 @@ def read_header(path: Path) -> Dataset:
                 # with pydicom's guess at its VR; the writer keeps unknown ones as they came.
                 ds._dict[tag] = read_deferred_data_element(type(source), source, None, element)
         ds.buffer = None  # nothing is deferred to it any more
-    return ds
+        stream.seek(0)
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    return ds, digest
 
 
 @dataclass(frozen=True)
@@ -155,17 +164,18 @@ class SourceImage:
     sop_instance_uid: str
     sop_class_uid: str
     pixel_format: PixelFormat
+    digest: str  # SHA-256 of the file's bytes (read_source_file)
     header: Dataset = field(repr=False, compare=False)
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, path: Path) -> SourceImage:
+    def from_dataset(cls, ds: Dataset, path: Path, digest: str) -> SourceImage:
         """Raises ValueError when the image cannot be denoised and written back."""
         if "PixelData" not in ds:
             raise ValueError("no pixel data")
         if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
             raise ValueError("no SOP Instance UID or SOP Class UID")
         return cls(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                   PixelFormat.from_dataset(ds), ds)
+                   PixelFormat.from_dataset(ds), digest, ds)
 
     def pixels(self) -> np.ndarray:
         """The decoded pixel data: (rows, columns), or (frames, rows, columns)."""
@@ -270,7 +280,7 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
     mosaics: list[Stack] = []
     for path in paths:
         try:
-            ds = read_header(path)
+            ds, digest = read_source_file(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped with a reason
             plan.skipped.append((path.stem, f"unreadable: {one_line(str(exc))}"))
             continue
@@ -283,7 +293,7 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
             plan.skipped.append((sop_uid, reason))
             continue
         try:
-            source = SourceImage.from_dataset(ds, path)
+            source = SourceImage.from_dataset(ds, path, digest)
         except ValueError as exc:
             plan.skipped.append((sop_uid, one_line(str(exc))))
             continue
