@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select
@@ -119,11 +119,13 @@ class CompletionLoop(threading.Thread):
     so wakes a few times a minute instead of four times a second."""
 
     def __init__(self, sessions: SessionFactory, settings: SeriesSettings,
+                 attempt_limits: Mapping[JobState, int],
                  interval: float = 0.25, idle_wait: float = 10.0,
                  on_queued: Callable[[list[int]], None] | None = None) -> None:
         super().__init__(name="completion", daemon=True)
         self.sessions = sessions
         self.settings = settings
+        self.attempt_limits = attempt_limits  # a lost worker's lease counts against these
         self.interval = interval  # the shortest wait: instances arriving batch up
         self.idle_wait = idle_wait
         self.on_queued = on_queued
@@ -138,7 +140,7 @@ class CompletionLoop(threading.Thread):
         while not self.stopping.is_set():
             try:
                 queued = complete_idle_series(self.sessions, self.settings)
-                release_expired_leases(self.sessions)
+                release_expired_leases(self.sessions, self.attempt_limits)
                 if queued and self.on_queued is not None:
                     self.on_queued(queued)
                 now = utcnow()

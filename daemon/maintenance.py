@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Mapping
 from datetime import timedelta
 
 from sqlalchemy import select
@@ -17,7 +18,7 @@ from denoised_node.daemon.rescan import settle_unindexed
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.files import STALE_TEMP_SECONDS
 from denoised_node.storage.models import Job, utcnow
-from denoised_node.storage.queue import STAGES, JobState, StaleState, return_to_stage
+from denoised_node.storage.queue import STAGES, JobState, StaleState, release_lost
 from denoised_node.storage.retention import forget_purged, purge_finished
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def release_dead_local_leases(sessions: SessionFactory) -> list[int]:
+def release_dead_local_leases(sessions: SessionFactory,
+                              limits: Mapping[JobState, int]) -> list[int]:
     """Jobs leased by a worker on this host whose process no longer exists go back to the
-    start of their stage now, instead of waiting for the lease to expire.
+    start of their stage now, instead of waiting for the lease to expire; the loss counts as
+    an attempt, as an expired lease does (queue.release_lost; ``limits``: attempt_limits).
 
     A lease owner is "host:pid" (worker.default_worker_id), so with workers on several hosts
     this only ever touches this host's: another host's PIDs mean nothing here, and its jobs
@@ -48,23 +51,27 @@ def release_dead_local_leases(sessions: SessionFactory) -> list[int]:
     released = []
     now = utcnow()
     with sessions.begin() as session:
-        query = (select(Job.id, Job.state, Job.lease_owner)
+        query = (select(Job.id, Job.state, Job.lease_owner, Job.processing_attempts,
+                        Job.send_attempts)
                  .where(Job.state.in_([s.value for s in STAGES]),
                         Job.lease_owner.like(f"{_escape_like(host)}:%", escape="\\"))
                  .order_by(Job.id))
         if is_postgres(session):
             query = query.with_for_update(skip_locked=True)  # see release_expired_leases
-        for job_id, state, owner in session.execute(query).all():
-            owner_host, _, pid = (owner or "").rpartition(":")
+        for row in session.execute(query).all():
+            owner_host, _, pid = (row.lease_owner or "").rpartition(":")
             if owner_host != host or not pid.isdigit() or _process_alive(int(pid)):
                 continue
-            from_state = JobState(state)
+            from_state = JobState(row.state)
             try:
-                return_to_stage(session, job_id, from_state,
-                                reason=f"worker {owner} is gone (node restarted)", now=now)
+                release_lost(session, row.id, from_state,
+                             getattr(row, STAGES[from_state].attempts_column),
+                             limits[from_state],
+                             reason=f"worker {row.lease_owner} is gone (node restarted)",
+                             now=now)
             except StaleState:
                 continue
-            released.append(job_id)
+            released.append(row.id)
     if released:
         log.warning("recovered jobs of dead workers", extra={"jobs": len(released)})
     return released

@@ -17,7 +17,8 @@ import numpy as np
 
 from denoised_node.config.settings import Settings
 from denoised_node.model.gate import check_result
-from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter, derived_uid
+from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
 from denoised_node.storage.series import (
     NothingToDenoise,
@@ -112,7 +113,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     """
     plan = plan or plan_series(paths, input_policy(settings))
     info = derivation_info(settings, denoiser)
-    writer = DerivedSeriesWriter(out_dir, info, now)
+    derived = DerivedUIDs.for_plan(info.model_identity, source_series_uid, plan)
+    writer = DerivedSeriesWriter(out_dir, info, now, derived)
     total, done = plan.slice_count, 0
     figures: list[dict[str, float]] = []
     refusal: str | None = None
@@ -156,8 +158,7 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
         raise NothingToDenoise(_nothing(plan.skipped))
     for sop_uid, reason in plan.skipped:
         log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})
-    return SeriesOutcome(derived_uid(info.model_identity, source_series_uid), files,
-                         plan.skipped, figures, seconds, refusal)
+    return SeriesOutcome(derived.series_uid, files, plan.skipped, figures, seconds, refusal)
 
 
 class _StageClock:

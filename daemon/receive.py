@@ -169,7 +169,8 @@ def _check_pixel_data_length(ds: Dataset) -> None:
     except (AttributeError, TypeError, ValueError) as exc:
         raise UnreadableDataset(f"image attributes are missing or invalid: {exc}") from exc
     element = ds.get_item("PixelData")
-    length = element.length if isinstance(element, RawDataElement) else len(ds.PixelData)
+    # A zero-length value converts to None, not b"".
+    length = element.length if isinstance(element, RawDataElement) else len(ds.PixelData or b"")
     if length < expected:
         raise UnreadableDataset(f"pixel data holds {length} bytes, the image needs {expected}")
 

@@ -50,6 +50,7 @@ from denoised_node.daemon.scp_sockets import bind_listeners
 from denoised_node.daemon.tls import server_context
 from denoised_node.daemon.web.pages import StatusPages
 from denoised_node.storage.db import is_sqlite
+from denoised_node.storage.queue import attempt_limits
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def serve(settings: Settings, config_path: Path | None,
     # Indexes again what a crash left unindexed: synced commits, like every other writer here.
     rescanner = Receiver(runtime.store, runtime.sessions, settings)
     settle_unindexed(rescanner, timedelta(0))
-    release_dead_local_leases(runtime.sessions)
+    release_dead_local_leases(runtime.sessions, attempt_limits(settings))
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -223,7 +224,8 @@ def serve(settings: Settings, config_path: Path | None,
         "disk_free_bytes": ("Free space where node.data_dir is",
                             lambda: float(runtime.store.free_bytes())),
     })
-    completion = CompletionLoop(runtime.sessions, settings.series, on_queued=pool.wake)
+    completion = CompletionLoop(runtime.sessions, settings.series, attempt_limits(settings),
+                                on_queued=pool.wake)
     server = _start_receiving(settings, config_path, runtime, scp_counts, completion.poke)
     http: StatusServer | None = None
     retention = RetentionLoop(rescanner, settings.retention)

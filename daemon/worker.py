@@ -19,6 +19,7 @@ from pathlib import Path
 from select import select as wait_readable
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from denoised_node.config.settings import ConfigError, Destination, Settings
 from denoised_node.daemon.model_pool import ModelPool
@@ -46,6 +47,7 @@ from denoised_node.storage.queue import (
     JobState,
     StaleState,
     after_failed_attempt,
+    attempt_limits,
     claim,
     next_available,
     release_expired_leases,
@@ -56,6 +58,7 @@ from denoised_node.storage.queue import (
 )
 from denoised_node.storage.reasons import describe_error, one_line
 from denoised_node.storage.series import NothingToDenoise, SeriesError
+from denoised_node.storage.superseded import note_superseded
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +159,7 @@ class Worker:
             while not self.stop_requested.is_set():
                 if self.on_idle:
                     self.on_idle()
-                release_expired_leases(self.sessions)
+                release_expired_leases(self.sessions, attempt_limits(self.settings))
                 job = claim(self.sessions, self.worker_id, self.settings.worker.lease_seconds)
                 if job is None:
                     if burst:
@@ -371,7 +374,8 @@ class Worker:
             self._retry_or_fail(job, describe_error(exc))
             return
         names = ", ".join(d.name for d in destinations) or "no destination configured"
-        self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}")
+        self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}",
+                   also=lambda session: note_superseded(session, job.id, utcnow()))
 
     def _destinations(self, chosen: str | None) -> list[Destination]:
         """The destinations the rule chose when the series was denoised; a job from before
@@ -386,10 +390,14 @@ class Worker:
                                 min_interval=self.settings.worker.progress_interval_seconds)
 
     def _move(self, job: ClaimedJob, from_state: JobState, to_state: JobState, reason: str,
-              event: str | None = None, **values: object) -> None:
-        """Move the job; a failed or held one (or ``event``) is also sent to the webhook."""
+              event: str | None = None, *, also: Callable[[Session], str] | None = None,
+              **values: object) -> None:
+        """Move the job; a failed or held one (or ``event``) is also sent to the webhook.
+        ``also`` writes in the same transaction and returns what the reason adds."""
         try:
             with self.sessions.begin() as session:
+                if also is not None:
+                    reason += also(session)
                 transition(session, job.id, from_state, to_state, worker=self.worker_id,
                            reason=reason, **values)
         except StaleState:

@@ -1,8 +1,9 @@
 """The derived series writer: one derived instance per source instance, same SOP class.
 
-New UIDs are derived deterministically from the source UIDs and the model's identity, so a
-replay replaces (never duplicates) the derived series in the PACS, while a new model gives a
-new series beside the old one. A multi-frame source (Enhanced or Legacy Converted Enhanced
+New UIDs are derived deterministically from the model's identity, the source UIDs and what
+the sources hold (storage/derived_uids.py): a replay replaces (never duplicates) the derived
+series in the PACS, while new content or a new model gives a new series beside the old one.
+A multi-frame source (Enhanced or Legacy Converted Enhanced
 MR) gives a multi-frame object with the same functional groups, each frame marked DERIVED and
 pointing at its source frame. Everything else of the source is kept: private tags, the
 specific character set and its values, window, geometry.
@@ -33,9 +34,9 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
-    generate_uid,
 )
 
+from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.files import sync_filesystem, write_atomic
 from denoised_node.storage.mosaic import MosaicLayout
 from denoised_node.storage.private_vr import keep_private_values_untyped
@@ -62,6 +63,7 @@ OUTPUT_TRANSFER_SYNTAXES = {
 }
 _ENCAPSULATED = frozenset({RLELossless, JPEGLSLossless, JPEG2000Lossless})
 SERIES_NUMBER_OFFSET = 1000
+IS_MIN, IS_MAX = -(2**31), 2**31 - 1  # what an Integer String may hold
 # Attributes that describe the source's pixel values and would be wrong in the derived object.
 _STALE_ATTRIBUTES = (
     "SmallestImagePixelValue", "LargestImagePixelValue", "SmallestPixelValueInSeries",
@@ -114,9 +116,17 @@ class DerivationInfo:
         return OUTPUT_TRANSFER_SYNTAXES[self.transfer_syntax]
 
 
-def derived_uid(model_identity: str, source_uid: str) -> str:
-    """A UID under 2.25 computed from the model identity and the source UID."""
-    return generate_uid(prefix="2.25.", entropy_srcs=[model_identity, str(source_uid)])
+def derived_series_number(source: object) -> int | str:
+    """The source's SeriesNumber + 1000, or - 1000 where that would leave IS's range
+    (dciodvfy); empty (it is type 2) when the source's is not a number within the range."""
+    try:
+        number = int(str(source))
+    except ValueError:
+        return ""
+    derived = number + SERIES_NUMBER_OFFSET
+    if derived > IS_MAX:
+        derived = number - SERIES_NUMBER_OFFSET
+    return derived if IS_MIN <= derived <= IS_MAX else ""
 
 
 def is_own_output(ds: Dataset) -> bool:
@@ -151,10 +161,12 @@ class DerivedSeriesWriter:
     frames have arrived (they may belong to several stacks, e.g. one per echo).
     """
 
-    def __init__(self, out_dir: Path, info: DerivationInfo, now: datetime) -> None:
+    def __init__(self, out_dir: Path, info: DerivationInfo, now: datetime,
+                 uids: DerivedUIDs) -> None:
         self.out_dir = out_dir
         self.info = info
         self.now = now
+        self.uids = uids
         self.written: list[Path] = []
         self._pending: dict[Path, _Assembly] = {}  # multi-frame objects
         self._mosaics: dict[Path, _Assembly] = {}
@@ -242,7 +254,7 @@ class DerivedSeriesWriter:
         ds = _header_copy(source)
         source_sop_uid = str(ds.SOPInstanceUID)
         source_sop_class = str(ds.SOPClassUID)
-        derive_attributes(ds, self.info, self.now)
+        derive_attributes(ds, self.info, self.now, self.uids)
         _decode_big_endian(ds)
         keep_private_values_untyped(ds)
         stored = stored.astype(stored.dtype.newbyteorder("="), copy=False)  # '>u2' from BE
@@ -313,18 +325,20 @@ class _Source:
     frames: int
 
 
-def derive_attributes(ds: Dataset, info: DerivationInfo, now: datetime) -> None:
-    """Turn a copy of a source dataset into its derived counterpart (all but pixel data)."""
+def derive_attributes(ds: Dataset, info: DerivationInfo, now: datetime,
+                      uids: DerivedUIDs) -> None:
+    """Turn a copy of a source dataset into its derived counterpart (all but pixel data),
+    one of the derived series ``uids``."""
     source = _Source(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
                      int(ds.get("NumberOfFrames", 1) or 1))
     multiframe = source.sop_class_uid in MULTIFRAME_MR_SOP_CLASSES
-    ds.SOPInstanceUID = derived_uid(info.model_identity, source.sop_instance_uid)
-    ds.SeriesInstanceUID = derived_uid(info.model_identity, source.series_uid)
+    ds.SOPInstanceUID = uids.instance_uid(source.sop_instance_uid)
+    ds.SeriesInstanceUID = uids.series_uid
     _set_image_type(ds, multiframe)
     ds.SeriesDescription = _with_suffix(str(ds.get("SeriesDescription", "") or ""),
                                         info.description_suffix)
     if ds.get("SeriesNumber") not in (None, ""):
-        ds.SeriesNumber = int(ds.SeriesNumber) + SERIES_NUMBER_OFFSET
+        ds.SeriesNumber = derived_series_number(ds.SeriesNumber)
     ds.InstanceCreationDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.ContributingEquipmentSequence = DicomSequence(

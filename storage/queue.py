@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -236,6 +236,30 @@ def return_to_stage(session: Session, job_id: int, from_state: JobState, *, reas
                reason=reason, kind=EventKind.RELEASED, now=now, **released(now))
 
 
+def attempt_limits(settings: Settings) -> dict[JobState, int]:
+    """Each stage's attempt limit (its retry policy's): what a lost worker counts against."""
+    return {state: stage.policy(settings).max_attempts for state, stage in STAGES.items()}
+
+
+def release_lost(session: Session, job_id: int, from_state: JobState, attempts_before: int,
+                 limit: int, *, reason: str, now: datetime) -> JobState:
+    """A job whose worker was lost with it (lease expired, process gone: killed, out of
+    memory, the watchdog) goes back to the start of its stage at once, and the loss counts
+    as a failed attempt of the stage: a series that kills its worker fails at the limit
+    with the reason instead of looping for ever. Returns the state it was moved to."""
+    stage = STAGES[from_state]
+    attempts = attempts_before + 1
+    counted = f"{reason} ({stage.attempt_noun} {attempts} of {limit})"
+    if attempts >= limit:
+        transition(session, job_id, from_state, JobState.FAILED, reason=counted, now=now,
+                   **{stage.attempts_column: attempts})
+        return JobState.FAILED
+    transition(session, job_id, from_state, stage.back_to, reason=counted,
+               kind=EventKind.RELEASED, now=now,
+               **released(now), **{stage.attempts_column: attempts})
+    return stage.back_to
+
+
 @dataclass(frozen=True)
 class AfterFailure:
     """Where a failed attempt leaves a job: ``to_state`` with ``values``; ``delay`` is None
@@ -385,31 +409,39 @@ def renew_lease(sessions: SessionFactory, job_id: int, worker: str, lease_second
         return result.rowcount == 1  # type: ignore[attr-defined]
 
 
-def release_expired_leases(sessions: SessionFactory, now: datetime | None = None) -> list[int]:
-    """Return jobs whose worker stopped renewing its lease to the start of their stage."""
+def release_expired_leases(sessions: SessionFactory, limits: Mapping[JobState, int],
+                           now: datetime | None = None) -> list[int]:
+    """Jobs whose worker stopped renewing its lease go back to the start of their stage, the
+    loss counted as an attempt (release_lost; ``limits``: attempt_limits), or fail at the
+    limit. Returns the ids of the jobs moved."""
     now = now or utcnow()
-    released: list[int] = []
+    moved: list[tuple[int, JobState]] = []
     with sessions.begin() as session:
         # Every worker and completer calls this: on PostgreSQL each one locks the rows it
         # returns and skips those another holds, so two never wait on each other (in id
         # order, which also rules out a deadlock between two that lock in turn).
-        query = (select(Job.id, Job.state, Job.lease_owner)
+        query = (select(Job.id, Job.state, Job.lease_owner, Job.processing_attempts,
+                        Job.send_attempts)
                  .where(Job.state.in_(list(STAGES)), Job.lease_expires_at < now)
                  .order_by(Job.id))
         if is_postgres(session):
             query = query.with_for_update(skip_locked=True)
-        expired = session.execute(query).all()
-        for job_id, state, owner in expired:
-            from_state = JobState(state)
+        for row in session.execute(query).all():
+            from_state = JobState(row.state)
+            attempts = getattr(row, STAGES[from_state].attempts_column)
             try:
-                return_to_stage(session, job_id, from_state, reason=f"lease of {owner} expired",
-                                now=now)
+                to_state = release_lost(session, row.id, from_state, attempts, limits[from_state],
+                                        reason=f"lease of {row.lease_owner} expired: the worker "
+                                               "was lost", now=now)
             except StaleState:
                 continue
-            released.append(job_id)
-    for job_id in released:
-        log.warning("lease expired, job returned to the queue", extra={"job_id": job_id})
-    return released
+            moved.append((row.id, to_state))
+    for job_id, to_state in moved:
+        if to_state == JobState.FAILED:
+            log.error("lease expired at the attempt limit, job failed", extra={"job_id": job_id})
+        else:
+            log.warning("lease expired, job returned to the queue", extra={"job_id": job_id})
+    return [job_id for job_id, _ in moved]
 
 
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:

@@ -13,6 +13,7 @@ Images the network must not touch are skipped with a reason (docs/inputs.md list
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataelem import RawDataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_deferred_data_element
 from pydicom.multival import MultiValue
@@ -31,6 +33,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from denoised_node.storage.mosaic import MosaicError, MosaicTile, is_mosaic, mosaic_layout
+from denoised_node.storage.private_vr import UNDEFINED_LENGTH
 from denoised_node.storage.reasons import one_line
 from denoised_node.storage.recognise import (
     DEFAULT_POLICY,
@@ -77,6 +80,11 @@ class NothingToDenoise(SeriesError):
 
 
 PIXEL_DATA = BaseTag(0x7FE00010)
+_PIXEL_DATA_ELEMENTS = (("Pixel Data", "PixelData"), ("Float Pixel Data", "FloatPixelData"),
+                        ("Double Float Pixel Data", "DoubleFloatPixelData"))
+# Real images nest a few levels (Enhanced MR's functional groups: 3); the copy and the
+# writer recurse once or twice per level, so a few thousand would end them.
+MAX_SEQUENCE_DEPTH = 32
 # Values longer than this stay on disk when a header is read: the pixel data. Any other one
 # (a vendor's private header) is read in at once, so that no later step opens the file for it.
 _DEFER_BYTES = 4096
@@ -85,6 +93,12 @@ _DEFER_BYTES = 4096
 def read_header(path: Path) -> Dataset:
     """The file's dataset without its pixel data in memory (that is read when needed, e.g.
     by ``pixel_array(path)``); every other value is read. One open of the file."""
+    return read_source_file(path)[0]
+
+
+def read_source_file(path: Path) -> tuple[Dataset, str]:
+    """``read_header``, and the SHA-256 of the file's bytes in the same open: what the file
+    holds, which the derived objects' UIDs are made from (storage/derived_uids.py)."""
     with path.open("rb") as stream:
         ds = pydicom.dcmread(stream, defer_size=_DEFER_BYTES)
         # A deflated file is inflated into a buffer: its values are read from there, the
@@ -99,7 +113,9 @@ def read_header(path: Path) -> Dataset:
                 # with pydicom's guess at its VR; the writer keeps unknown ones as they came.
                 ds._dict[tag] = read_deferred_data_element(type(source), source, None, element)
         ds.buffer = None  # nothing is deferred to it any more
-    return ds
+        stream.seek(0)
+        digest = hashlib.file_digest(stream, "sha256").hexdigest()
+    return ds, digest
 
 
 @dataclass(frozen=True)
@@ -148,17 +164,18 @@ class SourceImage:
     sop_instance_uid: str
     sop_class_uid: str
     pixel_format: PixelFormat
+    digest: str  # SHA-256 of the file's bytes (read_source_file)
     header: Dataset = field(repr=False, compare=False)
 
     @classmethod
-    def from_dataset(cls, ds: Dataset, path: Path) -> SourceImage:
+    def from_dataset(cls, ds: Dataset, path: Path, digest: str) -> SourceImage:
         """Raises ValueError when the image cannot be denoised and written back."""
         if "PixelData" not in ds:
             raise ValueError("no pixel data")
         if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
             raise ValueError("no SOP Instance UID or SOP Class UID")
         return cls(path, str(ds.SOPInstanceUID), str(ds.SOPClassUID),
-                   PixelFormat.from_dataset(ds), ds)
+                   PixelFormat.from_dataset(ds), digest, ds)
 
     def pixels(self) -> np.ndarray:
         """The decoded pixel data: (rows, columns), or (frames, rows, columns)."""
@@ -263,7 +280,7 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
     mosaics: list[Stack] = []
     for path in paths:
         try:
-            ds = read_header(path)
+            ds, digest = read_source_file(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped with a reason
             plan.skipped.append((path.stem, f"unreadable: {one_line(str(exc))}"))
             continue
@@ -276,7 +293,7 @@ def plan_stacks(paths: Iterable[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
             plan.skipped.append((sop_uid, reason))
             continue
         try:
-            source = SourceImage.from_dataset(ds, path)
+            source = SourceImage.from_dataset(ds, path, digest)
         except ValueError as exc:
             plan.skipped.append((sop_uid, one_line(str(exc))))
             continue
@@ -342,6 +359,11 @@ def malformed_reason(ds: Dataset) -> str | None:
     mismatch = _encoding_mismatch(ds)
     if mismatch:
         return mismatch
+    pixel_elements = [name for name, keyword in _PIXEL_DATA_ELEMENTS if keyword in ds]
+    if len(pixel_elements) > 1:
+        return f"more than one pixel data element ({', '.join(pixel_elements)})"
+    if _nested_deeper_than(ds, MAX_SEQUENCE_DEPTH):
+        return f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels"
     try:
         rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         allocated = int(ds.get("BitsAllocated", 16) or 0)
@@ -356,6 +378,39 @@ def malformed_reason(ds: Dataset) -> str | None:
     if frames != 1 and str(ds.get("SOPClassUID", "")) not in MULTIFRAME_MR_SOP_CLASSES:
         return f"NumberOfFrames {frames} on a single-frame MR image (one frame expected)"
     return None
+
+
+def _nested_deeper_than(ds: Dataset, limit: int) -> bool:
+    """True when sequences nest more than ``limit`` deep. Walked without recursion: the
+    steps after (copying, writing) recurse per level, and a few thousand levels would end
+    them in a RecursionError."""
+    pending = [(ds, 0)]
+    while pending:
+        dataset, depth = pending.pop()
+        for tag in list(dataset.keys()):
+            if not _is_sequence(dataset.get_item(tag)):
+                continue
+            if depth + 1 > limit:
+                return True
+            pending += [(item, depth + 1) for item in dataset[tag].value or []]
+    return False
+
+
+def _is_sequence(element: DataElement | RawDataElement) -> bool:
+    """Whether pydicom reads the element as a sequence; a raw one is not converted to find
+    out (a private value of unknown VR must stay raw for the writer, storage/private_vr.py)."""
+    if not isinstance(element, RawDataElement):
+        return element.VR == "SQ"
+    if element.VR == "SQ":
+        return True
+    if element.VR not in (None, "UN") or element.tag == PIXEL_DATA:
+        return False
+    if element.length == UNDEFINED_LENGTH:
+        return True
+    try:
+        return not element.tag.is_private and dictionary_VR(element.tag) == "SQ"
+    except KeyError:
+        return False
 
 
 def _encoding_mismatch(ds: Dataset) -> str | None:

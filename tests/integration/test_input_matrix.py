@@ -36,6 +36,7 @@ from pydicom.uid import (
 from denoised_node.config.settings import Destination, load_settings
 from denoised_node.daemon.scu import send_files
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.series import load_volume, plan_stacks
 from tests.fixtures.classic_mr import PRIVATE_CREATOR, PRIVATE_GROUP
 from tests.fixtures.identity import StudyInfo
@@ -348,8 +349,10 @@ def _derive_without_change(syntax: str, directory: Path) -> tuple[GeneratedSerie
                              enhanced=syntax == "jpeg2000")
     info = DerivationInfo(model_identity="identity", model_name="identity",
                           model_version="1", software_version="test", transfer_syntax=syntax)
-    writer = DerivedSeriesWriter(directory / "derived", info, datetime.now(UTC))
-    for stack in plan_stacks(series.paths).stacks:
+    plan = plan_stacks(series.paths)
+    writer = DerivedSeriesWriter(directory / "derived", info, datetime.now(UTC),
+                                 DerivedUIDs.for_plan("identity", series.series_uid, plan))
+    for stack in plan.stacks:
         writer.add_stack(stack, load_volume(stack))
     return series, writer.close()
 

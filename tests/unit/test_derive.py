@@ -11,12 +11,8 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from denoised_node.storage.derive import (
-    DerivationInfo,
-    DerivedSeriesWriter,
-    derived_uid,
-    is_own_output,
-)
+from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter, is_own_output
+from denoised_node.storage.derived_uids import DerivedUIDs, derived_uid
 from denoised_node.storage.series import load_volume, plan_stacks
 
 NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
@@ -25,8 +21,10 @@ INFO = DerivationInfo(model_identity="model-a", model_name="unet", model_version
 
 
 def _write_identity(series, tmp_path: Path, info: DerivationInfo = INFO) -> list[Path]:  # type: ignore[no-untyped-def]
-    writer = DerivedSeriesWriter(tmp_path / "out", info, NOW)
-    for stack in plan_stacks(series.paths).stacks:
+    plan = plan_stacks(series.paths)
+    uids = DerivedUIDs.for_plan(info.model_identity, series.series_uid, plan)
+    writer = DerivedSeriesWriter(tmp_path / "out", info, NOW, uids)
+    for stack in plan.stacks:
         writer.add_stack(stack, load_volume(stack))
     return writer.close()
 
@@ -59,9 +57,10 @@ def test_derived_attributes(mr_series, tmp_path: Path) -> None:  # type: ignore[
         src = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
         series_uids.add(ds.SeriesInstanceUID)
         assert ds.SOPClassUID == src.SOPClassUID
-        assert ds.SOPInstanceUID == derived_uid("model-a", src.SOPInstanceUID)
+        assert ds.SOPInstanceUID == derived_uid(ds.SeriesInstanceUID, src.SOPInstanceUID)
         assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-        assert ds.SeriesInstanceUID == derived_uid("model-a", src.SeriesInstanceUID)
+        assert ds.SeriesInstanceUID == DerivedUIDs.for_plan(
+            "model-a", src.SeriesInstanceUID, plan_stacks(mr_series.paths)).series_uid
         assert ds.StudyInstanceUID == src.StudyInstanceUID
         assert ds.FrameOfReferenceUID == src.FrameOfReferenceUID
         assert list(ds.ImageType[:2]) == ["DERIVED", "SECONDARY"]
@@ -114,8 +113,10 @@ def test_long_description_keeps_the_suffix(mr_series_factory, tmp_path: Path) ->
 
 def test_values_are_clipped_to_the_stored_range(mr_series_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     series = mr_series_factory(slices=2, bits_stored=12)
-    stack = plan_stacks(series.paths).stacks[0]
-    writer = DerivedSeriesWriter(tmp_path / "out", INFO, NOW)
+    plan = plan_stacks(series.paths)
+    stack = plan.stacks[0]
+    writer = DerivedSeriesWriter(tmp_path / "out", INFO, NOW,
+                                 DerivedUIDs.for_plan("model-a", series.series_uid, plan))
     volume = load_volume(stack)
     volume[:, 0, 0] = 1e9
     volume[:, 0, 1] = -1e9
@@ -123,3 +124,13 @@ def test_values_are_clipped_to_the_stored_range(mr_series_factory, tmp_path: Pat
     for path in writer.close():
         pixels = pydicom.dcmread(path).pixel_array
         assert pixels[0, 0] == 4095 and pixels[0, 1] == 0
+
+
+@pytest.mark.parametrize("number", [2147483647, 2147482700, -2147483648, 0])
+def test_the_derived_series_number_stays_within_is(mr_series_factory, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                   number: int) -> None:
+    """Issue 29, item 12: IS holds -2**31 .. 2**31-1; the derived number differs from the
+    source's and stays in range (dciodvfy)."""
+    series = mr_series_factory(slices=1, series_number=number)
+    derived = pydicom.dcmread(_write_identity(series, tmp_path)[0]).SeriesNumber
+    assert -2**31 <= derived <= 2**31 - 1 and derived != number

@@ -18,6 +18,7 @@ from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime
 from denoised_node.daemon.worker import Waker, Worker
 from denoised_node.storage.models import Job, Series, utcnow
+from denoised_node.storage.queue import attempt_limits
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -65,7 +66,8 @@ def test_completion_sleeps_until_poked_then_queues(settings_factory, mr_series) 
     upgrade(make_engine(settings.database_url))
     runtime = open_runtime(settings)
     queued: list[list[int]] = []
-    loop = CompletionLoop(runtime.sessions, settings.series, interval=0.05, idle_wait=60.0,
+    loop = CompletionLoop(runtime.sessions, settings.series, attempt_limits(settings),
+                          interval=0.05, idle_wait=60.0,
                           on_queued=queued.append)
     loop.start()
     try:

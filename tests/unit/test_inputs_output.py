@@ -21,7 +21,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter, derived_uid
+from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.series import load_volume, plan_stacks
 from tests.fixtures.mr_series import GeneratedSeries
 from tests.fixtures.other_objects import write_legacy_converted
@@ -38,8 +39,12 @@ def _info(transfer_syntax: str = "explicit") -> DerivationInfo:
 
 def derive(paths: list[Path], out: Path, info: DerivationInfo | None = None) -> list[Path]:
     """The writer with the input given back unchanged (what a perfect no-op network gives)."""
-    writer = DerivedSeriesWriter(out, info or _info(), NOW)
-    for stack in plan_stacks(paths).stacks:
+    info = info or _info()
+    plan = plan_stacks(paths)
+    source_series = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
+    writer = DerivedSeriesWriter(out, info, NOW,
+                                 DerivedUIDs.for_plan(info.model_identity, source_series, plan))
+    for stack in plan.stacks:
         writer.add_stack(stack, load_volume(stack))
     return writer.close()
 
@@ -80,7 +85,8 @@ def test_enhanced_mr_stays_one_multiframe_object(mr_series_factory: Factory,
     # dciodvfy allows the MR Pulse Sequence module only in ORIGINAL images.
     assert "PulseSequenceName" not in derived and "MRAcquisitionType" not in derived
     assert "SourceImageSequence" not in derived  # per frame, not at the top level
-    assert derived.SeriesInstanceUID == derived_uid("model-a", source.SeriesInstanceUID)
+    assert derived.SeriesInstanceUID == DerivedUIDs.for_plan(
+        "model-a", source.SeriesInstanceUID, plan_stacks(series.paths)).series_uid
 
 
 def test_legacy_converted_output_is_cleaner_than_its_input(mr_series_factory: Factory,

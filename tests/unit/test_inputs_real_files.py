@@ -26,6 +26,7 @@ from denoised_node.daemon.series_attributes import attributes_from_file
 from denoised_node.model.inference import Denoiser
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.schema import upgrade
 from denoised_node.storage.series import NothingToDenoise, load_volume, plan_stacks
 from tests.fixtures.real_files import CORPUS, OUTSIDE, RealFile, gunzipped
@@ -119,9 +120,11 @@ def test_real_file(entry: RealFile, settings_factory: Callable[..., Settings],
 
 
 def _written_unchanged(sources: list[Path], out: Path) -> list[Path]:
+    plan = plan_stacks(sources)
+    source_series = str(pydicom.dcmread(sources[0], stop_before_pixels=True).SeriesInstanceUID)
     writer = DerivedSeriesWriter(out, DerivationInfo(
         model_identity="corpus", model_name="unchanged", model_version="1",
-        software_version="0"), NOW)
-    for stack in plan_stacks(sources).stacks:
+        software_version="0"), NOW, DerivedUIDs.for_plan("corpus", source_series, plan))
+    for stack in plan.stacks:
         writer.add_stack(stack, load_volume(stack))
     return writer.close()

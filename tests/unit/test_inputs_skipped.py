@@ -151,3 +151,43 @@ def test_worker_records_a_phase_only_series_as_ignored(runtime: Runtime,
         job = session.scalars(select(Job)).one()
         assert job.state == "ignored"
         assert "not a magnitude image (phase)" in (job.reason or "")
+
+
+def _nested_sequences(depth: int) -> bytes:
+    """(FFFA,FFFA) sequences nested ``depth`` deep, each of one item, all of defined length
+    (read one level at a time, as they are used)."""
+    import struct
+
+    element = b""
+    for _ in range(depth):
+        item = struct.pack("<HHI", 0xFFFE, 0xE000, len(element)) + element
+        element = struct.pack("<HH2s2xI", 0xFFFA, 0xFFFA, b"SQ", len(item)) + item
+    return element
+
+
+def test_one_malformed_image_is_left_out_and_the_rest_denoised(mr_series_factory: Factory,
+                                                                settings: Settings,
+                                                                tmp_path: Path) -> None:
+    """Issue 29, item 7: a 3000-deep nested sequence, or Pixel Data beside Float Pixel Data,
+    leaves that image out with its reason; the series' other images are denoised."""
+    series = mr_series_factory(slices=4)
+    deep, two_pixel_data = series.paths[:2]
+    with deep.open("ab") as stream:  # (FFFA,FFFA) sorts after Pixel Data: appended
+        stream.write(_nested_sequences(3000))
+    ds = pydicom.dcmread(two_pixel_data)
+    ds.FloatPixelData = np.zeros(int(ds.Rows) * int(ds.Columns), "<f4").tobytes()
+    ds.save_as(two_pixel_data)
+
+    class Identity(_NoNetwork):
+        def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
+            return volume
+
+    outcome = denoise_series(series.paths, series.series_uid, Identity(), settings,
+                             tmp_path / "out", NOW)
+    derived_sources = {str(pydicom.dcmread(p).SourceImageSequence[0].ReferencedSOPInstanceUID)
+                       for p in outcome.files}
+    assert derived_sources == set(series.sop_instance_uids[2:])
+    reasons = dict(outcome.skipped)
+    assert reasons[series.sop_instance_uids[0]].startswith("sequences nested deeper than")
+    assert reasons[series.sop_instance_uids[1]] == (
+        "more than one pixel data element (Pixel Data, Float Pixel Data)")

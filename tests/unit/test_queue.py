@@ -24,6 +24,7 @@ from denoised_node.storage.queue import (
     RetryPolicy,
     StaleState,
     after_failed_attempt,
+    attempt_limits,
     backoff_seconds,
     claim,
     counts_by_state,
@@ -135,9 +136,10 @@ def test_expired_lease_returns_job_to_its_stage(runtime: Runtime) -> None:
     job_id = _job(runtime, _series(runtime))
     claimed = claim(runtime.sessions, "dead-worker", 30)
     assert claimed is not None
-    assert release_expired_leases(runtime.sessions) == []
+    limits = attempt_limits(runtime.settings)
+    assert release_expired_leases(runtime.sessions, limits) == []
     later = utcnow() + timedelta(seconds=31)
-    assert release_expired_leases(runtime.sessions, later) == [job_id]
+    assert release_expired_leases(runtime.sessions, limits, later) == [job_id]
     assert not renew_lease(runtime.sessions, job_id, "dead-worker", 30)
     again = claim(runtime.sessions, "w2", 30, now=later)
     assert again is not None and again.id == job_id
@@ -151,9 +153,11 @@ def test_sending_lease_expiry_returns_to_processed(runtime: Runtime) -> None:
         transition(session, job_id, JobState.PROCESSING, JobState.PROCESSED)
     claimed = claim(runtime.sessions, "w1", 10)
     assert claimed is not None and claimed.stage == JobState.SENDING
-    release_expired_leases(runtime.sessions, utcnow() + timedelta(seconds=11))
+    release_expired_leases(runtime.sessions, attempt_limits(runtime.settings),
+                           utcnow() + timedelta(seconds=11))
     with runtime.sessions() as session:
-        assert session.get_one(Job, job_id).state == "processed"
+        job = session.get_one(Job, job_id)
+        assert (job.state, job.send_attempts) == ("processed", 1)  # a lost worker's attempt
 
 
 def test_a_processed_job_stays_with_its_worker_while_its_lease_lives(runtime: Runtime) -> None:

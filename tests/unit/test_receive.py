@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -155,3 +156,15 @@ def test_release_marks_series_delivered_whole(runtime: Runtime, mr_series) -> No
     receiver.mark_released(ids)
     with runtime.sessions() as session:
         assert session.scalars(select(Series)).one().released_at is not None
+
+
+def test_zero_length_pixel_data_is_refused_as_unreadable(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
+    """Issue 29, item 11: 0xC000 (cannot understand), not a processing failure."""
+    ds = pydicom.dcmread(mr_series.paths[0])
+    ds.PixelData = b""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    with pytest.raises(UnreadableDataset, match="pixel data holds 0 bytes") as info:
+        receiver.receive(buffer.getvalue(), MR, "A")
+    assert status_for(info.value) == Status.CANNOT_UNDERSTAND

@@ -10,7 +10,7 @@ from denoised_node.daemon.maintenance import release_dead_local_leases
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime
 from denoised_node.storage.models import Instance, Job, JobEvent, Series, utcnow
-from denoised_node.storage.queue import JobState, claim, transition
+from denoised_node.storage.queue import JobState, attempt_limits, claim, transition
 from denoised_node.storage.retention import forget_purged, purge_finished
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -95,6 +95,8 @@ def test_dead_local_worker_leases_are_released(runtime: Runtime, mr_series) -> N
     dead = f"{socket.gethostname()}:999999"
     job = claim(runtime.sessions, dead, 3600)
     assert job is not None
-    assert release_dead_local_leases(runtime.sessions) == [job.id]
+    limits = attempt_limits(runtime.settings)
+    assert release_dead_local_leases(runtime.sessions, limits) == [job.id]
     with runtime.sessions() as session:
-        assert session.get_one(Job, job.id).state == "queued"
+        released = session.get_one(Job, job.id)
+        assert (released.state, released.processing_attempts) == ("queued", 1)  # an attempt

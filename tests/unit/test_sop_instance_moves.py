@@ -154,3 +154,73 @@ def test_a_series_belongs_to_one_study(runtime: Runtime, mr_series_factory) -> N
     with runtime.sessions() as session:
         assert session.scalars(select(Instance)).all().__len__() == 1
     assert len(list(runtime.store.instances.rglob("*.dcm"))) == 1
+
+
+def _sop_uids(files: list[Path]) -> set[str]:
+    return {str(pydicom.dcmread(p).SOPInstanceUID) for p in files}
+
+
+def _series_uid_of(files: list[Path]) -> str:
+    (uid,) = {str(pydicom.dcmread(p).SeriesInstanceUID) for p in files}
+    return uid
+
+
+def test_a_moved_instance_never_reuses_a_derived_uid_of_its_first_series(  # type: ignore[no-untyped-def]
+        runtime: Runtime, mr_series_factory, fake_denoiser) -> None:
+    """Issue 29, item 1: one derived SOP Instance UID is one object. The image moved from A
+    to B is derived in B under a UID A's derived series never used."""
+    a = mr_series_factory(slices=3, series_number=3)
+    b = mr_series_factory(slices=3, series_number=4)
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in a.paths:
+        receiver.receive(path.read_bytes(), MR, "PACS")
+    (first_a,) = _complete_and_work(runtime, fake_denoiser)
+    moved = a.sop_instance_uids[0]
+    ds = pydicom.dcmread(b.paths[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = moved
+    receiver.receive(_encode(ds), MR, "PACS")
+    for path in b.paths[1:]:
+        receiver.receive(path.read_bytes(), MR, "PACS")
+    second = _complete_and_work(runtime, fake_denoiser)
+    new_b = next(files for files in second if moved in _sources(files))
+    assert not _sop_uids(new_b) & _sop_uids(first_a)
+    every = [uid for files in [first_a, *second] for uid in _sop_uids(files)]
+    assert len(every) == len(set(every))  # no UID names two derived objects
+
+
+def test_changed_pixels_under_the_same_uids_go_out_as_a_new_derived_series(  # type: ignore[no-untyped-def]
+        runtime: Runtime, mr_series_factory, fake_denoiser) -> None:
+    """Issue 29, item 2: a finished series sent again with other pixels (same UIDs) is sent
+    as a new derived series that a PACS with overwrite off still takes; the old one is named
+    superseded in the job history. A replay of the same content keeps the UIDs."""
+    from denoised_node.daemon.admin import replay
+
+    a = mr_series_factory(slices=3, series_number=3)
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in a.paths:
+        receiver.receive(path.read_bytes(), MR, "PACS")
+    (first,) = _complete_and_work(runtime, fake_denoiser)
+    for path in a.paths:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = (ds.pixel_array // 2).astype(ds.pixel_array.dtype).tobytes()
+        receiver.receive(_encode(ds), MR, "PACS")
+    (second,) = _complete_and_work(runtime, fake_denoiser)
+    assert _series_uid_of(second) != _series_uid_of(first)
+    assert not _sop_uids(second) & _sop_uids(first)
+    with runtime.sessions() as session:
+        old_job, new_job = session.scalars(select(Job).order_by(Job.id)).all()
+        old_notes = session.scalars(select(JobEvent.reason).where(
+            JobEvent.job_id == old_job.id, JobEvent.from_state == JobEvent.to_state)).all()
+        assert new_job.derived_series_uid == _series_uid_of(second)
+        assert f"supersedes derived series {_series_uid_of(first)}" in (new_job.reason or "")
+    assert any(f"derived series {_series_uid_of(first)} superseded by "
+               f"{_series_uid_of(second)}" in (note or "") for note in old_notes)
+
+    with runtime.sessions.begin() as session:  # the same content again: same UIDs
+        replay(session, job_id=new_job.id, who="test")
+    (again,) = _complete_and_work(runtime, fake_denoiser)
+    assert _sop_uids(again) == _sop_uids(second)
+    with runtime.sessions() as session:
+        assert session.scalars(select(JobEvent.reason).where(
+            JobEvent.job_id == old_job.id, JobEvent.from_state == JobEvent.to_state)
+        ).all() == old_notes  # named once, not again at the replay

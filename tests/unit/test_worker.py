@@ -214,3 +214,52 @@ def test_lost_lease_before_sending_drops_the_job_quietly(runtime: Runtime, mr_se
     monkeypatch.setattr(worker, "_start_sending", taken_over)
     assert worker.run(burst=True, max_jobs=1) == 1
     assert job_states(runtime) == ["sending"]
+
+
+def _lose_the_worker(runtime: Runtime, owner: str) -> None:
+    """A worker claims the job and dies with it (kill -9, out of memory): its lease runs out."""
+    from denoised_node.storage.queue import claim
+
+    assert claim(runtime.sessions, owner, 30) is not None
+    with runtime.sessions.begin() as session:
+        session.scalars(select(Job)).one().lease_expires_at = utcnow() - timedelta(seconds=1)
+
+
+def test_a_lost_lease_counts_as_a_processing_attempt(runtime: Runtime, mr_series,  # type: ignore[no-untyped-def]
+                                                     fake_denoiser) -> None:
+    """Issue 29, item 5: a worker that dies with the job has made an attempt."""
+    receive_files(runtime, mr_series.paths)
+    _complete(runtime)
+    _lose_the_worker(runtime, "gone:1")
+    assert _worker(runtime, fake_denoiser, RecordingSender()).run(burst=True) == 1
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+        released = session.scalars(select(JobEvent.reason).where(
+            JobEvent.kind == "released")).all()
+    assert (job.state, job.processing_attempts) == ("done", 1)
+    limit = runtime.settings.worker.max_processing_attempts
+    assert released == [f"lease of gone:1 expired: the worker was lost "
+                        f"(attempt 1 of {limit})"]
+
+
+def test_a_series_that_keeps_killing_its_worker_fails_at_the_attempt_limit(  # type: ignore[no-untyped-def]
+        settings_factory, mr_series, fake_denoiser, monkeypatch) -> None:
+    from denoised_node.daemon import worker as worker_module
+    from denoised_node.daemon.runtime import open_runtime
+
+    runtime = open_runtime(settings_factory(worker__max_processing_attempts=2),
+                           initialise_empty=True)
+    receive_files(runtime, mr_series.paths)
+    _complete(runtime)
+    sender = RecordingSender()
+    _lose_the_worker(runtime, "gone:1")
+    with monkeypatch.context() as patch:  # a pass that only returns the job to the queue
+        patch.setattr(worker_module, "claim", lambda *args, **kwargs: None)
+        _worker(runtime, fake_denoiser, sender).run(burst=True)
+    _lose_the_worker(runtime, "gone:2")
+    _worker(runtime, fake_denoiser, sender).run(burst=True)
+    with runtime.sessions() as session:
+        job = session.scalars(select(Job)).one()
+    assert (job.state, job.processing_attempts) == ("failed", 2)
+    assert job.reason == "lease of gone:2 expired: the worker was lost (attempt 2 of 2)"
+    assert sender.sent == []
