@@ -1,16 +1,17 @@
 """Why an association to a DICOM peer was not established, as one value: the connection
 refused, timed out or unreachable; the association rejected (with the A-ASSOCIATE-RJ's
-reason), aborted, unanswered, or accepted with no presentation context. It says whether
-trying again can help and what to fix: the SCU's errors, the worker's retries, `echo`,
-`doctor` and the status page all read it here."""
+reason), aborted, unanswered, answered in something other than DICOM, or accepted with no
+presentation context. It says whether trying again can help and what to fix: the SCU's
+errors, the worker's retries, `echo`, `doctor` and the status page all read it here."""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+from pynetdicom import evt
 
 from denoised_node.config.settings import Destination
 
@@ -27,6 +28,7 @@ class Kind(Enum):
     TIMED_OUT = "timed out"
     UNREACHABLE = "unreachable"
     TLS = "TLS handshake failed"
+    NOT_DICOM = "the peer does not speak DICOM"
     REJECTED = "rejected"
     NO_CONTEXT = "no presentation context accepted"
     ABORTED = "aborted by the peer"
@@ -60,6 +62,9 @@ class AssociationFailure:
         if self.kind is Kind.REFUSED:
             return (f"nothing listens on {where}: check destination {destination.name}'s host "
                     f"and port, and that {destination.ae_title} runs")
+        if self.kind is Kind.NOT_DICOM:
+            return (f"{where} is not a DICOM port (a web server answers there?): set port of "
+                    f"destination {destination.name} to {destination.ae_title}'s DICOM port")
         if self.kind is Kind.TLS:
             return ("check that tls.ca_certificates trusts its certificate, that the certificate "
                     f"names {destination.host}, and that {where} speaks TLS")
@@ -68,22 +73,50 @@ class AssociationFailure:
         return f"check that {destination.ae_title} runs and accepts {calling_ae}; see its log"
 
 
-def from_answers(answers: Sequence[Any], connected: bool, destination: Destination,
-                 timeout: float) -> AssociationFailure:
-    """The failure of an association that was not established, from the A-ASSOCIATE or
-    A-ABORT primitives received on it; where no TCP connection was made, a second connect
-    finds out why (pynetdicom only logs the socket error)."""
-    if not connected:
-        return _connection_failure(destination, timeout)
-    for primitive in answers:
-        result = getattr(primitive, "result", None)
-        if result == 0x00:  # accepted, but none of the proposed contexts: pynetdicom aborts
-            return AssociationFailure(Kind.NO_CONTEXT, permanent=True)
-        if result in (0x01, 0x02):
-            return _rejection(primitive)
-    if any(type(primitive).__name__ in ("A_ABORT", "A_P_ABORT") for primitive in answers):
-        return AssociationFailure(Kind.ABORTED)
-    return AssociationFailure(Kind.NO_ANSWER, f"within {timeout:g} s")
+class AssociationWatch:
+    """Handlers bound to one association request that note what the peer did: whether
+    the TCP connection opened, its A-ASSOCIATE or A-ABORT answer, and whether it sent
+    something that is not a DICOM PDU instead (a web server on that port)."""
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.answers: list[Any] = []
+        self.not_dicom = False
+
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [(evt.EVT_CONN_OPEN, self._opened), (evt.EVT_ACSE_RECV, self._answered),
+                (evt.EVT_FSM_TRANSITION, self._moved)]
+
+    def stop(self, assoc: Any) -> None:
+        """Established: no more watching each PDU of the association."""
+        assoc.unbind(evt.EVT_FSM_TRANSITION, self._moved)
+
+    def _opened(self, _event: Any) -> None:
+        self.connected = True
+
+    def _answered(self, event: Any) -> None:
+        self.answers.append(event.primitive)
+
+    def _moved(self, event: Any) -> None:
+        # PS3.8 9.2 Evt19: an unrecognised or invalid PDU received.
+        self.not_dicom = self.not_dicom or event.fsm_event == "Evt19"
+
+    def failure(self, destination: Destination, timeout: float) -> AssociationFailure:
+        """Why the association was not established; where no TCP connection was made, a
+        second connect finds out why (pynetdicom only logs the socket error)."""
+        if not self.connected:
+            return _connection_failure(destination, timeout)
+        for primitive in self.answers:
+            result = getattr(primitive, "result", None)
+            if result == 0x00:  # accepted, but none of the proposed contexts: pynetdicom aborts
+                return AssociationFailure(Kind.NO_CONTEXT, permanent=True)
+            if result in (0x01, 0x02):
+                return _rejection(primitive)
+        if self.not_dicom:
+            return AssociationFailure(Kind.NOT_DICOM)
+        if self.answers:  # an A-ABORT
+            return AssociationFailure(Kind.ABORTED)
+        return AssociationFailure(Kind.NO_ANSWER, f"within {timeout:g} s")
 
 
 def _rejection(primitive: Any) -> AssociationFailure:

@@ -16,7 +16,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.association_failure import AssociationFailure, from_answers
+from denoised_node.daemon.association_failure import AssociationFailure, AssociationWatch
 from denoised_node.daemon.dicom_network import (
     files_sent_as_they_are,
     keep_responses_for_the_caller,
@@ -163,18 +163,15 @@ def echo(settings: Settings, destination: Destination) -> int:
 def _associate(ae: Any, settings: Settings, destination: Destination) -> Any:
     """An established association to ``destination`` (over TLS where it says so); else a
     SendError that says why, and what to fix."""
-    answers: list[Any] = []
-    connected: list[bool] = []
+    watch = AssociationWatch()
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay),
-                                       (evt.EVT_CONN_OPEN, lambda _: connected.append(True)),
-                                       (evt.EVT_ACSE_RECV, lambda event: answers.append(
-                                           event.primitive))],
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), *watch.handlers()],
                          tls_args=client_tls_args(settings.tls, destination))
     if assoc.is_established:
+        watch.stop(assoc)
         keep_responses_for_the_caller(assoc)
         return assoc
-    failure = from_answers(answers, bool(connected), destination, settings.node.acse_timeout)
+    failure = watch.failure(destination, settings.node.acse_timeout)
     raise SendError(f"{_where(destination)}: {failure}", failure,
                     failure.fix(destination, ae.ae_title))
 

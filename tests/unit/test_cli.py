@@ -127,7 +127,7 @@ def test_echo_unreachable_destination(tmp_path: Path) -> None:
     config.write_text(f'[node]\nacse_timeout = 2\n[[destinations]]\nname = "pacs"\n'
                       f'ae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n')
     code, _, err = run("echo", "pacs", "--config", str(config))
-    assert code == 4 and "association failed" in err
+    assert code == 4 and "association failed: connection refused" in err  # the cause
 
 
 # -- one convention: error lines, exit codes, --json everywhere -------------------------------

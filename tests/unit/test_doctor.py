@@ -67,3 +67,12 @@ def test_a_calling_ae_title_not_allowed_names_the_nodes_title(tmp_path: Path) ->
         check = _destination_check(tmp_path, port)
     assert not check.ok and "Calling AE title not recognised" in check.detail
     assert check.fix == "declare this node's AE title DENOISER in PACS"
+
+
+def test_a_refused_connection_names_the_port(tmp_path: Path) -> None:
+    from tests.integration.peers.tools import free_port
+
+    port = free_port()
+    check = _destination_check(tmp_path, port)
+    assert not check.ok and check.detail.endswith("association failed: connection refused")
+    assert check.fix.startswith(f"nothing listens on 127.0.0.1:{port}: check destination pacs's")

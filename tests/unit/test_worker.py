@@ -277,6 +277,11 @@ def test_a_permanent_refusal_fails_the_job_at_once(settings_factory, mr_series, 
 def test_a_refused_connection_is_retried(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
     from tests.integration.peers.tools import free_port
 
-    _, job = _send_to_port(settings_factory, mr_series, free_port())
+    runtime, job = _send_to_port(settings_factory, mr_series, free_port())
     assert job.state == "processed" and job.send_attempts == 1  # waiting out its backoff
-    assert "connection refused" in (job.reason or "")
+    from denoised_node.daemon.admin import job_detail  # what `jobs show` and the page print
+
+    with runtime.sessions() as session:
+        row, events = job_detail(session, job.id)
+    assert "association failed: connection refused" in (row.reason or "")
+    assert "association failed: connection refused" in (events[-1].reason or "")
