@@ -125,3 +125,14 @@ def test_the_two_commands_use_two_venvs() -> None:
     assert ". \"$REPO/.ci/test-env\"" in (ROOT / ".ci" / "run").read_text()
     ignored = (ROOT / ".gitignore").read_text().split()
     assert f"{TEST_VENV}/" in ignored or TEST_VENV in ignored, f"{TEST_VENV} is not in .gitignore"
+
+
+def test_the_tests_keep_off_a_running_nodes_data() -> None:
+    """The first command's node keeps its data in ~/.local/share/denoised-node: a test that
+    runs a command without --config must not open that database (tests/conftest.py)."""
+    import os
+
+    from denoised_node.config.settings import default_data_dir
+
+    assert Path.home() / ".local" / "share" not in default_data_dir().parents
+    assert not [name for name in os.environ if name.startswith("DENOISED_NODE_")]
