@@ -76,26 +76,13 @@ def command_error(exc: BaseException) -> CommandError | None:
     if ModelError and isinstance(exc, ModelError):
         return CommandError(str(exc))
     if isinstance(exc, ModuleNotFoundError) and exc.name:
-        return missing_extra(exc.name)
+        from denoised_node.daemon.extras import extra_bringing, missing_error
+
+        extra = extra_bringing(exc.name)
+        return missing_error(extra, [exc.name.split(".")[0]]) if extra else None
     if isinstance(exc, OSError):
         return CommandError(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
     return None
-
-
-# The optional packages of each extra (pyproject.toml), by the top-level name they import as.
-EXTRAS = {"nibabel": "train", "nilearn": "train", "bm4d": "train", "matplotlib": "train",
-          "psycopg": "postgres"}
-
-
-def missing_extra(module: str) -> CommandError | None:
-    """A plain install lacks what an extra brings: say which extra to install."""
-    top = module.split(".")[0]
-    extra = EXTRAS.get(top)
-    if extra is None:
-        return None
-    what = {"train": "NIfTI files, train and evaluate", "postgres": "PostgreSQL"}[extra]
-    return CommandError(f"{what} need the optional package {top}, which is not installed: "
-                        f"pip install 'denoised-node[{extra}]'")
 
 
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
@@ -465,8 +452,12 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_js
             checkpoint: str | None, device: str | None, no_gate: bool) -> None:
     """Denoise a DICOM series folder (writing the derived series as the node would) or a
     NIfTI file, without the network."""
-    from denoised_node.daemon.offline import denoise_path
+    from denoised_node.daemon.offline import denoise_path, is_nifti
 
+    if is_nifti(input_path):
+        from denoised_node.daemon.extras import require
+
+        require("train")  # NIfTI files are read and written with nibabel
     settings = settings_from(config_path)
     model = {k: v for k, v in (("checkpoint", checkpoint), ("device", device)) if v}
     if model:

@@ -10,6 +10,7 @@ import click
 
 from denoised_node.config.settings import PLANE_CHOICES, SHIPPED_CHECKPOINT, TTA_CHOICES
 from denoised_node.daemon.cli_options import CommandError, ExitCode
+from denoised_node.daemon.extras import require
 from denoised_node.daemon.progress_bar import progress_bar
 from denoised_node.model.hyperparameters import HYPERPARAMETERS, KINDS, TRAINING
 
@@ -69,6 +70,7 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
                   val_every: int, holdout: int, gap: int, resume_dir: str | None, precision: str,
                   init_from: str | None, warmup: int, then_evaluate: bool) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
+    require("train")  # now, not after minutes of work
     _load_config(config_path)
     from denoised_node.daemon.logs import use_node_format
     from denoised_node.model.errors import ModelError
@@ -169,6 +171,8 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
     or the held-out families (--families), or the ablation (--ablation), or the validation
     domains (--validation)."""
     import json
+
+    require("train")  # now, not after minutes of work
 
     if on_validation:
         import torch

@@ -102,10 +102,8 @@ def _destinations(settings: Settings) -> Iterator[Check]:
         name = f"destination {destination.name}"
         try:
             code = echo(settings, destination)
-        except SendError as exc:
-            yield Check(name, False, str(exc),
-                        f"check that {destination.host}:{destination.port} is reachable and "
-                        f"that the PACS knows this node's AE title {settings.node.ae_title}")
+        except SendError as exc:  # its fix names the AE title, host or port at fault
+            yield Check(name, False, str(exc), exc.fix or "see the destination's log")
             continue
         ok = code == 0
         yield Check(name, ok, f"C-ECHO status 0x{code:04X}",

@@ -16,6 +16,7 @@ from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Destination, Settings
+from denoised_node.daemon.association_failure import AssociationFailure, AssociationWatch
 from denoised_node.daemon.dicom_network import (
     files_sent_as_they_are,
     keep_responses_for_the_caller,
@@ -32,7 +33,18 @@ _MAX_CONTEXTS = 128
 
 
 class SendError(Exception):
-    """A destination could not take the series; the job retries with backoff."""
+    """A destination could not take the series; the job retries with backoff, unless the
+    association failed for good (retrying cannot help: the job fails at once)."""
+
+    def __init__(self, message: str, failure: AssociationFailure | None = None,
+                 fix: str = "") -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.fix = fix  # what to change, where the failure says
+
+    @property
+    def permanent(self) -> bool:
+        return self.failure is not None and self.failure.permanent
 
 
 @dataclass(frozen=True)
@@ -149,35 +161,19 @@ def echo(settings: Settings, destination: Destination) -> int:
 
 
 def _associate(ae: Any, settings: Settings, destination: Destination) -> Any:
-    """An established association to ``destination`` (over TLS where it says so)."""
-    answers: list[Any] = []
+    """An established association to ``destination`` (over TLS where it says so); else a
+    SendError that says why, and what to fix."""
+    watch = AssociationWatch()
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay),
-                                       (evt.EVT_ACSE_RECV, lambda event: answers.append(
-                                           event.primitive))],
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), *watch.handlers()],
                          tls_args=client_tls_args(settings.tls, destination))
     if assoc.is_established:
+        watch.stop(assoc)
         keep_responses_for_the_caller(assoc)
         return assoc
-    if assoc.is_rejected:
-        raise SendError(f"{_where(destination)}: association rejected"
-                        f"{_rejection_reason(answers)}")
-    hint = (" (is the port open? for TLS: does tls.ca_certificates trust its certificate, "
-            "and does the certificate name the host?)" if destination.tls else "")
-    raise SendError(f"{_where(destination)}: association failed{hint}")
-
-
-def _rejection_reason(answers: Sequence[Any]) -> str:
-    """': Called AE title not recognised (permanent, by the service user)' from the
-    A-ASSOCIATE-RJ, as DCMTK says it; empty when none came."""
-    for primitive in answers:
-        if getattr(primitive, "result", None) in (0x01, 0x02):
-            try:
-                return (f": {primitive.reason_str} ({primitive.result_str.lower()}, by the "
-                        f"{primitive.source_str.lower()})")
-            except (KeyError, AttributeError, TypeError):
-                return ""
-    return ""
+    failure = watch.failure(destination, settings.node.acse_timeout)
+    raise SendError(f"{_where(destination)}: {failure}", failure,
+                    failure.fix(destination, ae.ae_title))
 
 
 def _kind(path: Path) -> tuple[str, str]:

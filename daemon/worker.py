@@ -33,7 +33,7 @@ from denoised_node.daemon.pipeline import (
     plan_series,
 )
 from denoised_node.daemon.rules import Decision, decide
-from denoised_node.daemon.scu import SendResult, send_files
+from denoised_node.daemon.scu import SendError, SendResult, send_files
 from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_dataset
 from denoised_node.daemon.webhook import JobNotice, Notifier
 from denoised_node.model.errors import ModelError
@@ -370,7 +370,15 @@ class Worker:
                 result = self.sender(self.settings, destination, files, progress=progress)
                 log.info("series sent", extra={"job_id": job.id, "destination": result.destination,
                                                "instances": result.sent})
-        except Exception as exc:  # noqa: BLE001 - any send failure is retried, then fails
+        except SendError as exc:
+            if not exc.permanent:
+                self._retry_or_fail(job, describe_error(exc))
+            else:  # a refusal for good (an AE title, no context): retrying cannot help
+                self._move(job, JobState.SENDING, JobState.FAILED, one_line(
+                    f"{describe_error(exc)}; not retried: {exc.fix}, then replay the job"),
+                    send_attempts=job.send_attempts + 1)
+            return
+        except Exception as exc:  # noqa: BLE001 - any other send failure is retried, then fails
             self._retry_or_fail(job, describe_error(exc))
             return
         names = ", ".join(d.name for d in destinations) or "no destination configured"

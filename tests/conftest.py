@@ -21,12 +21,24 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import itertools  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
 from tests.fixtures.mr_series import GeneratedSeries, MRSeriesSpec, generate_series  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _apart_from_a_running_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Never the data, config or environment of a node serving on this machine (the README's
+    first command keeps its data in ~/.local/share/denoised-node): a command run without
+    --config gets a data folder of the session's own; processes started inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("xdg-data-home")))
+        for name in [name for name in os.environ if name.startswith("DENOISED_NODE_")]:
+            patch.delenv(name)
+        yield
 
 
 @pytest.fixture

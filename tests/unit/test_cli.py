@@ -127,7 +127,7 @@ def test_echo_unreachable_destination(tmp_path: Path) -> None:
     config.write_text(f'[node]\nacse_timeout = 2\n[[destinations]]\nname = "pacs"\n'
                       f'ae_title = "PACS"\nhost = "127.0.0.1"\nport = {free_port()}\n')
     code, _, err = run("echo", "pacs", "--config", str(config))
-    assert code == 4 and "association failed" in err
+    assert code == 4 and "association failed: connection refused" in err  # the cause
 
 
 # -- one convention: error lines, exit codes, --json everywhere -------------------------------
@@ -200,6 +200,48 @@ def test_a_missing_extra_names_what_to_install(tmp_path: Path, monkeypatch) -> N
     assert code == 1 and "Traceback" not in err
     assert err == ("error: NIfTI files, train and evaluate need the optional package nibabel, "
                    "which is not installed: pip install 'denoised-node[train]'\n")
+
+
+TRAIN_MODULES = ("nilearn", "nibabel", "bm4d", "matplotlib", "tqdm")  # the train extra's
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--run-dir", "{tmp}/run", "--steps", "1"],
+    ["train", "--run-dir", "{tmp}/run", "--steps", "1", "--evaluate"],
+    ["evaluate", "--out-dir", "{tmp}/run", "--seeds", "1", "--levels", "5"],
+    ["evaluate", "--families", "--out-dir", "{tmp}/run"],
+    ["evaluate", "--ablation", "--ablation-steps", "1", "--out-dir", "{tmp}/run"],
+    ["denoise", "{tmp}/t1.nii.gz", "{tmp}/run/out.nii.gz"],
+])
+@pytest.mark.parametrize("missing", [TRAIN_MODULES, ("tqdm",)], ids=["plain", "no-tqdm"])
+def test_every_command_of_the_train_extra_says_so_before_any_work(
+        command: list[str], missing: tuple[str, ...], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    (tmp_path / "t1.nii.gz").write_bytes(b"not read")
+    for module in missing:
+        monkeypatch.setitem(sys.modules, module, None)  # as on an install without the extra
+    code, out, err = run(*(arg.format(tmp=tmp_path) for arg in command))
+    assert (code, out) == (1, ""), err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert err.rstrip().endswith(f"{', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                                 "not installed: pip install 'denoised-node[train]'"), err
+    assert not (tmp_path / "run").exists()  # nothing done before the error
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade"], ["status"], ["jobs", "list"]])
+def test_a_postgresql_url_without_the_extra_says_so(command: list[str], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[database]\n'
+                      'url = "postgresql+psycopg://node@127.0.0.1:1/denoised"\n')
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    code, _, err = run(*command, "--config", str(config))
+    assert code == 1 and err == ("error: PostgreSQL need the optional package psycopg, which is "
+                                 "not installed: pip install 'denoised-node[postgres]'\n"), err
 
 
 def test_replay_of_a_series_with_no_image_keeps_its_reason(config: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]

@@ -96,3 +96,58 @@ def test_a_refusal_on_one_association_fails_the_send(settings_factory,  # type: 
             send_files(settings_factory(send__associations=2), destination, series.paths)
     finally:
         server.shutdown()
+
+
+# -- why an association failed: the cause, and what to fix ----------------------------------
+
+def _echo_error(settings_factory, port: int) -> SendError:  # type: ignore[no-untyped-def]
+    from denoised_node.daemon.scu import echo
+
+    settings = settings_factory(node__acse_timeout=2)
+    destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
+    with pytest.raises(SendError) as raised:
+        echo(settings, destination)
+    return raised.value
+
+
+def test_a_refused_connection_says_so(settings_factory) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    error = _echo_error(settings_factory, port)
+    assert str(error) == f"pacs (PACS@127.0.0.1:{port}): association failed: connection refused"
+    assert error.fix.startswith(f"nothing listens on 127.0.0.1:{port}") and not error.permanent
+
+
+def test_a_connection_that_times_out_says_so(settings_factory, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    def silent(address: object, timeout: float) -> socket.socket:
+        raise TimeoutError("timed out")  # a host that drops the SYN, as a firewall does
+
+    monkeypatch.setattr(socket, "create_connection", silent)
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: silent(address, 2))
+    error = _echo_error(settings_factory, free_port())
+    assert "association failed: timed out: no answer within 2 s" in str(error)
+    assert "is reachable from this host" in error.fix and not error.permanent
+
+
+def test_a_port_that_does_not_speak_dicom_says_so(settings_factory) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def web_server() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            connection.recv(1)  # until the node gives up
+
+    thread = threading.Thread(target=web_server, daemon=True)
+    thread.start()
+    try:
+        error = _echo_error(settings_factory, listener.getsockname()[1])
+    finally:
+        listener.close()
+    assert "association failed: the peer does not speak DICOM" in str(error)
+    assert "is not a DICOM port" in error.fix and "port of destination pacs" in error.fix

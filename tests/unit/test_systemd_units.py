@@ -128,3 +128,12 @@ def test_readme_installs_the_units_that_exist() -> None:
     assert {"denoised-node.service", "denoised-node.sysusers", "denoised-node.tmpfiles"} <= named
     for name in named:
         assert (UNITS / name).is_file(), name
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_documentation_names_what_exists_after_the_install(name: str) -> None:
+    """pip installs no file under /usr/share/doc (nor a man page): a file: or man: link
+    there would show in `systemctl status` and lead nowhere."""
+    for uri in _directives((UNITS / name).read_text()).get("Documentation", []):
+        for part in uri.split():
+            assert part.startswith(("https://", "http://")), part

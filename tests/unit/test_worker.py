@@ -3,12 +3,15 @@ stops and lost leases. The series are received and completed through the real co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from denoised_node.config.settings import Destination, Settings
@@ -19,6 +22,7 @@ from denoised_node.daemon.worker import Worker
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
 from tests.fixtures.node_state import job_states, receive_files
+from tests.unit.conftest import ScaledDenoiser
 
 
 class RecordingSender:
@@ -263,3 +267,70 @@ def test_a_series_that_keeps_killing_its_worker_fails_at_the_attempt_limit(  # t
     assert (job.state, job.processing_attempts) == ("failed", 2)
     assert job.reason == "lease of gone:2 expired: the worker was lost (attempt 2 of 2)"
     assert sender.sent == []
+
+
+@contextmanager
+def _pacs(**attributes: object) -> Iterator[int]:
+    """A pynetdicom storage SCP "PACS" on loopback taking MR (unless ``contexts`` says
+    otherwise), with ``attributes`` set on its AE; yields its port."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+    ae = AE(ae_title="PACS")
+    for context in attributes.pop("contexts", [MRImageStorage]):  # type: ignore[attr-defined]
+        ae.add_supported_context(context)
+    for name, value in attributes.items():
+        setattr(ae, name, value)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+def _send_to_port(settings_factory, mr_series, port: int) -> tuple[Runtime, Job]:  # type: ignore[no-untyped-def]
+    """One series denoised and sent with the real SCU to PACS@127.0.0.1:port."""
+    from denoised_node.daemon.runtime import open_runtime
+    from denoised_node.daemon.scu import send_files
+
+    settings = settings_factory(node__acse_timeout=5, destinations=json.dumps(
+        [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}]))
+    runtime = open_runtime(settings, initialise_empty=True)
+    receive_files(runtime, mr_series.paths)
+    _complete(runtime)
+    _worker(runtime, ScaledDenoiser(), send_files).run(burst=True)
+    with runtime.sessions() as session:
+        return runtime, session.scalars(select(Job)).one()
+
+
+@pytest.mark.parametrize(("peer", "reason", "fix"), [
+    ({"ae_title": "REALPACS", "require_called_aet": True}, "Called AE title not recognised",
+     "ae_title of destination pacs"),
+    ({"require_calling_aet": ["SCANNER"]}, "Calling AE title not recognised",
+     "declare this node's AE title DENOISER in PACS"),
+    ({"contexts": [Verification]}, "no presentation context accepted", "let PACS accept"),
+], ids=["called-ae", "calling-ae", "no-context"])
+def test_a_permanent_refusal_fails_the_job_at_once(settings_factory, mr_series, peer: dict,  # type: ignore[no-untyped-def,type-arg]
+                                                  reason: str, fix: str) -> None:
+    with _pacs(**peer) as port:
+        runtime, job = _send_to_port(settings_factory, mr_series, port)
+    assert job.state == "failed" and job.send_attempts == 1  # not 20 attempts over 45 min
+    assert reason in (job.reason or "") and fix in (job.reason or "")
+    assert "replay" in (job.reason or "")
+    from denoised_node.daemon.admin import replay  # replayable, as any failed job
+
+    with runtime.sessions.begin() as session:
+        assert replay(session, job_id=job.id)[0].requeued
+
+
+def test_a_refused_connection_is_retried(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
+    from tests.integration.peers.tools import free_port
+
+    runtime, job = _send_to_port(settings_factory, mr_series, free_port())
+    assert job.state == "processed" and job.send_attempts == 1  # waiting out its backoff
+    from denoised_node.daemon.admin import job_detail  # what `jobs show` and the page print
+
+    with runtime.sessions() as session:
+        row, events = job_detail(session, job.id)
+    assert "association failed: connection refused" in (row.reason or "")
+    assert "association failed: connection refused" in (events[-1].reason or "")
