@@ -49,6 +49,9 @@ class Spool:
         self.path = Path(name)
         self.limit_bytes = limit_bytes
         self.size = 0  # every byte received, kept or not
+        # Why the bytes could not be kept (a full disk): the handler answers with its status.
+        # Raised here it would end the association from pynetdicom's reading thread.
+        self.failure: OSError | None = None
         self._digest = hashlib.sha256()
 
     @classmethod
@@ -74,21 +77,40 @@ class Spool:
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
+    @property
+    def keeping(self) -> bool:
+        return not self.too_large and self.failure is None
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        was_kept = not self.too_large
+        was_kept = self.keeping
         self.size += len(data)
-        if not self.too_large:
-            self._file.write(data)
+        if self.keeping:
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                self.failure = exc
             self._digest.update(data)
-        elif was_kept:
-            self._file.truncate(0)  # refused anyway: give the disk space back now
+        if was_kept and not self.keeping:
+            self._give_space_back()  # refused anyway
         return len(data)
 
+    def _give_space_back(self) -> None:
+        try:
+            self._file.truncate(0)
+        except (OSError, ValueError):
+            pass
+
     def flush(self) -> None:
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self.failure = self.failure or exc
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:  # its buffer's last write: closed all the same
+            self.failure = self.failure or exc
 
     def discard(self) -> None:
         self.close()
