@@ -89,11 +89,16 @@ class NodeSettings(_Section):
     # arriving together are received in parallel, up to one process per core. 1: serve
     # receives in its own process. The limits below hold per receiving process.
     receive_processes: int = Field(default=1, ge=1, le=64)
+    # Agreed associations at once; as many connections again may be in the handshake.
+    # Both are shared fairly across addresses when full (daemon/connection_guard.py).
     max_associations: int = Field(default=16, ge=1)
     # Connections one address may hold at once (more are closed when accepted), so that
     # one misbehaving host cannot take every association slot.
     max_associations_per_address: int = Field(default=8, ge=1)
     acse_timeout: float = Field(default=30.0, gt=0)
+    # Seconds from an accepted connection to its whole association request (a TLS
+    # handshake included); longer: closed. Modalities send the request at once.
+    handshake_timeout: float = Field(default=10.0, gt=0)
     dimse_timeout: float = Field(default=60.0, gt=0)
     # Also the longest silence inside a PDU on an accepted connection.
     network_timeout: float = Field(default=60.0, gt=0)

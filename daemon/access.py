@@ -107,7 +107,9 @@ def _address(text: str) -> IPAddress | None:
 def handle_requested(event: Any, policy: AccessPolicy,
                      on_decision: Callable[[Refusal | None], None] | None = None) -> None:
     """EVT_REQUESTED handler: reject an association the policy does not allow, before
-    pynetdicom negotiates anything."""
+    pynetdicom negotiates anything (unless the connection guard rejected it already)."""
+    if event.assoc.is_rejected:
+        return
     request = event.assoc.requestor.primitive
     calling, called = str(request.calling_ae_title), str(request.called_ae_title)
     address = str(event.assoc.requestor.address)

@@ -40,7 +40,7 @@ def complete_idle_series(sessions: SessionFactory, settings: SeriesSettings,
     now = now or utcnow()
     idle_cutoff = now - timedelta(seconds=settings.idle_seconds)
     grace_cutoff = now - timedelta(seconds=settings.released_grace_seconds)
-    job_ids: list[int] = []
+    queued: list[dict[str, object]] = []  # logged once committed, never for a failed commit
     with sessions.begin() as session:
         query = select(Series).where(
             Series.state == SeriesState.RECEIVING,
@@ -55,10 +55,12 @@ def complete_idle_series(sessions: SessionFactory, settings: SeriesSettings,
             idle = series.last_received_at <= idle_cutoff
             if not idle and not _gap_free(session, series):
                 continue
-            job_id = _queue(session, series, now, "idle" if idle else "released, no gaps")
-            if job_id is not None:
-                job_ids.append(job_id)
-    return job_ids
+            job = _queue(session, series, now, "idle" if idle else "released, no gaps")
+            if job is not None:
+                queued.append(job)
+    for job in queued:
+        log.info("series complete", extra=job)
+    return [int(job["job_id"]) for job in queued]  # type: ignore[call-overload]
 
 
 def _gap_free(session: Session, series: Series) -> bool:
@@ -72,7 +74,9 @@ def _gap_free(session: Session, series: Series) -> bool:
     return unique[-1] - unique[0] + 1 == len(unique) == len(numbers)  # type: ignore[operator]
 
 
-def _queue(session: Session, series: Series, now: datetime, signal: str) -> int | None:
+def _queue(session: Session, series: Series, now: datetime,
+           signal: str) -> dict[str, object] | None:
+    """Queue the series; what to log once committed (None: another completer queued it)."""
     usable = series.instance_count
     job = enqueue_once(session, series,
                        reason=f"series complete ({signal}), {usable} instance(s)", now=now)
@@ -87,9 +91,9 @@ def _queue(session: Session, series: Series, now: datetime, signal: str) -> int 
         transition(session, job.id, JobState.QUEUED, JobState.IGNORED, reason=reason, now=now)
         series.state = SeriesState.IGNORED
         series.ignored_reason = reason
-    log.info("series complete", extra={"job_id": job.id, "series_uid": series.series_uid,
-                                       "instances": usable, "signal": signal})
-    return job.id
+    session.flush()  # the job's id
+    return {"job_id": job.id, "series_uid": series.series_uid, "instances": usable,
+            "signal": signal}
 
 
 def next_due(sessions: SessionFactory, settings: SeriesSettings,

@@ -1,14 +1,20 @@
 """Guarding the SCP's connections before and while they speak DICOM.
 
 pynetdicom reads a PDU in a blocking loop its timers cannot interrupt, and counts every
-open connection against node.max_associations: a connection that sends the first bytes of
-a PDU and goes silent held a slot forever, and that many of them stopped all receiving,
-from addresses the allowlist would have refused. Here:
+open connection, agreed or still in its handshake, against one limit: connections that
+sent half a request, or agreed an association and went silent, held every slot. Here:
 
 - a connection from an address no allowlist entry can admit is closed at once;
 - one address holds at most node.max_associations_per_address connections;
-- every read has a timeout (node.network_timeout), and until an association is agreed the
-  whole request must arrive within node.acse_timeout (no dripping one byte at a time);
+- connections in the handshake (accepted, association request not yet whole) and agreed
+  associations have a pool of slots each (node.max_associations), shared fairly across
+  addresses (connection_slots.py): when a pool is full, an address holding less than its
+  share takes a slot from the address holding the most, whose connection silent longest is
+  closed; past that, a connection is closed when accepted or its association rejected
+  (transient, local limit exceeded);
+- every read has a timeout (node.network_timeout), and the whole association request must
+  arrive within node.handshake_timeout of the connection (no dripping one byte at a time);
+  pynetdicom ends an association silent for node.network_timeout;
 - a PDU longer than the node accepts ends the connection before it is read.
 
 Each drop is logged (throttled per address) and counted.
@@ -22,7 +28,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +36,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from denoised_node.config.settings import NodeSettings
 from denoised_node.daemon.access import AccessPolicy
+from denoised_node.daemon.connection_slots import Connection, FairPool
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +47,8 @@ _PDU_SLACK = 1024
 _READ_CHUNK = 65536
 # Log one line per address and reason at most this often; the rest are counted.
 _LOG_EVERY_SECONDS = 10.0
+# A-ASSOCIATE-RJ: rejected-transient, service-provider (presentation), local-limit-exceeded.
+_NO_SLOT_REJECT = (0x02, 0x03, 0x02)
 
 
 class DropCounts(Protocol):
@@ -52,12 +61,21 @@ class GuardLimits:
     request_deadline: float  # seconds from connection to a whole association request
     per_address: int
     max_pdu_bytes: int  # the longest PDU the node reads
+    slots: int  # associations; as many again for connections in the handshake
 
     @classmethod
     def from_settings(cls, node: NodeSettings) -> GuardLimits:
         largest = node.maximum_pdu_size or node.max_instance_mb * 2**20
-        return cls(node.network_timeout, node.acse_timeout, node.max_associations_per_address,
-                   max(largest, _SMALLEST_PDU_LIMIT) + _PDU_SLACK)
+        return cls(node.network_timeout, node.handshake_timeout,
+                   node.max_associations_per_address,
+                   max(largest, _SMALLEST_PDU_LIMIT) + _PDU_SLACK, node.max_associations)
+
+    @property
+    def thread_ceiling(self) -> int:
+        """For pynetdicom's own count of association threads, which would count handshakes
+        and closing connections against the associations' slots: high enough never to
+        decide; the guard's pools do."""
+        return 4 * self.slots
 
 
 class _DropLog:
@@ -94,57 +112,126 @@ class ConnectionGuard:
         self.counts = counts
         self._log = _DropLog()
         self._lock = threading.Lock()
-        self._starting: Counter[str] = Counter()  # accepted, association thread not yet up
+        self._handshakes = FairPool(limits.slots)
+        self._associations = FairPool(limits.slots)
+        self._open: dict[Any, Connection] = {}  # by the peer's (address, port): until it ends
 
     def drop(self, address: str, kind: str, message: str, transport: str) -> None:
         self._log.dropped(address, kind, message)
         self.counts.association(f"dropped_{kind}", transport)
 
-    def admit(self, address: str, live: Sequence[Any], transport: str) -> bool:
-        """Called by the accept loop: may this connection start? ``live`` are the running
-        association threads (any listener)."""
+    def admit(self, client_address: Any, transport: str) -> bool:
+        """Called by the accept loop: may this connection start? It then holds a handshake
+        slot until its association request is whole (requested()) or it ends (ended())."""
+        address = str(client_address[0])
         if not self.policy.may_connect_from(address):
             self.drop(address, "address", "no entry of node.allowed_peers (or "
                       "allowed_calling_ae_titles) admits this address", transport)
             return False
+        conn = Connection(address)
         with self._lock:
-            held = self._starting[address] + sum(
-                1 for assoc in live if assoc.is_alive() and assoc.requestor.address == address)
-            if held >= self.limits.per_address:
-                refused = True
-            else:
-                refused = False
-                self._starting[address] += 1
-        if refused:
+            held = sum(1 for c in self._open.values() if c.address == address and not c.ended)
+            taken = self._handshakes.take(conn) if held < self.limits.per_address else None
+            if taken is not None and taken.granted:
+                self._open[client_address] = conn
+        if taken is None:
             self.drop(address, "per_address", f"{held} connections from this address already "
                       "(node.max_associations_per_address)", transport)
             return False
+        if not taken.granted:
+            self.drop(address, "no_slot", f"all {self.limits.slots} handshake slots held, none "
+                      "by an address over its share (node.max_associations)", transport)
+            return False
+        self._evict(taken.evict, "handshake", transport)
         return True
 
-    def started(self, address: str) -> None:
-        """The connection's association thread runs (or the connection ended first)."""
+    def requested(self, event: Any, transport: str) -> None:
+        """EVT_REQUESTED handler (before the access policy's): the request is whole; the
+        connection gives back its handshake slot for an association's, or is rejected."""
+        conn: Connection | None = getattr(event.assoc.dul.socket, "conn", None)
+        if conn is None:
+            return
         with self._lock:
-            self._starting[address] -= 1
-            if self._starting[address] <= 0:
-                del self._starting[address]
+            self._handshakes.give_back(conn)
+            taken = self._associations.take(conn)
+        if not taken.granted:
+            self.drop(conn.address, "no_slot", f"all {self.limits.slots} association slots "
+                      "held, none by an address over its share (node.max_associations); "
+                      "association rejected", transport)
+            event.assoc.acse.send_reject(*_NO_SLOT_REJECT)
+            event.assoc.kill()
+            return
+        self._evict(taken.evict, "association", transport)
+
+    def _evict(self, conn: Connection | None, pool: str, transport: str) -> None:
+        if conn is None or conn.close is None:
+            return
+        self.drop(conn.address, "fair_share", f"closed to give its {pool} slot to an address "
+                  "holding fewer (node.max_associations); this one held the most", transport)
+        conn.close()
+
+    def ended(self, client_address: Any) -> None:
+        """The connection is closed (its association thread ended, or it never started)."""
+        with self._lock:
+            conn = self._open.pop(client_address, None)
+            if conn is not None:
+                conn.ended = True
+                self._handshakes.give_back(conn)
+                self._associations.give_back(conn)
+
+    def ended_unless_watched(self, client_address: Any) -> None:
+        """The accept thread is done: a connection that never reached watch() (a failed
+        TLS handshake) has ended; one that did ends with its association thread."""
+        with self._lock:
+            conn = self._open.get(client_address)
+        if conn is not None and conn.close is None:
+            self.ended(client_address)
 
     def watch(self, event: Any, transport: str) -> None:
         """EVT_CONN_OPEN handler: read timeouts, the request deadline and the PDU limit on
-        this connection's socket."""
-        sock = event.assoc.dul.socket
-        address = str(event.address[0]) if event.address else "?"
+        this connection's socket; its slot given back when its association thread ends."""
+        assoc = event.assoc
+        sock = assoc.dul.socket
+        client_address = event.address
+        with self._lock:
+            conn = self._open.get(client_address)
+        if conn is None:  # a server without admission (tests): a connection of its own
+            conn = Connection(str(client_address[0]) if client_address else "?")
         sock.__class__ = GuardedSocket
         sock.guard_limits = self.limits
-        sock.opened_at = time.monotonic()
+        sock.conn = conn
         sock.agreed = False
-        sock.on_drop = lambda kind, message: self.drop(address, kind, message, transport)
+        sock.on_drop = lambda kind, message: self.drop(conn.address, kind, message, transport)
+        raw = sock.socket
+        conn.close = lambda: _shut(raw)
+        if conn.ended:  # evicted before its socket was known
+            conn.close()
+        run = assoc.run
+
+        def run_then_give_back() -> None:
+            try:
+                run()
+            finally:
+                self.ended(client_address)
+
+        assoc.run = run_then_give_back
+
+
+def _shut(raw: socket.socket) -> None:
+    """Ends a connection another thread is reading: its read returns, and pynetdicom
+    closes the association. The plain socket's shutdown, also under TLS (SSLSocket's own
+    would pull the TLS state from under the reading thread)."""
+    try:
+        socket.socket.shutdown(raw, socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class GuardedSocket(AssociationSocket):
     """pynetdicom's socket with bounded reads (installed by ConnectionGuard.watch)."""
 
     guard_limits: GuardLimits
-    opened_at: float
+    conn: Connection
     agreed: bool
     on_drop: Callable[[str, str], None]
 
@@ -162,24 +249,28 @@ class GuardedSocket(AssociationSocket):
                 if self.assoc.is_established:
                     self.agreed = True
                 else:
-                    left = self.opened_at + limits.request_deadline - time.monotonic()
+                    left = self.conn.opened_at + limits.request_deadline - time.monotonic()
                     if left <= 0:
                         self.on_drop("request_deadline", "no whole association request "
-                                     f"within {limits.request_deadline:g} s (node.acse_timeout)")
+                                     f"within {limits.request_deadline:g} s "
+                                     "(node.handshake_timeout)")
                         return data
                     timeout = min(timeout, left)
             sock.settimeout(timeout)
             try:
                 chunk = sock.recv(min(_READ_CHUNK, nr_bytes - len(data)))
             except TimeoutError:
-                if not self.agreed and time.monotonic() >= (self.opened_at
+                if not self.agreed and time.monotonic() >= (self.conn.opened_at
                                                             + limits.request_deadline):
                     continue  # the deadline, reported above
                 self.on_drop("read_timeout", f"silent for {timeout:g} s in the middle of a "
                              "PDU (node.network_timeout)")
                 return data
+            except OSError:
+                return data  # closed under us (ConnectionGuard._evict): pynetdicom ends it
             if not chunk:
                 return data
+            self.conn.touched()
             data.extend(chunk)
         return data
 
@@ -240,19 +331,17 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self._served = True
-        address = str(client_address[0])
-        live = [a for a in self.ae.active_associations if a.is_acceptor]
-        if not self.guard.admit(address, live, self.transport):
+        if not self.guard.admit(client_address, self.transport):
             self.shutdown_request(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.guard.started(address)
+            self.guard.ended(client_address)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.guard.started(str(client_address[0]))
+            self.guard.ended_unless_watched(client_address)

@@ -39,7 +39,8 @@ from denoised_node.storage.queue import EventKind, JobState, counts_by_state
 log = logging.getLogger(__name__)
 
 # Why the connection guard (daemon/connection_guard.py) closed a connection.
-DROP_KINDS = ("address", "per_address", "request_deadline", "read_timeout", "pdu_size")
+DROP_KINDS = ("address", "per_address", "no_slot", "fair_share", "request_deadline",
+              "read_timeout", "pdu_size", "message_size")
 
 PREFIX = "denoised_node"
 # Seconds, from a quick C-STORE to a large series waiting behind others on a CPU.

@@ -252,6 +252,8 @@ class Receiver:
 
     def _receive_spooled(self, spool: Spool, context_sop_class: str | None,
                          calling_ae: str) -> Received:
+        if spool.failure is not None:  # a full disk: 0xA700 (status.py)
+            raise spool.failure
         if spool.too_large:
             raise InstanceTooLarge(
                 f"instance of {spool.size // 2**20} MiB exceeds node.max_instance_mb "

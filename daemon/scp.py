@@ -2,7 +2,7 @@
 SOP classes) in every transfer syntax, with handlers bound to the receiver they need.
 
 It listens on node.port, on tls.port with DICOM TLS, or on both; every connection is guarded
-(connection_guard.py: timeouts, slots per address), every association checked against the
+(connection_guard.py: timeouts, slots shared fairly across addresses), every association checked against the
 access policy (access.py), and every C-STORE dataset written to a file as it arrives
 (spool.py)."""
 
@@ -152,6 +152,7 @@ def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, policy: AccessPol
         (evt.EVT_CONN_OPEN, guard.watch, [transport]),
         (evt.EVT_CONN_OPEN, spooler.attach),
         (evt.EVT_CONN_CLOSE, spooler.discard_unfinished),
+        (evt.EVT_REQUESTED, guard.requested, [transport]),
         (evt.EVT_REQUESTED, handle_requested, [policy, decided]),
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_C_STORE, handle_store, [receiver, tracker, counts]),
@@ -195,11 +196,13 @@ def start_scp(settings: Settings, receiver: Receiver, counts: ScpCounts | None =
               shared: bool = False) -> ScpListeners:
     """Serve on ``sockets`` (from scp_sockets.bind_listeners; bound here when None).
     ``shared``: other processes accept on the same sockets (node.receive_processes)."""
-    ae = build_ae(settings)
     tracker = DeliveryTracker()
     policy = AccessPolicy.from_settings(settings.node)
     counts = counts or _NoCounts()
-    guard = ConnectionGuard(GuardLimits.from_settings(settings.node), policy, counts)
+    limits = GuardLimits.from_settings(settings.node)
+    guard = ConnectionGuard(limits, policy, counts)
+    ae = build_ae(settings)
+    ae.maximum_associations = limits.thread_ceiling  # the guard's slots decide
     spooler = Spooler(receiver.store.incoming, receiver.max_bytes)
     tls = settings.tls
     tls_context = server_context(tls) if tls.enabled else None  # file errors before binding
@@ -236,7 +239,7 @@ def _make_server(ae: AE, settings: Settings, transport: str, listening: socket.s
     if transport == TLS:
         return ae.make_server(address, evt_handlers=handlers,  # type: ignore[no-any-return]
                               server_class=TLSAssociationServer, tls_context=tls_context,
-                              handshake_timeout=settings.node.acse_timeout,
+                              handshake_timeout=settings.node.handshake_timeout,
                               on_handshake_failure=lambda: counts.association(
                                   "handshake_failed", TLS), guard=guard, transport=TLS,
                               listening=listening, shared=shared)

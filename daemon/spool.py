@@ -5,13 +5,20 @@ handler sees it), so an instance over node.max_instance_mb was held whole before
 refused. For the node's own associations a Spool takes the fragments instead: written to
 incoming/ in the store (later renamed into place, never copied), hashed on the way, and past
 the limit only counted, so the handler answers 0xA701 having held one PDU at a time.
+
+Everything else the decoder holds in memory until a message is whole: command sets (small:
+a C-STORE-RQ's is a few hundred bytes) and the datasets of other messages (the node accepts
+none but C-STORE's). Past MESSAGE_MEMORY_LIMIT bytes of those, fragments with no command
+before them or a command that never ends, the association is aborted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +30,13 @@ from pynetdicom.pdu_primitives import P_DATA
 
 from denoised_node.storage.files import temp_prefix
 
+log = logging.getLogger(__name__)
+
 # What an association of the node's SCP carries (set by attach(), read by the decoder).
 _SPOOLER = "_denoised_node_spooler"
 _IMPLICIT_LITTLE = "1.2.840.10008.1.2"
+# What one message may hold in memory, outside a spool. Generous for any command set.
+MESSAGE_MEMORY_LIMIT = 256 * 1024
 
 
 class Spool:
@@ -38,6 +49,9 @@ class Spool:
         self.path = Path(name)
         self.limit_bytes = limit_bytes
         self.size = 0  # every byte received, kept or not
+        # Why the bytes could not be kept (a full disk): the handler answers with its status.
+        # Raised here it would end the association from pynetdicom's reading thread.
+        self.failure: OSError | None = None
         self._digest = hashlib.sha256()
 
     @classmethod
@@ -63,21 +77,40 @@ class Spool:
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
+    @property
+    def keeping(self) -> bool:
+        return not self.too_large and self.failure is None
+
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        was_kept = not self.too_large
+        was_kept = self.keeping
         self.size += len(data)
-        if not self.too_large:
-            self._file.write(data)
+        if self.keeping:
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                self.failure = exc
             self._digest.update(data)
-        elif was_kept:
-            self._file.truncate(0)  # refused anyway: give the disk space back now
+        if was_kept and not self.keeping:
+            self._give_space_back()  # refused anyway
         return len(data)
 
+    def _give_space_back(self) -> None:
+        try:
+            self._file.truncate(0)
+        except (OSError, ValueError):
+            pass
+
     def flush(self) -> None:
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self.failure = self.failure or exc
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as exc:  # its buffer's last write: closed all the same
+            self.failure = self.failure or exc
 
     def discard(self) -> None:
         self.close()
@@ -132,6 +165,11 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
                 current.close()
                 return True
             continue
+        held = getattr(self, "_held_in_memory", 0) + len(data) - 1
+        if held > MESSAGE_MEMORY_LIMIT:
+            _abort_unbounded(self, assoc, held)
+            return False
+        self._held_in_memory = held
         single = P_DATA()
         single.presentation_data_value_list = [[context_id, bytes(data)]]  # type: ignore[list-item]
         if _pynetdicom_decode(self, single, assoc):
@@ -141,6 +179,23 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
             self._data_set_file = spool  # type: ignore[assignment]  # a file object to pynetdicom
             self._data_set_path = spool.path
     return False
+
+
+def _abort_unbounded(message: DIMSEMessage, assoc: Any, held: int) -> None:
+    """Drop what the message holds and abort the association (as pynetdicom does for an
+    invalid PDU: A-ABORT, then the connection closes); what else arrives is ignored."""
+    message.encoded_command_set = BytesIO()
+    message.data_set = BytesIO()
+    message._held_in_memory = 0
+    sock = assoc.dul.socket
+    reason = (f"{held} bytes of P-DATA with no whole command (a command set is small; "
+              f"at most {MESSAGE_MEMORY_LIMIT} are held); association aborted")
+    on_drop = getattr(sock, "on_drop", None)
+    if on_drop is not None:  # the connection guard logs and counts it
+        on_drop("message_size", reason)
+    else:
+        log.warning("association aborted: %s", reason)
+    assoc.dul.event_queue.put("Evt19")
 
 
 def _open_spool(spooler: Spooler, message: DIMSEMessage, assoc: Any, context_id: int) -> Spool:

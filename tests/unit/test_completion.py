@@ -3,10 +3,14 @@ gap-free series, late instances and series that are not MR."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pydicom
-from sqlalchemy import select
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from denoised_node.daemon.completion import complete_idle_series
 from denoised_node.daemon.receive import Receiver
@@ -58,3 +62,25 @@ def test_series_without_mr_is_ignored_with_the_reason(runtime: Runtime, mr_serie
     with runtime.sessions() as session:
         job = session.scalars(select(Job)).one()
         assert job.state == "ignored" and "not an MR image" in (job.reason or "")
+
+
+def test_a_failed_commit_logs_no_series_complete(runtime: Runtime, mr_series, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Issue 29, item 10: the commit that queues the job fails (a full disk): nothing is
+    logged as complete (before: "series complete" for a job that never existed), and the
+    next pass queues the series."""
+    receive_files(runtime, mr_series.paths)
+    later = utcnow() + timedelta(seconds=runtime.settings.series.idle_seconds + 1)
+
+    def disk_full(session: Session) -> None:
+        raise OperationalError("COMMIT", {}, Exception("database or disk is full"))
+
+    event.listen(Session, "before_commit", disk_full)
+    try:
+        with caplog.at_level(logging.INFO, logger="denoised_node"), \
+                pytest.raises(OperationalError):
+            complete_idle_series(runtime.sessions, runtime.settings.series, later)
+    finally:
+        event.remove(Session, "before_commit", disk_full)
+    assert not [r for r in caplog.records if "series complete" in r.getMessage()]
+    assert job_states(runtime) == []
+    assert len(complete_idle_series(runtime.sessions, runtime.settings.series, later)) == 1

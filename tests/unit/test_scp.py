@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.daemon.scp import start_scp
+from denoised_node.daemon.spool import Spool
 from denoised_node.daemon.status import Status
 from denoised_node.storage.models import Instance, Series
 
@@ -101,3 +103,44 @@ def test_calling_ae_title_not_allowed_is_rejected(node) -> None:  # type: ignore
     _, port = node
     assoc = _associate(port, [Verification], calling="STRANGER")
     assert assoc.is_rejected
+
+
+class _FullDisk:
+    """A spool's file on a disk that fills after its first 4 KiB."""
+
+    def __init__(self, file: Any) -> None:
+        self._file, self._written = file, 0
+
+    def write(self, data: Any) -> int:
+        self._written += len(data)
+        if self._written > 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return int(self._file.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def test_a_disk_filling_while_receiving_is_answered_out_of_resources(  # type: ignore[no-untyped-def]
+        node, mr_series, monkeypatch) -> None:
+    """Issue 29, item 10: the write of a received dataset fails with ENOSPC. Answered 0xA700
+    on an association that goes on (before: aborted with a traceback), and the temp file is
+    gone at once (before: left in incoming/ until a restart)."""
+    runtime, port = node
+    opened = Spool.__init__
+
+    def on_a_full_disk(self: Spool, *args: Any) -> None:
+        opened(self, *args)
+        self._file = _FullDisk(self._file)  # type: ignore[assignment]
+
+    monkeypatch.setattr(Spool, "__init__", on_a_full_disk)
+    assoc = _associate(port, [MRImageStorage, Verification])
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(mr_series.paths[0])
+        assert status.get("Status") == Status.OUT_OF_RESOURCES
+        assert assoc.send_c_echo().Status == 0  # the association goes on
+    finally:
+        assoc.release()
+    assert not list(runtime.store.incoming.iterdir())
+    assert not list(runtime.store.instances.rglob("*.dcm"))

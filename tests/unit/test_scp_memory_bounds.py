@@ -182,3 +182,44 @@ def test_a_dataset_cut_off_by_an_abort_leaves_no_temp_file(small_limit_node, mr_
         time.sleep(0.05)
     assert not list(runtime.store.incoming.iterdir())
     assert not list(runtime.store.instances.rglob("*.dcm"))
+
+
+# Issue 29, item 4: P-DATA that never makes a command. Sent raw on an agreed association:
+# P-DATA-TF PDUs of 512 KiB, each one PDV (item length, context ID, control header, bytes).
+_FLOOD = textwrap.dedent("""
+    import sys
+    from pynetdicom import AE
+    ae = AE(ae_title="MOD")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    assoc = ae.associate("127.0.0.1", int(sys.argv[1]), ae_title="DENOISER")
+    control, fragment = int(sys.argv[2]), bytes(512 * 1024)
+    item = (2 + len(fragment)).to_bytes(4, "big") + bytes([1, control]) + fragment
+    pdu = b"\\x04\\x00" + len(item).to_bytes(4, "big") + item
+    raw = assoc.dul.socket.socket  # taken once: pynetdicom drops it when the node aborts
+    try:
+        for _ in range(int(sys.argv[3]) * 2):
+            raw.sendall(pdu)
+    except OSError:
+        pass
+    assoc.join(30)  # the node's A-ABORT (or its closing the connection) ends the association
+    print("open" if assoc.is_alive() or assoc.is_established else "ended")
+""")
+
+
+@pytest.mark.parametrize("control", [0x00, 0x01], ids=["dataset_without_command",
+                                                         "command_that_never_ends"])
+def test_p_data_that_never_makes_a_command_is_not_held(small_limit_node, control: int) -> None:  # type: ignore[no-untyped-def]
+    """24 MiB of dataset fragments with no command before them, or of command fragments
+    none of them the last: the node aborts the association having held a few MiB (before:
+    all of it, in pynetdicom's buffers)."""
+    _, port = small_limit_node
+    tracemalloc.start()
+    try:
+        sent = subprocess.run([sys.executable, "-c", _FLOOD, str(port), str(control), "24"],
+                              capture_output=True, text=True, timeout=120, check=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB, f"the node held {peak / MiB:.0f} MiB at once"
+    assert sent.stdout.strip() == "ended"
