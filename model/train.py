@@ -27,6 +27,7 @@ import torch
 
 from .checkpoint import ModelCard, write_checkpoint
 from .data import (
+    NAMED_VOLUMES,
     PatchSampler,
     SamplerConfig,
     Split,
@@ -182,6 +183,18 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def training_sources(cfg: TrainConfig) -> dict[str, str]:
+    """Every source of the training data and what it is, for the model card."""
+    if cfg.pairs:
+        return {f"{n} -> {c}": "real noisy/clean pair" for n, c in cfg.pairs}
+    found = {s: NAMED_VOLUMES.get(s, "a clean volume given with --volume") for s in cfg.volumes}
+    if cfg.dead_leaves_prob > 0:
+        found["dead leaves"] = f"procedural ({cfg.dead_leaves_prob:.0%} of samples, model/dead_leaves.py)"
+    if cfg.procedural_prob > 0:
+        found["organ-like volumes"] = f"procedural ({cfg.procedural_prob:.0%} of samples, synth.procedural_maps)"
+    return found
+
+
 def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, record: dict[str, Any], metrics: dict[str, Any]) -> ModelCard:
     return ModelCard(
         name=cfg.name,
@@ -199,6 +212,7 @@ def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, r
         },
         training={
             "data": [f"{n} -> {c}" for n, c in cfg.pairs] if cfg.pairs else cfg.volumes,
+            "sources": training_sources(cfg),
             "holdout": {"slab": cfg.holdout, "gap": cfg.gap, "axis": "slice"},
             "noise": {"kind": "real pairs"} if cfg.pairs else {
                 "kind": "domain-randomised synthesis (model/synth.py)",

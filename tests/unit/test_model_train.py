@@ -51,6 +51,8 @@ def test_tiny_training_run_and_resume(tmp_path: Path, volume: Path, kind: str) -
     assert lines[0]["psnr_mask_mean"] == pytest.approx(np.mean(domains), abs=1e-3)
     den = Denoiser.load(best, device="cpu")
     assert den.card.training["steps"] in (2, 4) and den.card.architecture == arch
+    sources = den.card.training["sources"]  # the card names every source of its data
+    assert set(sources) == {str(volume), "dead leaves", "organ-like volumes"}
     vol = np.random.default_rng(1).random((3, 40, 40)).astype(np.float32)
     assert den.denoise(vol).shape == vol.shape
 
