@@ -369,8 +369,9 @@ class Worker:
             self._retry_or_fail(job, describe_error(exc))
             return
         names = ", ".join(d.name for d in destinations) or "no destination configured"
+        # send_attempts counts every attempt made, the one that succeeded too.
         self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}",
-                   also=lambda session: note_superseded(session, job.id, utcnow()))
+                   send_attempts=job.send_attempts + 1, also=lambda session: note_superseded(session, job.id, utcnow()))
 
     def _destinations(self, chosen: str | None) -> list[Destination]:
         """The destinations the rule chose when the series was denoised; a job from before
