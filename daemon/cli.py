@@ -240,7 +240,7 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
     for row in rows:
         model = f"  model {row.model_identity}" if row.model_identity else ""
         click.echo(f"{row.id:>6}  {row.state:<10}  {row.updated_at:%Y-%m-%d %H:%M:%S}  "
-                   f"{row.instances:>5}  {row.series_name}{model}")
+                   f"{row.arrived:>5}  {row.series_name}{model}")
         click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {row.series_uid}")
         # Every job that is not simply done says what it is doing or why it stopped.
         line = job_status(row, now, limits)

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -55,14 +54,17 @@ class Triage:
 
 def kept_instances(paths: Sequence[Path], settings: Settings) -> tuple[list[Path], str | None]:
     """The files the receive path would keep, and (when it keeps none) the commonest reason
-    for leaving the others out. A file that is not DICOM is no instance at all."""
+    for refusing or leaving out the others."""
+    from denoised_node.daemon.receive import parse_file  # the receive path's own check
+    from denoised_node.daemon.status import ReceiveError
+
     kept: list[Path] = []
     reasons: Counter[str] = Counter()
     for path in paths:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # noqa: BLE001 - unreadable: the plan skips it with its reason
-            kept.append(path)
+            ds = parse_file(path, settings.node.max_instance_mb * 2**20)
+        except ReceiveError as exc:  # the sender would get a failure status
+            reasons[f"refused on receipt: {exc}"] += 1
             continue
         reason = instance_ignored_reason(ds, str(ds.get("SOPClassUID", "")),
                                          settings.series.modalities)
