@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
+from denoised_node.storage.models import Instance, Job, JobEvent, Series, SeriesState, utcnow
 from denoised_node.storage.progress import Progress
 from denoised_node.storage.queue import (
     ACTIVE_STATES,
@@ -55,6 +56,9 @@ class JobRow:
     series_description: str | None = None
     series_number: int | None = None
     series_date: str | None = None  # YYYY-MM-DD
+    # Instances that arrived, those left out on receipt too (a CT routed with a study):
+    # ``instances`` counts only the ones kept to denoise.
+    arrived: int = 0
 
     @property
     def series_name(self) -> str:
@@ -92,14 +96,20 @@ class EventRow:
         return {**asdict(self), "at": self.at.isoformat()}
 
 
-def _row(job: Job, series: Series) -> JobRow:
+def _arrived(series_id: Any) -> Any:
+    """How many instances of the series arrived (kept or left out), as a scalar subquery."""
+    return (select(func.count(Instance.id)).where(Instance.series_id == series_id)
+            .scalar_subquery())
+
+
+def _row(job: Job, series: Series, arrived: int) -> JobRow:
     return JobRow(job.id, job.state, series.series_uid, series.study_uid, series.modality,
                   series.instance_count, job.created_at, job.updated_at, job.reason,
                   job.processing_attempts, job.send_attempts, job.derived_series_uid,
                   job.derived_count, job.model_identity, job.rule_name,
                   None if job.destinations is None else json.loads(job.destinations),
                   Progress.from_row(job), job.available_at, series.description,
-                  series.series_number, _iso_date(series.series_date))
+                  series.series_number, _iso_date(series.series_date), arrived)
 
 
 def _iso_date(value: str | None) -> str | None:
@@ -129,13 +139,13 @@ def status_summary(session: Session, now: datetime | None = None) -> dict[str, o
 
 def list_jobs(session: Session, *, states: list[str] | None = None,
               since: datetime | None = None, limit: int = 50) -> list[JobRow]:
-    query = select(Job, Series).join(Series, Job.series_id == Series.id)
+    query = select(Job, Series, _arrived(Series.id)).join(Series, Job.series_id == Series.id)
     if states:
         query = query.where(Job.state.in_(states))
     if since:
         query = query.where(Job.updated_at >= since)
     rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
-    return [_row(job, series) for job, series in rows]
+    return [_row(job, series, arrived) for job, series, arrived in rows]
 
 
 def job_detail(session: Session, job_id: int) -> tuple[JobRow, list[EventRow]]:
@@ -144,7 +154,9 @@ def job_detail(session: Session, job_id: int) -> tuple[JobRow, list[EventRow]]:
         raise NotFound(f"no job with id {job_id}; `denoised-node jobs list` shows the jobs")
     events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
                              .order_by(JobEvent.id)).all()
-    return _row(job, job.series), [EventRow.from_row(e)
+    arrived = session.scalar(select(func.count(Instance.id))
+                             .where(Instance.series_id == job.series_id)) or 0
+    return _row(job, job.series, arrived), [EventRow.from_row(e)
                                    for e in events]
 
 

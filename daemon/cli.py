@@ -240,7 +240,7 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
     for row in rows:
         model = f"  model {row.model_identity}" if row.model_identity else ""
         click.echo(f"{row.id:>6}  {row.state:<10}  {row.updated_at:%Y-%m-%d %H:%M:%S}  "
-                   f"{row.instances:>5}  {row.series_name}{model}")
+                   f"{row.arrived:>5}  {row.series_name}{model}")
         click.echo(f"{'':>6}  {'':<10}  {'':<19}  {'':>5}  {row.series_uid}")
         # Every job that is not simply done says what it is doing or why it stopped.
         line = job_status(row, now, limits)
@@ -448,8 +448,12 @@ def db_upgrade(config_path: Path | None, as_json: bool) -> None:
               help="Model to use: a checkpoint path or name (default: [model] checkpoint).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: [model] device).")
 @click.option("--no-gate", is_flag=True, help="Write the result even if the safety gate fails.")
+@click.option("--override-intended-use", is_flag=True,
+              help="Denoise a series outside the model card's intended use (never another "
+                   "modality than series.modalities).")
 def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_json: bool,
-            checkpoint: str | None, device: str | None, no_gate: bool) -> None:
+            checkpoint: str | None, device: str | None, no_gate: bool,
+            override_intended_use: bool) -> None:
     """Denoise a DICOM series folder (writing the derived series as the node would) or a
     NIfTI file, without the network."""
     from denoised_node.daemon.offline import denoise_path, is_nifti
@@ -474,7 +478,8 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_js
             click.echo(f"\rdenoising {done}/{total} slices", nl=False, err=True)
 
     try:
-        message = denoise_path(settings, input_path, output_path, progress=progress)
+        message = denoise_path(settings, input_path, output_path, progress=progress,
+                               override_intended_use=override_intended_use)
     finally:
         if shown["progress"]:  # the progress line ends before any message, error or not
             click.echo("", err=True)

@@ -21,8 +21,13 @@ from denoised_node.daemon.cli_options import (
     open_runtime_for,
     settings_from,
 )
-from denoised_node.daemon.rules import Decision, decide
-from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_file
+from denoised_node.daemon.rules import IntendedUseReader
+from denoised_node.daemon.series_attributes import (
+    SeriesAttributes,
+    attributes_from_file,
+    attributes_from_mapping,
+)
+from denoised_node.daemon.series_triage import Triage, triage_files, triage_series
 
 
 @click.group()
@@ -40,48 +45,51 @@ def rules() -> None:
 @json_option
 def rules_test(folder: Path | None, series_uid: str | None, calling_ae: str,
                config_path: Path | None, as_json: bool) -> None:
-    """For each series under FOLDER (or --series UID): the rule that matches and why, the
-    model, and where the result would go."""
+    """For each series under FOLDER (or --series UID): what the node would do with it (the
+    instances it leaves out, what there is to denoise, the rule that matches and why, the
+    model), and where the result would go."""
     if (folder is None) == (series_uid is None):
         raise CommandError("give a FOLDER or --series UID (one of them)", ExitCode.USAGE)
     settings = settings_from(config_path)
+    reader = _card_reader()
     if folder is not None:
-        found = series_in_folder(folder, calling_ae)
+        found = series_in_folder(folder)
         if not found:
             raise CommandError(f"no DICOM files under {folder}")
+        # The receive path's check of each file, then the worker's plan and rules.
+        results = [(facts, triage_files(settings, paths, reader, calling_ae=calling_ae))
+                   for facts, paths in found]
     else:
-        found = [(stored_series(settings, str(series_uid)), 0)]
-    reader = _card_reader()
-    results = [(facts, count, decide(settings, facts, reader)) for facts, count in found]
+        results = [stored_series(settings, str(series_uid), reader)]
     if as_json:
-        click.echo(json.dumps([{"series_uid": facts.series_uid, "images": count,
-                                "description": facts.text("SeriesDescription"),
-                                "model_identity": _identity(decision.checkpoint),
-                                **decision.as_json()}
-                               for facts, count, decision in results]))
+        click.echo(json.dumps([_as_json(facts, triage) for facts, triage in results]))
         return
-    for facts, count, decision in results:
-        _print(facts, count, decision)
+    for facts, triage in results:
+        _print(facts, triage)
 
 
-def series_in_folder(folder: Path, calling_ae: str) -> list[tuple[SeriesAttributes, int]]:
-    """The series under ``folder``: the first readable image's facts and the image count."""
+def series_in_folder(folder: Path) -> list[tuple[SeriesAttributes, list[Path]]]:
+    """The series under ``folder``: the first readable file's facts (to name the series)
+    and the series' files."""
     first: dict[str, SeriesAttributes] = {}
-    counts: dict[str, int] = {}
+    paths: dict[str, list[Path]] = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            facts = attributes_from_file(path, calling_ae)
+            facts = attributes_from_file(path)
         except ValueError:
             continue  # not DICOM: a README, a DICOMDIR's neighbours
         if not facts.series_uid:
             continue
         first.setdefault(facts.series_uid, facts)
-        counts[facts.series_uid] = counts.get(facts.series_uid, 0) + 1
-    return [(first[uid], counts[uid]) for uid in first]
+        paths.setdefault(facts.series_uid, []).append(path)
+    return [(first[uid], paths[uid]) for uid in first]
 
 
-def stored_series(settings: Settings, series_uid: str) -> SeriesAttributes:
-    from sqlalchemy import select
+def stored_series(settings: Settings, series_uid: str,
+                  reader: IntendedUseReader) -> tuple[SeriesAttributes, Triage]:
+    """A stored series as the worker would judge it now; one whose every instance was left
+    out on receipt, with the reason the receive path recorded."""
+    from sqlalchemy import func, select
 
     from denoised_node.storage.models import Instance, Series
 
@@ -92,15 +100,21 @@ def stored_series(settings: Settings, series_uid: str) -> SeriesAttributes:
             raise CommandError(f"no stored series with SeriesInstanceUID {series_uid}; "
                                "`denoised-node jobs list` shows the stored ones",
                                ExitCode.NOT_FOUND)
-        paths = session.scalars(select(Instance.path).where(
+        relative = session.scalars(select(Instance.path).where(
             Instance.series_id == series.id, Instance.ignored_reason.is_(None))).all()
+        arrived = session.scalar(select(func.count(Instance.id)).where(
+            Instance.series_id == series.id)) or 0
+        left_out = session.scalar(select(Instance.ignored_reason).where(
+            Instance.series_id == series.id, Instance.ignored_reason.is_not(None)).limit(1))
         calling_ae = series.calling_ae_title or ""
-    for relative in paths:
-        try:
-            return attributes_from_file(runtime.store.path(relative), calling_ae)
-        except ValueError:
-            continue
-    raise CommandError(f"series {series_uid} has no readable stored image (purged?)")
+        named = attributes_from_mapping(series_uid, {
+            "SeriesDescription": series.description or "", "Modality": series.modality or ""})
+    if not relative:
+        reason = series.ignored_reason or left_out or "no instance kept (purged?)"
+        return named, Triage(reason, arrived)
+    paths = [runtime.store.path(r) for r in relative]
+    triage = triage_series(settings, paths, reader, calling_ae=calling_ae, received=arrived)
+    return triage.facts or named, triage
 
 
 def _card_reader() -> Any:
@@ -125,13 +139,26 @@ def _identity(checkpoint: str | None) -> str | None:
         return None
 
 
-def _print(facts: SeriesAttributes, count: int, decision: Decision) -> None:
-    images = f", {count} image(s)" if count else ""
+def _as_json(facts: SeriesAttributes, triage: Triage) -> dict[str, object]:
+    decision = triage.decision.as_json() if triage.decision else {
+        "rule": None, "why": None, "model": None, "checkpoint": None, "destinations": [],
+        "review": False, "hold_gate_failures": False}
+    checkpoint = triage.decision.checkpoint if triage.decision else None
+    return {"series_uid": facts.series_uid, "images": triage.instances,
+            "description": facts.text("SeriesDescription"),
+            "model_identity": _identity(checkpoint) if triage.denoise else None,
+            **decision, "denoise": triage.denoise, "ignored_reason": triage.ignored_reason}
+
+
+def _print(facts: SeriesAttributes, triage: Triage) -> None:
+    images = f", {triage.instances} image(s)" if triage.instances else ""
     click.echo(f"{facts.series_uid}  {facts.describe()}{images}")
-    # Without a rule, `why` is the ignored reason printed below.
-    click.echo(f"  rule: {decision.rule.name} ({decision.why})" if decision.rule else "  rule: none")
-    if not decision.denoise:
-        click.echo(f"  ignored: {decision.ignored_reason}")
+    decision = triage.decision
+    if decision is not None:  # without a rule, `why` is the ignored reason printed below
+        click.echo(f"  rule: {decision.rule.name} ({decision.why})" if decision.rule
+                   else "  rule: none")
+    if decision is None or not triage.denoise:
+        click.echo(f"  ignored: {triage.ignored_reason}")
         return
     model = decision.rule.model if decision.rule else DEFAULT_MODEL
     click.echo(f"  model: {model} -> {_identity(decision.checkpoint) or decision.checkpoint}")

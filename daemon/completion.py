@@ -88,6 +88,9 @@ def _queue(session: Session, series: Series, now: datetime,
             select(Instance.ignored_reason).where(Instance.series_id == series.id,
                                                   Instance.ignored_reason.is_not(None)).limit(1)
         ) or "no instances to denoise"
+        arrived = session.scalar(select(func.count(Instance.id)).where(
+            Instance.series_id == series.id)) or 0
+        reason = f"{reason}: {arrived} instance(s) arrived, none to denoise"
         transition(session, job.id, JobState.QUEUED, JobState.IGNORED, reason=reason, now=now)
         series.state = SeriesState.IGNORED
         series.ignored_reason = reason

@@ -17,6 +17,7 @@ import pydicom
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.pipeline import GateFailed, denoise_series
+from denoised_node.daemon.series_triage import triage_files
 from denoised_node.storage.models import utcnow
 from denoised_node.storage.series import NothingToDenoise
 
@@ -40,12 +41,16 @@ def is_nifti(path: Path) -> bool:
 
 
 def denoise_path(settings: Settings, source: Path, target: Path,
-                 progress: Progress | None = None, denoiser: object | None = None) -> str:
+                 progress: Progress | None = None, denoiser: object | None = None,
+                 override_intended_use: bool = False) -> str:
+    """Denoise ``source`` into ``target``; a DICOM series the node would ignore (not MR,
+    outside the model's intended use, nothing to denoise) is reported, not written."""
     denoiser = denoiser or _load_denoiser(settings)
     if is_nifti(source):
         return _denoise_nifti(settings, source, target, denoiser, progress)
     if source.is_dir():
-        return _denoise_dicom_folder(settings, source, target, denoiser, progress)
+        return _denoise_dicom_folder(settings, source, target, denoiser, progress,
+                                     override_intended_use)
     raise OfflineError(f"{source} is neither a DICOM folder nor a .nii/.nii.gz file")
 
 
@@ -64,26 +69,44 @@ def _series_files(folder: Path) -> dict[str, list[Path]]:
 
 
 def _denoise_dicom_folder(settings: Settings, source: Path, target: Path, denoiser: object,
-                          progress: Progress | None) -> str:
+                          progress: Progress | None, override_intended_use: bool) -> str:
     found = _series_files(source)
     if not found:
         raise OfflineError(f"no DICOM files with a SeriesInstanceUID under {source}")
-    target.mkdir(parents=True, exist_ok=True)
     lines = []
     for series_uid, paths in found.items():
         out_dir = target / series_uid if len(found) > 1 else target
+        # The node's decision, with the model in hand: its intended use, whatever the rules
+        # would name (a flag may override the intended use; nothing overrides the modality).
+        triage = triage_files(settings, paths, lambda _checkpoint: _intended_use(denoiser),
+                              override_intended_use=override_intended_use)
+        if not triage.denoise:
+            lines.append(f"series {series_uid}: {_ignored(str(triage.ignored_reason))}; "
+                         "nothing written for it")
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
         try:
             outcome = denoise_series(paths, series_uid, denoiser, settings,  # type: ignore[arg-type]
-                                     out_dir, utcnow(), progress=progress)
+                                     out_dir, utcnow(), progress=progress, plan=triage.plan)
         except GateFailed as exc:
             raise OfflineError(f"series {series_uid}: {exc}; nothing written for it "
                                "(--no-gate writes it anyway)") from None
-        except NothingToDenoise as exc:  # a scout, an empty series: nothing to do is no failure
-            lines.append(f"series {series_uid}: ignored, nothing to denoise: {exc}; nothing written for it")
+        except NothingToDenoise as exc:  # every stack was flat: nothing to do is no failure
+            lines.append(f"series {series_uid}: {_ignored(str(exc))}; nothing written for it")
             continue
         lines.append(f"{len(outcome.files)} derived instance(s) of series "
                      f"{outcome.derived_series_uid} written to {out_dir}")
     return "\n".join(lines)
+
+
+def _ignored(reason: str) -> str:
+    # "ignored, nothing to denoise: ..." reads better than "ignored: nothing to denoise: ..."
+    return f"ignored, {reason}" if reason.startswith("nothing to denoise") else f"ignored: {reason}"
+
+
+def _intended_use(denoiser: object) -> dict[str, object]:
+    card = getattr(denoiser, "card", None)
+    return dict(getattr(card, "intended_use", None) or {})
 
 
 def _denoise_nifti(settings: Settings, source: Path, target: Path, denoiser: object,

@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from denoised_node.config.settings import Settings
-from denoised_node.model.gate import check_result
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
 from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
@@ -140,6 +139,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
             denoised = denoiser.denoise(volume, progress=stack_progress,
                                         spacing=stack.voxel_spacing)
         if settings.gate.enabled:
+            from denoised_node.model.gate import check_result  # torch: only where it runs
+
             with clock("gate"):
                 verdict = check_result(volume, denoised, settings.gate)
             figures.append(dict(verdict.figures))

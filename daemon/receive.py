@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.series_triage import instance_ignored_reason
 from denoised_node.daemon.spool import Spool
 from denoised_node.daemon.status import (
     InstanceTooLarge,
@@ -35,12 +36,10 @@ from denoised_node.daemon.status import (
     UnreadableDataset,
 )
 from denoised_node.storage.db import SessionFactory, make_engine
-from denoised_node.storage.derive import is_own_output
 from denoised_node.storage.files import FileStore, InstanceUIDs, check_uid
 from denoised_node.storage.models import Instance, Series, SeriesState, utcnow
 from denoised_node.storage.queue import add_note
 from denoised_node.storage.reasons import one_line
-from denoised_node.storage.series import MR_SOP_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +267,7 @@ class Receiver:
                             ds.get("SOPInstanceUID"))
         sop_uid = uids.sop
         check_uid(sop_class, "SOPClassUID")
-        ignored = self._ignored_reason(ds, sop_class)
+        ignored = instance_ignored_reason(ds, sop_class, self.settings.series.modalities)
         if ignored is None and "PixelData" not in ds:
             # An MR image IOD requires Pixel Data: without it the dataset was cut short at an
             # element boundary (nothing else tells), or is not an image. Never kept as one.
@@ -301,17 +300,6 @@ class Receiver:
         if indexed.stale_path:
             self._remove_unreferenced(indexed.stale_path, indexed.stale_series_id)
         return indexed.received
-
-    def _ignored_reason(self, ds: Dataset, sop_class: str) -> str | None:
-        modality = str(ds.get("Modality", "") or "")
-        if is_own_output(ds):
-            return "produced by denoised-node (never processed again)"
-        if sop_class not in MR_SOP_CLASSES:
-            name = UID(sop_class).name or sop_class
-            return f"not an MR image ({name})"
-        if modality not in self.settings.series.modalities:
-            return f"modality {modality or '(none)'} is not in series.modalities"
-        return None
 
     def _index(self, ds: Dataset, uids: InstanceUIDs, sop_class: str, relative: str,
                spool: Spool, ignored: str | None, calling_ae: str) -> _Indexed:

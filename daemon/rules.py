@@ -70,17 +70,18 @@ def first_match(rules: Sequence[Rule], facts: SeriesAttributes) -> tuple[Rule | 
 IntendedUseReader = Callable[[str], Mapping[str, Any]]
 
 
-def decide(settings: Settings, facts: SeriesAttributes,
-           intended_use: IntendedUseReader) -> Decision:
+def decide(settings: Settings, facts: SeriesAttributes, intended_use: IntendedUseReader,
+           *, override_intended_use: bool = False) -> Decision:
     """Apply the rules to a series. ``intended_use(checkpoint)`` gives the model card's
-    intended use (the worker reads the loaded card; a dry run reads the file's header)."""
+    intended use (the worker reads the loaded card; a dry run reads the file's header).
+    ``override_intended_use``: as if the rule said so (offline denoising's flag)."""
     rule, why = first_match(settings.effective_rules, facts)
     if rule is None:
         return Decision(None, why, ignored_reason=why)
     if rule.ignore:
         return Decision(rule, why, ignored_reason=f"ignored by rule {rule.name!r}")
     checkpoint = settings.checkpoint_for(rule.model)
-    if not rule.override_intended_use:
+    if not (rule.override_intended_use or override_intended_use):
         outside = outside_intended_use(facts, intended_use(checkpoint))
         if outside is not None:
             return Decision(rule, why, ignored_reason=f"{outside}; a rule with "

@@ -24,17 +24,10 @@ from sqlalchemy.orm import Session
 from denoised_node.config.settings import ConfigError, Destination, Settings
 from denoised_node.daemon.model_pool import ModelPool
 from denoised_node.daemon.notify import Heartbeat
-from denoised_node.daemon.pipeline import (
-    Denoises,
-    GateFailed,
-    PermanentError,
-    denoise_series,
-    input_policy,
-    plan_series,
-)
-from denoised_node.daemon.rules import Decision, decide
+from denoised_node.daemon.pipeline import Denoises, GateFailed, PermanentError, denoise_series
 from denoised_node.daemon.scu import SendError, SendResult, send_files
-from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_dataset
+from denoised_node.daemon.series_attributes import SeriesAttributes
+from denoised_node.daemon.series_triage import triage_series
 from denoised_node.daemon.webhook import JobNotice, Notifier
 from denoised_node.model.errors import ModelError
 from denoised_node.storage.db import SessionFactory
@@ -213,23 +206,20 @@ class Worker:
         try:
             series_uid, paths, calling_ae = self._source_files(job)
             # What the series is (localizer, reformat, no pixel data...) comes first, then
-            # which rule takes it.
-            plan = plan_series(paths, input_policy(self.settings))
-            # The rules read the header of the first image the plan will denoise.
-            facts = self._facts = attributes_from_dataset(
-                plan.stacks[0].slices[0].source.header, calling_ae)
-            decision = self._decide(facts)
-        except NothingToDenoise as exc:
-            self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
-            return False
+            # which rule takes it: the same decision as `denoise` and `rules test`.
+            triage = triage_series(self.settings, paths, self._intended_use,
+                                   calling_ae=calling_ae)
         except (PermanentError, SeriesError, ConfigError, ModelError, ValueError) as exc:
             self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)))
             return False
-        rule_name = decision.rule.name if decision.rule else None
-        if not decision.denoise:
-            self._move(job, JobState.PROCESSING, JobState.IGNORED, str(decision.ignored_reason),
-                       rule_name=rule_name)
+        self._facts = triage.facts
+        decision = triage.decision
+        rule_name = decision.rule.name if decision and decision.rule else None
+        if decision is None or triage.plan is None or not decision.denoise:
+            self._move(job, JobState.PROCESSING, JobState.IGNORED,
+                       one_line(str(triage.ignored_reason)), rule_name=rule_name)
             return False
+        plan = triage.plan
         denoiser = self.models.get(decision.checkpoint or self.settings.model.checkpoint)
         out_dir = self.store.derived_dir(job.id)
         self.store.remove_tree(out_dir)
@@ -280,14 +270,11 @@ class Worker:
         self._move(job, JobState.PROCESSING, JobState.PROCESSED, summary, **values)
         return True
 
-    def _decide(self, facts: SeriesAttributes) -> Decision:
-        def intended_use(checkpoint: str) -> dict[str, object]:
-            # The model a rule names is loaded here (it denoises the series next) and its
-            # card read; a model of the test suite's has no intended use.
-            card = getattr(self.models.get(checkpoint), "card", None)
-            return dict(getattr(card, "intended_use", None) or {})
-
-        return decide(self.settings, facts, intended_use)
+    def _intended_use(self, checkpoint: str) -> dict[str, object]:
+        # The model a rule names is loaded here (it denoises the series next) and its card
+        # read; a model of the test suite's has no intended use.
+        card = getattr(self.models.get(checkpoint), "card", None)
+        return dict(getattr(card, "intended_use", None) or {})
 
     def _source_files(self, job: ClaimedJob) -> tuple[str, list[Path], str]:
         with self.sessions() as session:
@@ -382,8 +369,9 @@ class Worker:
             self._retry_or_fail(job, describe_error(exc))
             return
         names = ", ".join(d.name for d in destinations) or "no destination configured"
+        # send_attempts counts every attempt made, the one that succeeded too.
         self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}",
-                   also=lambda session: note_superseded(session, job.id, utcnow()))
+                   send_attempts=job.send_attempts + 1, also=lambda session: note_superseded(session, job.id, utcnow()))
 
     def _destinations(self, chosen: str | None) -> list[Destination]:
         """The destinations the rule chose when the series was denoised; a job from before

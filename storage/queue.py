@@ -281,7 +281,9 @@ def after_failed_attempt(stage: Stage, attempts_before: int, policy: RetryPolicy
         return AfterFailure(JobState.FAILED, f"{reason} ({counted})",
                             {stage.attempts_column: attempts}, None)
     delay = policy.delay(attempts, rng)
-    return AfterFailure(stage.back_to, f"{reason} ({counted}; retry in {delay:.0f} s)",
+    # The wait is not in the reason: available_at holds it, and the status line says it
+    # counting down (a stored "retry in 11 s" beside it read as a second timing).
+    return AfterFailure(stage.back_to, f"{reason} ({counted} failed)",
                         {**released(now, delay), stage.attempts_column: attempts}, delay)
 
 

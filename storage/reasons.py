@@ -1,16 +1,22 @@
-"""Reasons written for people (a job's reason, an image left out): one line, short, and never
+"""Reasons written for people (a job's reason, an image left out): one line, whole, and never
 a traceback with install paths; the full exception goes to the log."""
 
 from __future__ import annotations
 
-MAX_REASON_CHARS = 300
+# A reason is kept whole up to this (several gate checks, a send failure with its fix run
+# to 500-800 characters); past it, it is cut where a word ends. Bounded: a library that puts
+# a megabyte into one line does not fill the audit log.
+MAX_REASON_CHARS = 4000
 
 
 def one_line(text: str, limit: int = MAX_REASON_CHARS) -> str:
     """The first non-empty line of ``text``, cut to ``limit`` characters. Some libraries put
     a whole traceback in an exception's message (pydicom's tag_in_exception does)."""
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
-    return first if len(first) <= limit else first[:limit - 3] + "..."
+    if len(first) <= limit:
+        return first
+    cut = first[:limit - 3]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut) + "..."
 
 
 def describe_error(exc: BaseException) -> str:

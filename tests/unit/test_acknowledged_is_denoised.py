@@ -19,6 +19,7 @@ from pydicom.uid import CTImageStorage
 from sqlalchemy import select
 
 from denoised_node.daemon.completion import complete_idle_series
+from denoised_node.daemon.pipeline import PermanentError
 from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.runtime import Runtime
 from denoised_node.daemon.scu import SendResult
@@ -197,3 +198,34 @@ def test_a_job_reason_is_one_line_without_the_traceback(runtime: Runtime, mr_ser
         assert "site-packages" not in reason
     assert "encoding without a string argument" in (job.reason or "")
     assert "site-packages/pydicom/tag.py" in caplog.text  # the log keeps it all
+
+
+class _RefusingDenoiser(_FailingDenoiser):
+    REASON = "; ".join(f"check {n}: the figure is 0.{n:03d}, above its threshold, where a region "
+                       "of the image changed" for n in range(12))
+
+    def denoise(self, volume: np.ndarray, progress=None, spacing=None) -> np.ndarray:  # type: ignore[no-untyped-def]
+        raise PermanentError(self.REASON)
+
+
+def test_a_long_reason_is_kept_whole_in_the_job_and_in_jobs_show_json(runtime: Runtime,  # type: ignore[no-untyped-def]
+                                                                     mr_series) -> None:
+    """Reasons were cut at 300 characters where they were stored ("... a regio...")."""
+    from click.testing import CliRunner
+
+    from denoised_node.daemon.cli import main
+
+    assert len(_RefusingDenoiser.REASON) > 900
+    receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
+    for path in mr_series.paths:
+        receiver.receive(path.read_bytes(), MR, "MOD")
+    _age_and_complete(runtime)
+    _run_worker(runtime, _RefusingDenoiser())
+    (job,) = _jobs(runtime)
+    assert job.state == "failed" and job.reason == _RefusingDenoiser.REASON
+    url = runtime.settings.database.url
+    result = CliRunner().invoke(main, ["jobs", "show", str(job.id), "--json"],
+                                env={"DENOISED_NODE_DATABASE__URL": url,
+                                     "DENOISED_NODE_NODE__DATA_DIR": str(runtime.settings.node.data_dir)})
+    assert result.exit_code == 0, result.output
+    assert _RefusingDenoiser.REASON in result.stdout

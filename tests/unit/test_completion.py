@@ -62,6 +62,14 @@ def test_series_without_mr_is_ignored_with_the_reason(runtime: Runtime, mr_serie
     with runtime.sessions() as session:
         job = session.scalars(select(Job)).one()
         assert job.state == "ignored" and "not an MR image" in (job.reason or "")
+    # It listed 0 instances: the job says how many arrived, and that none is denoised.
+    assert "2 instance(s) arrived, none to denoise" in (job.reason or "")
+    from denoised_node.daemon.admin import job_detail, list_jobs
+
+    with runtime.sessions() as session:
+        row, _ = job_detail(session, job.id)
+        (listed,) = list_jobs(session)
+    assert (row.arrived, row.instances, listed.arrived) == (2, 0, 2)
 
 
 def test_a_failed_commit_logs_no_series_complete(runtime: Runtime, mr_series, caplog) -> None:  # type: ignore[no-untyped-def]

@@ -120,3 +120,39 @@ def test_a_series_with_nothing_to_denoise_is_ignored_not_failed(tmp_path: Path, 
     assert result.exit_code == 0, result.output
     assert "ignored, nothing to denoise" in result.stdout and result.exception is None
     assert not list(out.glob("*.dcm"))
+
+
+def test_a_ct_folder_is_ignored_as_the_node_ignores_it(tmp_path: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    """A CT series ran through the MR model (only the gate refused it; --no-gate wrote "CT ...
+    DENOISED"). The node ignores it on receipt; offline denoising decides the same: exit 0,
+    one line, nothing written, --no-gate or --override-intended-use notwithstanding."""
+    ct = mr_series_factory(slices=3, rows=64, columns=64,
+                           sop_class_uid=pydicom.uid.CTImageStorage, modality="CT")
+    for flags in ([], ["--no-gate"], ["--no-gate", "--override-intended-use"]):
+        out = tmp_path / f"out{len(flags)}"
+        result = CliRunner().invoke(main, ["denoise", str(ct.directory), str(out), *flags,
+                                           "--config", str(minimal_config(tmp_path))])
+        assert result.exit_code == 0, result.output
+        assert "ignored: not an MR image (CT Image Storage)" in result.stdout
+        assert "nothing written" in result.stdout and not list(out.rglob("*.dcm"))
+
+
+def test_a_series_outside_the_intended_use_is_ignored_unless_overridden(tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                         mr_series_factory) -> None:
+    """The shipped card is for the brain: a knee series is ignored, as the worker ignores it;
+    the flag overrides the intended use (as a rule's override_intended_use does)."""
+    source = mr_series_factory(slices=3, rows=96, columns=96, noise_sigma=30.0)
+    for path in source.directory.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "KNEE"
+        ds.save_as(path)
+    config = str(minimal_config(tmp_path))
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
+                                       "--config", config])
+    assert result.exit_code == 0, result.output
+    assert "ignored: BodyPartExamined KNEE is outside the model's intended use" in result.stdout
+    assert not list((tmp_path / "a").rglob("*.dcm"))
+    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"),
+                                       "--config", config, "--override-intended-use", "--no-gate"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "b").glob("*.dcm"))) == 3

@@ -248,3 +248,19 @@ def test_the_example_configs_commented_rules_load(tmp_path: Path) -> None:
     assert [r.name for r in settings.rules] == ["skip-scouts", "brain-t1", "t2-trial"]
     assert [d.name for d in settings.rule_destinations(settings.rules[2])] == ["test-pacs"]
     assert settings.rules[1].match["SeriesDescription"] == r"(?i)\bt1\b"
+
+
+def test_rules_test_says_what_the_node_would_do_with_ct_and_truncated_files(  # type: ignore[no-untyped-def]
+        tmp_path: Path, mr_series_factory) -> None:
+    """It said "no rule matches (default: Modality='CT')" for CT, and offered to denoise
+    truncated files: the node ignores both, and says why."""
+    ct = mr_series_factory(slices=3, sop_class_uid=pydicom.uid.CTImageStorage, modality="CT",
+                           seed=3)
+    cut = mr_series_factory(slices=2, series_description="T1 AX", seed=4)
+    for path in cut.paths:
+        path.write_bytes(path.read_bytes()[:-4000])  # the pixel data cut short
+    for source, expected in ((ct, "ignored: not an MR image (CT Image Storage)"),
+                             (cut, "ignored: refused on receipt: the dataset is truncated")):
+        result = CliRunner().invoke(main, ["rules", "test", str(source.directory)])
+        assert result.exit_code == 0, result.output
+        assert expected in result.output and "model:" not in result.output, result.output

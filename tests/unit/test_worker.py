@@ -84,6 +84,27 @@ def test_send_failure_retries_then_succeeds(runtime: Runtime, mr_series, fake_de
         session.scalars(select(Job)).one().available_at = utcnow()
     worker.run(burst=True)
     assert job_states(runtime) == ["done"] and fake_denoiser.calls == 1
+    with runtime.sessions() as session:  # it said 0 or the failures only: count them all
+        assert session.scalars(select(Job)).one().send_attempts == 2
+
+
+def test_a_retrying_send_shows_one_timing(runtime: Runtime, mr_series, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
+    """The line read "... in 6 s ...; last error: ... (send attempt 4 of 20; retry in 11 s)"."""
+    from denoised_node.daemon.admin import job_detail
+    from denoised_node.daemon.job_status import AttemptLimits, job_status
+
+    receive_files(runtime, mr_series.paths)
+    _complete(runtime)
+    _worker(runtime, fake_denoiser, RecordingSender(failures=1)).run(burst=True)
+    with runtime.sessions() as session:
+        row, _ = job_detail(session, session.scalars(select(Job)).one().id)
+    assert row.available_at is not None
+    now = row.available_at - timedelta(seconds=41)  # a fixed moment: no flaky "due now"
+    line = job_status(row, now, AttemptLimits.from_settings(runtime.settings)) or ""
+    assert line.startswith("retrying: send attempt 2 of 20 in 41 s ("), line
+    assert line.count(" s ") + line.count(" min ") == 1 and "retry in" not in line, line
+    assert line.endswith("; last error: SendError: pacs: association rejected "
+                         "(send attempt 1 of 20 failed)"), line
 
 
 def test_send_fails_after_the_attempt_limit(settings_factory, mr_series_factory,  # type: ignore[no-untyped-def]
