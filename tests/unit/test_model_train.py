@@ -175,18 +175,30 @@ def test_loss_weights_balance_the_noise_levels() -> None:
 
     cfg = TrainConfig(run_dir=Path("unused"), sigma_range=(0.01, 0.04), steps=1)
     sigma = torch.tensor([0.01, 0.02, 0.04])
-    weights = sample_weights(sigma, cfg)
+    clean = torch.zeros(3, 1, 4, 4)
+    noisy = torch.zeros(3, 3, 4, 4)
+    noisy[:, 1] = sigma[:, None, None] * 2.0  # the inputs' errors: (2 sigma)^2
+    # relative (the default): the identity scores 1 on every sample, whatever its noise
+    weights = sample_weights(noisy, clean, sigma, cfg)
     assert weights is not None
-    torch.testing.assert_close(weights, torch.tensor([4.0, 1.0, 0.25]))  # (0.02 / sigma)^2
-    # An error the size of each sample's noise counts the same at every level.
-    pred = torch.zeros(3, 1, 4, 4)
-    target = sigma[:, None, None, None].expand(3, 1, 4, 4)
-    per_sample = (pred - target).pow(2).flatten(1).mean(1) * weights
-    torch.testing.assert_close(per_sample, torch.full((3,), 0.0004))
-    assert sample_weights(torch.tensor([float("nan")]), cfg) is None  # real pairs: sigma unknown
+    identity = noisy[:, 1:2]
+    per_sample = (identity - clean).pow(2).flatten(1).mean(1) * weights
+    torch.testing.assert_close(per_sample, torch.ones(3))
+    assert weighted_mse(identity, clean, weights).item() == pytest.approx(1.0)
+    # a zeroed patch (no error at all) is floored at (sigma / 2)^2, not infinite
+    flat = sample_weights(torch.zeros(3, 3, 4, 4), clean, sigma, cfg)
+    assert flat is not None
+    torch.testing.assert_close(flat, 1.0 / (0.5 * sigma) ** 2)
+    # inverse_variance: (0.02 / sigma)^2; unknown sigma (real pairs): plain MSE
+    cfg.loss_weighting = "inverse_variance"
+    torch.testing.assert_close(sample_weights(noisy, clean, sigma, cfg), torch.tensor([4.0, 1.0, 0.25]))
+    assert sample_weights(noisy, clean, torch.tensor([float("nan")] * 3), cfg) is None
     cfg.loss_weighting = "none"
-    assert sample_weights(sigma, cfg) is None
-    torch.testing.assert_close(weighted_mse(pred, target, None), torch.nn.functional.mse_loss(pred, target))
+    assert sample_weights(noisy, clean, sigma, cfg) is None
+    torch.testing.assert_close(weighted_mse(identity, clean, None), torch.nn.functional.mse_loss(identity, clean))
+    cfg.loss_weighting = "l1"
+    with pytest.raises(ValueError, match="relative"):
+        sample_weights(noisy, clean, sigma, cfg)
 
 
 def test_resume_reads_the_runs_own_config_and_refuses_changes(tmp_path: Path, volume: Path) -> None:
