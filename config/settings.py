@@ -297,6 +297,10 @@ class HttpSettings(_Section):
     # (past it the longest silent one is closed, or a 503 when every one is busy).
     request_timeout: float = Field(default=10.0, gt=0)
     max_connections: int = Field(default=32, ge=1)
+    # Past this many failed logins from one address within the window, that address is
+    # answered 429 (Retry-After) without a password check until its oldest failure expires.
+    max_failed_logins: int = Field(default=10, ge=1)
+    failed_login_window_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _basic_auth_pairs(self) -> HttpSettings:
