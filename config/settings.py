@@ -185,6 +185,15 @@ class ModelSettings(_Section):
     tta: TTAPasses | None = None
     # Planes averaged on near-isotropic volumes (1, 2, 3): None = 2 on a CPU, 3 on a GPU.
     planes: Planes | None = None
+    # A worker's memory per series (issue 29, item 6: two 4096x4096 slices took one to
+    # 9.5 GB). The network's memory grows with a batch's pixels, and faster than a slice's
+    # pixels (attention at its lowest level): a batch holds at most batch_pixels pixels (at
+    # least one slice; the default is 8 slices of 512x512); a slice of more than
+    # max_slice_pixels, or a stack of more than max_stack_mb as float32 (the worker holds
+    # about three copies), is left out with the reason, and a series of nothing else ignored.
+    batch_pixels: int = Field(default=8 * 512 * 512, ge=1)
+    max_slice_pixels: int = Field(default=1024 * 1024, ge=1)
+    max_stack_mb: int = Field(default=4096, ge=1)
 
     @field_validator("device")
     @classmethod
