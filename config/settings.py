@@ -190,6 +190,15 @@ class ModelSettings(_Section):
     tta: TTAPasses | None = None
     # Planes averaged on near-isotropic volumes (1, 2, 3): None = 2 on a CPU, 3 on a GPU.
     planes: Planes | None = None
+    # A worker's memory per series (issue 29, item 6: two 4096x4096 slices took one to
+    # 9.5 GB). The network's memory grows with a batch's pixels, and faster than a slice's
+    # pixels (attention at its lowest level): a batch holds at most batch_pixels pixels (at
+    # least one slice; the default is 8 slices of 512x512); a slice of more than
+    # max_slice_pixels, or a stack of more than max_stack_mb as float32 (the worker holds
+    # about three copies), is left out with the reason, and a series of nothing else ignored.
+    batch_pixels: int = Field(default=8 * 512 * 512, ge=1)
+    max_slice_pixels: int = Field(default=1024 * 1024, ge=1)
+    max_stack_mb: int = Field(default=4096, ge=1)
 
     @field_validator("device")
     @classmethod
@@ -302,6 +311,10 @@ class HttpSettings(_Section):
     # (past it the longest silent one is closed, or a 503 when every one is busy).
     request_timeout: float = Field(default=10.0, gt=0)
     max_connections: int = Field(default=32, ge=1)
+    # Past this many failed logins from one address within the window, that address is
+    # answered 429 (Retry-After) without a password check until its oldest failure expires.
+    max_failed_logins: int = Field(default=10, ge=1)
+    failed_login_window_seconds: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _basic_auth_pairs(self) -> HttpSettings:

@@ -64,9 +64,13 @@ class HttpApp:
             ready, checks = self.readiness.report()
             body = json.dumps({"ready": ready, "checks": checks}, indent=1).encode() + b"\n"
             return Response(200 if ready else 503, body, "application/json")
-        verdict = self.guard.check(headers)
+        verdict = self.guard.check(headers, str(environ.get("REMOTE_ADDR") or ""))
         if not verdict.allowed:
-            extra = (("WWW-Authenticate", self.guard.challenge()),) if verdict.status == 401 else ()
+            extra: tuple[tuple[str, str], ...] = ()
+            if verdict.status == 401:
+                extra = (("WWW-Authenticate", self.guard.challenge()),)
+            elif verdict.status == 429:
+                extra = (("Retry-After", str(verdict.retry_after)),)
             return Response(verdict.status, (verdict.reason + "\n").encode(),
                             "text/plain; charset=utf-8", extra)
         if method == "GET" and path == "/metrics":

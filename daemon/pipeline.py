@@ -15,12 +15,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from denoised_node.config.settings import Settings
+from denoised_node.config.settings import ModelSettings, Settings
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
 from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
 from denoised_node.storage.series import (
     NothingToDenoise,
+    Stack,
     StackPlan,
     flat_reason,
     load_volume,
@@ -92,6 +93,20 @@ def plan_series(paths: Sequence[Path], policy: InputPolicy = DEFAULT_POLICY) -> 
     return plan
 
 
+def memory_refusal(stack: Stack, model: ModelSettings) -> str | None:
+    """Why ``stack`` is too large for a worker's memory (model.max_slice_pixels,
+    model.max_stack_mb), or None."""
+    pixels = stack.rows * stack.columns
+    if pixels > model.max_slice_pixels:
+        return (f"slices of {stack.rows}x{stack.columns} pixels, over model.max_slice_pixels "
+                f"({model.max_slice_pixels})")
+    megabytes = stack.depth * pixels * 4 / 2**20
+    if megabytes > model.max_stack_mb:
+        return (f"{stack.depth} slices of {stack.rows}x{stack.columns}: {megabytes:.1f} MB as "
+                f"float32, over model.max_stack_mb ({model.max_stack_mb})")
+    return None
+
+
 def _nothing(skipped: list[tuple[str, str]]) -> str:
     reasons = sorted({reason for _, reason in skipped}) or ["no images"]
     return f"nothing to denoise: {'; '.join(reasons)}"
@@ -120,6 +135,12 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     seconds = dict.fromkeys(("load", "model", "gate", "write"), 0.0)
     clock = _StageClock(seconds)
     for stack in plan.stacks:
+        too_big = memory_refusal(stack, settings.model)
+        if too_big:  # never loaded: what cannot fit the limits is left out, not tried
+            uids = dict.fromkeys(ref.sop_instance_uid for ref in stack.slices)
+            plan.skipped += [(uid, f"{too_big}, stack {stack.label}") for uid in uids]
+            done += stack.depth
+            continue
         with clock("load"):
             volume = load_volume(stack)
         flat = flat_reason(volume)

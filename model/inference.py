@@ -183,10 +183,12 @@ def denoise_volume(
     progress: Progress | None = None,
     tta: int = 1,
     planes: int = 1,
+    batch_pixels: int | None = None,
 ) -> np.ndarray:
     """The whole inference path on an in-memory network (also used by training's validation).
     ``planes`` > 1 averages the 2.5D network run along that many axes (see ``planes_for``;
-    the caller decides whether the volume suits it); a 3D network ignores it."""
+    the caller decides whether the volume suits it); a 3D network ignores it.
+    ``batch_pixels``: a 2.5D batch holds at most this many pixels (at least one slice)."""
     if tta not in TTA_CHOICES:
         raise ValueError(f"tta must be one of {TTA_CHOICES}, not {tta}")
     if planes not in PLANE_CHOICES:
@@ -203,7 +205,8 @@ def denoise_volume(
         result = np.empty(0, dtype=np.float32)
         for index, order in enumerate(PLANE_ORDERS[:planes]):
             view = vol.transpose(order)  # no copy: batches gather their slices from the view
-            out = _denoise_2d(net, view, scale, schedule, PLANE_SIGMA_FACTOR[planes], batch_size,
+            batch = _batch_for(view.shape, batch_size, batch_pixels)
+            out = _denoise_2d(net, view, scale, schedule, PLANE_SIGMA_FACTOR[planes], batch,
                               device, use_amp, amp_dtype,
                               _plane_progress(progress, index, planes, vol.shape[0]), tta)
             back = out.transpose(np.argsort(order))
@@ -229,6 +232,13 @@ def denoise_volume(
         np.maximum(result, 0.0, out=result)
     result = result.astype(np.float32, copy=False)
     return result[0] if squeeze else result
+
+
+def _batch_for(shape: tuple[int, ...], batch_size: int, batch_pixels: int | None) -> int:
+    """Slices per batch: ``batch_size``, fewer where they would hold over ``batch_pixels``."""
+    if batch_pixels is None:
+        return batch_size
+    return max(1, min(batch_size, batch_pixels // max(1, shape[-2] * shape[-1])))
 
 
 def _plane_progress(progress: Progress | None, index: int, planes: int,
@@ -334,6 +344,7 @@ class Denoiser:
     batch_size: int = NODE_DEFAULTS.batch_size
     amp: bool = NODE_DEFAULTS.amp
     path: Path | None = None
+    batch_pixels: int = NODE_DEFAULTS.batch_pixels
     tta: int = 1
     planes: int = 1  # on near-isotropic volumes (planes_for); others get 1
 
@@ -347,6 +358,7 @@ class Denoiser:
         threads: int = NODE_DEFAULTS.threads,
         tta: int | None = None,
         planes: int | None = None,
+        batch_pixels: int = NODE_DEFAULTS.batch_pixels,
     ) -> Denoiser:
         """Load and verify ``checkpoint``. ``tta``: passes averaged per slice (1, 2, 4, 8);
         None picks 8 on a GPU and 1 on a CPU. ``planes``: planes averaged on near-isotropic
@@ -379,14 +391,14 @@ class Denoiser:
         if planes not in PLANE_CHOICES:
             raise ValueError(f"planes must be one of {PLANE_CHOICES}, not {planes}")
         return cls(card=card, net=net, schedule=schedule, device=dev, batch_size=batch_size,
-                   amp=amp, path=path, tta=tta, planes=planes)
+                   amp=amp, path=path, tta=tta, planes=planes, batch_pixels=batch_pixels)
 
     @classmethod
     def from_settings(cls, model: ModelSettings) -> Denoiser:
         """Load as the `[model]` section of the node's config says."""
         return cls.load(checkpoint=model.checkpoint, device=model.device,
                         batch_size=model.batch_size, amp=model.amp, threads=model.threads,
-                        tta=model.tta, planes=model.planes)
+                        tta=model.tta, planes=model.planes, batch_pixels=model.batch_pixels)
 
     @property
     def identity(self) -> str:
@@ -416,6 +428,7 @@ class Denoiser:
             progress=progress,
             tta=self.tta,
             planes=self.planes_for(np.shape(volume), spacing),
+            batch_pixels=self.batch_pixels,
         )
         logger.debug(
             "denoised %s in %.2f s", tuple(np.shape(volume)), time.perf_counter() - t0, extra={"model": self.identity}

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from denoised_node.config.settings import ConfigError, HttpSettings, is_loopback
 from denoised_node.daemon.web.passwords import StoredPassword
+from denoised_node.daemon.web.throttle import FailureThrottle
 
 REALM = "denoised-node"
 
@@ -46,8 +47,9 @@ def _digest(value: bytes) -> bytes:
 class Verdict:
     allowed: bool
     user: str | None = None
-    status: int = 200  # 401 (ask for credentials) or 403 (refused) when not allowed
+    status: int = 200  # 401 (ask for credentials), 403 (refused), 429 (throttled)
     reason: str = ""
+    retry_after: int = 0  # with 429: seconds until this address may try again
 
 
 class Guard:
@@ -64,9 +66,12 @@ class Guard:
         # Without credentials on loopback, only clients that name a local host get in.
         self._check_host = not self.authenticated and is_loopback(settings.host)
         self._own_host = settings.host.lower()
+        self.throttle = FailureThrottle(settings.max_failed_logins,
+                                        settings.failed_login_window_seconds)
 
-    def check(self, headers: Mapping[str, str]) -> Verdict:
-        """``headers`` with lower-case names."""
+    def check(self, headers: Mapping[str, str], address: str = "") -> Verdict:
+        """``headers`` with lower-case names; ``address``: the client's (failures are
+        counted per address, and past the limit answered 429 without checking)."""
         if not self.authenticated:
             if self._check_host and not self._local_host(headers.get("host", "")):
                 return Verdict(False, status=403, reason="the Host header does not name this "
@@ -76,12 +81,22 @@ class Guard:
         value = value.strip()
         if scheme.lower() == "bearer" and self._token is not None:
             if hmac.compare_digest(_digest(value.encode()), self._token):
-                return Verdict(True, user="token")
+                return Verdict(True, user="token")  # cheap to check: never throttled
         elif scheme.lower() == "basic" and self._password is not None:
             user, password = _basic_credentials(value)
-            if (user is not None and hmac.compare_digest(user.encode(), (self.username or "").encode())
-                    & self._password.matches(password)):
+            user_ok = user is not None and hmac.compare_digest(
+                user.encode(), (self.username or "").encode())
+            if user_ok and self._password.remembered(password):
+                return Verdict(True, user=user)  # the right password is never throttled
+            if wait := self.throttle.retry_after(address):
+                return Verdict(False, status=429, retry_after=wait,
+                               reason=f"too many failed logins from this address; "
+                                      f"try again in {wait} s")
+            if user_ok & self._password.matches(password):
                 return Verdict(True, user=user)
+        else:
+            return Verdict(False, status=401, reason="authentication required")
+        self.throttle.failed(address)
         return Verdict(False, status=401, reason="authentication required")
 
     def challenge(self) -> str:

@@ -27,7 +27,8 @@ from denoised_node.daemon.web.activity import STAGE_LABELS, last_hour, recent_jo
 from denoised_node.daemon.web.charts import day_charts
 from denoised_node.daemon.web.csrf import TOKEN_FIELD, CsrfTokens
 from denoised_node.daemon.web.node_health import HealthRow, SlowChecks, slow_checks
-from denoised_node.daemon.web.previews import KINDS, PreviewCache
+from denoised_node.daemon.web.preview_cache import RETRY_SECONDS, PreviewCache
+from denoised_node.daemon.web.previews import KINDS
 from denoised_node.daemon.web.request import Request, Response
 from denoised_node.daemon.web.series_data import (
     NotFound,
@@ -175,7 +176,7 @@ class StatusPages:
             header = read_header(page.preview.source_paths,
                                  self.settings.http.show_patient_data)
         return self._render("series.html", active="jobs", page=page, preview=preview,
-                            header=header or {}, kinds=KINDS,
+                            header=header or {}, kinds=KINDS, retry_seconds=RETRY_SECONDS,
                             gate_enabled=self.settings.gate.enabled,
                             show_patient_data=self.settings.http.show_patient_data)
 
@@ -186,6 +187,9 @@ class StatusPages:
         if page.preview is None:
             raise NotFound(f"the files of series {uid} were purged")
         preview = self.previews.get(page.preview, _int(request.arg("stack")) or 0)
+        if preview.pending:
+            return Response(503, b"the picture is being made; try again\n",
+                            "text/plain; charset=utf-8", (("Retry-After", str(RETRY_SECONDS)),))
         if kind not in preview.images:
             raise NotFound(f"no {kind} picture for job {job_id}")
         return Response(200, preview.images[kind], "image/png", cache="private, max-age=60")

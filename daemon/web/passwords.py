@@ -40,13 +40,20 @@ class StoredPassword:
         self._verified: set[bytes] = set()
         self._lock = threading.Lock()
 
-    def matches(self, password: bytes) -> bool:
+    def remembered(self, password: bytes) -> bool:
+        """The cheap check: a plain-text password, or one bcrypt already verified."""
         digest = hashlib.sha256(password).digest()
         if not self.hashed:
             return hmac.compare_digest(digest, self._secret)
         with self._lock:
-            if any(hmac.compare_digest(digest, known) for known in self._verified):
-                return True
+            return any(hmac.compare_digest(digest, known) for known in self._verified)
+
+    def matches(self, password: bytes) -> bool:
+        if self.remembered(password):
+            return True
+        if not self.hashed:
+            return False
+        digest = hashlib.sha256(password).digest()
         import bcrypt
 
         if not bcrypt.checkpw(password, self._secret):

@@ -4,15 +4,12 @@ derived instances), and the residual (before - after), with the gate's figures r
 the slices the worker's gate looks at.
 
 The derived files hold the output rounded to stored values, so the figures may differ a
-little from the worker's own. Results are cached per job and stack; one is made at a time
-(the machine's cores belong to the workers).
+little from the worker's own. preview_cache.py makes them, one at a time, off the HTTP
+request threads, and keeps them.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,8 +19,6 @@ import numpy as np
 from denoised_node.config.settings import GateSettings
 from denoised_node.daemon.web.png import residual_spread, to_png, window
 from denoised_node.storage.series import Stack, StackPlan, load_volume, plan_stacks
-
-log = logging.getLogger(__name__)
 
 KINDS = ("before", "after", "residual")
 GATE_SLICES = 32  # model.gate.MAX_SLICES (importing it imports torch: done only when needed)
@@ -61,6 +56,7 @@ class Preview:
     gate_reason: str = ""
     gate_rows: tuple[GateRow, ...] = ()
     notes: tuple[str, ...] = ()  # what could not be shown, and why
+    pending: bool = False  # being made: the page reloads, the pictures answer 503
 
 
 def _sample(depth: int) -> list[int]:
@@ -139,31 +135,3 @@ def gate_figures(before: np.ndarray, after: np.ndarray,
                 f["tissue_fraction"], "", None),
     )
     return verdict.passed, verdict.reason, rows
-
-
-class PreviewCache:
-    def __init__(self, gate: GateSettings, size: int = 16) -> None:
-        self.gate = gate
-        self.size = size
-        self._entries: OrderedDict[tuple[int, str, int], Preview] = OrderedDict()
-        self._lock = threading.Lock()
-        self._compute = threading.Lock()
-
-    def get(self, source: PreviewInput, stack_index: int) -> Preview:
-        key = (source.job_id, source.version, stack_index)
-        with self._compute:  # a page and its three images ask at once: make it once
-            with self._lock:
-                if key in self._entries:
-                    self._entries.move_to_end(key)
-                    return self._entries[key]
-            try:
-                preview = make_preview(source, stack_index, self.gate)
-            except Exception as exc:  # noqa: BLE001 - a page says so; it never fails for this
-                log.exception("preview failed", extra={"job_id": source.job_id})
-                return Preview(notes=(f"The stored files could not be read: "
-                                      f"{type(exc).__name__}: {exc}".splitlines()[0],))
-            with self._lock:
-                self._entries[key] = preview
-                while len(self._entries) > self.size:
-                    self._entries.popitem(last=False)
-        return preview

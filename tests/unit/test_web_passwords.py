@@ -88,3 +88,51 @@ def test_doctor_flags_a_plain_text_password(tmp_path: Path) -> None:
     check = http_check(settings)
     assert check is not None and not check.ok and "plain text" in check.detail
     assert "denoised-node http-password" in (check.fix or "")
+
+
+def test_wrong_passwords_are_throttled_per_address_and_the_right_one_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29, item 8: every wrong password cost a full bcrypt check, unthrottled (16
+    threads of them took a core). Past the limit an address gets 429 with Retry-After and no
+    bcrypt runs; other addresses, and a password already accepted, are not slowed."""
+    import bcrypt
+    from prometheus_client import CollectorRegistry
+
+    from denoised_node.daemon.http import CheckResult, Readiness
+    from denoised_node.daemon.http_app import HttpApp
+    from tests.fixtures.wsgi import call
+
+    secret = tmp_path / "http-password"
+    secret.write_text(htpasswd_line("admin", "correct horse", rounds=4))
+    guard = Guard(HttpSettings(host="10.0.0.5", username="admin", password_file=secret))
+    app = HttpApp(CollectorRegistry(), Readiness([("x", lambda: CheckResult(True, "ok"))]), guard)
+    calls: list[bytes] = []
+    real = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw", lambda p, h: calls.append(p) or real(p, h))
+
+    def get(address: str, password: str) -> tuple[int, dict[str, str]]:
+        def with_address(environ: dict[str, object], start: object) -> object:
+            return app({**environ, "REMOTE_ADDR": address}, start)
+
+        answer = call(with_address, "GET", "/metrics", headers={
+            "Host": "10.0.0.5:8080", **{k.title(): v for k, v in _basic("admin", password).items()
+                                        if k == "authorization"}})
+        return answer.status, answer.headers
+
+    assert get("10.0.0.7", "correct horse")[0] == 200  # verified once, from this address
+    statuses = [get("10.0.0.9", f"guess {n}")[0] for n in range(20)]
+    assert statuses == [401] * 10 + [429] * 10  # the defaults: 10 failures a minute
+    assert len(calls) == 1 + 10  # no bcrypt for a throttled attempt
+    status, headers = get("10.0.0.9", "guess 21")
+    assert status == 429 and 0 < int(headers["Retry-After"]) <= 60
+    assert get("10.0.0.9", "correct horse")[0] == 200  # the right password is never slowed
+    assert get("10.0.0.8", "another guess")[0] == 401  # other addresses are checked as ever
+
+    from denoised_node.daemon.web.throttle import FailureThrottle
+
+    now = [1000.0]  # a clock of the test's own for the expiry: nothing waits
+    guard.throttle = FailureThrottle(2, 60.0, clock=lambda: now[0])
+    assert [get("10.0.0.9", "guess")[0] for _ in range(3)] == [401, 401, 429]
+    assert get("10.0.0.9", "guess")[1]["Retry-After"] == "60"
+    now[0] += 61  # the oldest failures expire: the address is checked again
+    assert get("10.0.0.9", "guess 22")[0] == 401
