@@ -58,6 +58,9 @@ def _command_line(name: str) -> str:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Continue this run from its last state, with its own config and schedule "
                    "(only --threads and --device may change).")
+@click.option("--loss-weighting", type=click.Choice(["relative", "inverse_variance", "none"]), default="relative",
+              show_default=True, help="Each sample's squared error over its noisy input's own (relative), "
+                                      "over its sigma^2 (inverse_variance), or plain MSE.")
 @click.option("--precision", type=click.Choice(["auto", "fp32"]), default="auto", show_default=True,
               help="auto: bf16 autocast where the GPU or CPU has native bf16 (fp32 master weights).")
 @click.option("--init-from", default=None, metavar="CHECKPOINT",
@@ -67,7 +70,7 @@ def _command_line(name: str) -> str:
               help="Then evaluate the best checkpoint on the held-out families beside the shipped model (RUN-DIR/eval).")
 def train_command(config_path: str | None, run_dir: str, kind: str, name: str | None, volumes: tuple[str, ...],
                   pairs: tuple[tuple[str, str], ...], steps: int | None, time_budget: float | None, batch_size: int, patch: int, lr: float, seed: int, threads: int, device: str,
-                  val_every: int, holdout: int, gap: int, resume_dir: str | None, precision: str,
+                  val_every: int, holdout: int, gap: int, resume_dir: str | None, loss_weighting: str, precision: str,
                   init_from: str | None, warmup: int, then_evaluate: bool) -> None:
     """Train the denoiser (or the plain U-Net baseline) on simulated Rician noise."""
     require("train")  # now, not after minutes of work
@@ -85,7 +88,8 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
             raise CommandError(str(exc)) from None
         ctx = click.get_current_context()
         changed = [p for p in ("kind", "name", "volumes", "pairs", "steps", "time_budget", "batch_size", "patch",
-                               "lr", "seed", "val_every", "holdout", "gap", "init_from", "warmup", "precision")
+                               "lr", "seed", "val_every", "holdout", "gap", "init_from", "warmup", "precision",
+                               "loss_weighting")
                    if ctx.get_parameter_source(p) != click.core.ParameterSource.DEFAULT]
         if changed:
             raise CommandError(f"--resume continues the run's own schedule; leave out --{changed[0].replace('_', '-')}",
@@ -103,6 +107,7 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
             time_budget_s=None if time_budget is None else 60.0 * time_budget, batch_size=batch_size, patch=patch, lr=lr, seed=seed,
             threads=threads, device=device, val_every=val_every, holdout=holdout, gap=gap,
             command=_command_line("train"), init_from=init_from, warmup=warmup, amp=precision == "auto",
+            loss_weighting=loss_weighting,
         )
     resume = resume_dir is not None
     try:
