@@ -12,7 +12,7 @@ from denoised_node.config.settings import PLANE_CHOICES, SHIPPED_CHECKPOINT, TTA
 from denoised_node.daemon.cli_options import CommandError, ExitCode
 from denoised_node.daemon.extras import require
 from denoised_node.daemon.progress_bar import progress_bar
-from denoised_node.model.hyperparameters import HYPERPARAMETERS, KINDS, TRAINING
+from denoised_node.model.hyperparameters import HYPERPARAMETERS, KINDS, LOSS_WEIGHTINGS, TRAINING
 
 
 def _load_config(path: str | None) -> object | None:
@@ -58,7 +58,7 @@ def _command_line(name: str) -> str:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
               help="Continue this run from its last state, with its own config and schedule "
                    "(only --threads and --device may change).")
-@click.option("--loss-weighting", type=click.Choice(["relative", "inverse_variance", "none"]), default="relative",
+@click.option("--loss-weighting", type=click.Choice(LOSS_WEIGHTINGS), default=LOSS_WEIGHTINGS[0],
               show_default=True, help="Each sample's squared error over its noisy input's own (relative), "
                                       "over its sigma^2 (inverse_variance), or plain MSE.")
 @click.option("--precision", type=click.Choice(["auto", "fp32"]), default="auto", show_default=True,

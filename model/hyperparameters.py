@@ -59,6 +59,8 @@ class Training:
 
 
 TRAINING = Training()
+# How a training sample's squared error is weighed (train.sample_weights says what each does).
+LOSS_WEIGHTINGS = ("relative", "inverse_variance", "none")
 
 # The U-Net inside each kind of network.
 UNETS: dict[str, dict[str, Any]] = {

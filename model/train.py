@@ -39,7 +39,7 @@ from .data import (
     mni_maps,
     volume_maps,
 )
-from .hyperparameters import HYPERPARAMETERS, TRAINING, default_config
+from .hyperparameters import HYPERPARAMETERS, LOSS_WEIGHTINGS, TRAINING, default_config
 from .inference import noise_map_factor, uses_noise_map
 from .network import DenoiseNet, build_network, count_parameters, widen_input
 from .noise import estimate_sigma, robust_scale
@@ -116,9 +116,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
-
-
-LOSS_WEIGHTINGS = ("relative", "inverse_variance", "none")
 
 
 def sample_weights(noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
