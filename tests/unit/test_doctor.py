@@ -4,14 +4,13 @@ shipped model and no network peers. The security checks are in test_security_doc
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from denoised_node.daemon.cli import main
 from denoised_node.daemon.doctor import Check, _destinations
+from tests.fixtures.dicom_peer import loopback_scp
 from tests.fixtures.node_state import minimal_config
 
 
@@ -29,21 +28,11 @@ def test_doctor_reports_what_is_wrong_and_how_to_fix_it(tmp_path: Path) -> None:
     assert "database: ok" in result.stdout and "fix:" in result.stdout
 
 
-@contextmanager
-def _peer(ae_title: str, **attributes: object) -> Iterator[int]:
+def _peer(ae_title: str, **attributes: object):  # type: ignore[no-untyped-def]
     """A Verification SCP on loopback answering to ``ae_title``; yields its port."""
-    from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title=ae_title)
-    ae.add_supported_context(Verification)
-    for name, value in attributes.items():
-        setattr(ae, name, value)
-    server = ae.start_server(("127.0.0.1", 0), block=False)
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
+    return loopback_scp(ae_title, [Verification], **attributes)
 
 
 def _destination_check(tmp_path: Path, port: int) -> Check:

@@ -4,8 +4,7 @@ stops and lost leases. The series are received and completed through the real co
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from denoised_node.daemon.scu import SendError, SendResult
 from denoised_node.daemon.worker import Worker
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
+from tests.fixtures.dicom_peer import loopback_scp
 from tests.fixtures.node_state import job_states, receive_files
 from tests.unit.conftest import ScaledDenoiser
 
@@ -290,23 +290,14 @@ def test_a_series_that_keeps_killing_its_worker_fails_at_the_attempt_limit(  # t
     assert sender.sent == []
 
 
-@contextmanager
-def _pacs(**attributes: object) -> Iterator[int]:
-    """A pynetdicom storage SCP "PACS" on loopback taking MR (unless ``contexts`` says
-    otherwise), with ``attributes`` set on its AE; yields its port."""
-    from pynetdicom import AE
+def _pacs(**attributes: object):  # type: ignore[no-untyped-def]
+    """A storage SCP "PACS" on loopback taking MR (unless ``contexts`` says otherwise), with
+    ``attributes`` set on its AE; yields its port."""
     from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
-    ae = AE(ae_title="PACS")
-    for context in attributes.pop("contexts", [MRImageStorage]):  # type: ignore[attr-defined]
-        ae.add_supported_context(context)
-    for name, value in attributes.items():
-        setattr(ae, name, value)
-    server = ae.start_server(("127.0.0.1", 0), block=False)
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
+    contexts = attributes.pop("contexts", [MRImageStorage])
+    ae_title = str(attributes.pop("ae_title", "PACS"))
+    return loopback_scp(ae_title, contexts, **attributes)  # type: ignore[arg-type]
 
 
 def _send_to_port(settings_factory, mr_series, port: int) -> tuple[Runtime, Job]:  # type: ignore[no-untyped-def]
