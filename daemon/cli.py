@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,9 @@ from denoised_node.daemon.cli_options import (
     ExitCode,
     config_option,
     json_option,
+    SINCE_HELP,
     open_runtime_for,
+    parse_since,
     settings_from,
 )
 from denoised_node.daemon.cli_rules import rules
@@ -89,17 +90,6 @@ def _setup_logging(settings: Settings, level: str | None = None) -> None:
     from denoised_node.daemon.logs import setup_logging
 
     setup_logging(level or settings.logging.level, settings.logging.json_lines)
-
-
-def _parse_since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise CommandError(f"--since {value!r} is not an ISO date or time, e.g. 2026-11-25 "
-                           "or 2026-11-25T08:00", ExitCode.USAGE) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @click.group(cls=NodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -217,7 +207,7 @@ def jobs() -> None:
 @click.option("--state", "states", multiple=True,
               type=click.Choice([state.value for state in JobState]),
               help="Only jobs in this state (repeatable).")
-@click.option("--since", default=None, help="Only jobs updated since this ISO date/time (UTC).")
+@click.option("--since", default=None, help=f"Only jobs updated since then: {SINCE_HELP}.")
 @click.option("--limit", type=int, default=50, show_default=True)
 def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
               since: str | None, limit: int) -> None:
@@ -229,7 +219,7 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
     settings = settings_from(config_path)
     runtime = open_runtime_for(settings)
     with runtime.sessions() as session:
-        rows = list_jobs(session, states=list(states), since=_parse_since(since), limit=limit)
+        rows = list_jobs(session, states=list(states), since=parse_since(since), limit=limit)
     now, limits = utcnow(), AttemptLimits.from_settings(settings)
     if as_json:
         click.echo(json.dumps([{**row.as_json(now), "status": job_status(row, now, limits)}
@@ -319,7 +309,7 @@ def jobs_reject(job_id: int, config_path: Path | None, as_json: bool) -> None:
 @click.option("--series", "series_uid", default=None, help="Replay this SeriesInstanceUID.")
 @click.option("--study", "study_uid", default=None, help="Replay every series of this study.")
 @click.option("--failed", is_flag=True, help="Replay every failed job.")
-@click.option("--since", default=None, help="With --failed: only jobs failed since this time.")
+@click.option("--since", default=None, help=f"With --failed: only jobs failed since then: {SINCE_HELP}.")
 def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_uid: str | None,
            study_uid: str | None, failed: bool, since: str | None) -> None:
     """Queue jobs again: a failed one, a series, a study or all failed ones."""
@@ -334,7 +324,7 @@ def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_u
     runtime = open_runtime_for(settings_from(config_path))
     with runtime.sessions.begin() as session:
         outcomes = do_replay(session, job_id=job_id, series_uid=series_uid, study_uid=study_uid,
-                             failed=failed, since=_parse_since(since), who="cli")
+                             failed=failed, since=parse_since(since), who="cli")
     if as_json:
         click.echo(json.dumps([o.__dict__ for o in outcomes]))
     else:

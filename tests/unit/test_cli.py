@@ -290,3 +290,29 @@ def test_an_exit_status_is_not_classified_as_an_error(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(group, ["stops"])
     assert result.exit_code == 3
     assert classified == []
+
+
+def test_since_takes_a_duration_as_well_as_an_iso_date(config: Path, mr_series) -> None:  # type: ignore[no-untyped-def]
+    """Issue 30, item 14: `jobs list --since 1h` was refused (ISO dates only)."""
+    run("db", "upgrade", "--config", str(config))
+    _failed_job(config, mr_series)
+    for since, listed in (("1h", True), ("30m", True), ("2d", True), ("2000-01-01", True),
+                          ("2999-01-01T08:00", False)):
+        code, out, err = run("jobs", "list", "--config", str(config), "--json", "--since", since)
+        assert code == 0, err
+        assert len(json.loads(out)) == int(listed), since
+    code, _, err = run("replay", "--failed", "--since", "1h", "--config", str(config))
+    assert code == 0, err
+    code, _, err = run("jobs", "list", "--config", str(config), "--since", "yesterday")
+    assert code == 2 and "duration (30m, 1h, 2d, 1w)" in err
+
+
+def test_a_duration_counts_back_from_now() -> None:
+    from datetime import datetime, timezone
+
+    from denoised_node.daemon.cli_options import parse_since
+
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+    assert parse_since("90m", now) == datetime(2026, 12, 3, 10, 30, tzinfo=timezone.utc)
+    assert parse_since("2d", now) == datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    assert parse_since("2026-12-01", now) == datetime(2026, 12, 1, tzinfo=timezone.utc)
