@@ -447,6 +447,7 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_js
     """Denoise a DICOM series folder (writing the derived series as the node would) or a
     NIfTI file, without the network."""
     from denoised_node.daemon.offline import denoise_path, is_nifti
+    from denoised_node.daemon.progress_bar import LineProgress
 
     if is_nifti(input_path):
         from denoised_node.daemon.extras import require
@@ -460,19 +461,13 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_js
         settings = settings.model_copy(update={"gate": settings.gate.model_copy(
             update={"enabled": False})})
     _setup_logging(settings, "WARNING")
-    shown = {"progress": False}
-
-    def progress(done: int, total: int) -> None:
-        if not as_json:
-            shown["progress"] = True
-            click.echo(f"\rdenoising {done}/{total} slices", nl=False, err=True)
-
+    bar = LineProgress("denoising", "slices", file=click.get_text_stream("stderr"))
     try:
-        message = denoise_path(settings, input_path, output_path, progress=progress,
+        message = denoise_path(settings, input_path, output_path,
+                               progress=None if as_json else bar.progress,
                                override_intended_use=override_intended_use)
     finally:
-        if shown["progress"]:  # the progress line ends before any message, error or not
-            click.echo("", err=True)
+        bar.close()
     click.echo(json.dumps({"output": str(output_path), "message": message}) if as_json
                else message)
 
