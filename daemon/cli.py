@@ -1,5 +1,9 @@
 """The `denoised-node` command line. Every command takes --config; errors end with one line
-on stderr and a non-zero exit status. Heavy imports (torch) happen only where needed."""
+on stderr and a non-zero exit status.
+
+Heavy imports happen only where needed, so that a quick command (`status`, `jobs list`)
+answers in a fraction of a second: commands import what they use inside their function, and
+the command modules of their own (rules, train, evaluate) are imported when run (LAZY)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,6 @@ from typing import Any
 import click
 
 from denoised_node.config.settings import CONFIG_ENV, ConfigError, Settings
-from denoised_node.daemon.cli_model import evaluate_command, train_command
 from denoised_node.daemon.cli_options import (
     CommandError,
     ExitCode,
@@ -23,12 +26,28 @@ from denoised_node.daemon.cli_options import (
     parse_since,
     settings_from,
 )
-from denoised_node.daemon.cli_rules import rules
 from denoised_node.storage.queue import JobState
+
+# Commands in modules of their own: name -> "module:attribute", imported when asked for.
+LAZY = {"rules": "denoised_node.daemon.cli_rules:rules",
+        "train": "denoised_node.daemon.cli_model:train_command",
+        "evaluate": "denoised_node.daemon.cli_model:evaluate_command"}
+
 
 class NodeGroup(click.Group):
     """Turns every failure into one `error: ...` line (JSON with --json) and the exit code
-    its kind has (ExitCode), instead of a traceback or click's `Error:`."""
+    its kind has (ExitCode), instead of a traceback or click's `Error:`; loads LAZY commands."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY and cmd_name not in self.commands:
+            import importlib
+
+            module, attribute = LAZY[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # Errors of any subcommand answer in JSON when its command line asks for JSON.
@@ -529,11 +548,6 @@ def doctor(config_path: Path | None, as_json: bool) -> None:
                 click.echo(f"  fix: {check.fix}")
     if not all(c.ok for c in checks):
         sys.exit(1)
-
-
-main.add_command(rules)
-main.add_command(train_command)
-main.add_command(evaluate_command)
 
 
 if __name__ == "__main__":
