@@ -13,9 +13,8 @@ import re
 from typing import Literal
 
 from pydantic import Field, field_validator
-from pydicom.datadict import keyword_dict
-
 from denoised_node.config.base import Section
+from denoised_node.config.dicom_keywords import dicom_keywords
 
 # Not a DICOM attribute: the calling AE title of the association that delivered the series.
 CALLING_AE_TITLE = "CallingAETitle"
@@ -26,6 +25,7 @@ MatchValue = str | float | tuple[float, float]
 
 
 def _check_match(match: dict[str, MatchValue]) -> dict[str, MatchValue]:
+    keyword_dict = dicom_keywords() if match else frozenset()
     for keyword, value in match.items():
         if keyword != CALLING_AE_TITLE and keyword not in keyword_dict:
             close = [k for k in keyword_dict if k.lower() == keyword.lower()] or \

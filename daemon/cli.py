@@ -1,33 +1,53 @@
 """The `denoised-node` command line. Every command takes --config; errors end with one line
-on stderr and a non-zero exit status. Heavy imports (torch) happen only where needed."""
+on stderr and a non-zero exit status.
+
+Heavy imports happen only where needed, so that a quick command (`status`, `jobs list`)
+answers in a fraction of a second: commands import what they use inside their function, and
+the command modules of their own (rules, train, evaluate) are imported when run (LAZY)."""
 
 from __future__ import annotations
 
 import json
 import signal
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import click
 
 from denoised_node.config.settings import CONFIG_ENV, ConfigError, Settings
-from denoised_node.daemon.cli_model import evaluate_command, train_command
 from denoised_node.daemon.cli_options import (
     CommandError,
     ExitCode,
     config_option,
     json_option,
+    SINCE_HELP,
     open_runtime_for,
+    parse_since,
     settings_from,
 )
-from denoised_node.daemon.cli_rules import rules
 from denoised_node.storage.queue import JobState
+
+# Commands in modules of their own: name -> "module:attribute", imported when asked for.
+LAZY = {"rules": "denoised_node.daemon.cli_rules:rules",
+        "train": "denoised_node.daemon.cli_model:train_command",
+        "evaluate": "denoised_node.daemon.cli_model:evaluate_command"}
+
 
 class NodeGroup(click.Group):
     """Turns every failure into one `error: ...` line (JSON with --json) and the exit code
-    its kind has (ExitCode), instead of a traceback or click's `Error:`."""
+    its kind has (ExitCode), instead of a traceback or click's `Error:`; loads LAZY commands."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY and cmd_name not in self.commands:
+            import importlib
+
+            module, attribute = LAZY[cmd_name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # Errors of any subcommand answer in JSON when its command line asks for JSON.
@@ -89,17 +109,6 @@ def _setup_logging(settings: Settings, level: str | None = None) -> None:
     from denoised_node.daemon.logs import setup_logging
 
     setup_logging(level or settings.logging.level, settings.logging.json_lines)
-
-
-def _parse_since(value: str | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise CommandError(f"--since {value!r} is not an ISO date or time, e.g. 2026-11-25 "
-                           "or 2026-11-25T08:00", ExitCode.USAGE) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 @click.group(cls=NodeGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -217,7 +226,7 @@ def jobs() -> None:
 @click.option("--state", "states", multiple=True,
               type=click.Choice([state.value for state in JobState]),
               help="Only jobs in this state (repeatable).")
-@click.option("--since", default=None, help="Only jobs updated since this ISO date/time (UTC).")
+@click.option("--since", default=None, help=f"Only jobs updated since then: {SINCE_HELP}.")
 @click.option("--limit", type=int, default=50, show_default=True)
 def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
               since: str | None, limit: int) -> None:
@@ -229,7 +238,7 @@ def jobs_list(config_path: Path | None, as_json: bool, states: tuple[str, ...],
     settings = settings_from(config_path)
     runtime = open_runtime_for(settings)
     with runtime.sessions() as session:
-        rows = list_jobs(session, states=list(states), since=_parse_since(since), limit=limit)
+        rows = list_jobs(session, states=list(states), since=parse_since(since), limit=limit)
     now, limits = utcnow(), AttemptLimits.from_settings(settings)
     if as_json:
         click.echo(json.dumps([{**row.as_json(now), "status": job_status(row, now, limits)}
@@ -319,7 +328,7 @@ def jobs_reject(job_id: int, config_path: Path | None, as_json: bool) -> None:
 @click.option("--series", "series_uid", default=None, help="Replay this SeriesInstanceUID.")
 @click.option("--study", "study_uid", default=None, help="Replay every series of this study.")
 @click.option("--failed", is_flag=True, help="Replay every failed job.")
-@click.option("--since", default=None, help="With --failed: only jobs failed since this time.")
+@click.option("--since", default=None, help=f"With --failed: only jobs failed since then: {SINCE_HELP}.")
 def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_uid: str | None,
            study_uid: str | None, failed: bool, since: str | None) -> None:
     """Queue jobs again: a failed one, a series, a study or all failed ones."""
@@ -334,7 +343,7 @@ def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_u
     runtime = open_runtime_for(settings_from(config_path))
     with runtime.sessions.begin() as session:
         outcomes = do_replay(session, job_id=job_id, series_uid=series_uid, study_uid=study_uid,
-                             failed=failed, since=_parse_since(since), who="cli")
+                             failed=failed, since=parse_since(since), who="cli")
     if as_json:
         click.echo(json.dumps([o.__dict__ for o in outcomes]))
     else:
@@ -457,6 +466,7 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_js
     """Denoise a DICOM series folder (writing the derived series as the node would) or a
     NIfTI file, without the network."""
     from denoised_node.daemon.offline import denoise_path, is_nifti
+    from denoised_node.daemon.progress_bar import LineProgress
 
     if is_nifti(input_path):
         from denoised_node.daemon.extras import require
@@ -470,19 +480,13 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_js
         settings = settings.model_copy(update={"gate": settings.gate.model_copy(
             update={"enabled": False})})
     _setup_logging(settings, "WARNING")
-    shown = {"progress": False}
-
-    def progress(done: int, total: int) -> None:
-        if not as_json:
-            shown["progress"] = True
-            click.echo(f"\rdenoising {done}/{total} slices", nl=False, err=True)
-
+    bar = LineProgress("denoising", "slices", file=click.get_text_stream("stderr"))
     try:
-        message = denoise_path(settings, input_path, output_path, progress=progress,
+        message = denoise_path(settings, input_path, output_path,
+                               progress=None if as_json else bar.progress,
                                override_intended_use=override_intended_use)
     finally:
-        if shown["progress"]:  # the progress line ends before any message, error or not
-            click.echo("", err=True)
+        bar.close()
     click.echo(json.dumps({"output": str(output_path), "message": message}) if as_json
                else message)
 
@@ -544,11 +548,6 @@ def doctor(config_path: Path | None, as_json: bool) -> None:
                 click.echo(f"  fix: {check.fix}")
     if not all(c.ok for c in checks):
         sys.exit(1)
-
-
-main.add_command(rules)
-main.add_command(train_command)
-main.add_command(evaluate_command)
 
 
 if __name__ == "__main__":

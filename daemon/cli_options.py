@@ -1,10 +1,12 @@
-"""What the CLI's command modules share: the one-line error and its exit code, --config and
---json, and loading the settings and the node's runtime."""
+"""What the CLI's command modules share: the one-line error and its exit code, --config,
+--json and --since, and loading the settings and the node's runtime."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -65,3 +67,24 @@ def open_runtime_for(settings: Settings) -> Runtime:
     from denoised_node.daemon.runtime import open_runtime
 
     return open_runtime(settings)
+
+
+_DURATION = re.compile(r"(\d+)\s*([smhdw])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+SINCE_HELP = "an ISO date/time (UTC unless it names a zone) or a duration back from now: 30m, 1h, 2d, 1w"
+
+
+def parse_since(value: str | None, now: datetime | None = None) -> datetime | None:
+    """--since: an ISO date or time, or a duration back from ``now`` (30m, 1h, 2d, 1w)."""
+    if value is None:
+        return None
+    if duration := _DURATION.fullmatch(value.strip().lower()):
+        seconds = int(duration[1]) * _UNIT_SECONDS[duration[2]]
+        return (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise CommandError(f"--since {value!r} is neither an ISO date or time (2026-11-25, "
+                           "2026-11-25T08:00) nor a duration (30m, 1h, 2d, 1w)",
+                           ExitCode.USAGE) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)

@@ -1,6 +1,9 @@
-"""The progress bar of `train` and `evaluate` (tqdm): total, rate and time left on stderr,
-fed by the model code's ``progress(done, total)`` calls. Log lines and messages are written
-above the bar; off a terminal (a service, CI) tqdm draws nothing and the log lines remain."""
+"""Progress on stderr, fed by the model code's ``progress(done, total)`` calls.
+
+`train` and `evaluate` draw a tqdm bar (total, rate and time left), with log lines and
+messages above it; off a terminal (a service, CI) it draws nothing and the log lines remain.
+`denoise` writes one status line (LineProgress): redrawn in place with \r on a terminal, and
+off one (a log file, a pipe) a whole line at each tenth of the work, never run together."""
 
 from __future__ import annotations
 
@@ -37,6 +40,41 @@ class ProgressBar:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class LineProgress:
+    """``{description} {done}/{total} {unit}``: in place on a terminal, else whole lines."""
+
+    STEPS = 10  # off a terminal: a line at each tenth done, and at the end
+
+    def __init__(self, description: str, unit: str, file: Any = None,
+                 terminal: bool | None = None) -> None:
+        self.description = description
+        self.unit = unit
+        self.file = file or sys.stderr
+        self.terminal = self.file.isatty() if terminal is None else terminal
+        self._drawn = False  # a terminal line is open (no newline yet)
+        self._step = -1
+
+    def progress(self, done: int, total: int) -> None:
+        text = f"{self.description} {done}/{total} {self.unit}"
+        if self.terminal:
+            self.file.write(f"\r{text}")
+            self._drawn = True
+        else:
+            step = self.STEPS if total <= 0 else min(self.STEPS, done * self.STEPS // total)
+            if step <= self._step:
+                return
+            self._step = step
+            self.file.write(f"{text}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        """End the terminal line before any message that follows, error or not."""
+        if self._drawn:
+            self.file.write("\n")
+            self.file.flush()
+            self._drawn = False
 
 
 @contextmanager

@@ -420,6 +420,25 @@ class Receiver:
                     series.released_at = now
         self.on_activity()
 
+    def note_duplicates(self, resent: Counter[int], calling_ae: str) -> None:
+        """An association sent these series' instances again, each byte for byte as kept
+        (``resent``: series id -> instances): nothing changed, so nothing is processed. Say
+        so in the log and in the series' latest job, with how to process it again."""
+        now = utcnow()
+        for series_id, count in sorted(resent.items()):
+            with self.engine.begin() as connection:
+                series_uid = connection.scalar(select(Series.series_uid).where(
+                    Series.id == series_id))
+                note = (f"duplicate delivery: {count} instance(s) sent again by {calling_ae} "
+                        f"were already kept, byte for byte; nothing changed, so nothing is "
+                        f"processed. To denoise and send it again: denoised-node replay "
+                        f"--series {series_uid}")
+                job_id = add_note(connection, series_id, note, now)
+            log.warning("duplicate delivery: the series was sent again unchanged; "
+                        "nothing to do (denoised-node replay --series to process it again)",
+                        extra={"series_uid": series_uid, "instances": count,
+                               "calling_ae": calling_ae, "job_id": job_id})
+
 
 def _nothing() -> None:
     pass

@@ -53,21 +53,32 @@ class _NoCounts:
         pass
 
 
+@dataclass
+class Delivery:
+    """What one association brought, per series id: instances kept, and resends of
+    instances already kept (which change nothing)."""
+
+    stored: Counter[int] = field(default_factory=Counter)
+    duplicates: Counter[int] = field(default_factory=Counter)
+
+
 class DeliveryTracker:
-    """Counts, per association, the instances each series got, to tell at release whether
-    an association delivered a whole series (an early completion signal)."""
+    """Counts, per association, the instances each series got: to tell at release whether
+    an association delivered a whole series (an early completion signal), and which series
+    it only sent again (a duplicate delivery, which is logged and noted, never processed)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_assoc: dict[int, Counter[int]] = {}
+        self._by_assoc: dict[int, Delivery] = {}
 
-    def count(self, assoc: Any, series_id: int) -> None:
+    def count(self, assoc: Any, series_id: int, duplicate: bool = False) -> None:
         with self._lock:
-            self._by_assoc.setdefault(id(assoc), Counter())[series_id] += 1
+            delivery = self._by_assoc.setdefault(id(assoc), Delivery())
+            (delivery.duplicates if duplicate else delivery.stored)[series_id] += 1
 
-    def pop(self, assoc: Any) -> Counter[int]:
+    def pop(self, assoc: Any) -> Delivery:
         with self._lock:
-            return self._by_assoc.pop(id(assoc), Counter())
+            return self._by_assoc.pop(id(assoc), Delivery())
 
 
 def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker,
@@ -94,8 +105,8 @@ def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker,
     finally:
         if isinstance(spool, Spool):
             spool.discard()  # kept: renamed into place; refused: not kept
-    if not received.duplicate and received.ignored_reason is None:
-        tracker.count(event.assoc, received.series_id)
+    if received.ignored_reason is None:
+        tracker.count(event.assoc, received.series_id, received.duplicate)
     outcome = ("duplicate" if received.duplicate
                else "ignored" if received.ignored_reason is not None else "stored")
     counts.instance(outcome, size)
@@ -120,15 +131,26 @@ def handle_accepted(event: Any) -> None:
 
 
 def handle_released(event: Any, receiver: Receiver, tracker: DeliveryTracker) -> None:
-    delivered = tracker.pop(event.assoc)
+    delivery = tracker.pop(event.assoc)
     try:
-        receiver.mark_released(delivered)
+        receiver.mark_released(delivery.stored)
     except Exception:  # noqa: BLE001 - only an early-completion hint; idle completion remains
         log.exception("could not record the association release")
+    _note_duplicates(event, receiver, delivery)
 
 
-def handle_closed(event: Any, tracker: DeliveryTracker) -> None:
-    tracker.pop(event.assoc)  # aborted or dropped: no completion hint
+def handle_closed(event: Any, receiver: Receiver, tracker: DeliveryTracker) -> None:
+    delivery = tracker.pop(event.assoc)  # aborted or dropped: no completion hint
+    _note_duplicates(event, receiver, delivery)
+
+
+def _note_duplicates(event: Any, receiver: Receiver, delivery: Delivery) -> None:
+    resent_only = Counter({series_id: count for series_id, count in delivery.duplicates.items()
+                           if not delivery.stored[series_id]})
+    try:
+        receiver.note_duplicates(resent_only, str(event.assoc.requestor.ae_title).strip())
+    except Exception:  # noqa: BLE001 - a note for the admin; the instances are kept
+        log.exception("could not record a duplicate delivery")
 
 
 def build_ae(settings: Settings) -> AE:
@@ -158,7 +180,7 @@ def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, policy: AccessPol
         (evt.EVT_C_STORE, handle_store, [receiver, tracker, counts]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_RELEASED, handle_released, [receiver, tracker]),
-        (evt.EVT_ABORTED, handle_closed, [tracker]),
+        (evt.EVT_ABORTED, handle_closed, [receiver, tracker]),
     ]
 
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -290,3 +293,58 @@ def test_an_exit_status_is_not_classified_as_an_error(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(group, ["stops"])
     assert result.exit_code == 3
     assert classified == []
+
+
+def test_since_takes_a_duration_as_well_as_an_iso_date(config: Path, mr_series) -> None:  # type: ignore[no-untyped-def]
+    """Issue 30, item 14: `jobs list --since 1h` was refused (ISO dates only)."""
+    run("db", "upgrade", "--config", str(config))
+    _failed_job(config, mr_series)
+    for since, listed in (("1h", True), ("30m", True), ("2d", True), ("2000-01-01", True),
+                          ("2999-01-01T08:00", False)):
+        code, out, err = run("jobs", "list", "--config", str(config), "--json", "--since", since)
+        assert code == 0, err
+        assert len(json.loads(out)) == int(listed), since
+    code, _, err = run("replay", "--failed", "--since", "1h", "--config", str(config))
+    assert code == 0, err
+    code, _, err = run("jobs", "list", "--config", str(config), "--since", "yesterday")
+    assert code == 2 and "duration (30m, 1h, 2d, 1w)" in err
+
+
+def test_a_duration_counts_back_from_now() -> None:
+    from datetime import datetime, timezone
+
+    from denoised_node.daemon.cli_options import parse_since
+
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+    assert parse_since("90m", now) == datetime(2026, 12, 3, 10, 30, tzinfo=timezone.utc)
+    assert parse_since("2d", now) == datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    assert parse_since("2026-12-01", now) == datetime(2026, 12, 1, tzinfo=timezone.utc)
+
+
+HEAVY = ("torch", "monai", "pynetdicom", "pydicom", "numpy", "alembic", "PIL", "jinja2",
+         "highdicom", "waitress", "prometheus_client")
+
+
+def test_status_imports_nothing_heavy(config: Path) -> None:
+    """Issue 30, item 14: every command took 0.8-1.2 s, most of it imports that `status`
+    never uses. Its import chain stays free of the model's, DICOM's and the web's packages."""
+    run("db", "upgrade", "--config", str(config))
+    script = ("import atexit, sys\n"
+              "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
+              f"sys.argv = ['denoised-node', 'status', '--config', {str(config)!r}]\n"
+              "from denoised_node.daemon.cli import main\nmain()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items()
+                                            if not k.startswith("DENOISED_NODE_")})
+    assert done.returncode == 0, done.stderr
+    loaded = {name.split(".")[0] for name in done.stderr.split()}
+    assert "jobs: queued 0" in done.stdout
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_the_schema_head_read_without_alembic_is_alembics() -> None:
+    from alembic.script import ScriptDirectory
+
+    from denoised_node.storage.schema import MIGRATIONS, head_revision
+
+    assert [head_revision()] == ScriptDirectory(str(MIGRATIONS)).get_heads()

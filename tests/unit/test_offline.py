@@ -4,6 +4,7 @@ folders and NIfTI files in, the derived series or volume out, through the gate."
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +25,10 @@ def test_denoise_dicom_folder_writes_the_derived_series(tmp_path: Path, mr_serie
     assert result.exit_code == 0, result.output
     files = sorted(out.glob("*.dcm"))
     assert len(files) == 4 and "4 derived instance(s)" in result.stdout
+    # Off a terminal (here, and a log file) progress is whole lines (issue 30, item 14).
+    progress = [line for line in result.stderr.split("\n") if "denoising" in line]
+    assert progress and "\r" not in result.stderr
+    assert all(re.fullmatch(r"denoising \d+/4 slices", line) for line in progress)
     for path in files:
         ds = pydicom.dcmread(path)
         assert is_own_output(ds) and ds.ImageType[0] == "DERIVED"
@@ -58,9 +63,10 @@ def test_gate_failure_is_one_line_and_no_gate_writes_anyway(tmp_path: Path,  # t
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
                                        "--config", str(config)])
     assert result.exit_code == 1 and "safety gate failed" in result.stderr
-    # The progress line ends before the error, which is one line of its own.
-    progress_line, error_line, _ = result.stderr.split("\n")
-    assert progress_line.startswith("\rdenoising") and error_line.startswith("error: series ")
+    # Progress lines end before the error, which is one line of its own.
+    *progress, error_line, _ = result.stderr.split("\n")
+    assert progress and all(line.startswith("denoising ") for line in progress)
+    assert error_line.startswith("error: series ")
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"),
                                        "--config", str(config), "--no-gate"])
     assert result.exit_code == 0 and len(list((tmp_path / "b").glob("*.dcm"))) == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from denoised_node.daemon.progress_bar import ProgressBar
+from denoised_node.daemon.progress_bar import LineProgress, ProgressBar
 
 
 def test_the_bar_shows_done_of_total_and_lines_above_it() -> None:
@@ -25,3 +25,30 @@ def test_off_a_terminal_it_draws_nothing() -> None:
     bar.progress(3, 18)
     bar.close()
     assert out.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_denoise_progress_off_a_terminal_is_a_few_whole_lines() -> None:
+    """Issue 30, item 14: off a terminal \r-redrawn updates ran together in a log."""
+    out = io.StringIO()
+    line = LineProgress("denoising", "slices", file=out)
+    for done in range(0, 201):
+        line.progress(done, 200)
+    line.close()
+    lines = out.getvalue().split("\n")
+    assert "\r" not in out.getvalue() and lines[-1] == ""
+    assert lines[0] == "denoising 0/200 slices" and lines[-2] == "denoising 200/200 slices"
+    assert len(lines) - 1 == LineProgress.STEPS + 1
+
+
+def test_denoise_progress_on_a_terminal_is_redrawn_in_place() -> None:
+    out = _Terminal()
+    line = LineProgress("denoising", "slices", file=out)
+    line.progress(1, 2)
+    line.progress(2, 2)
+    line.close()
+    assert out.getvalue() == "\rdenoising 1/2 slices\rdenoising 2/2 slices\n"

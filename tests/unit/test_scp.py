@@ -21,7 +21,8 @@ from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.daemon.scp import start_scp
 from denoised_node.daemon.spool import Spool
 from denoised_node.daemon.status import Status
-from denoised_node.storage.models import Instance, Series
+from denoised_node.storage.models import Instance, Job, JobEvent, Series
+from denoised_node.storage.queue import EventKind, enqueue
 
 
 @pytest.fixture
@@ -144,3 +145,32 @@ def test_a_disk_filling_while_receiving_is_answered_out_of_resources(  # type: i
         assoc.release()
     assert not list(runtime.store.incoming.iterdir())
     assert not list(runtime.store.instances.rglob("*.dcm"))
+
+
+def test_a_series_sent_again_unchanged_is_logged_and_noted_as_a_duplicate_delivery(  # type: ignore[no-untyped-def]
+        node, mr_series, caplog) -> None:
+    """Issue 30, item 12: a re-push of instances all kept already does nothing; it says so
+    (log, and the series' job history that the page and `jobs show` print) and names replay."""
+    runtime, port = node
+    for _ in range(2):
+        assoc = _associate(port, [MRImageStorage])
+        for path in mr_series.paths:
+            assert assoc.send_c_store(path).Status == Status.SUCCESS
+        assoc.release()
+        with runtime.sessions.begin() as session:
+            series = session.scalars(select(Series)).one()
+            if not session.scalars(select(Job)).first():
+                enqueue(session, series, reason="series complete")
+    deadline = time.monotonic() + 10  # the SCP's release handler runs on its own thread
+    while not (notes := _notes(runtime)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(notes) == 1
+    assert f"{len(mr_series.paths)} instance(s) sent again by MOD" in notes[0]
+    assert f"denoised-node replay --series {series.series_uid}" in notes[0]
+    assert any(r.getMessage().startswith("duplicate delivery") for r in caplog.records)
+
+
+def _notes(runtime: Runtime) -> list[str]:
+    with runtime.sessions() as session:
+        return [e.reason for e in session.scalars(
+            select(JobEvent).where(JobEvent.kind == EventKind.NOTE.value))]
