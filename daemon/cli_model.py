@@ -164,6 +164,8 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Ablation variants (ours, t-fixed, no-map, blind, plain-unet-map).")
 @click.option("--bm4d", "with_bm4d", is_flag=True,
               help="With --families: BM4D (true sigma) and BM4D with the clean volume as its pilot (the ceiling) too.")
+@click.option("--noise-map-factors", default="", metavar="F,F,...",
+              help="With --validation: score once per factor on the noise map's reading (choosing it on validation).")
 @click.option("--validation", "on_validation", is_flag=True,
               help="Score --checkpoint on the training recipe's validation domains, as a run scores its own.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
@@ -171,7 +173,8 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
                      seeds: int, methods: str, contrasts: str, device: str | None, threads: int, tta: str | None,
                      planes: str | None, holdout: int,
                      gap: int, families: bool, compare: str, ablation: bool, ablation_steps: int,
-                     ablation_seeds: str, variants: str, with_bm4d: bool, on_validation: bool, as_json: bool) -> None:
+                     ablation_seeds: str, variants: str, with_bm4d: bool, noise_map_factors: str, on_validation: bool,
+                     as_json: bool) -> None:
     """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG);
     or the held-out families (--families), or the ablation (--ablation), or the validation
     domains (--validation)."""
@@ -187,15 +190,19 @@ def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: 
         if threads:
             torch.set_num_threads(threads)
         try:
-            scores = validate_checkpoint(checkpoint or SHIPPED_CHECKPOINT, device=device or "cpu")
+            factors = tuple(float(f) for f in noise_map_factors.split(",") if f.strip())
+            scores = validate_checkpoint(checkpoint or SHIPPED_CHECKPOINT, device=device or "cpu",
+                                         noise_map_factors=factors)
         except (FileNotFoundError, ValueError) as exc:
             raise CommandError(str(exc)) from None
         if as_json:
             click.echo(json.dumps(scores, indent=1))
         else:
             for key, value in scores.items():
-                if key.startswith("psnr_mask_") and ":" not in key:
-                    click.echo(f"{key[len('psnr_mask_'):]:<16} {value:7.3f} dB")
+                prefix, _, name = key.rpartition("/")
+                if name.startswith("psnr_mask_") and ":" not in name:
+                    label = f"{prefix} {name[len('psnr_mask_'):]}".strip()
+                    click.echo(f"{label:<22} {value:7.3f} dB")
         return
 
     if ablation:

@@ -136,10 +136,12 @@ def domain_validator(names: list[str], vols: list[np.ndarray], t2_like: np.ndarr
     return DomainValidator(domains)
 
 
-def validate_checkpoint(checkpoint: str, device: str = "cpu", seed: int = VALIDATION_NOISE_SEED) -> dict[str, float]:
+def validate_checkpoint(checkpoint: str, device: str = "cpu", seed: int = VALIDATION_NOISE_SEED,
+                        noise_map_factors: tuple[float, ...] = ()) -> dict[str, float]:
     """A checkpoint (a path or a shipped name) scored on the default recipe's validation
     domains, exactly as a run of that recipe scores its own checkpoints (same cases and noise
-    seed): what "beats 2.0 on every domain" is measured by."""
+    seed): what "beats 2.0 on every domain" is measured by. With ``noise_map_factors``, once
+    per factor the noise map's reading is multiplied by (keys prefixed ``x<factor>/``)."""
     from .card import resolve_checkpoint
     from .data import load_mni_t2_like, load_named_volume
     from .inference import Denoiser
@@ -148,4 +150,12 @@ def validate_checkpoint(checkpoint: str, device: str = "cpu", seed: int = VALIDA
     den = Denoiser.load(resolve_checkpoint(checkpoint), device=device)
     validator = domain_validator(names, [load_named_volume(n) for n in names], load_mni_t2_like(),
                                  den.net.in_slices, seed)
-    return validator.run(den.net, den.schedule, torch.device(device))
+    if not noise_map_factors:
+        return validator.run(den.net, den.schedule, torch.device(device))
+    # The noise-map factor is chosen here, on validation: each factor's scores, prefixed.
+    out: dict[str, float] = {}
+    for factor in noise_map_factors:
+        den.net.cfg["noise_map_factor"] = float(factor)
+        for key, value in validator.run(den.net, den.schedule, torch.device(device)).items():
+            out[f"x{factor:g}/{key}"] = value
+    return out
