@@ -22,6 +22,7 @@ Loopback only; every attacker loop stops at its phase's deadline.
 from __future__ import annotations
 
 import base64
+import multiprocessing
 import os
 import socket
 import sqlite3
@@ -535,6 +536,21 @@ def _wrong_passwords(http_port: int, stop: threading.Event, codes: Counter[int],
             codes[code] += 1
 
 
+def _password_flood(http_port: int, threads: int, stop: Any, answers: Any) -> None:
+    """In a process of its own (the attacker's threads must not share the sender's GIL):
+    ``threads`` threads of wrong passwords until ``stop``; the answers' codes counted."""
+    halt, lock, codes = threading.Event(), threading.Lock(), Counter[int]()
+    workers = [threading.Thread(target=_wrong_passwords, args=(http_port, halt, codes, lock),
+                                daemon=True) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    stop.wait(600)
+    halt.set()
+    for worker in workers:
+        worker.join(timeout=60)
+    answers.put(dict(codes))
+
+
 def password_phase(bench: Bench, plan: AdversarialPlan) -> None:
     work = fresh_dir(bench.node_dir.parent / "receive")
     # MR images of a knee: received, checked, written and indexed like any, then ignored
@@ -549,18 +565,19 @@ def password_phase(bench: Bench, plan: AdversarialPlan) -> None:
     flooded_paths = [i.path for i in flooded.instances]
     statuses: list[int] = []
     without = timed(lambda: statuses.extend(bench.send(quiet_paths)))
-    stop, lock, codes = threading.Event(), threading.Lock(), Counter[int]()
-    threads = [threading.Thread(target=_wrong_passwords, args=(bench.http_port, stop, codes,
-                                                               lock), daemon=True)
-               for _ in range(plan.password_threads)]
-    for thread in threads:
-        thread.start()
-    time.sleep(1.0)
-    with _probing(bench) as probes:
-        with_flood = timed(lambda: statuses.extend(bench.send(flooded_paths)))
-    stop.set()
-    for thread in threads:
-        thread.join(timeout=60)
+    spawn = multiprocessing.get_context("spawn")
+    stop, answers = spawn.Event(), spawn.Queue()
+    attacker = spawn.Process(target=_password_flood, args=(bench.http_port,
+                                                           plan.password_threads, stop, answers))
+    attacker.start()
+    time.sleep(3.0)  # the attacker's interpreter started and its threads running
+    try:
+        with _probing(bench) as probes:
+            with_flood = timed(lambda: statuses.extend(bench.send(flooded_paths)))
+    finally:
+        stop.set()
+        codes = Counter[int](answers.get(timeout=120))
+        attacker.join(timeout=60)
     total = sum(codes.values())
     ok, tried, _ = _echoes(probes)
     answers = ", ".join(f"{code or 'no answer'}: {n}" for code, n in sorted(codes.items()))
