@@ -18,8 +18,8 @@ from benchmarks.common import (
     series_folder,
 )
 
-SECTIONS = ("receive", "send", "inference", "e2e", "soak", "idle")
-# The soak runs only when asked: it takes its --soak-seconds whatever the machine.
+SECTIONS = ("receive", "send", "inference", "e2e", "soak", "idle", "adversarial")
+# The soak and the adversarial run only when asked: they take their time whatever the machine.
 DEFAULT_SECTIONS = ("receive", "send", "inference", "e2e")
 
 
@@ -64,6 +64,11 @@ def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) 
 
         attackers = {"slow_loris": 0, "http_flood": 0} if args.soak_no_attack else {}
         rows += soak_rows(args.workdir, SoakPlan(seconds=args.soak_seconds, **attackers))
+    if "adversarial" in chosen:
+        from benchmarks.adversarial import AdversarialPlan, adversarial_rows
+
+        plan = AdversarialPlan.quick() if args.adversarial_quick else AdversarialPlan()
+        rows += adversarial_rows(args.workdir, plan)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how long the soak section attacks and sends")
     parser.add_argument("--soak-no-attack", action="store_true",
                         help="the soak's senders and probes alone: the figures to compare with")
+    parser.add_argument("--adversarial-quick", action="store_true",
+                        help="the adversarial section at tiny sizes (a smoke test, not figures)")
     parser.add_argument("--busy", action="store_true",
                         help="receive and send with a CPU hog per core beside (a busy machine)")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")

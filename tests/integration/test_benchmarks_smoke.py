@@ -62,3 +62,34 @@ def test_the_soak_keeps_every_acknowledged_instance_and_answers_the_probes(
     assert f"| {count.group(1)} instances |" in kept and "every acknowledged one" in kept
     assert "DIED" not in rows["serve: peak RSS"]
     assert "failed" not in rows["probe C-ECHO once a second: worst latency"]
+
+
+def test_the_adversarial_run_loses_nothing_holds_no_uid_twice_and_answers_the_echoes(
+        tmp_path: Path) -> None:
+    """Issue 29's attacks at tiny sizes against serve (with a worker) and Orthanc: every
+    phase reports, nothing acknowledged is lost, no SOP Instance UID is held twice in
+    Orthanc, no derived image is stale, and the C-ECHOs tried during the attacks answered."""
+    table = tmp_path / "adversarial.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "adversarial", "--adversarial-quick",
+         "--workdir", str(tmp_path / "work"), "--markdown", str(table)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(" | ")[1]: line for line in table.read_text().splitlines()
+            if line.startswith("| adversarial")}
+    assert not [k for k in rows if "STOPPED" in k], rows
+    assert len([k for k in rows if "C-ECHOs from 127.0.0.1 answered" in k]) == 2
+    for key, row in rows.items():
+        if "C-ECHOs from 127.0.0.1 answered" in key:
+            answered = re.search(r"\| (\d+) of (\d+) \|", row)
+            assert answered and answered.group(1) == answered.group(2), row
+    assert len([k for k in rows if k.startswith("P-DATA flood")]) == 2
+    assert "| 0 UIDs |" in rows["stale/duplicate UIDs: SOP UIDs held twice in Orthanc"]
+    assert "| 0 images |" in rows[
+        "stale/duplicate UIDs: stale derived images (current derived series)"]
+    kept = rows["overall: instances kept of those (indexed, file on disk)"]
+    assert "every acknowledged one" in kept
+    assert "DIED" not in rows["overall: serve's peak RSS (process tree: serve, receivers, "
+                              "worker)"]
