@@ -21,6 +21,7 @@ from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
 from denoised_node.storage.series import (
     NothingToDenoise,
+    SeriesError,
     Stack,
     StackPlan,
     flat_reason,
@@ -121,7 +122,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
                    settings: Settings, out_dir: Path, now: datetime,
                    progress: Callable[[int, int], None] | None = None,
                    hold_gate_failures: bool = False,
-                   plan: StackPlan | None = None) -> SeriesOutcome:
+                   plan: StackPlan | None = None,
+                   refused_dir: Path | None = None) -> SeriesOutcome:
     """Denoise every stack of the series and write the derived instances into ``out_dir``.
 
     Raises NothingToDenoise when no image is usable and GateFailed when a stack's result does
@@ -129,6 +131,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     ``hold_gate_failures`` a refused result is written all the same, for a person to review,
     and the outcome's ``gate_refusal`` says why. ``plan``: the caller's plan_series of
     ``paths`` (the worker plans first, so that what a series is comes before the rules).
+    ``refused_dir``: where a result the gate refuses (without holding it) is kept for people
+    to look at: the refused stack only, so at most model.max_stack_mb's worth.
     """
     plan = plan or plan_series(paths, input_policy(settings))
     info = derivation_info(settings, denoiser)
@@ -174,6 +178,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
             if not verdict.passed:
                 failure = f"safety gate failed on stack {stack.label}: {verdict.reason}"
                 if not hold_gate_failures:
+                    if refused_dir is not None:
+                        _keep_refused(refused_dir, info, now, derived, stack, denoised)
                     raise GateFailed(failure, gate_checks(verdict.figures, settings.gate))
                 if refusal is None:
                     refusal, refused_checks = failure, gate_checks(verdict.figures, settings.gate)
@@ -189,6 +195,16 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
         log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})
     return SeriesOutcome(derived.series_uid, files, plan.skipped, figures, seconds, refusal,
                          refused_checks)
+
+
+def _keep_refused(folder: Path, info: DerivationInfo, now: datetime, derived: DerivedUIDs,
+                  stack: Stack, denoised: np.ndarray) -> None:
+    """Write the refused stack's derived images (classic ones, and multi-frame objects the
+    stack fills) for the series page; the refusal stands if this fails."""
+    try:
+        DerivedSeriesWriter(folder, info, now, derived).add_stack(stack, denoised)
+    except (OSError, SeriesError, ValueError) as exc:
+        log.warning("could not keep the refused result: %s", exc, extra={"path": str(folder)})
 
 
 def gate_checks(figures: Mapping[str, float], gate: GateSettings) -> tuple[str, ...]:

@@ -237,7 +237,7 @@ class Worker:
                                          _progress_logger(job.id, self.heartbeat.beat),
                                          self._recorder(job, "denoise")),
                                      hold_gate_failures=decision.hold_gate_failures,
-                                     plan=plan)
+                                     plan=plan, refused_dir=self.store.refused_dir(job.id))
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)),
                        label=IgnoredAs.NO_IMAGE)

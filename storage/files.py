@@ -143,6 +143,12 @@ class FileStore:
     def derived_dir(self, job_id: int) -> Path:
         return self.derived / str(int(job_id))
 
+    def refused_dir(self, job_id: int) -> Path:
+        """The stack the safety gate refused, kept for the series page and never sent: in
+        the job's folder (never among the files sent), so the job's next attempt and the
+        retention purge remove it with the rest."""
+        return self.derived_dir(job_id) / "refused"
+
     def clean_incoming(self, now: float | None = None) -> int:
         """Remove temp files a crash left behind; they were never acknowledged.
 
