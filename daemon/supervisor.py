@@ -250,8 +250,8 @@ def serve(settings: Settings, config_path: Path | None,
                             lambda: float(runtime.store.free_bytes())),
         "config_loaded_timestamp_seconds": ("When the running config was loaded (Unix time)",
                                             lambda: config_state.loaded_at),
-        "config_last_reload_successful": ("1: the last reload was accepted (or none was "
-                                          "asked); 0: refused, the previous config runs",
+        "config_last_reload_successful": (("1: the last reload was accepted (or none "
+                                           "asked); 0: refused, the old config runs"),
                                           lambda: float(config_state.last_reload_ok)),
     })
     completion = CompletionLoop(runtime.sessions, settings.series, attempt_limits(settings),
@@ -284,7 +284,7 @@ def serve(settings: Settings, config_path: Path | None,
             if reload_requested.is_set():
                 reload_requested.clear()
                 settings = _reload(settings, config_path, config_state, _Reloadable(
-                    server, completion, pool, pages))
+                    server, completion, pool, pages), tell_systemd=systemd.announced)
             pool.notified(listener.receive())
             pool.check()
             server.check()
@@ -319,17 +319,19 @@ class _Reloadable:
 
 
 def _reload(running: Settings, config_path: Path | None, state: ConfigState,
-            parts: _Reloadable) -> Settings:
+            parts: _Reloadable, *, tell_systemd: bool = True) -> Settings:
     """Read and check the config again; apply it, or log why not. Returns the config in
-    force. systemd waits between RELOADING=1 and READY=1 (`systemctl reload` returns then)."""
-    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    force. systemd waits between RELOADING=1 and READY=1 (`systemctl reload` returns then);
+    before the node's first READY=1 (``tell_systemd`` false) it is told nothing."""
+    notify = sd_notify if tell_systemd else (lambda _message: False)
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
     try:
         new = load_for_reload(running, config_path)
     except ReloadRefused as exc:
         state.refused(str(exc))
         log.error("config reload refused; the running config stays: %s", exc,
                   extra={"config": str(config_path)})
-        sd_notify("READY=1\nSTATUS=config reload refused")
+        notify("READY=1\nSTATUS=config reload refused")
         return running
     changed = changed_sections(running, new)
     parts.receiving.reload(new)
@@ -342,7 +344,7 @@ def _reload(running: Settings, config_path: Path | None, state: ConfigState,
     state.accepted()
     log.info("config reloaded", extra={"config": str(config_path),
                                        "changed": " ".join(sorted(changed)) or "nothing"})
-    sd_notify("READY=1\nSTATUS=config reloaded")
+    notify("READY=1\nSTATUS=config reloaded")
     return new
 
 

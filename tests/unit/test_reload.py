@@ -1,5 +1,6 @@
 """`systemctl reload` (SIGHUP to serve): what a reload accepts and refuses, and how serve's
-child processes pick the new config up. serve itself under SIGHUP: tests/integration/test_reload.py."""
+child processes pick the new config up. serve itself under SIGHUP:
+tests/integration/test_config_reload.py."""
 
 from __future__ import annotations
 
