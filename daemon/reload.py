@@ -101,6 +101,7 @@ class ConfigState:
     loaded_at: float  # Unix time
     last_reload_ok: bool = True
     last_error: str = ""
+    refused_at: float | None = None  # the last refused reload (Unix time)
 
     @classmethod
     def started(cls) -> ConfigState:
@@ -110,4 +111,4 @@ class ConfigState:
         self.loaded_at, self.last_reload_ok, self.last_error = time.time(), True, ""
 
     def refused(self, reason: str) -> None:
-        self.last_reload_ok, self.last_error = False, reason
+        self.last_reload_ok, self.last_error, self.refused_at = False, reason, time.time()

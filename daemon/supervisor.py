@@ -268,7 +268,8 @@ def serve(settings: Settings, config_path: Path | None,
                 ("disk", health.disk(runtime.store, settings.node.min_free_mb)),
                 ("scp", health.listening(server.alive, "storage SCP")),
             ])
-            pages = StatusPages(settings, runtime.sessions, runtime.store, readiness)
+            pages = StatusPages(settings, runtime.sessions, runtime.store, readiness,
+                                config_state=config_state)
             http = StatusServer(settings.http, registry, readiness, pages).start()
     except BaseException:
         server.stop()
@@ -338,7 +339,7 @@ def _reload(running: Settings, config_path: Path | None, state: ConfigState,
     parts.completion.settings = new.series
     parts.completion.attempt_limits = attempt_limits(new)
     if parts.pages is not None:
-        parts.pages.settings = new
+        parts.pages.reconfigure(new)
     if changed - SERVE_SECTIONS:
         parts.workers.reload()
     state.accepted()

@@ -5,6 +5,7 @@ tests/integration/test_config_reload.py."""
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import sys
@@ -28,7 +29,10 @@ from denoised_node.daemon.reload import (
 from denoised_node.daemon.runtime import open_runtime
 from denoised_node.daemon.scp import start_scp
 from denoised_node.daemon.supervisor import WorkerPool
+from denoised_node.daemon.web.pages import StatusPages
+from denoised_node.daemon.web.request import Request
 from tests.fixtures.certificates import Credentials, TestCA
+from tests.unit.test_web_pages import _readiness
 
 BASE = """
 [node]
@@ -209,3 +213,25 @@ def test_the_scp_takes_new_certificates_and_allowlist_for_new_associations(
         assert listeners.guard.policy.refusal("OLDMOD", "DENOISER", "127.0.0.1") is not None
     finally:
         listeners.shutdown()
+
+
+def test_the_overview_shows_the_config_loaded_and_a_refused_reload(
+        running: tuple[Settings, Path]) -> None:
+    settings, config = running
+    state = ConfigState.started()
+    runtime = open_runtime(settings, initialise_empty=True)
+    pages = StatusPages(settings, runtime.sessions, runtime.store, _readiness(),
+                        config_state=state)
+
+    def overview() -> str:
+        return pages.handle(Request.build("GET", "/", {"Host": "127.0.0.1:8080"})).body.decode()
+
+    assert re.search(r'<th scope="row">config</th>.*?loaded \d{4}-', overview(), re.DOTALL)
+    assert [name for name, _ in pages.slow.checks] == ["model file", "gpu", "destination pacs"]
+    state.refused("node.port changed, which only a restart applies")
+    html = overview()
+    assert "reload refused" in html and "node.port changed" in html and "still runs" in html
+    # An accepted reload: the new destinations are the ones the overview checks.
+    pages.reconfigure(load_for_reload(settings, _write(config, BASE.replace(
+        'name = "pacs"', 'name = "archive"'))))
+    assert [name for name, _ in pages.slow.checks][-1] == "destination archive"
