@@ -39,6 +39,8 @@ class ChildSlot:
     failures: int = 0  # deaths in a row
     restart_at: float = 0.0
     started_at: float = field(default_factory=time.monotonic)
+    # Asked to exit after its work in hand, to start again with a reloaded config.
+    reloading: bool = False
 
     def check(self, now: float, kind: str, index_key: str) -> Check:
         """Notice a death (logged, with the delay before the restart) or a long healthy run."""
@@ -47,6 +49,11 @@ class ChildSlot:
             if now - self.started_at > _HEALTHY_SECONDS:
                 self.failures = 0
             return Check.RUNNING
+        if process is not None and self.reloading:
+            log.info("%s finished for the reload; starting it with the new config", kind,
+                     extra={index_key: self.index, "pid": process.pid})
+            self.process, self.reloading = None, False
+            return Check.DUE
         if process is not None:
             self.failures += 1
             delay = restart_delay(self.failures)

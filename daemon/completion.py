@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from denoised_node.config.settings import SeriesSettings
 from denoised_node.storage.db import SessionFactory, is_postgres
+from denoised_node.storage.job_events import IgnoredAs
 from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
 from denoised_node.storage.queue import (
     JobState,
@@ -91,7 +92,8 @@ def _queue(session: Session, series: Series, now: datetime,
         arrived = session.scalar(select(func.count(Instance.id)).where(
             Instance.series_id == series.id)) or 0
         reason = f"{reason}: {arrived} instance(s) arrived, none to denoise"
-        transition(session, job.id, JobState.QUEUED, JobState.IGNORED, reason=reason, now=now)
+        transition(session, job.id, JobState.QUEUED, JobState.IGNORED, reason=reason, now=now,
+                   label=IgnoredAs.ON_RECEIPT)
         series.state = SeriesState.IGNORED
         series.ignored_reason = reason
     session.flush()  # the job's id

@@ -30,11 +30,14 @@ from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.job_events import (
     LATENCY_STAGES,
     SERIES_OUTCOMES,
+    IgnoredAs,
+    gate_checks,
+    ignored_as,
     outcome_of,
     stage_durations,
 )
-from denoised_node.storage.models import Job, JobEvent, Series, SeriesState, utcnow
-from denoised_node.storage.queue import EventKind, JobState, counts_by_state
+from denoised_node.storage.models import Job, JobEvent, SendAttempt, Series, SeriesState, utcnow
+from denoised_node.storage.queue import EventKind, JobState, SendOutcome, counts_by_state
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,50 @@ class _Event:
     to_state: str
     kind: str
     first_received_at: datetime
+    label: str | None = None
+
+
+@dataclass
+class _Tallies:
+    """Counts by category, from the audit rows' labels and the send attempts."""
+
+    ignored: dict[str, int] = field(default_factory=lambda: dict.fromkeys(IgnoredAs, 0))
+    gate: dict[str, int] = field(default_factory=dict)  # by check
+    attempts: dict[str, int] = field(default_factory=dict)  # by destination
+    failures: dict[str, int] = field(default_factory=dict)
+    retries: dict[str, int] = field(default_factory=dict)
+
+    def event(self, event: _Event) -> None:
+        category = ignored_as(event.kind, event.label)
+        if category is not None:
+            self.ignored[category] += 1
+        for check in gate_checks(event.kind, event.label):
+            self.gate[check] = self.gate.get(check, 0) + 1
+
+    def send(self, destination: str, outcome: str) -> None:
+        self.attempts[destination] = self.attempts.get(destination, 0) + 1
+        if outcome != SendOutcome.SENT:
+            self.failures[destination] = self.failures.get(destination, 0) + 1
+        if outcome == SendOutcome.RETRY:
+            self.retries[destination] = self.retries.get(destination, 0) + 1
+
+    def families(self) -> Iterator[Metric]:
+        for name, documentation, label, counts in (
+            ("series_ignored", f"Series ignored, by reason (a category: {', '.join(IgnoredAs)})",
+             "reason", self.ignored),
+            ("gate_refusals", ("Results the safety gate refused, by check that failed (a "
+                               "refusal may fail several)"), "check", self.gate),
+            ("send_attempts", "Send attempts (one association each), by destination",
+             "destination", self.attempts),
+            ("send_failures", "Send attempts that failed, by destination", "destination",
+             self.failures),
+            ("send_retries", ("Failed send attempts that the job retries after a backoff, "
+                              "by destination"), "destination", self.retries),
+        ):
+            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=[label])
+            for value, count in sorted(counts.items()):
+                family.add_metric([str(value)], count)
+            yield family
 
 
 @dataclass
@@ -134,6 +181,8 @@ class QueueCollector(Collector):
         self.settle = timedelta(seconds=settle_seconds)
         self._lock = threading.Lock()
         self._cursor = 0
+        self._send_cursor = 0
+        self._tallies = _Tallies()
         self._jobs: dict[int, _JobSoFar] = {}
         self._outcomes = {name: 0 for name in SERIES_OUTCOMES}
         self._stages = {stage: _Histogram() for stage in LATENCY_STAGES}
@@ -144,6 +193,7 @@ class QueueCollector(Collector):
             self._catch_up(now)  # before the session below: SQLite sessions take the write lock
             outcomes = dict(self._outcomes)
             stages = {name: (h.buckets(), h.total) for name, h in self._stages.items()}
+            tallies = list(self._tallies.families())
         with self.sessions() as session:
             depth = counts_by_state(session)
             oldest = session.scalar(select(func.min(Job.available_at)).where(
@@ -174,6 +224,7 @@ class QueueCollector(Collector):
         for name, (buckets, total) in stages.items():
             latency.add_metric([name], buckets, total)
         yield latency
+        yield from tallies
 
     def _catch_up(self, now: datetime) -> None:
         cutoff = now - self.settle
@@ -181,7 +232,7 @@ class QueueCollector(Collector):
             with self.sessions() as session:
                 rows = session.execute(
                     select(JobEvent.id, JobEvent.job_id, JobEvent.at, JobEvent.to_state,
-                           JobEvent.kind, Series.first_received_at)
+                           JobEvent.kind, Series.first_received_at, JobEvent.label)
                     .join(Job, Job.id == JobEvent.job_id)
                     .join(Series, Series.id == Job.series_id)
                     .where(JobEvent.id > self._cursor, JobEvent.at <= cutoff)
@@ -190,11 +241,23 @@ class QueueCollector(Collector):
                 self._follow(_Event(*row))
                 self._cursor = row[0]
             if len(rows) < self.BATCH:
+                break
+        while True:
+            with self.sessions() as session:
+                sends = session.execute(
+                    select(SendAttempt.id, SendAttempt.destination, SendAttempt.outcome)
+                    .where(SendAttempt.id > self._send_cursor, SendAttempt.at <= cutoff)
+                    .order_by(SendAttempt.id).limit(self.BATCH)).all()
+            for send_id, destination, outcome in sends:
+                self._tallies.send(destination, outcome)
+                self._send_cursor = send_id
+            if len(sends) < self.BATCH:
                 return
 
     def _follow(self, event: _Event) -> None:
         """Observe the stages this event ends (storage.job_events measures them from the
         job's events so far) and, when it ends the job, its outcome."""
+        self._tallies.event(event)
         if event.kind == EventKind.NOTE:
             return  # an event of the series, not of a stage
         job = self._jobs.setdefault(event.job_id, _JobSoFar())

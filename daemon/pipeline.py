@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,12 +15,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from denoised_node.config.settings import ModelSettings, Settings
+from denoised_node.config.settings import GateSettings, ModelSettings, Settings
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
 from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
 from denoised_node.storage.series import (
     NothingToDenoise,
+    SeriesError,
     Stack,
     StackPlan,
     flat_reason,
@@ -47,6 +48,10 @@ class PermanentError(Exception):
 class GateFailed(PermanentError):
     """The safety gate rejected the result; nothing was sent."""
 
+    def __init__(self, message: str, checks: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.checks = checks  # gate_checks(): what failed, by name
+
 
 @dataclass(frozen=True)
 class SeriesOutcome:
@@ -57,6 +62,7 @@ class SeriesOutcome:
     seconds: dict[str, float] = field(default_factory=dict)  # load, model, gate, write
     # Set when the gate refused a stack and the caller asked to keep the result for review.
     gate_refusal: str | None = None
+    gate_checks: tuple[str, ...] = ()  # gate_checks() of that refusal
 
     def describe_seconds(self) -> str:
         return ", ".join(f"{stage} {value:.2f}" for stage, value in self.seconds.items())
@@ -116,7 +122,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
                    settings: Settings, out_dir: Path, now: datetime,
                    progress: Callable[[int, int], None] | None = None,
                    hold_gate_failures: bool = False,
-                   plan: StackPlan | None = None) -> SeriesOutcome:
+                   plan: StackPlan | None = None,
+                   refused_dir: Path | None = None) -> SeriesOutcome:
     """Denoise every stack of the series and write the derived instances into ``out_dir``.
 
     Raises NothingToDenoise when no image is usable and GateFailed when a stack's result does
@@ -124,6 +131,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     ``hold_gate_failures`` a refused result is written all the same, for a person to review,
     and the outcome's ``gate_refusal`` says why. ``plan``: the caller's plan_series of
     ``paths`` (the worker plans first, so that what a series is comes before the rules).
+    ``refused_dir``: where a result the gate refuses (without holding it) is kept for people
+    to look at: the refused stack only, so at most model.max_stack_mb's worth.
     """
     plan = plan or plan_series(paths, input_policy(settings))
     info = derivation_info(settings, denoiser)
@@ -132,6 +141,7 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     total, done = plan.slice_count, 0
     figures: list[dict[str, float]] = []
     refusal: str | None = None
+    refused_checks: tuple[str, ...] = ()
     seconds = dict.fromkeys(("load", "model", "gate", "write"), 0.0)
     clock = _StageClock(seconds)
     for stack in plan.stacks:
@@ -168,8 +178,11 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
             if not verdict.passed:
                 failure = f"safety gate failed on stack {stack.label}: {verdict.reason}"
                 if not hold_gate_failures:
-                    raise GateFailed(failure)
-                refusal = refusal or failure
+                    if refused_dir is not None:
+                        _keep_refused(refused_dir, info, now, derived, stack, denoised)
+                    raise GateFailed(failure, gate_checks(verdict.figures, settings.gate))
+                if refusal is None:
+                    refusal, refused_checks = failure, gate_checks(verdict.figures, settings.gate)
         with clock("write"):
             writer.add_stack(stack, denoised)
         done += stack.depth
@@ -180,7 +193,29 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
         raise NothingToDenoise(_nothing(plan.skipped))
     for sop_uid, reason in plan.skipped:
         log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})
-    return SeriesOutcome(derived.series_uid, files, plan.skipped, figures, seconds, refusal)
+    return SeriesOutcome(derived.series_uid, files, plan.skipped, figures, seconds, refusal,
+                         refused_checks)
+
+
+def _keep_refused(folder: Path, info: DerivationInfo, now: datetime, derived: DerivedUIDs,
+                  stack: Stack, denoised: np.ndarray) -> None:
+    """Write the refused stack's derived images (classic ones, and multi-frame objects the
+    stack fills) for the series page; the refusal stands if this fails."""
+    try:
+        DerivedSeriesWriter(folder, info, now, derived).add_stack(stack, denoised)
+    except (OSError, SeriesError, ValueError) as exc:
+        log.warning("could not keep the refused result: %s", exc, extra={"path": str(folder)})
+
+
+def gate_checks(figures: Mapping[str, float], gate: GateSettings) -> tuple[str, ...]:
+    """The names of the gate checks a refused result broke (model.gate CHECKS figures), by
+    each check's own bound; ("output",) when the output itself was unusable (its shape
+    changed, NaN or infinite values), which leaves no figures."""
+    from denoised_node.model.gate import CHECKS
+
+    broken = tuple(check.figure for check in CHECKS
+                   if check.figure in figures and not check.passes(figures[check.figure], gate))
+    return broken or ("output",)
 
 
 class _StageClock:

@@ -39,6 +39,7 @@ class ReceiverPool:
                                     "--events-fd", str(events.write_fd),
                                     "--processes", str(count))
         self.receivers = [ChildSlot(i) for i in range(count)]
+        self.draining: list[subprocess.Popen[bytes]] = []  # replaced, finishing associations
 
     def start(self) -> ReceiverPool:
         self.events.start()
@@ -62,6 +63,19 @@ class ReceiverPool:
         for receiver in self.receivers:
             if receiver.check(now, "receiving process", "receiver_index") is Check.DUE:
                 self._spawn(receiver)
+        self.draining = [p for p in self.draining if p.poll() is None]
+
+    def reload(self, _settings: object) -> None:
+        """A reloaded config (the new processes read it from the file): start a new receiver beside each running one at once, and ask
+        the old one to stop accepting and finish its associations (nothing is dropped, and
+        the sockets always have a process accepting)."""
+        for receiver in self.receivers:
+            old = receiver.process
+            if old is None or old.poll() is not None:
+                continue  # its restart reads the new config anyway
+            self._spawn(receiver)
+            old.send_signal(signal.SIGTERM)
+            self.draining.append(old)
 
     def stop(self) -> None:
         """Stop accepting; wait for the associations in progress; close the sockets."""
@@ -69,6 +83,7 @@ class ReceiverPool:
                    if r.process is not None and r.process.poll() is None]
         for process in running:
             process.send_signal(signal.SIGTERM)
+        running += self.draining  # told to stop already
         deadline = time.monotonic() + FINISH_SECONDS + 10
         for process in running:
             try:

@@ -13,6 +13,7 @@ from denoised_node.config.rules import Rule
 from denoised_node.config.settings import Settings
 from denoised_node.daemon.intended_use import outside_intended_use
 from denoised_node.daemon.series_attributes import SeriesAttributes
+from denoised_node.storage.job_events import IgnoredAs
 
 NO_RULE_MATCHES = "no rule matches"
 # Equal numbers: within this relative tolerance (DS values are decimal strings).
@@ -26,6 +27,7 @@ class Decision:
     rule: Rule | None
     why: str  # which match entries held, or why nothing matched
     ignored_reason: str | None = None
+    ignored_as: IgnoredAs | None = None  # the reason's category (for the metrics)
     checkpoint: str | None = None  # what the worker loads (a path or a shipped name)
     destinations: tuple[str, ...] = ()
     review: bool = False
@@ -77,16 +79,17 @@ def decide(settings: Settings, facts: SeriesAttributes, intended_use: IntendedUs
     ``override_intended_use``: as if the rule said so (offline denoising's flag)."""
     rule, why = first_match(settings.effective_rules, facts)
     if rule is None:
-        return Decision(None, why, ignored_reason=why)
+        return Decision(None, why, ignored_reason=why, ignored_as=IgnoredAs.NO_RULE)
     if rule.ignore:
-        return Decision(rule, why, ignored_reason=f"ignored by rule {rule.name!r}")
+        return Decision(rule, why, ignored_reason=f"ignored by rule {rule.name!r}",
+                        ignored_as=IgnoredAs.RULE)
     checkpoint = settings.checkpoint_for(rule.model)
     if not (rule.override_intended_use or override_intended_use):
         outside = outside_intended_use(facts, intended_use(checkpoint))
         if outside is not None:
             return Decision(rule, why, ignored_reason=f"{outside}; a rule with "
                             "override_intended_use = true denoises it anyway",
-                            checkpoint=checkpoint)
+                            ignored_as=IgnoredAs.INTENDED_USE, checkpoint=checkpoint)
     hold = settings.gate.hold_failures if rule.hold_gate_failures is None \
         else rule.hold_gate_failures
     return Decision(rule, why, checkpoint=checkpoint,

@@ -163,11 +163,13 @@ def build_ae(settings: Settings) -> AE:
     return ae
 
 
-def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, policy: AccessPolicy,
-                 counts: ScpCounts, transport: str, guard: ConnectionGuard,
-                 spooler: Spooler) -> list[Any]:
+def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, counts: ScpCounts,
+                 transport: str, guard: ConnectionGuard, spooler: Spooler) -> list[Any]:
     def decided(refusal: Refusal | None) -> None:
         counts.association("accepted" if refusal is None else "rejected", transport)
+
+    def requested(event: Any) -> None:
+        handle_requested(event, guard.policy, decided)  # the policy of the latest reload
 
     return [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
@@ -175,7 +177,7 @@ def scp_handlers(receiver: Receiver, tracker: DeliveryTracker, policy: AccessPol
         (evt.EVT_CONN_OPEN, spooler.attach),
         (evt.EVT_CONN_CLOSE, spooler.discard_unfinished),
         (evt.EVT_REQUESTED, guard.requested, [transport]),
-        (evt.EVT_REQUESTED, handle_requested, [policy, decided]),
+        (evt.EVT_REQUESTED, requested),
         (evt.EVT_ACCEPTED, handle_accepted),
         (evt.EVT_C_STORE, handle_store, [receiver, tracker, counts]),
         (evt.EVT_C_ECHO, handle_echo),
@@ -189,6 +191,7 @@ class ScpListeners:
     """The running SCP: one server per transport (plain and/or TLS) sharing one AE."""
 
     servers: dict[str, ThreadedAssociationServer]
+    guard: ConnectionGuard
     threads: list[threading.Thread] = field(default_factory=list)
 
     @property
@@ -206,6 +209,14 @@ class ScpListeners:
         """The associations in progress (their threads)."""
         return [assoc for server in self.servers.values()
                 for assoc in server.active_associations]
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reloaded config: the access policy and TLS certificates of the associations
+        requested from now on (those in progress keep going)."""
+        self.guard.policy = AccessPolicy.from_settings(settings.node)
+        server = self.servers.get(TLS)
+        if isinstance(server, TLSAssociationServer):
+            server.tls_context = server_context(settings.tls)
 
     def shutdown(self) -> None:
         """No new associations; the ones in progress finish first."""
@@ -229,10 +240,10 @@ def start_scp(settings: Settings, receiver: Receiver, counts: ScpCounts | None =
     tls = settings.tls
     tls_context = server_context(tls) if tls.enabled else None  # file errors before binding
     sockets = sockets if sockets is not None else bind_listeners(settings)
-    listeners = ScpListeners({})
+    listeners = ScpListeners({}, guard)
     try:
         for transport, listening in sockets.items():
-            handlers = scp_handlers(receiver, tracker, policy, counts, transport, guard, spooler)
+            handlers = scp_handlers(receiver, tracker, counts, transport, guard, spooler)
             server = _make_server(ae, settings, transport, listening, shared, handlers,
                                   tls_context, counts, guard)
             thread = threading.Thread(target=make_target(server.serve_forever),

@@ -22,6 +22,7 @@ from denoised_node.daemon.pipeline import input_policy, plan_series
 from denoised_node.daemon.rules import Decision, IntendedUseReader, decide
 from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_dataset
 from denoised_node.storage.derive import is_own_output
+from denoised_node.storage.job_events import IgnoredAs
 from denoised_node.storage.series import MR_SOP_CLASSES, NothingToDenoise, StackPlan
 
 
@@ -46,6 +47,7 @@ class Triage:
     plan: StackPlan | None = None
     facts: SeriesAttributes | None = None
     decision: Decision | None = None
+    ignored_as: IgnoredAs | None = None  # the reason's category (for the metrics)
 
     @property
     def denoise(self) -> bool:
@@ -88,11 +90,11 @@ def triage_series(settings: Settings, paths: Sequence[Path], intended_use: Inten
     try:
         plan = plan_series(paths, input_policy(settings))
     except NothingToDenoise as exc:
-        return Triage(str(exc), count)
+        return Triage(str(exc), count, ignored_as=IgnoredAs.NO_IMAGE)
     # The rules read the header of the first image the plan will denoise.
     facts = attributes_from_dataset(plan.stacks[0].slices[0].source.header, calling_ae)
     decision = decide(settings, facts, intended_use, override_intended_use=override_intended_use)
-    return Triage(decision.ignored_reason, count, plan, facts, decision)
+    return Triage(decision.ignored_reason, count, plan, facts, decision, decision.ignored_as)
 
 
 def triage_files(settings: Settings, paths: Sequence[Path], intended_use: IntendedUseReader,
@@ -101,6 +103,6 @@ def triage_files(settings: Settings, paths: Sequence[Path], intended_use: Intend
     then ``triage_series`` (offline denoising, `rules test` of a folder)."""
     kept, ignored = kept_instances(paths, settings)
     if ignored is not None:
-        return Triage(ignored, len(paths))
+        return Triage(ignored, len(paths), ignored_as=IgnoredAs.ON_RECEIPT)
     return triage_series(settings, kept, intended_use, calling_ae=calling_ae,
                          received=len(paths), override_intended_use=override_intended_use)

@@ -8,6 +8,9 @@ restarted. serve tells systemd READY=1 when the SCP listens and a worker has its
 feeds systemd's watchdog while its own threads run.
 SIGTERM (or SIGINT) stops accepting associations, asks the workers to finish or release the
 job in hand, and exits.
+SIGHUP (`systemctl reload`) reads the config again (reload.py checks it whole): an accepted one
+applies to the associations requested from then on, and each worker finishes its job in hand
+and restarts with it; a refused one is logged and the running one kept.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ from denoised_node.daemon.notify import (
     watchdog_seconds,
 )
 from denoised_node.daemon.receive import Receiver
+from denoised_node.daemon.reload import (
+    SERVE_SECTIONS,
+    ConfigState,
+    ReloadRefused,
+    changed_sections,
+    load_for_reload,
+)
 from denoised_node.daemon.rescan import settle_unindexed
 from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.daemon.receiver_events import EventReader
@@ -123,6 +133,16 @@ class WorkerPool:
         for child in self.children:
             self._spawn(child)
 
+    def reload(self) -> None:
+        """A reloaded config: each worker finishes (or, idle, leaves) its job in hand and is
+        started again at once, reading the new config. One at a time would keep a model
+        loaded meanwhile, but two models at once may not fit a GPU."""
+        for child in self.children:
+            process = child.process
+            if process is not None and process.poll() is None and not child.reloading:
+                child.reloading = True
+                process.send_signal(signal.SIGTERM)
+
     def _spawn(self, child: _Child) -> None:
         child.process = spawn(self.command, notify_socket=self.notify_socket)
         child.started_at = child.last_heard = time.monotonic()
@@ -152,8 +172,10 @@ class WorkerPool:
 
     def stop(self, timeout: float = _WORKER_STOP_SECONDS) -> None:
         running = [c.process for c in self.children if c.process and c.process.poll() is None]
-        for process in running:
-            process.send_signal(signal.SIGTERM)
+        for child in self.children:
+            process = child.process
+            if process in running and process is not None and not child.reloading:
+                process.send_signal(signal.SIGTERM)  # a reloading one had its SIGTERM
         deadline = time.monotonic() + timeout
         for process in running:
             try:
@@ -213,6 +235,9 @@ def serve(settings: Settings, config_path: Path | None,
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: reload_requested.set())
+    config_state = ConfigState.started()
 
     listener = NotifyListener()
     pool = WorkerPool(settings.worker.count, config_path, notify_socket=listener.name,
@@ -223,11 +248,17 @@ def serve(settings: Settings, config_path: Path | None,
                           lambda: float(pool.ready_count)),
         "disk_free_bytes": ("Free space where node.data_dir is",
                             lambda: float(runtime.store.free_bytes())),
+        "config_loaded_timestamp_seconds": ("When the running config was loaded (Unix time)",
+                                            lambda: config_state.loaded_at),
+        "config_last_reload_successful": (("1: the last reload was accepted (or none "
+                                           "asked); 0: refused, the old config runs"),
+                                          lambda: float(config_state.last_reload_ok)),
     })
     completion = CompletionLoop(runtime.sessions, settings.series, attempt_limits(settings),
                                 on_queued=pool.wake)
     server = _start_receiving(settings, config_path, runtime, scp_counts, completion.poke)
     http: StatusServer | None = None
+    pages: StatusPages | None = None
     retention = RetentionLoop(rescanner, settings.retention)
     try:
         if settings.http.enabled:
@@ -237,7 +268,8 @@ def serve(settings: Settings, config_path: Path | None,
                 ("disk", health.disk(runtime.store, settings.node.min_free_mb)),
                 ("scp", health.listening(server.alive, "storage SCP")),
             ])
-            pages = StatusPages(settings, runtime.sessions, runtime.store, readiness)
+            pages = StatusPages(settings, runtime.sessions, runtime.store, readiness,
+                                config_state=config_state)
             http = StatusServer(settings.http, registry, readiness, pages).start()
     except BaseException:
         server.stop()
@@ -250,6 +282,10 @@ def serve(settings: Settings, config_path: Path | None,
     systemd = SystemdLink(settings.worker.count)
     try:
         while not stop.wait(systemd.interval):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                settings = _reload(settings, config_path, config_state, _Reloadable(
+                    server, completion, pool, pages), tell_systemd=systemd.announced)
             pool.notified(listener.receive())
             pool.check()
             server.check()
@@ -273,10 +309,52 @@ def serve(settings: Settings, config_path: Path | None,
     return 0
 
 
+@dataclass(frozen=True)
+class _Reloadable:
+    """What an accepted config is handed to in serve."""
+
+    receiving: _Receiving
+    completion: CompletionLoop
+    workers: WorkerPool
+    pages: StatusPages | None
+
+
+def _reload(running: Settings, config_path: Path | None, state: ConfigState,
+            parts: _Reloadable, *, tell_systemd: bool = True) -> Settings:
+    """Read and check the config again; apply it, or log why not. Returns the config in
+    force. systemd waits between RELOADING=1 and READY=1 (`systemctl reload` returns then);
+    before the node's first READY=1 (``tell_systemd`` false) it is told nothing."""
+    notify = sd_notify if tell_systemd else (lambda _message: False)
+    notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+    try:
+        new = load_for_reload(running, config_path)
+    except ReloadRefused as exc:
+        state.refused(str(exc))
+        log.error("config reload refused; the running config stays: %s", exc,
+                  extra={"config": str(config_path)})
+        notify("READY=1\nSTATUS=config reload refused")
+        return running
+    changed = changed_sections(running, new)
+    parts.receiving.reload(new)
+    parts.completion.settings = new.series
+    parts.completion.attempt_limits = attempt_limits(new)
+    if parts.pages is not None:
+        parts.pages.reconfigure(new)
+    if changed - SERVE_SECTIONS:
+        parts.workers.reload()
+    state.accepted()
+    log.info("config reloaded", extra={"config": str(config_path),
+                                       "changed": " ".join(sorted(changed)) or "nothing"})
+    notify("READY=1\nSTATUS=config reloaded")
+    return new
+
+
 class _Receiving(Protocol):
     def alive(self) -> bool: ...
 
     def check(self) -> None: ...
+
+    def reload(self, settings: Settings) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -284,8 +362,13 @@ class _Receiving(Protocol):
 class _InProcess:
     """The storage SCP on serve's own threads (node.receive_processes = 1)."""
 
-    def __init__(self, listeners: ScpListeners) -> None:
+    def __init__(self, listeners: ScpListeners, receiver: Receiver) -> None:
         self.listeners = listeners
+        self.receiver = receiver
+
+    def reload(self, settings: Settings) -> None:
+        self.listeners.reconfigure(settings)
+        self.receiver.settings = settings
 
     def alive(self) -> bool:
         return self.listeners.alive()
@@ -303,7 +386,7 @@ def _start_receiving(settings: Settings, config_path: Path | None, runtime: Runt
     if processes == 1:
         receiver = Receiver.for_node(runtime)
         receiver.on_activity = on_activity
-        return _InProcess(start_scp(settings, receiver, counts))
+        return _InProcess(start_scp(settings, receiver, counts), receiver)
     if settings.tls.enabled:
         server_context(settings.tls)  # a bad certificate stops serve, not each receiver
     sockets = bind_listeners(settings)

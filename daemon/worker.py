@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from select import select as wait_readable
@@ -32,12 +33,14 @@ from denoised_node.daemon.webhook import JobNotice, Notifier
 from denoised_node.model.errors import ModelError
 from denoised_node.storage.db import SessionFactory
 from denoised_node.storage.files import FileStore
+from denoised_node.storage.job_events import IgnoredAs
 from denoised_node.storage.models import Instance, Job, Series, SeriesState, utcnow
 from denoised_node.storage.progress import ProgressRecorder
 from denoised_node.storage.queue import (
     STAGES,
     ClaimedJob,
     JobState,
+    SendOutcome,
     StaleState,
     after_failed_attempt,
     attempt_limits,
@@ -217,7 +220,8 @@ class Worker:
         rule_name = decision.rule.name if decision and decision.rule else None
         if decision is None or triage.plan is None or not decision.denoise:
             self._move(job, JobState.PROCESSING, JobState.IGNORED,
-                       one_line(str(triage.ignored_reason)), rule_name=rule_name)
+                       one_line(str(triage.ignored_reason)), rule_name=rule_name,
+                       label=triage.ignored_as)
             return False
         plan = triage.plan
         denoiser = self.models.get(decision.checkpoint or self.settings.model.checkpoint)
@@ -233,14 +237,16 @@ class Worker:
                                          _progress_logger(job.id, self.heartbeat.beat),
                                          self._recorder(job, "denoise")),
                                      hold_gate_failures=decision.hold_gate_failures,
-                                     plan=plan)
+                                     plan=plan, refused_dir=self.store.refused_dir(job.id))
         except NothingToDenoise as exc:
-            self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)))
+            self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)),
+                       label=IgnoredAs.NO_IMAGE)
             return False
         except GateFailed as exc:
             log.error("series cannot be denoised: %s", exc, extra=extra)
             self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)),
-                       event="gate_refused", model_identity=denoiser.identity)
+                       event="gate_refused", model_identity=denoiser.identity,
+                       label=" ".join(exc.checks))
             return False
         except (PermanentError, SeriesError) as exc:
             log.error("series cannot be denoised: %s", exc, extra=extra)
@@ -260,7 +266,7 @@ class Worker:
         if outcome.gate_refusal is not None:
             self._move(job, JobState.PROCESSING, JobState.HELD,
                        one_line(f"{outcome.gate_refusal}; held for review (approve or reject)"),
-                       event="gate_refused", **values)
+                       event="gate_refused", label=" ".join(outcome.gate_checks), **values)
             return False
         if decision.review:
             self._move(job, JobState.PROCESSING, JobState.HELD,
@@ -302,16 +308,20 @@ class Worker:
                                  f"e.g. {missing[0]}; send the series again from the PACS")
         return uid, paths, calling_ae
 
-    def _retry_or_fail(self, job: ClaimedJob, reason: str) -> None:
+    def _retry_or_fail(self, job: ClaimedJob, reason: str,
+                       attempt: DestinationsTried | None = None) -> None:
         """After a failed attempt of the job's stage: back to the start of the stage after a
-        backoff, or failed at the stage's attempt limit (both from the stage table)."""
+        backoff, or failed at the stage's attempt limit (both from the stage table).
+        ``attempt``: the send attempt's destinations, recorded with the move."""
         stage = STAGES[job.stage]
         outcome = after_failed_attempt(stage, getattr(job, stage.attempts_column),
                                        stage.policy(self.settings), reason, utcnow())
         if outcome.delay is not None:
             log.warning("%s failed, retrying in %.0f s: %s", stage.state.value, outcome.delay,
                         reason, extra={"job_id": job.id})
-        self._move(job, stage.state, outcome.to_state, outcome.reason, **outcome.values)
+        sends = attempt.outcomes(retried=outcome.delay is not None) if attempt else None
+        self._move(job, stage.state, outcome.to_state, outcome.reason, sends=sends,
+                   **outcome.values)
 
     # -- sending ------------------------------------------------------------------------
     def _start_sending(self, job: ClaimedJob) -> ClaimedJob | None:
@@ -349,29 +359,33 @@ class Worker:
                        one_line(f"{exc}; fix the config, then replay the job"))
             return
         recorder = self._recorder(job, "send")
+        attempt = DestinationsTried()
         try:
             for index, destination in enumerate(destinations):
                 def progress(sent: int, _count: int, before: int = index * len(files)) -> None:
                     recorder(before + sent, len(files) * len(destinations))
 
+                attempt.trying = destination.name
                 result = self.sender(self.settings, destination, files, progress=progress)
+                attempt.sent.append(destination.name)
                 log.info("series sent", extra={"job_id": job.id, "destination": result.destination,
                                                "instances": result.sent})
         except SendError as exc:
             if not exc.permanent:
-                self._retry_or_fail(job, describe_error(exc))
+                self._retry_or_fail(job, describe_error(exc), attempt)
             else:  # a refusal for good (an AE title, no context): retrying cannot help
                 self._move(job, JobState.SENDING, JobState.FAILED, one_line(
                     f"{describe_error(exc)}; not retried: {exc.fix}, then replay the job"),
-                    send_attempts=job.send_attempts + 1)
+                    send_attempts=job.send_attempts + 1, sends=attempt.outcomes(retried=False))
             return
         except Exception as exc:  # noqa: BLE001 - any other send failure is retried, then fails
-            self._retry_or_fail(job, describe_error(exc))
+            self._retry_or_fail(job, describe_error(exc), attempt)
             return
         names = ", ".join(d.name for d in destinations) or "no destination configured"
         # send_attempts counts every attempt made, the one that succeeded too.
         self._move(job, JobState.SENDING, JobState.DONE, f"sent {len(files)} to {names}",
-                   send_attempts=job.send_attempts + 1, also=lambda session: note_superseded(session, job.id, utcnow()))
+                   send_attempts=job.send_attempts + 1, sends=attempt.outcomes(retried=False),
+                   also=lambda session: note_superseded(session, job.id, utcnow()))
 
     def _destinations(self, chosen: str | None) -> list[Destination]:
         """The destinations the rule chose when the series was denoised; a job from before
@@ -433,6 +447,22 @@ class Worker:
         except Exception:  # noqa: BLE001 - the lease expires anyway
             log.exception("could not release the job in hand", extra={"job_id": job.id})
         self.current = None
+
+
+@dataclass
+class DestinationsTried:
+    """One send attempt of a job: the destinations that took the series, and the one being
+    tried (which failed, when the attempt ends in an error)."""
+
+    sent: list[str] = field(default_factory=list)
+    trying: str | None = None
+
+    def outcomes(self, *, retried: bool) -> dict[str, SendOutcome]:
+        """send_attempts rows: each destination tried, and how its part ended."""
+        found = dict.fromkeys(self.sent, SendOutcome.SENT)
+        if self.trying is not None and self.trying not in found:
+            found[self.trying] = SendOutcome.RETRY if retried else SendOutcome.FAILED
+        return found
 
 
 def _skipped_note(skipped: Sequence[tuple[str, str]]) -> str:

@@ -5,6 +5,7 @@ Layout under the data dir:
                  leaves only these; another host's only once stale, as the store may be shared)
     instances/<study>/<series>/<sop>.dcm    received instances
     derived/<job id>/<sop>.dcm              derived instances waiting to be sent
+    derived/<job id>/refused/<sop>.dcm      the stack the safety gate refused (shown, never sent)
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ class FileStore:
 
     def derived_dir(self, job_id: int) -> Path:
         return self.derived / str(int(job_id))
+
+    def refused_dir(self, job_id: int) -> Path:
+        """The stack the safety gate refused, kept for the series page and never sent: in
+        the job's folder (never among the files sent), so the job's next attempt and the
+        series' purge remove it with the rest."""
+        return self.derived_dir(job_id) / "refused"
 
     def clean_incoming(self, now: float | None = None) -> int:
         """Remove temp files a crash left behind; they were never acknowledged.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Protocol
 
 from denoised_node.storage.queue import EventKind, JobState
@@ -26,6 +27,47 @@ LATENCY_STAGES = {
 OUTCOMES = {EventKind.SENT: "done", EventKind.FAILED: "failed", EventKind.IGNORED: "ignored",
             EventKind.REJECTED: "ignored", EventKind.SUPERSEDED: "superseded"}
 SERIES_OUTCOMES = ("done", "failed", "ignored", "superseded")
+
+
+class IgnoredAs(StrEnum):
+    """Why a series was ignored, as a category (the reason says it to people, with details)."""
+
+    ON_RECEIPT = "on_receipt"  # every instance was left out on receipt: not MR, own output
+    NO_IMAGE = "no_image"  # no image to denoise: localizers, reformats, no pixel data
+    NO_RULE = "no_rule"  # no rule matches
+    RULE = "rule"  # a rule with ignore = true
+    INTENDED_USE = "intended_use"  # outside the model card's intended use
+    REJECTED = "rejected"  # held for review, and a person rejected it
+    OTHER = "other"  # a row from before labels (schema revision 0007)
+
+
+# job_events.label by kind: what the metrics count by category. A label is a category,
+# never free text, so the metrics' label sets stay bounded.
+EVENT_LABELS = {
+    EventKind.IGNORED: "an IgnoredAs",
+    EventKind.FAILED: "the safety gate's failed checks (model.gate CHECKS), space-separated, "
+                      "when the gate refused the result; else none",
+    EventKind.HELD: "as for failed: held because the gate refused the result",
+}
+
+
+def ignored_as(kind: str, label: str | None) -> IgnoredAs | None:
+    """The category of an event that ignores its series; None for any other event."""
+    if kind == EventKind.REJECTED:
+        return IgnoredAs.REJECTED
+    if kind != EventKind.IGNORED:
+        return None
+    try:
+        return IgnoredAs(label or IgnoredAs.OTHER)
+    except ValueError:  # a category a newer release wrote
+        return IgnoredAs.OTHER
+
+
+def gate_checks(kind: str, label: str | None) -> list[str]:
+    """The gate checks that refused the result, for a failed or held event (else [])."""
+    if kind not in (EventKind.FAILED, EventKind.HELD) or not label:
+        return []
+    return label.split()
 
 
 class Event(Protocol):

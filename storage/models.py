@@ -21,6 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+LABEL_LENGTH = 200  # the gate's check names, space-separated, all of them fit
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime
@@ -148,5 +150,20 @@ class JobEvent(Base):
     kind: Mapped[str] = mapped_column(String(16))
     worker: Mapped[str | None] = mapped_column(String(128))
     reason: Mapped[str | None] = mapped_column(Text)
+    # A category for the metrics, by kind (storage.job_events.EVENT_LABELS says which).
+    label: Mapped[str | None] = mapped_column(String(LABEL_LENGTH))
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class SendAttempt(Base):
+    """One row per destination per send attempt of a job (the metrics count them per
+    destination); written with the job's move that ends the attempt."""
+
+    __tablename__ = "send_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    destination: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(8))  # storage.queue.SendOutcome

@@ -18,7 +18,7 @@ from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from denoised_node.storage.db import SessionFactory, is_postgres
-from denoised_node.storage.models import Job, JobEvent, Series, utcnow
+from denoised_node.storage.models import Job, JobEvent, SendAttempt, Series, utcnow
 from denoised_node.storage.progress import CLEARED as PROGRESS_CLEARED
 
 if TYPE_CHECKING:
@@ -78,6 +78,14 @@ class EventKind(StrEnum):
     IGNORED = "ignored"  # nothing to denoise, or the rule ignores the series
     SUPERSEDED = "superseded"  # a newer job of the same series covers this one
     REPLAYED = "replayed"  # queued again by a person
+
+
+class SendOutcome(StrEnum):
+    """How one destination's part of a send attempt ended (a send_attempts row)."""
+
+    SENT = "sent"
+    RETRY = "retry"  # failed; the job retries the send after a backoff
+    FAILED = "failed"  # failed; the job failed (a permanent refusal, or the last attempt)
 
 
 def kind_of_move(from_state: JobState | None, to_state: JobState) -> EventKind:
@@ -186,14 +194,17 @@ def transition(
     worker: str | None = None,
     reason: str | None = None,
     kind: EventKind | None = None,
+    label: str | None = None,
+    sends: Mapping[str, SendOutcome] | None = None,
     now: datetime | None = None,
     **values: object,
 ) -> None:
     """Move job ``job_id`` from ``from_state`` to ``to_state`` or raise.
 
     Extra ``values`` are set on the job in the same UPDATE; ``reason`` is recorded in the
-    audit row and as the job's latest reason, ``kind`` (by default ``kind_of_move``) in the
-    audit row. Raises ``IllegalTransition`` for a move the table forbids and ``StaleState``
+    audit row and as the job's latest reason, ``kind`` (by default ``kind_of_move``) and
+    ``label`` (job_events.EVENT_LABELS) in the audit row; ``sends`` (destination: outcome)
+    as send_attempts rows, for a move that ends a send attempt. Raises ``IllegalTransition`` for a move the table forbids and ``StaleState``
     when the job is not in ``from_state``.
     """
     if to_state not in TRANSITIONS[from_state]:
@@ -217,8 +228,11 @@ def transition(
     session.add(
         JobEvent(job_id=job_id, at=now, from_state=from_state.value, to_state=to_state.value,
                  kind=(kind or kind_of_move(from_state, to_state)).value, worker=worker,
-                 reason=reason)
+                 reason=reason, label=label)
     )
+    for destination, outcome in (sends or {}).items():
+        session.add(SendAttempt(job_id=job_id, at=now, destination=destination,
+                                outcome=outcome.value))
 
 
 def released(now: datetime, delay: float = 0.0) -> dict[str, object]:

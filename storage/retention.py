@@ -14,7 +14,15 @@ from sqlalchemy.orm import Session
 
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.files import FileStore
-from denoised_node.storage.models import Instance, Job, JobEvent, Series, SeriesState, utcnow
+from denoised_node.storage.models import (
+    Instance,
+    Job,
+    JobEvent,
+    SendAttempt,
+    Series,
+    SeriesState,
+    utcnow,
+)
 from denoised_node.storage.queue import ACTIVE_STATES, JobState
 
 log = logging.getLogger(__name__)
@@ -107,7 +115,8 @@ def purge_finished(sessions: SessionFactory, store: FileStore, older_than: timed
 
 def forget_purged(sessions: SessionFactory, older_than: timedelta,
                   now: datetime | None = None) -> int:
-    """Delete the rows (series, jobs, events) of series purged before ``now - older_than``."""
+    """Delete the rows (series, jobs, events, send attempts) of series purged before
+    ``now - older_than``."""
     cutoff = (now or utcnow()) - older_than
     with sessions.begin() as session:
         series_ids = list(session.scalars(select(Series.id).where(
@@ -116,6 +125,7 @@ def forget_purged(sessions: SessionFactory, older_than: timedelta,
             return 0
         job_ids = select(Job.id).where(Job.series_id.in_(series_ids))
         session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
+        session.execute(delete(SendAttempt).where(SendAttempt.job_id.in_(job_ids)))
         session.execute(delete(Job).where(Job.series_id.in_(series_ids)))
         session.execute(delete(Instance).where(Instance.series_id.in_(series_ids)))
         session.execute(delete(Series).where(Series.id.in_(series_ids)))

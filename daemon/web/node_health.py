@@ -15,9 +15,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from denoised_node.config.settings import Destination, Settings
 from denoised_node.daemon.http import Probe, CheckResult
+from denoised_node.daemon.reload import ConfigState
+from denoised_node.daemon.web.formatting import when
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,16 @@ class SlowChecks:
             with self._lock:
                 self._running = False
                 self._checked_at = time.monotonic()
+
+
+def config_row(state: ConfigState) -> HealthRow:
+    """When the running config was loaded, and a refused `systemctl reload` with its reason."""
+    loaded = when(datetime.fromtimestamp(state.loaded_at, UTC))
+    if state.last_reload_ok or state.refused_at is None:
+        return HealthRow("config", True, f"loaded {loaded}")
+    refused = when(datetime.fromtimestamp(state.refused_at, UTC))
+    return HealthRow("config", False, f"reload refused {refused}: {state.last_error}; "
+                                      f"the config loaded {loaded} still runs")
 
 
 def slow_checks(settings: Settings) -> SlowChecks:

@@ -22,11 +22,12 @@ from denoised_node.config.settings import Settings
 from denoised_node.daemon.admin import AdminError, replay, review, status_summary
 from denoised_node.daemon.http import Readiness
 from denoised_node.daemon.job_status import AttemptLimits, job_status
+from denoised_node.daemon.reload import ConfigState
 from denoised_node.daemon.web import formatting
 from denoised_node.daemon.web.activity import STAGE_LABELS, last_hour, recent_jobs
 from denoised_node.daemon.web.charts import day_charts
 from denoised_node.daemon.web.csrf import TOKEN_FIELD, CsrfTokens
-from denoised_node.daemon.web.node_health import HealthRow, SlowChecks, slow_checks
+from denoised_node.daemon.web.node_health import HealthRow, SlowChecks, config_row, slow_checks
 from denoised_node.daemon.web.preview_cache import RETRY_SECONDS, PreviewCache
 from denoised_node.daemon.web.previews import KINDS
 from denoised_node.daemon.web.request import Request, Response
@@ -85,12 +86,15 @@ class StatusPages:
     def __init__(self, settings: Settings, sessions: SessionFactory, store: FileStore,
                  readiness: Readiness, *, slow: SlowChecks | None = None,
                  previews: PreviewCache | None = None, csrf: CsrfTokens | None = None,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow,
+                 config_state: ConfigState | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
         self.store = store
         self.readiness = readiness
+        self._own_slow = slow is None
         self.slow = slow if slow is not None else slow_checks(settings)
+        self.config_state = config_state  # serve's: shown as the "config" health row
         self.previews = previews or PreviewCache(settings.gate)
         self.csrf = csrf or CsrfTokens()
         self.clock = clock
@@ -135,6 +139,13 @@ class StatusPages:
                             links=links or {"Overview": "/", "Jobs": "/jobs"})
 
     # -- views ----------------------------------------------------------------------------
+    def reconfigure(self, settings: Settings) -> None:
+        """A reloaded config: its destinations checked, its gate limits on new previews."""
+        self.settings = settings
+        if self._own_slow:
+            self.slow = slow_checks(settings)
+        self.previews.gate = settings.gate
+
     def overview(self, request: Request) -> Response:
         now = self.clock()
         _, checks = self.readiness.report()
@@ -146,6 +157,8 @@ class StatusPages:
             latest_model = session.scalar(select(Job.model_identity).where(
                 Job.model_identity.is_not(None)).order_by(Job.id.desc()).limit(1))
         health = [HealthRow(name, c["ok"], c["detail"]) for name, c in checks.items()]
+        if self.config_state is not None:
+            health.append(config_row(self.config_state))
         # ?wait=1 waits for the slow checks (scripts, screenshots); a person never waits.
         health += self.slow.rows(wait=20.0 if request.arg("wait") == "1" else 0.0)
         return self._render("overview.html", active="overview", health=health,

@@ -33,6 +33,7 @@ class PreviewInput:
     source_paths: tuple[Path, ...]
     derived_paths: tuple[Path, ...] | None  # None: the job has no derived series (yet)
     derived_missing: str = ""  # why the derived series cannot be shown
+    refused: bool = False  # derived_paths: the result the safety gate refused, not sent
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Preview:
     gate_rows: tuple[GateRow, ...] = ()
     notes: tuple[str, ...] = ()  # what could not be shown, and why
     pending: bool = False  # being made: the page reloads, the pictures answer 503
+    refused: bool = False  # "after" is the result the safety gate refused: never sent
 
 
 def _sample(depth: int) -> list[int]:
@@ -94,14 +96,16 @@ def make_preview(source: PreviewInput, stack_index: int, gate: GateSettings) -> 
     row_of = {slice_index: row for row, slice_index in enumerate(wanted)}
     low, high = window(before[row_of[middle]])
     images = {"before": to_png(before[row_of[middle]], low, high)}
-    base = Preview(labels, index, middle, stack.depth, images)
+    base = Preview(labels, index, middle, stack.depth, images, refused=source.refused)
     notes = []
     derived_stack = None
     if source.derived_paths is None:
         notes.append(source.derived_missing or "No derived series for this job.")
     else:
         derived_stack = _matching(plan_stacks(source.derived_paths), stack)
-        if derived_stack is None:
+        if derived_stack is None and source.refused:
+            notes.append("Only the stack the safety gate refused was kept; pick it above.")
+        elif derived_stack is None:
             notes.append("The derived series does not match the stored series any more "
                          "(instances arrived after this job); replay it to compare.")
     if derived_stack is None:
@@ -114,7 +118,7 @@ def make_preview(source: PreviewInput, stack_index: int, gate: GateSettings) -> 
     rows = [row_of[i] for i in sample]
     passed, reason, gate_rows = gate_figures(before[rows], after[rows], gate)
     return Preview(labels, index, middle, stack.depth, images, spread, passed, reason,
-                   gate_rows, tuple(notes))
+                   gate_rows, tuple(notes), refused=source.refused)
 
 
 def gate_figures(before: np.ndarray, after: np.ndarray,

@@ -96,6 +96,7 @@ def test_service_directives() -> None:
     # systemd waits longer than serve gives its workers (60 s, then 10 s after a second TERM).
     assert int(unit["TimeoutStopSec"][0]) > supervisor._WORKER_STOP_SECONDS + 10
     assert unit["ExecStart"][0].startswith(INSTALLED_BINARY + " serve --config /etc/")
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # serve's SIGHUP: reload
 
 
 def test_sysusers_and_tmpfiles_in_a_temp_root(tmp_path: Path) -> None:

@@ -260,6 +260,38 @@ def test_a_failed_job_shows_its_reason_and_what_it_wrote(node: Node) -> None:
     assert node.get(f"/jobs/{node.failed_job}/after.png").status == 404
 
 
+class Shifting(ScaledDenoiser):
+    """Brightens every value: the safety gate refuses the result."""
+
+    def denoise(self, volume: Any, progress: Any = None, spacing: Any = None) -> Any:
+        return volume * 1.5
+
+
+def test_a_gate_refusal_shows_the_refused_result_marked_not_sent(
+        settings_factory: Callable[..., Settings],
+        mr_series_factory: Callable[..., GeneratedSeries]) -> None:
+    settings = settings_factory(send__max_attempts=1, gate__enabled=True)
+    node = build_node(settings, mr_series_factory, Shifting())
+    with node.runtime.sessions() as session:
+        job = session.get_one(Job, node.done_job)
+        assert job.state == "failed" and "safety gate failed" in (job.reason or "")
+    refused = sorted(node.runtime.store.refused_dir(node.done_job).glob("*.dcm"))
+    assert len(refused) == len(node.done.paths)  # the refused stack, nothing more
+    assert not list(node.runtime.store.derived_dir(node.done_job).glob("*.dcm"))  # never sent
+    html = _html(node.get(f"/series/{node.done.series_uid}"))
+    for kind in ("before", "after", "residual"):
+        assert f'src="/jobs/{node.done_job}/{kind}.png?stack=0"' in html
+        assert node.get(f"/jobs/{node.done_job}/{kind}.png").status == 200
+    assert "Refused, not sent" in html and "it was not sent to any destination" in html
+    assert "tissue_mean_change" in html  # the gate's figures, recomputed on the refused result
+    # Retention purges it with the series.
+    with node.runtime.sessions.begin() as session:
+        purge_series(session, node.runtime.store,
+                     session.scalars(select(Series).where(
+                         Series.series_uid == node.done.series_uid)).one(), utcnow())
+    assert not node.runtime.store.refused_dir(node.done_job).exists()
+
+
 def test_a_purged_series_says_so_and_has_no_pictures(node: Node) -> None:
     with node.runtime.sessions.begin() as session:
         series = session.scalars(select(Series).where(
