@@ -116,6 +116,12 @@ class ConnectionGuard:
         self._associations = FairPool(limits.slots)
         self._open: dict[Any, Connection] = {}  # by the peer's (address, port): until it ends
 
+    def watched_connections(self) -> int:
+        """Connections accepted, watched (their socket known, so they can be closed to make
+        room for another address) and not yet ended."""
+        with self._lock:
+            return sum(1 for c in self._open.values() if c.close is not None and not c.ended)
+
     def drop(self, address: str, kind: str, message: str, transport: str) -> None:
         self._log.dropped(address, kind, message)
         self.counts.association(f"dropped_{kind}", transport)

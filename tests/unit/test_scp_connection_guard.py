@@ -44,9 +44,21 @@ def scp_factory(settings_factory) -> Iterator[Callable[..., tuple[Settings, int]
         servers.append(server)
         return settings, server.port("plain")
 
+    start.servers = servers  # type: ignore[attr-defined]
     yield start
     for server in servers:
         server.shutdown()
+
+
+def _wait_accepted(scp_factory: Any, count: int) -> None:
+    """Until the last node started watches ``count`` connections (accepted, their socket
+    known): a fixed pause was not always enough on a loaded machine, and a connection not yet
+    watched cannot be closed to make room for the sender."""
+    guard = scp_factory.servers[-1].guard
+    deadline = time.monotonic() + WAIT
+    while guard.watched_connections() < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert guard.watched_connections() >= count
 
 
 def _connect(port: int, source: str = ATTACKER, first: bytes = HALF_PDU) -> socket.socket:
@@ -82,7 +94,7 @@ def _association(port: int, source: str) -> Any:
 def _echo(port: int) -> int | None:
     ae = AE(ae_title="MOD")
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = 5
+    ae.acse_timeout = ae.network_timeout = WAIT  # a loaded CI machine can be slow to answer
     assoc = ae.associate("127.0.0.1", port, ae_title="DENOISER")
     if not assoc.is_established:
         return None
@@ -161,7 +173,7 @@ def test_half_sent_requests_from_two_addresses_cannot_lock_out_a_third(  # type:
         attackers = [_connect(port, source) for source in (ATTACKER, OTHER_ATTACKER)
                      for _ in range(2)]
         try:
-            time.sleep(0.3)  # let the node accept them all
+            _wait_accepted(scp_factory, 4)
             assert [_echo(port) for _ in range(3)] == [0, 0, 0]
             assert sum(closed_quickly(sock) for sock in attackers) == 1  # made room
         finally:
