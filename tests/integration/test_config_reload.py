@@ -20,7 +20,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.integration.node import NODE_AET, Node, node_config
 from tests.integration.peers import ManagedProcess, echoscu, free_port, wait_until
 from tests.integration.peers.dcmtk import storescu
-from tests.integration.test_monitoring_service import Notifications, http_get
+from tests.integration.test_monitoring_service import (  # noqa: F401 - the fixture
+    Notifications, http_get, notifications)
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +31,6 @@ name = "first"
 match = {}
 ignore = true
 """
-
-
-@pytest.fixture
-def notifications() -> Iterator[Notifications]:
-    box = Notifications()
-    yield box
-    box.listener.close()
 
 
 @pytest.fixture

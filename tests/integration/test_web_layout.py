@@ -5,8 +5,6 @@ No server: the browser's requests are answered by StatusPages.handle (Playwright
 from __future__ import annotations
 
 import itertools
-import shutil
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,8 +13,7 @@ from sqlalchemy import update
 from denoised_node.daemon.web.request import Request
 from denoised_node.storage.models import Job, JobEvent
 from tests.fixtures.mr_series import GeneratedSeries, generate_series
-from tests.integration.peers import skip_or_fail
-from tests.integration.test_web_browser import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
+from tests.integration.test_web_browser import SCREENSHOTS, browser  # noqa: F401 - the fixture
 from tests.unit.conftest import ScaledDenoiser, make_settings
 from tests.unit.test_web_pages import Node, build_node
 
@@ -49,20 +46,6 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Node:
                                                JobEvent.to_state == "failed")
                         .values(reason=REASON))
     return built
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        skip_or_fail("the playwright package is not installed (pip install -e .[test])", "CI must have it")
-    if not shutil.which(CHROMIUM):
-        skip_or_fail(f"{CHROMIUM} is not installed (apt-get install chromium)", "CI must have it")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 def _open(browser: Any, node: Node, path: str, width: int) -> Any:
