@@ -261,3 +261,21 @@ def test_the_mixture_draws_dead_leaves_and_keeps_air_dark() -> None:
     out = curve._curve(img)
     assert (out[:, :, 0, 0] == 0).all() and not torch.equal(out, img)
     assert out.amax() == pytest.approx(1.0)
+
+
+def test_tissue_ratio_tells_tissue_from_background(tmp_path: Path, volume: Path) -> None:
+    """The diagnostic of model/tissue_ratio.py on a run whose network is still the identity
+    (lr 0): it removes nothing, in tissue or in the background."""
+    from denoised_node.model.tissue_ratio import tissue_ratios
+
+    cfg = TrainConfig(run_dir=tmp_path / "run", name="tiny", volumes=[str(volume)], steps=1, batch_size=1,
+                      patch=32, lr=0.0, warmup=1, val_every=1, holdout=8, gap=4, val_noise=(0.05,), arch=TINY,
+                      threads=1, dead_leaves_prob=0.0)
+    train(cfg)
+    from denoised_node.model.data import load_training_volume, volume_maps
+
+    ratios = tissue_ratios(tmp_path / "run", batches=1, batch_size=2,
+                           maps=volume_maps(load_training_volume(volume)))
+    assert ratios["step"] == 1
+    assert ratios["tissue"] == pytest.approx(1.0, abs=1e-3)
+    assert ratios["background"] == pytest.approx(1.0, abs=1e-3)
