@@ -77,7 +77,13 @@ def train_command(config_path: str | None, run_dir: str, kind: str, name: str | 
     _load_config(config_path)
     from denoised_node.daemon.logs import use_node_format
     from denoised_node.model.errors import ModelError
-    from denoised_node.model.train import DEFAULT_VOLUMES, TrainConfig, load_run_config, setup_run_logging, train
+    from denoised_node.model.train import (
+        DEFAULT_VOLUMES,
+        TrainConfig,
+        load_run_config,
+        setup_run_logging,
+        train,
+    )
 
     if (run_dir is None) == (resume_dir is None):
         raise CommandError("give --run-dir for a new run, or --resume RUN_DIR to continue one", ExitCode.USAGE)

@@ -39,8 +39,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, shift
 
 from .data import Split, foreground_mask, load_mni_t1, load_mni_t2_like
-from .quality import hfen, psnr, ssim
 from .noise import add_coil_noise, add_rician, estimate_sigma, gfactor_field
+from .quality import hfen, psnr, ssim
 
 MARGIN = 2
 

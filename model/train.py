@@ -119,7 +119,7 @@ def cpu_has_bf16() -> bool:
 
 
 def sample_weights(noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor,
-                   cfg: "TrainConfig") -> torch.Tensor | None:
+                   cfg: TrainConfig) -> torch.Tensor | None:
     """Per-sample loss weights (constants, no gradient); None for plain MSE.
 
     - ``relative``: 1 / the squared error of the noisy input itself (its centre slice, or every
@@ -157,7 +157,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor
     return (per_sample * weights).mean()
 
 
-def load_run_config(run_dir: Path) -> "TrainConfig":
+def load_run_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with (its config.json): a resumed run keeps its schedule."""
     path = Path(run_dir) / "config.json"
     if not path.exists():

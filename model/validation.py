@@ -16,8 +16,8 @@ import torch
 
 from .data import Split, foreground_mask
 from .inference import denoise_volume
-from .quality import psnr, ssim
 from .noise import add_coil_noise, add_rician, gfactor_field
+from .quality import psnr, ssim
 from .schedule import NoiseSchedule
 
 
