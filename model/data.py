@@ -103,10 +103,15 @@ def load_named_volume(spec: str) -> np.ndarray:
     its 99.9th percentile and clipped at 1.2 (the macaque template has a few outliers at 3x)."""
     if spec == "mni152-t1":
         return load_mni_t1()
-    vol = load_raw(_named_path(spec))
+    return bright_level(load_raw(_named_path(spec)))
+
+
+def bright_level(vol: np.ndarray) -> np.ndarray:
+    """A template on its bright level: divided by its 99.9th percentile of non-zero voxels,
+    clipped at 1.2 and scaled so that 1.2 is 1."""
     vol = np.clip(vol, 0.0, None)
     level = float(np.percentile(vol[vol > 0], 99.9))
-    return np.clip(vol / level, 0.0, 1.2).astype(np.float32) / 1.2
+    return np.clip(vol / level, 0.0, 1.2).astype(np.float32) / np.float32(1.2)
 
 
 def is_named_volume(spec: str) -> bool:

@@ -21,22 +21,17 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .data import Split, load_named_volume, load_raw
+from .data import Split, bright_level, load_named_volume, load_raw
 
 COLIN27 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 THICK_MM = 5
-
-
-def _bright_level(vol: np.ndarray) -> np.ndarray:
-    vol = np.clip(vol, 0.0, None)
-    return (vol / float(np.percentile(vol[vol > 0], 99.9))).clip(0.0, 1.2).astype(np.float32) / np.float32(1.2)
 
 
 def colin27() -> np.ndarray:
     """Colin27 at 1 mm as (slices, rows, cols), its bright level 1."""
     if not COLIN27.exists():
         raise FileNotFoundError(f"Colin27 needs {COLIN27}: apt-get install mricron-data")
-    return _bright_level(load_raw(COLIN27))
+    return bright_level(load_raw(COLIN27))
 
 
 def central_slab(vol: np.ndarray, margin: int, extra: int = 0) -> np.ndarray:
