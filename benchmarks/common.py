@@ -33,15 +33,20 @@ class Row:
         return None if not other else self.value / other
 
 
+# Rician sigma of the generated series: about 5 % of the bright level, above the shipped
+# model's noise floor (a quieter series is left alone, and would time nothing).
+SERIES_NOISE = 60.0
+
+
 def series_folder(workdir: Path, slices: int, rows: int = 256, columns: int = 256,
                   seed: int = 7) -> Path:
     """A generated MR series (16-bit, explicit VR LE), made once and kept in workdir."""
-    folder = workdir / "data" / f"mr_{slices}x{rows}x{columns}_s{seed}"
+    folder = workdir / "data" / f"mr_{slices}x{rows}x{columns}_s{seed}_n{SERIES_NOISE:g}"
     done = folder / ".complete"
     if not done.exists():
         shutil.rmtree(folder, ignore_errors=True)
         generate_series(folder, slices=slices, rows=rows, columns=columns, bits_stored=16,
-                        seed=seed, series_number=seed, noise_sigma=25.0,
+                        seed=seed, series_number=seed, noise_sigma=SERIES_NOISE,
                         fov_mm=float(max(rows, columns)))
         done.write_text("")
     return folder

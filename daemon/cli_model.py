@@ -174,19 +174,40 @@ def _floats(text: str) -> tuple[float, ...]:
               help="With --validation: score once per factor on the noise map's reading (choosing it on validation).")
 @click.option("--validation", "on_validation", is_flag=True,
               help="Score --checkpoint on the training recipe's validation domains, as a run scores its own.")
+@click.option("--noise-floor", "noise_floor", is_flag=True,
+              help="Measure --checkpoint's noise floor on the validation domains (the card's noise_floor_percent).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON instead of Markdown.")
 def evaluate_command(config_path: str | None, checkpoint: str | None, baseline: str, out_dir: str, levels: str,
                      seeds: int, methods: str, contrasts: str, device: str | None, threads: int, tta: str | None,
                      planes: str | None, holdout: int,
                      gap: int, families: bool, compare: str, ablation: bool, ablation_steps: int,
                      ablation_seeds: str, variants: str, with_bm4d: bool, noise_map_factors: str, on_validation: bool,
-                     as_json: bool) -> None:
+                     noise_floor: bool, as_json: bool) -> None:
     """Benchmark on held-out data: noisy, NLM, BM4D, plain U-Net, ours (Markdown + JSON + PNG);
     or the held-out families (--families), or the ablation (--ablation), or the validation
-    domains (--validation)."""
+    domains (--validation), or the noise floor (--noise-floor)."""
     import json
 
     require("train")  # now, not after minutes of work
+
+    if noise_floor:
+        import torch
+
+        from denoised_node.model.noise_floor_study import floor_from_cases, measure_cases
+        from denoised_node.model.noise_floor_study import report as floor_report
+
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            cases = measure_cases(checkpoint or SHIPPED_CHECKPOINT, device=device or "cpu")
+        except (FileNotFoundError, ValueError) as exc:
+            raise CommandError(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps({"noise_floor_percent": floor_from_cases(cases),
+                                   "cases": [c.as_json() for c in cases]}, indent=1))
+        else:
+            click.echo(floor_report(cases))
+        return
 
     if on_validation:
         import torch

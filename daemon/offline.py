@@ -87,11 +87,12 @@ def _denoise_dicom_folder(settings: Settings, source: Path, target: Path, denois
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
             outcome = denoise_series(paths, series_uid, denoiser, settings,  # type: ignore[arg-type]
-                                     out_dir, utcnow(), progress=progress, plan=triage.plan)
+                                     out_dir, utcnow(), progress=progress, plan=triage.plan,
+                                     noise_floor=triage.decision is None or triage.decision.intended_use_applies)
         except GateFailed as exc:
             raise OfflineError(f"series {series_uid}: {exc}; nothing written for it "
                                "(--no-gate writes it anyway)") from None
-        except NothingToDenoise as exc:  # every stack was flat: nothing to do is no failure
+        except NothingToDenoise as exc:  # flat, or too little noise: nothing to do is no failure
             lines.append(f"series {series_uid}: {_ignored(str(exc))}; nothing written for it")
             continue
         lines.append(f"{len(outcome.files)} derived instance(s) of series "

@@ -16,10 +16,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from denoised_node.config.settings import GateSettings, ModelSettings, Settings
+from denoised_node.model.noise_floor import under_noise_floor
 from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
 from denoised_node.storage.derived_uids import DerivedUIDs
 from denoised_node.storage.recognise import DEFAULT_POLICY, InputPolicy
 from denoised_node.storage.series import (
+    NoNoiseToRemove,
     NothingToDenoise,
     SeriesError,
     Stack,
@@ -113,6 +115,11 @@ def memory_refusal(stack: Stack, model: ModelSettings) -> str | None:
     return None
 
 
+def _under_noise_floor(volume: np.ndarray, denoiser: Denoises) -> str | None:
+    intended = getattr(getattr(denoiser, "card", None), "intended_use", None) or {}
+    return under_noise_floor(volume, intended)
+
+
 def _nothing(skipped: list[tuple[str, str]]) -> str:
     reasons = sorted({reason for _, reason in skipped}) or ["no images"]
     return f"nothing to denoise: {'; '.join(reasons)}"
@@ -123,7 +130,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
                    progress: Callable[[int, int], None] | None = None,
                    hold_gate_failures: bool = False,
                    plan: StackPlan | None = None,
-                   refused_dir: Path | None = None) -> SeriesOutcome:
+                   refused_dir: Path | None = None,
+                   noise_floor: bool = True) -> SeriesOutcome:
     """Denoise every stack of the series and write the derived instances into ``out_dir``.
 
     Raises NothingToDenoise when no image is usable and GateFailed when a stack's result does
@@ -133,6 +141,9 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     ``paths`` (the worker plans first, so that what a series is comes before the rules).
     ``refused_dir``: where a result the gate refuses (without holding it) is kept for people
     to look at: the refused stack only, so at most model.max_stack_mb's worth.
+    ``noise_floor``: leave out a stack whose noise reads under the model's floor (its card's
+    intended use; False where the intended use is overridden); when that leaves nothing,
+    NoNoiseToRemove.
     """
     plan = plan or plan_series(paths, input_policy(settings))
     info = derivation_info(settings, denoiser)
@@ -144,6 +155,7 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     refused_checks: tuple[str, ...] = ()
     seconds = dict.fromkeys(("load", "model", "gate", "write"), 0.0)
     clock = _StageClock(seconds)
+    quiet_stacks = 0
     for stack in plan.stacks:
         too_big = memory_refusal(stack, settings.model)
         if too_big:  # never loaded: what cannot fit the limits is left out, not tried
@@ -157,6 +169,14 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
         if flat:  # nothing for the network to do, and nothing the gate could judge
             uids = dict.fromkeys(ref.sop_instance_uid for ref in stack.slices)
             plan.skipped += [(uid, f"{flat}, stack {stack.label}") for uid in uids]
+            writer.keep_unchanged(stack)
+            done += stack.depth
+            continue
+        quiet = _under_noise_floor(volume, denoiser) if noise_floor else None
+        if quiet:  # the model would change structure more than it removes noise
+            uids = dict.fromkeys(ref.sop_instance_uid for ref in stack.slices)
+            plan.skipped += [(uid, f"{quiet}, stack {stack.label}") for uid in uids]
+            quiet_stacks += 1
             writer.keep_unchanged(stack)
             done += stack.depth
             continue
@@ -190,6 +210,8 @@ def denoise_series(paths: Sequence[Path], source_series_uid: str, denoiser: Deno
     with clock("write"):
         files = writer.close()
     if not files:
+        if quiet_stacks:
+            raise NoNoiseToRemove(_nothing(plan.skipped))
         raise NothingToDenoise(_nothing(plan.skipped))
     for sop_uid, reason in plan.skipped:
         log.info("image skipped", extra={"sop_instance_uid": sop_uid, "reason": reason})

@@ -32,6 +32,9 @@ class Decision:
     destinations: tuple[str, ...] = ()
     review: bool = False
     hold_gate_failures: bool = False
+    # The card's intended use applies (False where a rule or a flag overrides it): the
+    # attributes above, and after loading, the model's noise floor.
+    intended_use_applies: bool = True
 
     @property
     def denoise(self) -> bool:
@@ -84,7 +87,8 @@ def decide(settings: Settings, facts: SeriesAttributes, intended_use: IntendedUs
         return Decision(rule, why, ignored_reason=f"ignored by rule {rule.name!r}",
                         ignored_as=IgnoredAs.RULE)
     checkpoint = settings.checkpoint_for(rule.model)
-    if not (rule.override_intended_use or override_intended_use):
+    applies = not (rule.override_intended_use or override_intended_use)
+    if applies:
         outside = outside_intended_use(facts, intended_use(checkpoint))
         if outside is not None:
             return Decision(rule, why, ignored_reason=f"{outside}; a rule with "
@@ -94,4 +98,4 @@ def decide(settings: Settings, facts: SeriesAttributes, intended_use: IntendedUs
         else rule.hold_gate_failures
     return Decision(rule, why, checkpoint=checkpoint,
                     destinations=tuple(d.name for d in settings.rule_destinations(rule)),
-                    review=rule.review, hold_gate_failures=hold)
+                    review=rule.review, hold_gate_failures=hold, intended_use_applies=applies)

@@ -53,7 +53,7 @@ from denoised_node.storage.queue import (
     transition,
 )
 from denoised_node.storage.reasons import describe_error, one_line
-from denoised_node.storage.series import NothingToDenoise, SeriesError
+from denoised_node.storage.series import NoNoiseToRemove, NothingToDenoise, SeriesError
 from denoised_node.storage.superseded import note_superseded
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,12 @@ class Worker:
                                          _progress_logger(job.id, self.heartbeat.beat),
                                          self._recorder(job, "denoise")),
                                      hold_gate_failures=decision.hold_gate_failures,
-                                     plan=plan, refused_dir=self.store.refused_dir(job.id))
+                                     plan=plan, refused_dir=self.store.refused_dir(job.id),
+                                     noise_floor=decision.intended_use_applies)
+        except NoNoiseToRemove as exc:
+            self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)),
+                       label=IgnoredAs.NO_NOISE)
+            return False
         except NothingToDenoise as exc:
             self._move(job, JobState.PROCESSING, JobState.IGNORED, one_line(str(exc)),
                        label=IgnoredAs.NO_IMAGE)

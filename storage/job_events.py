@@ -37,6 +37,7 @@ class IgnoredAs(StrEnum):
     NO_RULE = "no_rule"  # no rule matches
     RULE = "rule"  # a rule with ignore = true
     INTENDED_USE = "intended_use"  # outside the model card's intended use
+    NO_NOISE = "no_noise"  # less noise than the model's floor (its card's noise_floor_percent)
     REJECTED = "rejected"  # held for review, and a person rejected it
     OTHER = "other"  # a row from before labels (schema revision 0007)
 

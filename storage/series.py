@@ -79,6 +79,11 @@ class NothingToDenoise(SeriesError):
     """No instance of the series has the pixel data and geometry needed to denoise it."""
 
 
+class NoNoiseToRemove(NothingToDenoise):
+    """Every stack with an image reads less noise than the model's floor (its card's
+    noise_floor_percent): the model would make it worse."""
+
+
 PIXEL_DATA = BaseTag(0x7FE00010)
 _PIXEL_DATA_ELEMENTS = (("Pixel Data", "PixelData"), ("Float Pixel Data", "FloatPixelData"),
                         ("Double Float Pixel Data", "DoubleFloatPixelData"))

@@ -33,7 +33,7 @@ def _rmse(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_series_comes_back_denoised_beside_the_original(node: Node, orthanc: Orthanc,
                                                          mr_series_factory, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    source = mr_series_factory(slices=16, rows=256, columns=224, noise_sigma=30.0, shuffle=True)
+    source = mr_series_factory(slices=16, rows=256, columns=224, noise_sigma=60.0, shuffle=True)
     storescu(source.directory, "127.0.0.1", node.port, "MODALITY", NODE_AET)
 
     derived = orthanc.wait_for_series(

@@ -78,9 +78,9 @@ def test_two_rules_two_models_a_shadow_and_a_held_series(node: Node, orthanc: Or
                                                         tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     study = StudyInfo(seed=21)
     t1 = mr_series_factory(study=study, seed=1, series_number=3, series_description="T1 AX",
-                           slices=6, rows=256, columns=224, noise_sigma=30.0)
+                           slices=6, rows=256, columns=224, noise_sigma=60.0)
     t2 = mr_series_factory(study=study, seed=2, series_number=4, series_description="T2 AX",
-                           slices=5, rows=256, columns=224, noise_sigma=30.0)
+                           slices=5, rows=256, columns=224, noise_sigma=60.0)
     assert t1.study_uid == t2.study_uid
     for series in (t1, t2):
         storescu(series.directory, "127.0.0.1", node.port, "MODALITY", NODE_AET)

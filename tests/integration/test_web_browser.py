@@ -84,7 +84,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
                              send={"max_attempts": 1})
         node = start_node(config, node_port, workdir / "node.log")
         done = generate_series(workdir / "t1", study=PATIENT, seed=31, slices=16, rows=256,
-                               columns=224, noise_sigma=30.0)
+                               columns=224, noise_sigma=60.0)
         failed = generate_series(workdir / "t2", study=PATIENT, seed=32, slices=8, rows=128,
                                  columns=128, series_number=5, series_description="T2 AX")
         storescu(done.directory, "127.0.0.1", node_port, "MR_SCANNER", NODE_AET)

@@ -18,7 +18,7 @@ from tests.fixtures.node_state import minimal_config
 
 
 def test_denoise_dicom_folder_writes_the_derived_series(tmp_path: Path, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
-    source = mr_series_factory(slices=4, rows=128, columns=112, noise_sigma=30.0)
+    source = mr_series_factory(slices=4, rows=128, columns=112, noise_sigma=60.0)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(out),
                                        "--config", str(minimal_config(tmp_path))])
@@ -147,7 +147,7 @@ def test_a_series_outside_the_intended_use_is_ignored_unless_overridden(tmp_path
                                                                          mr_series_factory) -> None:
     """The shipped card is for the brain: a knee series is ignored, as the worker ignores it;
     the flag overrides the intended use (as a rule's override_intended_use does)."""
-    source = mr_series_factory(slices=3, rows=96, columns=96, noise_sigma=30.0)
+    source = mr_series_factory(slices=3, rows=96, columns=96, noise_sigma=60.0)
     for path in source.directory.glob("*.dcm"):
         ds = pydicom.dcmread(path)
         ds.BodyPartExamined = "KNEE"

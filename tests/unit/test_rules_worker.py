@@ -357,3 +357,31 @@ def test_doctor_checks_every_model_a_rule_names(settings_factory) -> None:  # ty
     assert set(checks) == {"model previous", "model /nowhere/m.safetensors"}
     assert checks["model previous"].ok and "dn-unet25d-1.0" in checks["model previous"].detail
     assert not checks["model /nowhere/m.safetensors"].ok
+
+
+class FlooredDenoiser(NamedDenoiser):
+    """A card whose intended use has a noise floor above anything the test series read."""
+
+    class card:  # noqa: N801 - mimics the model card's attributes
+        name, version = "floored", "1.0"
+        intended_use = {"noise_floor_percent": 90.0}
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_a_series_under_the_noise_floor_is_ignored_unless_overridden(settings_factory, mr_series,  # type: ignore[no-untyped-def]
+                                                                     override: bool) -> None:
+    runtime = _runtime(settings_factory, [{"name": "r", "override_intended_use": override}])
+    _receive_and_complete(runtime, mr_series)
+    network = FlooredDenoiser("floored")
+    worker = Worker(runtime.settings, runtime.sessions, runtime.store, network, worker_id="w",
+                    sender=Recorder())
+    worker.run(burst=True)
+    (job,) = _jobs(runtime).values()
+    with runtime.sessions() as session:
+        labels = [e.label for e in session.get(Job, job.id).events if e.label]
+    if override:
+        assert job.state == "done" and network.calls == 1
+    else:
+        assert job.state == "ignored" and network.calls == 0
+        assert "nothing to denoise: noise reads" in (job.reason or "") and "under the 90 %" in (job.reason or "")
+        assert labels == ["no_noise"]
