@@ -71,8 +71,10 @@ def _outcome(entry: RealFile, settings: Settings, runtime: Runtime, model: Denoi
                           lambda _: model.card.intended_use)
         if rules and not decision.denoise:
             return str(decision.ignored_reason), kept, []
+        # Without the rules: as a rule with override_intended_use, which overrides the floor too.
         outcome = denoise_series(kept, "1.2.826.0.1.3680043.8.498.1", model, settings,
-                                 tmp_path / "out", NOW, plan=plan)
+                                 tmp_path / "out", NOW, plan=plan,
+                                 noise_floor=rules and decision.intended_use_applies)
     except NothingToDenoise as exc:
         return str(exc), kept, []
     except GateFailed as exc:
