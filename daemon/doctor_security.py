@@ -22,7 +22,8 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 def tls_checks(settings: Settings, now: datetime | None = None) -> Iterator[Check]:
     tls = settings.tls
-    sends = [d.name for d in settings.destinations if d.tls]
+    sends = [d.name for d in settings.destinations if getattr(d, "tls", False)
+             or getattr(d, "url", "").startswith("https:")]
     if not tls.enabled and not sends:
         return
     now = now or datetime.now(timezone.utc)
