@@ -66,7 +66,9 @@ def write_body(send: Callable[[bytes], object], boundary: str,
 # --- the reader (STOW-RS receiver) -----------------------------------------------------------
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_PARAMETER = re.compile(rf';\s*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|{_TOKEN})')
+# Unquoted values are tokens, but clients write type=application/dicom unquoted: any
+# run without white space, quote or semicolon is taken.
+_PARAMETER = re.compile(rf';\s*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|[^\s;"]+)')
 
 
 @dataclass(frozen=True)
