@@ -16,6 +16,7 @@ DICOM = "application/dicom"
 CHUNK = 1 << 20
 # Part headers are a line or three; more than this is not a DICOMweb client.
 MAX_PART_HEADER_BYTES = 16 * 1024
+MAX_BOUNDARY = 256
 
 
 class MultipartError(ValueError):
@@ -110,8 +111,10 @@ class MultipartReader:
     """
 
     def __init__(self, stream: BinaryIO, boundary: str, length: int | None = None) -> None:
-        if not 1 <= len(boundary) <= 70:
-            raise MultipartError("the boundary parameter must have 1 to 70 characters")
+        # RFC 2046 allows 70 characters; Orthanc's STOW-RS client writes more. Be liberal.
+        if not 1 <= len(boundary) <= MAX_BOUNDARY:
+            raise MultipartError(f"the boundary parameter must have 1 to {MAX_BOUNDARY} "
+                                 "characters")
         self._stream = stream
         self._left = length
         self._delimiter = b"\r\n--" + boundary.encode("latin-1")

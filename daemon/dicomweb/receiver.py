@@ -101,7 +101,7 @@ class StowReceiver:
         had to log in)."""
         match = PATH.match(path)
         if match is None:
-            return Response.text(404, "not found: STOW-RS is POST /dicom-web/studies or "
+            return _refused(404, "not found: STOW-RS is POST /dicom-web/studies or "
                                       "/dicom-web/studies/{StudyInstanceUID}")
         if method != "POST":
             return Response(405, b"only STOW-RS (POST) is served under /dicom-web\n",
@@ -111,33 +111,33 @@ class StowReceiver:
             try:
                 check_uid(study_uid, "StudyInstanceUID")
             except InvalidUID as exc:
-                return Response.text(400, str(exc))
+                return _refused(400, str(exc))
         media = MediaType.parse(headers.get("content-type", ""))
         if media.essence != _MULTIPART_RELATED:
-            return Response.text(415, "STOW-RS takes multipart/related; "
+            return _refused(415, "STOW-RS takes multipart/related; "
                                       f"type=\"{DICOM}\" bodies")
         if media.parameters.get("type", DICOM).lower() != DICOM:
-            return Response.text(415, f"only {DICOM} parts are taken (not "
+            return _refused(415, f"only {DICOM} parts are taken (not "
                                       f"{media.parameters['type']}: no metadata + bulk data)")
         boundary = media.parameters.get("boundary")
         if not boundary:
-            return Response.text(400, "the Content-Type has no boundary parameter")
+            return _refused(400, "the Content-Type has no boundary parameter")
         length = _length(headers.get("content-length"))
         if length is not None and length > self.max_request_bytes:
-            return Response.text(413, f"the body is larger than http.max_stow_mb "
+            return _refused(413, f"the body is larger than http.max_stow_mb "
                                       f"({self.max_request_bytes // 2**20} MiB); send fewer "
                                       "instances per request")
         accept = headers.get("accept", "")
         if accept and not _accepts_json(accept):
-            return Response.text(406, f"the answer is {_DICOM_JSON} (Accept does not allow it)")
+            return _refused(406, f"the answer is {_DICOM_JSON} (Accept does not allow it)")
         try:
             reader = MultipartReader(body, boundary, length)
         except MultipartError as exc:
-            return Response.text(400, str(exc))
+            return _refused(400, str(exc))
         outcome, malformed = self._read(reader, study_uid, source_of(user))
         self._after_request(outcome, user)
         if malformed and not outcome.referenced and not outcome.failed:
-            return Response.text(400, f"not a multipart body of {DICOM} parts: {malformed}")
+            return _refused(400, f"not a multipart body of {DICOM} parts: {malformed}")
         status = answer_for(len(outcome.referenced), len(outcome.failed))
         log.info("STOW-RS request answered", extra={
             "status": int(status), "stored": len(outcome.referenced),
@@ -201,6 +201,12 @@ class StowReceiver:
             self.receiver.note_duplicates(resent, source_of(user))
         except Exception:  # noqa: BLE001 - hints and notes only; the instances are kept
             log.exception("could not record the end of a STOW-RS request")
+
+
+def _refused(status: int, reason: str) -> Response:
+    """A request refused whole (no part was read): the caller is told why, and so is the log."""
+    log.warning("STOW-RS request refused: %s", reason, extra={"status": status})
+    return Response.text(status, reason)
 
 
 def _uids_of(spool: Spool) -> tuple[str, str]:
