@@ -17,8 +17,8 @@ from typing import Any
 
 from denoised_node.config.settings import (
     ConfigError,
-    DicomwebDestination,
     Destination,
+    DicomwebDestination,
     TLSSettings,
 )
 from denoised_node.daemon.connection_guard import GuardedAssociationServer

@@ -23,10 +23,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from denoised_node.config.settings import AnyDestination, ConfigError, Settings
+from denoised_node.daemon.destinations import send_to
 from denoised_node.daemon.model_pool import ModelPool
 from denoised_node.daemon.notify import Heartbeat
 from denoised_node.daemon.pipeline import Denoises, GateFailed, PermanentError, denoise_series
-from denoised_node.daemon.destinations import send_to
 from denoised_node.daemon.scu import SendError, SendResult
 from denoised_node.daemon.series_attributes import SeriesAttributes
 from denoised_node.daemon.series_triage import triage_series

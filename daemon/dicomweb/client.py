@@ -85,7 +85,7 @@ class StowResponse:
         if isinstance(data, list):  # some servers wrap the dataset in an array
             data = data[0] if data else {}
         if not isinstance(data, dict):
-            raise ValueError("the answer is not a DICOM JSON dataset")
+            raise ValueError("the answer is not a DICOM JSON dataset")  # noqa: TRY004 - a value
         return cls(_items(data, _REFERENCED_SOP, _WARNING_REASON),
                    _items(data, _FAILED_SOP, _FAILURE_REASON))
 

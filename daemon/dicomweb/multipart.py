@@ -182,13 +182,11 @@ class MultipartReader:
     def next_part(self) -> PartHead | None:
         if self._state == "done":
             return None
-        if self._state == "preamble":
-            if not self._skip_to_delimiter(None):
-                raise MultipartError("no part: the boundary of the Content-Type never occurs")
-        elif self._state == "body":
-            if not self._skip_to_delimiter(None):  # the caller did not read the part
-                self._state = "done"
-                return None
+        if self._state == "preamble" and not self._skip_to_delimiter(None):
+            raise MultipartError("no part: the boundary of the Content-Type never occurs")
+        if self._state == "body" and not self._skip_to_delimiter(None):
+            self._state = "done"  # the caller did not read the part, and it was cut short
+            return None
         if not self._after_delimiter():
             return None
         while (end := self._buffer.find(b"\r\n\r\n")) < 0 and not self._buffer.startswith(b"\r\n"):

@@ -174,7 +174,7 @@ class StowReceiver:
                 raise UnreadableDataset("the request ended inside this part; it was not kept")
             received = self.receiver.receive_spooled(spool, None, "", source=source,
                                                      study_uid=study_uid)
-        except Exception as exc:  # noqa: BLE001 - every failure is listed, never success
+        except Exception as exc:
             reason = failure_reason(exc)
             sop_class, sop_instance = _uids_of(spool) if spool.keeping else ("", "")
             self.counts.instance("refused")
@@ -199,7 +199,7 @@ class StowReceiver:
             resent = Counter({series: count for series, count in outcome.duplicates.items()
                               if not outcome.stored[series]})
             self.receiver.note_duplicates(resent, source_of(user))
-        except Exception:  # noqa: BLE001 - hints and notes only; the instances are kept
+        except Exception:
             log.exception("could not record the end of a STOW-RS request")
 
 

@@ -22,7 +22,7 @@ from denoised_node.config.settings import (
     load_settings,
 )
 from denoised_node.daemon.dicomweb import multipart
-from denoised_node.daemon.dicomweb.client import StowResponse, batches, Instance
+from denoised_node.daemon.dicomweb.client import Instance, StowResponse, batches
 from denoised_node.daemon.dicomweb.multipart import MediaType, MultipartError, MultipartReader
 from denoised_node.daemon.dicomweb.receiver import StowReceiver, source_of
 from denoised_node.daemon.dicomweb.status import answer_for, verdict_for
