@@ -341,3 +341,120 @@ def test_stow_memory_is_bounded_by_a_chunk_not_the_request(runtime: Runtime, mr_
     assert response.status == 200
     # The body is 3 MiB; one chunk (1 MiB) and a part's bookkeeping are held at a time.
     assert size > 3 * 2**20 and peak < 2.5 * 2**20, (size, peak)
+
+
+# --- the STOW-RS client against a scripted server ----------------------------------------------
+
+class _Scripted:
+    """A loopback HTTP/1.1 server answering STOW-RS requests from a script: each entry is
+    (status, answer) where answer is "all" (every instance referenced), "none", or a dict
+    of DICOM JSON; it records each request's part count and the connections opened."""
+
+    def __init__(self, script: list[tuple[int, Any]]) -> None:
+        import http.server
+        import threading
+
+        self.script = list(script)
+        self.parts: list[int] = []
+        self.connections = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                outer.connections += 1
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                media = MediaType.parse(self.headers["Content-Type"])
+                reader = MultipartReader(io.BytesIO(body), media.parameters["boundary"])
+                uids = []
+                while reader.next_part() is not None:
+                    chunks: list[bytes] = []
+                    reader.read_part(chunks.append)
+                    uids.append(pydicom.dcmread(io.BytesIO(b"".join(chunks))).SOPInstanceUID)
+                outer.parts.append(len(uids))
+                status, answer = outer.script.pop(0) if outer.script else (200, "all")
+                if answer == "all":
+                    answer = {"00081199": {"vr": "SQ", "Value": [
+                        {"00081155": {"vr": "UI", "Value": [u]}} for u in uids]}}
+                data = b"" if answer == "none" else json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _send(server: _Scripted, files: list[Path], **destination: Any) -> Any:
+    from denoised_node.daemon.destinations import send_to
+
+    settings = load_settings(None, environ={})
+    target = DicomwebDestination(name="web", kind="dicomweb", url=server.url, **destination)
+    progress: list[tuple[int, int]] = []
+    result = send_to(settings, target, files, lambda sent, total: progress.append((sent, total)))
+    return result, progress
+
+
+def test_client_sends_bounded_batches_on_one_connection(mr_series_factory) -> None:  # type: ignore[no-untyped-def]
+    series = mr_series_factory(slices=10, rows=256, columns=256)  # 128 KiB each
+    server = _Scripted([])
+    try:
+        result, progress = _send(server, series.paths, batch_mb=1)
+    finally:
+        server.close()
+    assert result.sent == 10
+    assert server.parts == [7, 3]  # 7 x 128 KiB and a bit fit in 1 MiB
+    assert server.connections == 1  # keep-alive
+    assert progress == [(7, 10), (10, 10)]
+
+
+@pytest.mark.parametrize(("status", "answer", "permanent", "said"), [
+    (500, "none", False, "HTTP 500"),
+    (503, "none", False, "HTTP 503"),
+    (404, "none", True, "HTTP 404"),
+    (413, "none", True, "HTTP 413"),
+    (409, {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xC000]}}]}},
+     True, "HTTP 409"),
+    (202, {"00081198": {"vr": "SQ", "Value": [{"00081197": {"vr": "US", "Value": [0xA700]}}]}},
+     False, "out of resources"),
+    (200, {}, False, "missing from the answer"),
+])
+def test_client_reads_the_answer(mr_series, status: int, answer: Any, permanent: bool,  # type: ignore[no-untyped-def]
+                                 said: str) -> None:
+    from denoised_node.daemon.dicomweb.client import DicomwebError
+
+    if isinstance(answer, dict) and "00081198" in answer:
+        answer["00081198"]["Value"][0]["00081155"] = {
+            "vr": "UI", "Value": [mr_series.sop_instance_uids[0]]}
+    server = _Scripted([(status, answer)])
+    try:
+        with pytest.raises(DicomwebError) as caught:
+            _send(server, mr_series.paths[:3])
+    finally:
+        server.close()
+    assert caught.value.permanent is permanent
+    assert said in str(caught.value)
+    assert bool(caught.value.fix) is permanent
+
+
+def test_client_refuses_a_dimse_key_and_a_wrong_url() -> None:
+    with pytest.raises(ValueError, match="is not an http"):
+        DicomwebDestination(name="w", kind="dicomweb", url="pacs:104")
