@@ -48,10 +48,11 @@ def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) 
             if "send" in chosen:
                 rows += send_rows(series, args.workdir, suffix)
     if "dicomweb" in chosen:  # STOW-RS against DIMSE: 128 slices unless --slices says
-        from benchmarks.dicomweb_send import dicomweb_rows
+        from benchmarks.dicomweb_send import dicomweb_receive_rows, dicomweb_rows
 
         series = series_folder(args.workdir, args.dicomweb_slices)
         rows += dicomweb_rows(series, args.workdir, runs=args.dicomweb_runs)
+        rows += dicomweb_receive_rows(series, args.workdir, runs=max(1, args.dicomweb_runs // 2))
     if "inference" in chosen:
         from benchmarks.inference import inference_rows
 

@@ -44,8 +44,10 @@ def test_dicomweb_section_compares_stow_rs_with_dimse(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    (row,) = [line for line in table.read_text().splitlines() if line.startswith("| dicomweb")]
+    row, receive = [line for line in table.read_text().splitlines()
+                    if line.startswith("| dicomweb")]
     assert "16 x 256x256 to Orthanc over STOW-RS" in row
+    assert "into the node over STOW-RS" in receive and "x storescu into the node" in receive
     assert re.search(r"\| [0-9.]+ img/s \| the node over DIMSE \(1 association\) [0-9.]+", row)
     assert re.search(r"target >= 0.9x: (met|MISSED)", row)
 
