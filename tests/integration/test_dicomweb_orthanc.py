@@ -10,6 +10,7 @@ that the answer listed as stored.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -322,18 +323,19 @@ def test_a_body_cut_short_keeps_nothing_unlisted(harness: Harness, web_orthanc: 
                                                  mr_series_factory, tmp_path: Path) -> None:
     http_port = free_port()
     node = _stow_node(harness, web_orthanc, http_port, tmp_path)
-    source = mr_series_factory(slices=4, rows=64, columns=64)
-    body = _multipart([p.read_bytes() for p in source.paths])
-    # The connection closes halfway through a body whose Content-Length says more.
-    import base64
-
+    # The connection closes halfway through a body whose Content-Length says more: nothing
+    # of it is kept (waitress never hands the node a body that did not arrive whole).
+    dropped = mr_series_factory(slices=4, rows=64, columns=64, seed=11)
+    dropped_body = _multipart([p.read_bytes() for p in dropped.paths])
     login = base64.b64encode(b"orthanc:stow-secret").decode()
     head = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1:{http_port}\r\n"
             f"Authorization: Basic {login}\r\nContent-Type: {STOW_TYPE.format('test-boundary')}"
-            f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+            f"\r\nContent-Length: {len(dropped_body)}\r\n\r\n").encode()
     with socket.create_connection(("127.0.0.1", http_port), timeout=30) as sock:
-        sock.sendall(head + body[:len(body) // 2])
+        sock.sendall(head + dropped_body[:len(dropped_body) * 3 // 4])
     time.sleep(1.0)
+    source = mr_series_factory(slices=4, rows=64, columns=64)
+    body = _multipart([p.read_bytes() for p in source.paths])
     # The multipart body is cut short inside its third part (Content-Length matches).
     cut = body[:len(body) - len(source.paths[3].read_bytes()) - 200]
     answer = requests.post(f"http://127.0.0.1:{http_port}/dicom-web/studies", data=cut,
