@@ -98,6 +98,9 @@ class Orthanc:
     # (user, password) for its REST API where a test turned AuthenticationEnabled on.
     auth: tuple[str, str] | None = None
 
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return requests.request(method, self.url + path, auth=self.auth, **kwargs)
+
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
@@ -109,20 +112,20 @@ class Orthanc:
 
     # --- REST -----------------------------------------------------------------------------
     def get(self, path: str) -> Any:
-        response = requests.get(self.url + path, timeout=60, auth=self.auth)
+        response = self._call("GET", path, timeout=60)
         response.raise_for_status()
         return response.json()
 
     def post(self, path: str, body: Any) -> Any:
-        response = requests.post(self.url + path, data=json.dumps(body), timeout=120, auth=self.auth)
+        response = self._call("POST", path, data=json.dumps(body), timeout=120)
         response.raise_for_status()
         return response.json() if response.content else None
 
     def put(self, path: str, body: Any) -> None:
-        requests.put(self.url + path, data=json.dumps(body), timeout=60, auth=self.auth).raise_for_status()
+        self._call("PUT", path, data=json.dumps(body), timeout=60).raise_for_status()
 
     def delete(self, path: str) -> None:
-        requests.delete(self.url + path, timeout=60, auth=self.auth).raise_for_status()
+        self._call("DELETE", path, timeout=60).raise_for_status()
 
     # --- queries ----------------------------------------------------------------------------
     def find_series(self, study_uid: str) -> list[dict[str, Any]]:
@@ -149,7 +152,7 @@ class Orthanc:
         return len(series["Instances"]) if series else 0
 
     def instance_file(self, instance_id: str) -> bytes:
-        response = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=60, auth=self.auth)
+        response = self._call("GET", f"/instances/{instance_id}/file", timeout=60)
         response.raise_for_status()
         return response.content
 
