@@ -18,7 +18,7 @@ from benchmarks.common import (
     series_folder,
 )
 
-SECTIONS = ("receive", "send", "inference", "e2e", "soak", "idle", "adversarial")
+SECTIONS = ("receive", "send", "dicomweb", "inference", "e2e", "soak", "idle", "adversarial")
 # The soak and the adversarial run only when asked: they take their time whatever the machine.
 DEFAULT_SECTIONS = ("receive", "send", "inference", "e2e")
 
@@ -47,6 +47,12 @@ def _run_sections(args: argparse.Namespace, chosen: list[str], rows: list[Row]) 
                 rows += receive_rows(series, args.workdir, suffix)
             if "send" in chosen:
                 rows += send_rows(series, args.workdir, suffix)
+    if "dicomweb" in chosen:  # STOW-RS against DIMSE: 128 slices unless --slices says
+        from benchmarks.dicomweb_send import dicomweb_receive_rows, dicomweb_rows
+
+        series = series_folder(args.workdir, args.dicomweb_slices)
+        rows += dicomweb_rows(series, args.workdir, runs=args.dicomweb_runs)
+        rows += dicomweb_receive_rows(series, args.workdir, runs=max(1, args.dicomweb_runs // 2))
     if "inference" in chosen:
         from benchmarks.inference import inference_rows
 
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"(default: {', '.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--slices", type=int, default=500, help="series size for receive/send")
+    parser.add_argument("--dicomweb-slices", type=int, default=128,
+                        help="series size for the dicomweb section (the issue's 128)")
+    parser.add_argument("--dicomweb-runs", type=int, default=5,
+                        help="runs of each transport in the dicomweb section (median)")
     parser.add_argument("--device", default="cpu", help="inference device: cpu, cuda, auto")
     parser.add_argument("--idle-seconds", type=float, default=60.0,
                         help="how long each idle process is watched (idle section)")

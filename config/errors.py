@@ -15,31 +15,50 @@ from pydantic import BaseModel, ValidationError
 Loc = tuple[str | int, ...]
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The settings model a field holds, itself or in a list, dict or optional."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The settings models a field holds, itself or in a list, dict, optional or union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
+        return [annotation]
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _model_in(typing.get_args(annotation)[0])
+        return _models_in(typing.get_args(annotation)[0])
     if origin in (list, tuple, dict, typing.Union, types.UnionType):
-        for arg in reversed(typing.get_args(annotation)):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
+        return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+    return []
+
+
+def _kind_of(model: type[BaseModel]) -> str | None:
+    """A union member's tag: its ``kind`` field's one value (a destination's kind)."""
+    field = model.model_fields.get("kind")
+    values = typing.get_args(field.annotation) if field is not None else ()
+    return str(values[0]) if len(values) == 1 else None
+
+
+def _walk(model: type[BaseModel], loc: Loc) -> tuple[Loc, list[type[BaseModel]]]:
+    """``loc`` without the tags pydantic puts in for a union's member (``destinations.0.
+    dicomweb.url`` is ``destinations.0.url`` to people), and the models at its end."""
+    current = [model]
+    kept: list[str | int] = []
+    for part in loc:
+        if isinstance(part, int):
+            kept.append(part)  # a list index: the model inside stays the same
+            continue
+        tagged = [m for m in current if _kind_of(m) == part]
+        if len(current) > 1 and tagged:
+            current = tagged
+            continue
+        kept.append(part)
+        owner = next((m for m in current if part in m.model_fields), None)
+        if owner is not None:
+            current = _models_in(owner.model_fields[part].annotation)
+        # else a dict's key: the model inside stays the same
+    return tuple(kept), current
 
 
 def known_keys(model: type[BaseModel], loc: Loc) -> list[str]:
     """The keys the section at ``loc`` accepts (``loc`` without the unknown key itself)."""
-    current: type[BaseModel] | None = model
-    for part in loc:
-        if current is None:
-            return []
-        if isinstance(part, int) or part not in current.model_fields:
-            continue  # a list index, or a dict's key: the model inside stays the same
-        current = _model_in(current.model_fields[part].annotation)
-    return list(current.model_fields) if current is not None else []
+    _, models = _walk(model, loc)
+    return list(models[0].model_fields) if len(models) == 1 else []
 
 
 def _dotted(loc: Loc) -> str:
@@ -66,11 +85,12 @@ def describe(exc: ValidationError, model: type[BaseModel], origin: str,
     from (``sources``: key path -> environment variable that set it)."""
     by_source: dict[str, list[str]] = {}
     for error in exc.errors():
-        loc: Loc = tuple(error["loc"])
+        raw: Loc = tuple(error["loc"])
+        loc, _ = _walk(model, raw)
         key = _dotted(loc)
         if error["type"] == "extra_forbidden":
             text = f"unknown key {key!r}"
-            guess = difflib.get_close_matches(str(loc[-1]), known_keys(model, loc[:-1]), n=1)
+            guess = difflib.get_close_matches(str(loc[-1]), known_keys(model, raw[:-1]), n=1)
             if guess:
                 text += f"; did you mean {_dotted((*loc[:-1], guess[0]))!r}?"
         elif error["type"] == "missing":

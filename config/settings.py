@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import (
     AfterValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -315,6 +317,11 @@ class HttpSettings(_Section):
     # answered 429 (Retry-After) without a password check until its oldest failure expires.
     max_failed_logins: int = Field(default=10, ge=1)
     failed_login_window_seconds: float = Field(default=60.0, gt=0)
+    # DICOMweb STOW-RS at POST /dicom-web/studies[/{study}], behind the same authentication
+    # as the pages; a request body of at most max_stow_mb (waitress holds it in a temporary
+    # file, never in memory whole). docs/conformance.md.
+    stow_rs: bool = False
+    max_stow_mb: int = Field(default=2048, ge=1)
 
     @model_validator(mode="after")
     def _basic_auth_pairs(self) -> HttpSettings:
@@ -335,7 +342,10 @@ class LoggingSettings(_Section):
 
 
 class Destination(_Section):
+    """A DIMSE destination (kind = "dimse", the default): C-STORE to an AE title."""
+
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["dimse"] = "dimse"
     ae_title: AETitle
     host: str
     port: Port
@@ -346,8 +356,93 @@ class Destination(_Section):
     # A test PACS: it gets output only from rules that name it, never by default.
     shadow: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dicomweb_keys(cls, data: Any) -> Any:
+        return _refuse_other_kinds_keys(data, "dimse", _DICOMWEB_ONLY)
 
-def _default_destinations() -> list[Destination]:
+
+class DicomwebDestination(_Section):
+    """A DICOMweb destination (kind = "dicomweb"): STOW-RS to ``url``, the service root."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["dicomweb"]
+    url: str
+    # Basic authentication (a user and a file holding the password), or a bearer token file.
+    username: str | None = Field(default=None, min_length=1, pattern=r"^[^:\x00-\x1f]+$")
+    password_file: Path | None = None
+    token_file: Path | None = None
+    # https: the server's certificate is checked against tls.ca_certificates (else the
+    # system's trust store), and names the URL's host unless this is false; tls.certificate
+    # and tls.private_key are offered as the client certificate where set.
+    tls_verify_hostname: bool = True
+    # Instances per STOW-RS request: as many as fit in batch_mb (one at least).
+    batch_mb: int = Field(default=32, ge=1)
+    timeout_seconds: float = Field(default=120.0, gt=0)
+    shadow: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_dimse_keys(cls, data: Any) -> Any:
+        return _refuse_other_kinds_keys(data, "dicomweb", _DIMSE_ONLY)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL (the DICOMweb "
+                             "service root, e.g. http://pacs:8042/dicom-web)")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError(f"{value!r}: the service root has no query, fragment or "
+                             "credentials (use username + password_file, or token_file)")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_way_to_log_in(self) -> DicomwebDestination:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError(f"destination {self.name!r}: username and password_file go "
+                             "together")
+        if self.password_file is not None and self.token_file is not None:
+            raise ValueError(f"destination {self.name!r}: give username + password_file "
+                             "(basic) or token_file (bearer), not both")
+        return self
+
+
+_DIMSE_ONLY = ("ae_title", "host", "port", "tls")
+_DICOMWEB_ONLY = ("url", "username", "password_file", "token_file", "batch_mb",
+                  "timeout_seconds")
+
+
+def _refuse_other_kinds_keys(data: Any, kind: str, foreign: tuple[str, ...]) -> Any:
+    if isinstance(data, dict):
+        mixed = [key for key in foreign if key in data]
+        if mixed:
+            other = "dicomweb" if kind == "dimse" else "dimse"
+            own = "ae_title, host and port" if kind == "dimse" else "url"
+            raise ValueError(f"{', '.join(mixed)} belong{'s' if len(mixed) == 1 else ''} to "
+                             f"kind = \"{other}\" destinations only; a kind = \"{kind}\" "
+                             f"destination has {own}")
+    return data
+
+
+def destination_kind(value: Any) -> str:
+    """A destination's kind: "dimse" unless it says otherwise."""
+    if isinstance(value, dict):
+        kind = value.get("kind", "dimse")
+        return kind if isinstance(kind, str) else repr(kind)
+    return str(getattr(value, "kind", "dimse"))
+
+
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomwebDestination, Tag("dicomweb")],
+    Discriminator(destination_kind, custom_error_type="destination_kind",
+                  custom_error_message='kind must be "dimse" (the default) or "dicomweb"')]
+
+
+def _default_destinations() -> list[AnyDestination]:
     return [Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=4242)]
 
 
@@ -363,7 +458,7 @@ class Settings(_Section):
     http: HttpSettings = Field(default_factory=HttpSettings)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
-    destinations: list[Destination] = Field(default_factory=_default_destinations)
+    destinations: list[AnyDestination] = Field(default_factory=_default_destinations)
     # Named checkpoints that rules refer to: name -> "default", a shipped name or a path.
     models: dict[str, str] = Field(default_factory=dict)
     # Tried in order, the first match decides; none: every series of series.modalities is
@@ -439,32 +534,34 @@ class Settings(_Section):
             return self.model.checkpoint
         return self.models.get(model, model)
 
-    def rule_destinations(self, rule: Rule) -> list[Destination]:
+    def rule_destinations(self, rule: Rule) -> list[AnyDestination]:
         """Where a rule sends: the destinations it names, else every one that is not a shadow."""
         if rule.destinations is None:
             return [d for d in self.destinations if not d.shadow]
         return [self.destination(name) for name in rule.destinations]
 
-    def destination(self, name: str) -> Destination:
+    def destination(self, name: str) -> AnyDestination:
         for dest in self.destinations:
             if dest.name == name:
                 return dest
         known = ", ".join(d.name for d in self.destinations) or "none configured"
         raise ConfigError(f"no destination named {name!r} (known: {known})")
 
-    def destination_named_or_titled(self, name: str) -> Destination:
+    def destination_named_or_titled(self, name: str) -> AnyDestination:
         """A destination by its config name, else by its AE title when exactly one has it
         (people type the title the PACS is known by)."""
         for dest in self.destinations:
             if dest.name == name:
                 return dest
-        titled = [d for d in self.destinations if d.ae_title == name]
+        titled = [d for d in self.destinations
+                  if isinstance(d, Destination) and d.ae_title == name]
         if len(titled) == 1:
             return titled[0]
         if titled:
             raise ConfigError(f"{len(titled)} destinations have AE title {name!r} "
                               f"({', '.join(d.name for d in titled)}): give the name")
-        known = ", ".join(f"{d.name} ({d.ae_title})" for d in self.destinations)
+        known = ", ".join(f"{d.name} ({d.ae_title if isinstance(d, Destination) else d.url})"
+                          for d in self.destinations)
         raise ConfigError(f"no destination named or titled {name!r} (known: "
                           f"{known or 'none configured'})")
 

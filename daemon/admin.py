@@ -59,6 +59,8 @@ class JobRow:
     # Instances that arrived, those left out on receipt too (a CT routed with a study):
     # ``instances`` counts only the ones kept to denoise.
     arrived: int = 0
+    # Who sent the series: "C-STORE from PACS", or "STOW-RS, user NAME" (series_source).
+    source: str | None = None
 
     @property
     def series_name(self) -> str:
@@ -109,7 +111,16 @@ def _row(job: Job, series: Series, arrived: int) -> JobRow:
                   job.derived_count, job.model_identity, job.rule_name,
                   None if job.destinations is None else json.loads(job.destinations),
                   Progress.from_row(job), job.available_at, series.description,
-                  series.series_number, _iso_date(series.series_date), arrived)
+                  series.series_number, _iso_date(series.series_date), arrived,
+                  series_source(series.received_via, series.calling_ae_title))
+
+
+def series_source(received_via: str | None, calling_ae_title: str | None) -> str | None:
+    """How a series came, for people: its received_via (STOW-RS and the HTTP user), else
+    the calling AE title of the association (C-STORE)."""
+    if received_via:
+        return received_via
+    return f"C-STORE from {calling_ae_title.strip()}" if calling_ae_title else None
 
 
 def _iso_date(value: str | None) -> str | None:

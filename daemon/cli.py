@@ -404,8 +404,9 @@ def purge(config_path: Path | None, as_json: bool, older_than_hours: float | Non
 @config_option
 @json_option
 def echo(destination: str, config_path: Path | None, as_json: bool) -> None:
-    """C-ECHO a configured destination, by its name or its AE title."""
-    from denoised_node.daemon.scu import echo as do_echo
+    """C-ECHO a configured destination (a DICOMweb one: a QIDO-RS query), by its name or
+    its AE title."""
+    from denoised_node.daemon.destinations import echo as do_echo
 
     settings = settings_from(config_path)
     try:
@@ -413,15 +414,14 @@ def echo(destination: str, config_path: Path | None, as_json: bool) -> None:
     except ConfigError as exc:
         raise CommandError(f"{exc}; destinations are [[destinations]] in the config",
                            ExitCode.NOT_FOUND) from None
-    code = do_echo(settings, dest)  # SendError: unreachable or rejected, with the reason
-    where = f"{dest.ae_title}@{dest.host}:{dest.port}"
-    if code != 0:
-        raise CommandError(f"{dest.name} ({where}) answered C-ECHO with status 0x{code:04X}")
+    answer = do_echo(settings, dest)  # SendError: unreachable or rejected, with the reason
+    if not answer.ok:
+        raise CommandError(answer.line(dest.name))
     if as_json:
-        click.echo(json.dumps({"destination": dest.name, "ae_title": dest.ae_title,
-                               "host": dest.host, "port": dest.port, "status": code}))
+        facts = {k: v for k, v in answer.facts.items() if k != "where"}
+        click.echo(json.dumps(facts))
     else:
-        click.echo(f"{dest.name} ({where}): C-ECHO ok")
+        click.echo(answer.line(dest.name))
 
 
 @main.group()

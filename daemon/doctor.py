@@ -93,7 +93,8 @@ def _disk(settings: Settings) -> Check:
 
 
 def _destinations(settings: Settings) -> Iterator[Check]:
-    from denoised_node.daemon.scu import SendError, echo
+    from denoised_node.daemon.destinations import echo
+    from denoised_node.daemon.scu import SendError
 
     if not settings.destinations:
         yield Check("destinations", False, "none configured: derived series go nowhere",
@@ -101,13 +102,12 @@ def _destinations(settings: Settings) -> Iterator[Check]:
     for destination in settings.destinations:
         name = f"destination {destination.name}"
         try:
-            code = echo(settings, destination)
-        except SendError as exc:  # its fix names the AE title, host or port at fault
+            answer = echo(settings, destination)  # C-ECHO, or QIDO-RS for kind = "dicomweb"
+        except SendError as exc:  # its fix names the AE title, host, port or url at fault
             yield Check(name, False, str(exc), exc.fix or "see the destination's log")
             continue
-        ok = code == 0
-        yield Check(name, ok, f"C-ECHO status 0x{code:04X}",
-                    "" if ok else "the PACS answered but refused the echo")
+        yield Check(name, answer.ok, answer.detail,
+                    "" if answer.ok else "the PACS answered but refused the echo")
 
 
 def run_checks(settings: Settings) -> list[Check]:

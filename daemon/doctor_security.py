@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from denoised_node.config.settings import ConfigError, Settings
+from denoised_node.config.settings import ConfigError, Destination, Settings
 from denoised_node.daemon.doctor import Check
 from denoised_node.daemon.tls import server_context
 from denoised_node.daemon.web.auth import Guard
@@ -22,7 +22,8 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 def tls_checks(settings: Settings, now: datetime | None = None) -> Iterator[Check]:
     tls = settings.tls
-    sends = [d.name for d in settings.destinations if d.tls]
+    sends = [d.name for d in settings.destinations  # over DICOM TLS, or DICOMweb over https
+             if (d.tls if isinstance(d, Destination) else d.url.startswith("https:"))]
     if not tls.enabled and not sends:
         return
     now = now or datetime.now(timezone.utc)

@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from denoised_node.config.settings import ConfigError, HttpSettings
-from denoised_node.daemon.http_app import HttpApp, Pages
+from denoised_node.daemon.http_app import HttpApp, Pages, Stow
 from denoised_node.daemon.http_server import CappedServer, bind
 from denoised_node.daemon.web.auth import Guard
 from denoised_node.daemon.web.request import MAX_FORM_BYTES
@@ -65,10 +65,15 @@ class StatusServer:
     """The HTTP server on its own thread."""
 
     def __init__(self, settings: HttpSettings, registry: CollectorRegistry,
-                 readiness: Readiness, pages: Pages | None = None) -> None:
+                 readiness: Readiness, pages: Pages | None = None,
+                 stow: Stow | None = None) -> None:
         guard = Guard(settings)  # reads the credential files: a ConfigError before binding
-        app = HttpApp(registry, readiness, guard, pages)
-        self._paths = "/metrics /healthz /readyz" + (" and the status pages" if pages else "")
+        app = HttpApp(registry, readiness, guard, pages, stow)
+        self._paths = ("/metrics /healthz /readyz" + (" and the status pages" if pages else "")
+                       + (", STOW-RS at /dicom-web/studies" if stow else ""))
+        # A STOW-RS body may be large: waitress keeps one past 512 KiB in a temporary file
+        # (never in memory) until it is whole; forms stay small (http_app.py checks them).
+        max_body = settings.max_stow_mb * 2**20 if stow is not None else MAX_FORM_BYTES
         try:
             sock = bind(settings.host, settings.port)
         except OSError as exc:
@@ -78,7 +83,7 @@ class StatusServer:
         self._server = CappedServer(
             app, sock, threads=min(_THREADS, settings.max_connections),
             max_connections=settings.max_connections, idle_seconds=settings.request_timeout,
-            max_request_body_size=MAX_FORM_BYTES, max_request_header_size=MAX_HEADER_BYTES,
+            max_request_body_size=max_body, max_request_header_size=MAX_HEADER_BYTES,
             ident="denoised-node",
             log_socket_errors=False)  # a client that resets its connection is routine
         self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -28,7 +28,15 @@ class Pages(Protocol):
     def handle(self, request: Request) -> Response: ...
 
 
+class Stow(Protocol):
+    """The STOW-RS receiver (daemon.dicomweb.receiver.StowReceiver)."""
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: BinaryIO,
+               user: str | None) -> Response: ...
+
+
 _PROBES = ("/healthz", "/readyz")
+_DICOMWEB = "/dicom-web/"  # STOW-RS, where http.stow_rs is on
 _METHODS = ("GET", "POST")  # and HEAD, as GET
 # The headers that WSGI keeps without the HTTP_ prefix.
 _UNPREFIXED = {"CONTENT_TYPE": "content-type", "CONTENT_LENGTH": "content-length"}
@@ -36,11 +44,12 @@ _UNPREFIXED = {"CONTENT_TYPE": "content-type", "CONTENT_LENGTH": "content-length
 
 class HttpApp:
     def __init__(self, registry: CollectorRegistry, readiness: Readiness, guard: Guard,
-                 pages: Pages | None = None) -> None:
+                 pages: Pages | None = None, stow: Stow | None = None) -> None:
         self.registry = registry
         self.readiness = readiness
         self.guard = guard
         self.pages = pages
+        self.stow = stow
 
     def __call__(self, environ: WSGIEnvironment,
                  start_response: StartResponse) -> Iterable[bytes]:
@@ -75,6 +84,10 @@ class HttpApp:
                             "text/plain; charset=utf-8", extra)
         if method == "GET" and path == "/metrics":
             return Response(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        if path.startswith(_DICOMWEB):
+            if self.stow is None:
+                return Response.text(404, "STOW-RS is off here: set http.stow_rs = true")
+            return self.stow.handle(method, path, headers, environ["wsgi.input"], verdict.user)
         if self.pages is None:
             if method == "POST":
                 return Response.text(405, "method not allowed")

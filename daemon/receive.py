@@ -31,6 +31,7 @@ from denoised_node.daemon.series_triage import instance_ignored_reason
 from denoised_node.daemon.spool import Spool
 from denoised_node.daemon.status import (
     InstanceTooLarge,
+    NotTheRequestedStudy,
     SeriesInOtherStudy,
     SOPClassMismatch,
     UnreadableDataset,
@@ -50,6 +51,7 @@ class Received:
     sop_instance_uid: str
     duplicate: bool  # the same bytes were already kept: nothing written, nothing changed
     ignored_reason: str | None
+    sop_class_uid: str = ""
 
 
 class _StrictReader:
@@ -242,15 +244,21 @@ class Receiver:
             spool.discard()
 
     def receive_spooled(self, spool: Spool, context_sop_class: str | None,
-                        calling_ae: str) -> Received:
-        """Keep the instance received into ``spool`` (the caller discards the spool)."""
+                        calling_ae: str, *, source: str | None = None,
+                        study_uid: str | None = None) -> Received:
+        """Keep the instance received into ``spool`` (the caller discards the spool).
+        ``source``: how it came when not over DIMSE (a new series records it: "STOW-RS ...");
+        ``study_uid``: the study it must belong to (STOW-RS to /studies/{uid})."""
         try:
-            return self._receive_spooled(spool, context_sop_class, calling_ae)
+            received = self._receive_spooled(spool, context_sop_class, calling_ae, source,
+                                             study_uid)
         finally:
             self.on_activity()
+        return received
 
     def _receive_spooled(self, spool: Spool, context_sop_class: str | None,
-                         calling_ae: str) -> Received:
+                         calling_ae: str, source: str | None = None,
+                         study_uid: str | None = None) -> Received:
         if spool.failure is not None:  # a full disk: 0xA700 (status.py)
             raise spool.failure
         if spool.too_large:
@@ -266,6 +274,9 @@ class Receiver:
         uids = InstanceUIDs(ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID"),
                             ds.get("SOPInstanceUID"))
         sop_uid = uids.sop
+        if study_uid is not None and uids.study != study_uid:
+            raise NotTheRequestedStudy(f"instance {sop_uid} belongs to study {uids.study}, "
+                                       f"not to {study_uid} that the request names")
         check_uid(sop_class, "SOPClassUID")
         ignored = instance_ignored_reason(ds, sop_class, self.settings.series.modalities)
         if ignored is None and "PixelData" not in ds:
@@ -285,13 +296,15 @@ class Receiver:
                 with self.engine.connect() as connection:
                     kept = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
                 if kept is not None and kept.sha256 == digest:
-                    return Received(kept.series_id, sop_uid, True, kept.ignored_reason)
+                    return Received(kept.series_id, sop_uid, True, kept.ignored_reason,
+                                    sop_class)
             self.store.check_space(spool.size)
             self.store.keep_received(spool.path, relative)
         else:
             self.store.check_space(0)
         try:
-            indexed = self._index(ds, uids, sop_class, relative, spool, ignored, calling_ae)
+            indexed = self._index(ds, uids, sop_class, relative, spool, ignored, calling_ae,
+                                  source)
         except Exception:
             # The index row is what makes a file count; without it a new file is not kept.
             if relative and not existed:
@@ -302,7 +315,8 @@ class Receiver:
         return indexed.received
 
     def _index(self, ds: Dataset, uids: InstanceUIDs, sop_class: str, relative: str,
-               spool: Spool, ignored: str | None, calling_ae: str) -> _Indexed:
+               spool: Spool, ignored: str | None, calling_ae: str,
+               source: str | None = None) -> _Indexed:
         """Add or update the instance row and count it in its series, in one transaction.
         Core statements, not the ORM: this runs once per received image.
 
@@ -313,7 +327,8 @@ class Receiver:
         now = utcnow()
         sop_uid = uids.sop
         with self.engine.begin() as connection:
-            series_id = self._series_for_update(connection, ds, uids, sop_class, calling_ae, now)
+            series_id = self._series_for_update(connection, ds, uids, sop_class, calling_ae, now,
+                                                source)
             if relative and not self.store.path(relative).is_file():
                 # Retention purged the series, or a move took the file, between our write
                 # and our lock: put it in place again (the spool is a second name of it).
@@ -322,7 +337,7 @@ class Receiver:
             existing = connection.execute(_INSTANCE_BY_UID, {"sop_uid": sop_uid}).first()
             if existing is not None and existing.sha256 == digest:
                 return _Indexed(Received(existing.series_id, sop_uid, True,
-                                         existing.ignored_reason))
+                                         existing.ignored_reason, sop_class))
             values = {
                 "series_id": series_id, "sop_class_uid": sop_class,
                 "transfer_syntax_uid": str(ds.file_meta.TransferSyntaxUID),
@@ -335,7 +350,7 @@ class Receiver:
                 connection.execute(_INSERT_INSTANCE, {"sop_instance_uid": sop_uid, **values})
                 connection.execute(_COUNT_IN_SERIES,
                                    {"row_id": series_id, "added": counted, "now": now})
-                return _Indexed(Received(series_id, sop_uid, False, ignored))
+                return _Indexed(Received(series_id, sop_uid, False, ignored, sop_class))
             connection.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
             was_counted = int(existing.ignored_reason is None)
             if existing.series_id == series_id:
@@ -345,7 +360,7 @@ class Receiver:
                 self._record_move(connection, sop_uid, existing.series_id, series_id,
                                   uids.series, was_counted, counted, now)
             stale = existing.path if existing.path and existing.path != relative else ""
-            return _Indexed(Received(series_id, sop_uid, False, ignored), stale,
+            return _Indexed(Received(series_id, sop_uid, False, ignored, sop_class), stale,
                             existing.series_id)
 
     def _record_move(self, connection: Connection, sop_uid: str, old_series_id: int,
@@ -382,7 +397,8 @@ class Receiver:
                           extra={"path": relative})
 
     def _series_for_update(self, connection: Connection, ds: Dataset, uids: InstanceUIDs,
-                           sop_class: str, calling_ae: str, now: datetime) -> int:
+                           sop_class: str, calling_ae: str, now: datetime,
+                           source: str | None = None) -> int:
         # The row lock (PostgreSQL; SQLite serialises writers) makes concurrent receivers of
         # one series take turns: no lost revision or instance_count increment, and a
         # resent instance finds the other receiver's row instead of a unique violation.
@@ -400,12 +416,14 @@ class Receiver:
                     study_uid=study_uid, series_uid=series_uid,
                     modality=str(ds.get("Modality", "") or "")[:16] or None,
                     sop_class_uid=sop_class, state=SeriesState.RECEIVING,
-                    **_naming(ds), calling_ae_title=calling_ae[:16], revision=0, queued_revision=0,
+                    **_naming(ds), calling_ae_title=calling_ae[:16],
+                    received_via=source[:80] if source else None, revision=0, queued_revision=0,
                     instance_count=0, first_received_at=now, last_received_at=now,
                 ).returning(Series.id)).scalar_one())
         except IntegrityError:
             # Another association created it first (PostgreSQL; SQLite serialises writers).
-            return self._series_for_update(connection, ds, uids, sop_class, calling_ae, now)
+            return self._series_for_update(connection, ds, uids, sop_class, calling_ae, now,
+                                           source)
 
     def mark_released(self, delivered: Counter[int]) -> None:
         """An association released normally: a series whose every instance came in it may

@@ -34,6 +34,9 @@ class Status(IntEnum):
     CANNOT_UNDERSTAND_UID = 0xC001
     # Error: Cannot understand: the series is already kept under another Study Instance UID.
     CANNOT_UNDERSTAND_STUDY = 0xC002
+    # Error: Cannot understand: a STOW-RS request to /studies/{uid} carried another study's
+    # instance (DICOMweb only; daemon/dicomweb).
+    CANNOT_UNDERSTAND_NOT_THIS_STUDY = 0xC003
     # Refused: Out of Resources: the index could not be written (database down or locked).
     OUT_OF_RESOURCES_INDEX = 0xA702
     # Processing failure: anything unexpected. Never success.
@@ -82,6 +85,10 @@ class SeriesInOtherStudy(ReceiveError):
     one study, and a derived series must never mix two."""
 
 
+class NotTheRequestedStudy(ReceiveError):
+    """A STOW-RS request for one study (POST /studies/{uid}) carried another study's instance."""
+
+
 class SOPClassMismatch(ReceiveError):
     """The dataset's SOP Class UID differs from the presentation context's abstract syntax."""
 
@@ -93,6 +100,7 @@ _TABLE: tuple[tuple[type[BaseException], Status], ...] = (
     (UnreadableDataset, Status.CANNOT_UNDERSTAND),
     (InvalidUID, Status.CANNOT_UNDERSTAND_UID),
     (SeriesInOtherStudy, Status.CANNOT_UNDERSTAND_STUDY),
+    (NotTheRequestedStudy, Status.CANNOT_UNDERSTAND_NOT_THIS_STUDY),
     (SQLAlchemyError, Status.OUT_OF_RESOURCES_INDEX),
     (MemoryError, Status.OUT_OF_RESOURCES),
 )

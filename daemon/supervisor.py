@@ -31,6 +31,7 @@ from denoised_node.config.settings import Settings
 from denoised_node.daemon import health
 from denoised_node.daemon.child_process import Check, ChildSlot, node_command, spawn
 from denoised_node.daemon.completion import CompletionLoop
+from denoised_node.daemon.dicomweb.receiver import StowReceiver
 from denoised_node.daemon.http import Readiness, StatusServer
 from denoised_node.daemon.maintenance import (
     RetentionLoop,
@@ -259,6 +260,7 @@ def serve(settings: Settings, config_path: Path | None,
     server = _start_receiving(settings, config_path, runtime, scp_counts, completion.poke)
     http: StatusServer | None = None
     pages: StatusPages | None = None
+    stow: StowReceiver | None = None
     retention = RetentionLoop(rescanner, settings.retention)
     try:
         if settings.http.enabled:
@@ -270,7 +272,8 @@ def serve(settings: Settings, config_path: Path | None,
             ])
             pages = StatusPages(settings, runtime.sessions, runtime.store, readiness,
                                 config_state=config_state)
-            http = StatusServer(settings.http, registry, readiness, pages).start()
+            stow = _stow_receiver(settings, runtime, scp_counts, completion.poke)
+            http = StatusServer(settings.http, registry, readiness, pages, stow).start()
     except BaseException:
         server.stop()
         raise
@@ -285,7 +288,7 @@ def serve(settings: Settings, config_path: Path | None,
             if reload_requested.is_set():
                 reload_requested.clear()
                 settings = _reload(settings, config_path, config_state, _Reloadable(
-                    server, completion, pool, pages), tell_systemd=systemd.announced)
+                    server, completion, pool, pages, stow), tell_systemd=systemd.announced)
             pool.notified(listener.receive())
             pool.check()
             server.check()
@@ -317,6 +320,7 @@ class _Reloadable:
     completion: CompletionLoop
     workers: WorkerPool
     pages: StatusPages | None
+    stow: StowReceiver | None = None
 
 
 def _reload(running: Settings, config_path: Path | None, state: ConfigState,
@@ -340,6 +344,8 @@ def _reload(running: Settings, config_path: Path | None, state: ConfigState,
     parts.completion.attempt_limits = attempt_limits(new)
     if parts.pages is not None:
         parts.pages.reconfigure(new)
+    if parts.stow is not None:
+        parts.stow.receiver.settings = new  # as the SCP's receiver: the next request on
     if changed - SERVE_SECTIONS:
         parts.workers.reload()
     state.accepted()
@@ -378,6 +384,16 @@ class _InProcess:
 
     def stop(self) -> None:
         self.listeners.shutdown()
+
+
+def _stow_receiver(settings: Settings, runtime: Runtime, counts: ScpCounts,
+                   on_activity: Callable[[], None]) -> StowReceiver | None:
+    """The STOW-RS receiver (http.stow_rs): the same receive path as the SCP's, in serve."""
+    if not settings.http.stow_rs:
+        return None
+    receiver = Receiver.for_node(runtime)
+    receiver.on_activity = on_activity
+    return StowReceiver(receiver, settings.http.max_stow_mb * 2**20, counts)
 
 
 def _start_receiving(settings: Settings, config_path: Path | None, runtime: Runtime,

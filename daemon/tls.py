@@ -15,7 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from denoised_node.config.settings import ConfigError, Destination, TLSSettings
+from denoised_node.config.settings import (
+    ConfigError,
+    Destination,
+    DicomwebDestination,
+    TLSSettings,
+)
 from denoised_node.daemon.connection_guard import GuardedAssociationServer
 
 log = logging.getLogger(__name__)
@@ -35,8 +40,10 @@ def server_context(tls: TLSSettings) -> ssl.SSLContext:
     return context
 
 
-def client_context(tls: TLSSettings, destination: Destination) -> ssl.SSLContext:
-    """The context for sends to ``destination``: its server certificate verified against
+def client_context(tls: TLSSettings,
+                   destination: Destination | DicomwebDestination) -> ssl.SSLContext:
+    """The context for sends to ``destination`` (DIMSE over TLS, or DICOMweb over https):
+    its server certificate verified against
     tls.ca_certificates (else the system's trust store), and the node's own certificate
     offered for mutual TLS when one is configured."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)

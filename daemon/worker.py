@@ -22,11 +22,12 @@ from select import select as wait_readable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from denoised_node.config.settings import ConfigError, Destination, Settings
+from denoised_node.config.settings import AnyDestination, ConfigError, Settings
+from denoised_node.daemon.destinations import send_to
 from denoised_node.daemon.model_pool import ModelPool
 from denoised_node.daemon.notify import Heartbeat
 from denoised_node.daemon.pipeline import Denoises, GateFailed, PermanentError, denoise_series
-from denoised_node.daemon.scu import SendError, SendResult, send_files
+from denoised_node.daemon.scu import SendError, SendResult
 from denoised_node.daemon.series_attributes import SeriesAttributes
 from denoised_node.daemon.series_triage import triage_series
 from denoised_node.daemon.webhook import JobNotice, Notifier
@@ -58,9 +59,9 @@ from denoised_node.storage.superseded import note_superseded
 
 log = logging.getLogger(__name__)
 
-# send_files's shape: settings, destination, files and progress(sent, total) or None.
-Sender = Callable[[Settings, Destination, Sequence[Path], Callable[[int, int], None] | None],
-                  SendResult]
+# send_to's shape: settings, destination, files and progress(sent, total) or None.
+Sender = Callable[[Settings, AnyDestination, Sequence[Path],
+                   Callable[[int, int], None] | None], SendResult]
 
 
 class StopNow(BaseException):
@@ -117,7 +118,7 @@ def load_model(settings: Settings) -> Callable[[str], Denoises]:
 class Worker:
     def __init__(self, settings: Settings, sessions: SessionFactory, store: FileStore,
                  denoiser: Denoises, *, worker_id: str | None = None,
-                 sender: Sender = send_files, on_idle: Callable[[], None] | None = None,
+                 sender: Sender = send_to, on_idle: Callable[[], None] | None = None,
                  models: ModelPool | None = None, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -392,7 +393,7 @@ class Worker:
                    send_attempts=job.send_attempts + 1, sends=attempt.outcomes(retried=False),
                    also=lambda session: note_superseded(session, job.id, utcnow()))
 
-    def _destinations(self, chosen: str | None) -> list[Destination]:
+    def _destinations(self, chosen: str | None) -> list[AnyDestination]:
         """The destinations the rule chose when the series was denoised; a job from before
         rules existed goes to every destination that is not a shadow."""
         if chosen is None:

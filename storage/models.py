@@ -68,6 +68,9 @@ class Series(Base):
     state: Mapped[str] = mapped_column(String(16), default=SeriesState.RECEIVING)
     ignored_reason: Mapped[str | None] = mapped_column(Text)
     calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    # How the series came when not over DIMSE: "STOW-RS, user NAME" (None: C-STORE, from
+    # calling_ae_title).
+    received_via: Mapped[str | None] = mapped_column(String(80))
     # revision counts stored instances; a job is created when it moves past queued_revision.
     revision: Mapped[int] = mapped_column(Integer, default=0)
     queued_revision: Mapped[int] = mapped_column(Integer, default=0)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from denoised_node.config.settings import Destination, Settings
+from denoised_node.config.settings import AnyDestination, Settings
 from denoised_node.daemon.http import Probe, CheckResult
 from denoised_node.daemon.reload import ConfigState
 from denoised_node.daemon.web.formatting import when
@@ -117,19 +117,16 @@ def slow_checks(settings: Settings) -> SlowChecks:
     return SlowChecks(checks)
 
 
-def _echo_check(settings: Settings, destination: Destination) -> Probe:
+def _echo_check(settings: Settings, destination: AnyDestination) -> Probe:
     def check() -> CheckResult:
-        from denoised_node.daemon.scu import SendError, echo
+        from denoised_node.daemon.destinations import echo
+        from denoised_node.daemon.scu import SendError
 
-        where = f"{destination.ae_title}@{destination.host}:{destination.port}"
         try:
-            code = echo(settings, destination)
+            answer = echo(settings, destination)  # C-ECHO, or QIDO-RS for a DICOMweb one
         except SendError as exc:
             return CheckResult(False, str(exc))
-        if code != 0:
-            return CheckResult(False, f"{where}: C-ECHO answered 0x{code:04X}")
-        return CheckResult(True, f"{where}: C-ECHO answered"
-                           + (" over TLS" if destination.tls else ""))
+        return CheckResult(answer.ok, f"{answer.facts['where']}: {answer.detail}")
 
     return check
 

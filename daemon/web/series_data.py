@@ -40,6 +40,12 @@ class SeriesFacts:
     first_received_at: datetime
     last_received_at: datetime
     purged_at: datetime | None
+    received_via: str | None = None  # STOW-RS and the HTTP user; None: C-STORE
+
+    @property
+    def sent_by(self) -> str:
+        """The calling AE title (C-STORE), or "STOW-RS, user NAME"."""
+        return self.received_via or self.calling_ae_title or "?"
 
     @property
     def purged(self) -> bool:
@@ -80,7 +86,8 @@ def load_series_page(session: Session, store: FileStore, series_uid: str,
     facts = SeriesFacts(series.id, series.series_uid, series.study_uid, series.modality,
                         series.sop_class_uid, series.state, series.ignored_reason,
                         series.calling_ae_title, series.instance_count,
-                        series.first_received_at, series.last_received_at, series.purged_at)
+                        series.first_received_at, series.last_received_at, series.purged_at,
+                        series.received_via)
     ids = list(session.scalars(select(Job.id).where(Job.series_id == series.id)
                                .order_by(Job.id.desc())))
     if job_id is not None and job_id not in ids:

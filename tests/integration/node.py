@@ -43,9 +43,11 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]],
     return path
 
 
-def node_config(workdir: Path, port: int, orthanc: Orthanc | None,
+def node_config(workdir: Path, port: int, orthanc: Orthanc | None, *,
+                destinations: list[dict[str, Any]] | None = None,
                 **sections: dict[str, Any]) -> Path:
-    """A config for a node on loopback that sends to ``orthanc``; ``sections`` override."""
+    """A config for a node on loopback that sends to ``orthanc`` (over DIMSE) and to
+    ``destinations``; ``sections`` override."""
     base: dict[str, dict[str, Any]] = {
         "node": {"ae_title": NODE_AET, "host": "127.0.0.1", "port": port,
                  "data_dir": str(workdir / "data"), "min_free_mb": 0},
@@ -57,11 +59,12 @@ def node_config(workdir: Path, port: int, orthanc: Orthanc | None,
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
-    destinations = []
+    entries = []
     if orthanc is not None:
-        destinations.append({"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                             "port": orthanc.dicom_port})
-    return write_config(workdir / "node.toml", base, destinations)
+        entries.append({"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                        "port": orthanc.dicom_port})
+    entries += destinations or []
+    return write_config(workdir / "node.toml", base, entries)
 
 
 @dataclass

@@ -35,6 +35,23 @@ def test_receive_and_send_sections_print_figures_next_to_the_peers(tmp_path: Pat
     assert all("x storescu" in row for row in send)
 
 
+def test_dicomweb_section_compares_stow_rs_with_dimse(tmp_path: Path) -> None:
+    table = tmp_path / "bench.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "dicomweb", "--dicomweb-slices", "16",
+         "--dicomweb-runs", "1", "--workdir", str(tmp_path / "work"), "--markdown", str(table)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    row, receive = [line for line in table.read_text().splitlines()
+                    if line.startswith("| dicomweb")]
+    assert "16 x 256x256 to Orthanc over STOW-RS" in row
+    assert "into the node over STOW-RS" in receive and "x storescu into the node" in receive
+    assert re.search(r"\| [0-9.]+ img/s \| the node over DIMSE \(1 association\) [0-9.]+", row)
+    assert re.search(r"target >= 0.9x: (met|MISSED)", row)
+
+
 def test_an_unknown_section_is_refused() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--only", "recieve"], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=False)

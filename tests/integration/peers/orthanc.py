@@ -15,9 +15,28 @@ from pydicom.dataset import Dataset
 
 from tests.integration.peers.dcmtk import echoscu
 from tests.integration.peers.process import ManagedProcess
-from tests.integration.peers.tools import free_port, nodelay_env, require_tool, wait_until
+from tests.integration.peers.tools import (
+    free_port,
+    nodelay_env,
+    require_tool,
+    skip_or_fail,
+    wait_until,
+)
 
 HOST = "127.0.0.1"
+# Debian's orthanc-dicomweb (1.7): the DICOMweb plugin, loaded where a test asks for it.
+DICOMWEB_PLUGINS = (Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so"),
+                    Path("/usr/lib/orthanc/libOrthancDicomWeb.so.1.7"))
+DICOMWEB_ROOT = "/dicom-web/"
+
+
+def dicomweb_plugin() -> Path:
+    """The DICOMweb plugin's path; skip (outside CI) or fail (in CI) without it."""
+    for path in DICOMWEB_PLUGINS:
+        if path.exists():
+            return path
+    skip_or_fail("Orthanc's DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)",
+                 "CI must have every peer")
 
 
 @dataclass(frozen=True)
@@ -76,27 +95,37 @@ class Orthanc:
     workdir: Path
     process: ManagedProcess = field(repr=False)
     host: str = HOST
+    # (user, password) for its REST API where a test turned AuthenticationEnabled on.
+    auth: tuple[str, str] | None = None
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        return requests.request(method, self.url + path, auth=self.auth, **kwargs)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root (with start_orthanc(dicomweb=True))."""
+        return self.url + DICOMWEB_ROOT.rstrip("/")
+
     # --- REST -----------------------------------------------------------------------------
     def get(self, path: str) -> Any:
-        response = requests.get(self.url + path, timeout=60)
+        response = self._call("GET", path, timeout=60)
         response.raise_for_status()
         return response.json()
 
     def post(self, path: str, body: Any) -> Any:
-        response = requests.post(self.url + path, data=json.dumps(body), timeout=120)
+        response = self._call("POST", path, data=json.dumps(body), timeout=120)
         response.raise_for_status()
         return response.json() if response.content else None
 
     def put(self, path: str, body: Any) -> None:
-        requests.put(self.url + path, data=json.dumps(body), timeout=60).raise_for_status()
+        self._call("PUT", path, data=json.dumps(body), timeout=60).raise_for_status()
 
     def delete(self, path: str) -> None:
-        requests.delete(self.url + path, timeout=60).raise_for_status()
+        self._call("DELETE", path, timeout=60).raise_for_status()
 
     # --- queries ----------------------------------------------------------------------------
     def find_series(self, study_uid: str) -> list[dict[str, Any]]:
@@ -123,7 +152,7 @@ class Orthanc:
         return len(series["Instances"]) if series else 0
 
     def instance_file(self, instance_id: str) -> bytes:
-        response = requests.get(f"{self.url}/instances/{instance_id}/file", timeout=60)
+        response = self._call("GET", f"/instances/{instance_id}/file", timeout=60)
         response.raise_for_status()
         return response.content
 
@@ -188,6 +217,15 @@ class Orthanc:
     def stop(self) -> None:
         self.process.stop()
 
+    def restart(self, startup_timeout: float = 60.0) -> None:
+        """Start it again on the same config, ports and storage (after stop())."""
+        binary = require_tool("Orthanc")
+        self.process = ManagedProcess.start(
+            [binary, f"--logfile={self.workdir / 'orthanc.log'}",
+             str(self.workdir / "orthanc.json")],
+            log=self.workdir / "orthanc.stdout", env=nodelay_env(), cwd=self.workdir)
+        _wait_ready(self, startup_timeout)
+
 
 def start_orthanc(
     workdir: Path,
@@ -198,9 +236,17 @@ def start_orthanc(
     stable_age: int = 2,
     extra_config: dict[str, Any] | None = None,
     startup_timeout: float = 60.0,
+    dicomweb: bool = False,
 ) -> Orthanc:
-    """Start Orthanc on free ports of 127.0.0.1; return once REST and C-ECHO answer."""
+    """Start Orthanc on free ports of 127.0.0.1; return once REST and C-ECHO answer.
+    ``dicomweb``: with the DICOMweb plugin at /dicom-web/ (extra_config's "DicomWeb" keys,
+    e.g. "Servers", are merged in)."""
     binary = require_tool("Orthanc")
+    extra_config = dict(extra_config or {})
+    if dicomweb:
+        extra_config["Plugins"] = [str(dicomweb_plugin())]
+        extra_config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT,
+                                    **extra_config.get("DicomWeb", {})}
     workdir.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
     while http_port == dicom_port:
@@ -225,6 +271,16 @@ def start_orthanc(
         cwd=workdir,
     )
     orthanc = Orthanc(aet, dicom_port, http_port, workdir, process)
+    _wait_ready(orthanc, startup_timeout)
+    if dicomweb:
+        wait_until(lambda: _answers(orthanc, DICOMWEB_ROOT + "studies"),
+                   timeout=startup_timeout, what="Orthanc's DICOMweb plugin")
+    return orthanc
+
+
+def _wait_ready(orthanc: Orthanc, startup_timeout: float) -> None:
+    process, log = orthanc.process, orthanc.workdir / "orthanc.log"
+    aet, http_port, dicom_port = orthanc.aet, orthanc.http_port, orthanc.dicom_port
     try:
         wait_until(
             lambda: process.check_alive() and _answers(orthanc),
@@ -239,12 +295,12 @@ def start_orthanc(
     except BaseException as error:
         orthanc.stop()
         raise RuntimeError(f"Orthanc did not start: {error}\n{_tail(log)}") from error
-    return orthanc
 
 
-def _answers(orthanc: Orthanc) -> bool:
+def _answers(orthanc: Orthanc, path: str = "/system") -> bool:
+    # With AuthenticationEnabled any answer (401 included) means the server is up.
     try:
-        return requests.get(orthanc.url + "/system", timeout=2).status_code == 200
+        return requests.get(orthanc.url + path, timeout=2).status_code in (200, 401)
     except requests.RequestException:
         return False
 
