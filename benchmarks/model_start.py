@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from denoised_node.model.data import Split, mni_maps
 from denoised_node.model.network import build_network, widen_input
 from denoised_node.model.schedule import NoiseSchedule
-from denoised_node.model.synth import Batch, SynthConfig, Synthesizer
-from denoised_node.model.tissue_ratio import TISSUE_LEVEL
-from denoised_node.model.train import (
+from denoised_node.model.training.data import Split, mni_maps
+from denoised_node.model.training.synth import Batch, SynthConfig, Synthesizer
+from denoised_node.model.training.tissue_ratio import TISSUE_LEVEL
+from denoised_node.model.training.train import (
     TrainConfig,
     _architecture,
     _initial_weights,

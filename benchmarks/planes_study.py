@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from denoised_node.model.data import Split, foreground_mask, load_mni_t1
 from denoised_node.model.inference import PLANE_CHOICES, Denoiser, denoise_volume
-from denoised_node.model.quality import psnr
 from denoised_node.model.noise import add_rician
+from denoised_node.model.training.data import Split, foreground_mask, load_mni_t1
+from denoised_node.model.training.quality import psnr
 
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 3.0)
 

@@ -1,5 +1,5 @@
 """The schema of `[[rules]]` (what is denoised, by which model, sent where) and of
-`[notifications]`. Matching a series against a rule happens in daemon/rules.py.
+`[notifications]`. Matching a series against a rule happens in daemon/jobs/rules.py.
 
 A rule's ``match`` maps a DICOM keyword to a regular expression, searched in the attribute's
 text (multi-valued attributes joined with a backslash, an absent one reads as ""), to a
@@ -13,6 +13,7 @@ import re
 from typing import Literal
 
 from pydantic import Field, field_validator
+
 from denoised_node.config.base import Section
 from denoised_node.config.dicom_keywords import dicom_keywords
 

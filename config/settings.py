@@ -90,7 +90,7 @@ class NodeSettings(_Section):
     # receives in its own process. The limits below hold per receiving process.
     receive_processes: int = Field(default=1, ge=1, le=64)
     # Agreed associations at once; as many connections again may be in the handshake.
-    # Both are shared fairly across addresses when full (daemon/connection_guard.py).
+    # Both are shared fairly across addresses when full (daemon/dicom/connection_guard.py).
     max_associations: int = Field(default=16, ge=1)
     # Connections one address may hold at once (more are closed when accepted), so that
     # one misbehaving host cannot take every association slot.

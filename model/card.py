@@ -14,7 +14,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointInvalidError, CheckpointMismatchError, CheckpointNotFoundError
+from denoised_node.model.errors import (
+    CheckpointInvalidError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
 
 FORMAT = "denoised-node/1"
 CARD_KEY = "denoised_node_card"

@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
-from .card import CARD_KEY, FORMAT, ModelCard, file_sha256, verify_sidecar
-from .errors import CheckpointInvalidError, CheckpointMismatchError, CheckpointNotFoundError
+from denoised_node.model.card import CARD_KEY, FORMAT, ModelCard, file_sha256, verify_sidecar
+from denoised_node.model.errors import (
+    CheckpointInvalidError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
 
 __all__ = ["ModelCard", "publish", "read_checkpoint", "weights_sha256", "write_checkpoint"]
 

@@ -27,8 +27,8 @@ from typing import Protocol
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .noise import robust_scale
-from .noise_map import noise_map_numpy
+from denoised_node.model.noise import robust_scale
+from denoised_node.model.noise_map import noise_map_numpy
 
 logger = logging.getLogger(__name__)
 

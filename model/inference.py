@@ -19,15 +19,18 @@ import numpy as np
 import torch
 
 from denoised_node.config.settings import PLANE_CHOICES, TTA_CHOICES, ModelSettings
-
-from .card import resolve_checkpoint
-from .checkpoint import ModelCard, read_checkpoint
-from .errors import CheckpointMismatchError, DeviceUnavailableError, InputVolumeError
-from .hyperparameters import HYPERPARAMETERS
-from .network import DenoiseNet, build_network
-from .noise import estimate_sigma, robust_scale
-from .noise_map import noise_map
-from .schedule import NoiseSchedule
+from denoised_node.model.card import resolve_checkpoint
+from denoised_node.model.checkpoint import ModelCard, read_checkpoint
+from denoised_node.model.errors import (
+    CheckpointMismatchError,
+    DeviceUnavailableError,
+    InputVolumeError,
+)
+from denoised_node.model.hyperparameters import HYPERPARAMETERS
+from denoised_node.model.network import DenoiseNet, build_network
+from denoised_node.model.noise import estimate_sigma, robust_scale
+from denoised_node.model.noise_map import noise_map
+from denoised_node.model.schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 

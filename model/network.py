@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hyperparameters import KINDS
+from denoised_node.model.hyperparameters import KINDS
 
 logger = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ def noise_reading_percent(volume: np.ndarray) -> float | None:
     ones only); None for slices too small for the map (under 32 pixels a side)."""
     import torch
 
-    from .noise import robust_scale
-    from .noise_map import noise_map
+    from denoised_node.model.noise import robust_scale
+    from denoised_node.model.noise_map import noise_map
 
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim == 2:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .hyperparameters import HYPERPARAMETERS
+from denoised_node.model.hyperparameters import HYPERPARAMETERS
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def unindexed_files(sessions: SessionFactory, store: FileStore, older_than: time
     """Store-relative paths of the files under instances/ that no index row names and that
     are older than ``older_than`` (younger ones may be a write in progress, here or, on a
     shared store, on another host). Walks one series folder at a time; what to do with
-    them is daemon/rescan.py's."""
+    them is daemon/dicom/rescan.py's."""
     cutoff = ((now or utcnow()) - older_than).timestamp()
     found: list[str] = []
     for series_folder in sorted(p for p in store.instances.glob("*/*") if p.is_dir()):

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from denoised_node.daemon.admin import EventRow, JobRow, list_jobs
+from denoised_node.daemon.jobs.queries import EventRow, JobRow, list_jobs
 from denoised_node.storage.job_events import (
     LATENCY_STAGES,
     OUTCOMES,

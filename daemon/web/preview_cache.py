@@ -19,7 +19,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from denoised_node.config.settings import GateSettings
 from denoised_node.daemon.web.previews import Preview, PreviewInput, make_preview

@@ -12,8 +12,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from denoised_node.daemon.admin import EventRow, JobRow, job_detail
-from denoised_node.daemon.admin import NotFound as AdminNotFound
+from denoised_node.daemon.jobs.queries import EventRow, JobRow, job_detail
+from denoised_node.daemon.jobs.queries import NotFound as AdminNotFound
 from denoised_node.daemon.web.activity import stage_seconds
 from denoised_node.daemon.web.previews import PreviewInput
 from denoised_node.storage.files import FileStore, InvalidUID, check_uid

@@ -34,10 +34,10 @@ from pydicom.uid import (
 )
 
 from denoised_node.config.settings import Destination, load_settings
-from denoised_node.daemon.scu import send_files
-from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
-from denoised_node.storage.derived_uids import DerivedUIDs
-from denoised_node.storage.series import load_volume, plan_stacks
+from denoised_node.daemon.dicom.scu import send_files
+from denoised_node.storage.images.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.images.derived_uids import DerivedUIDs
+from denoised_node.storage.images.series import load_volume, plan_stacks
 from tests.fixtures.classic_mr import PRIVATE_CREATOR, PRIVATE_GROUP
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries, generate_series

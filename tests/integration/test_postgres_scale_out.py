@@ -29,15 +29,15 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select
 
 from denoised_node.config.settings import Destination, Settings, load_settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.files import STALE_TEMP_SECONDS, FileStore
 from denoised_node.storage.models import Base, Instance, Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import check_schema, upgrade
 from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
 
@@ -354,7 +354,7 @@ def test_a_worker_refuses_a_data_dir_without_the_shared_store(tmp_path: Path,
                                                              postgres_url: str) -> None:  # noqa: F811
     env = {**os.environ, **node_environ(tmp_path / "not-mounted", postgres_url)}
     env.pop("DENOISED_NODE_CONFIG", None)
-    done = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli", "worker", "--burst"],
+    done = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli.main", "worker", "--burst"],
                           env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0
     assert "holds no file store" in done.stderr and "mount the shared store" in done.stderr

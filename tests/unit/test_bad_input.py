@@ -16,14 +16,14 @@ from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[at
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scp import start_scp
-from denoised_node.daemon.status import Status
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.dimse_status import Status
+from denoised_node.daemon.dicom.network_options import keep_responses_for_the_caller
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.models import Instance, Job, Series
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import SchemaOutOfDate
 
 

@@ -11,12 +11,12 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.jobs.completion import complete_idle_series
 from denoised_node.storage.models import Job, Series
 from denoised_node.storage.queue import JobState, transition
+from denoised_node.storage.runtime import open_runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -251,7 +251,7 @@ def test_replay_of_a_series_with_no_image_keeps_its_reason(config: Path, mr_seri
     import pydicom
 
     from denoised_node.config.settings import load_settings
-    from denoised_node.daemon.receive import Receiver
+    from denoised_node.daemon.dicom.receive import Receiver
 
     run("db", "upgrade", "--config", str(config))
     runtime = open_runtime(load_settings(config, environ={}))
@@ -277,7 +277,7 @@ def test_an_exit_status_is_not_classified_as_an_error(monkeypatch: pytest.Monkey
     process."""
     import click
 
-    from denoised_node.daemon import cli
+    from denoised_node.daemon.cli import main as cli
 
     classified: list[BaseException] = []
     monkeypatch.setattr(cli, "command_error", lambda exc: classified.append(exc))
@@ -313,7 +313,7 @@ def test_since_takes_a_duration_as_well_as_an_iso_date(config: Path, mr_series) 
 def test_a_duration_counts_back_from_now() -> None:
     from datetime import datetime, timezone
 
-    from denoised_node.daemon.cli_options import parse_since
+    from denoised_node.daemon.cli.options import parse_since
 
     now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
     assert parse_since("90m", now) == datetime(2026, 12, 3, 10, 30, tzinfo=timezone.utc)
@@ -332,7 +332,7 @@ def test_status_imports_nothing_heavy(config: Path) -> None:
     script = ("import atexit, sys\n"
               "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
               f"sys.argv = ['denoised-node', 'status', '--config', {str(config)!r}]\n"
-              "from denoised_node.daemon.cli import main\nmain()\n")
+              "from denoised_node.daemon.cli.main import main\nmain()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, env={k: v for k, v in os.environ.items()
                                             if not k.startswith("DENOISED_NODE_")})

@@ -16,14 +16,14 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.pipeline import denoise_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.pipeline import denoise_series
+from denoised_node.daemon.jobs.worker import Worker
+from denoised_node.storage.images.series import NothingToDenoise, plan_stacks, unusable_reason
 from denoised_node.storage.models import Job, Series
-from denoised_node.storage.series import NothingToDenoise, plan_stacks, unusable_reason
+from denoised_node.storage.runtime import Runtime
 from tests.fixtures.mr_series import GeneratedSeries
 
 Factory = Callable[..., GeneratedSeries]

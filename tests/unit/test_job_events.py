@@ -12,8 +12,7 @@ from alembic import command
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from denoised_node.daemon.metrics import QueueCollector
-from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.web.metrics import QueueCollector
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.job_events import StageTime, latest_run, outcome_of, stage_durations
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
@@ -25,6 +24,7 @@ from denoised_node.storage.queue import (
     return_to_stage,
     transition,
 )
+from denoised_node.storage.runtime import Runtime
 from denoised_node.storage.schema import alembic_config, upgrade
 from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from denoised_node.model import ablation, families
+from denoised_node.model.training import ablation, families
 
 
 def test_ablation_trains_each_variant_and_seed_then_reuses_them(tmp_path: Path,

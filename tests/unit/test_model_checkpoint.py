@@ -1,4 +1,4 @@
-"""model/checkpoint.py, model/hyperparameters.py and model/widen.py: weights with their model
+"""model/checkpoint.py, model/hyperparameters.py and model/training/widen.py: weights with their model
 card, one home for every default, what is refused (tampered, mismatched, missing, foreign),
 publishing and widening a 1.x checkpoint."""
 
@@ -47,9 +47,9 @@ def test_a_checkpoint_loads_with_its_cards_architecture_and_schedule(tmp_path: P
 
 
 def test_every_default_hyperparameter_comes_from_one_place() -> None:
-    from denoised_node.model.data import SamplerConfig
-    from denoised_node.model.synth import SynthConfig
-    from denoised_node.model.train import TrainConfig
+    from denoised_node.model.training.data import SamplerConfig
+    from denoised_node.model.training.synth import SynthConfig
+    from denoised_node.model.training.train import TrainConfig
 
     h = HYPERPARAMETERS
     cfg = default_config()
@@ -64,8 +64,8 @@ def test_every_default_hyperparameter_comes_from_one_place() -> None:
     for sampler in (SynthConfig(), SamplerConfig()):
         assert (sampler.patch, sampler.in_slices, sampler.sigma_range, sampler.axis_probs) == (
             h.patch, h.in_slices, h.sigma_range, h.axis_probs)
-    from denoised_node.daemon.cli_model import evaluate_command, train_command
-    from denoised_node.model.evaluate import EvalConfig
+    from denoised_node.daemon.cli.model_commands import evaluate_command, train_command
+    from denoised_node.model.training.evaluate import EvalConfig
 
     options = {p.name: p.default for p in train_command.params}
     for name in ("kind", "batch_size", "patch", "lr", "seed", "threads", "val_every", "holdout",
@@ -174,7 +174,7 @@ def test_publish_keeps_the_weights_and_merges_the_record(tiny: Path, tmp_path: P
 
 def test_widen_moves_a_1x_checkpoint_onto_the_noise_map(tmp_path: Path) -> None:
     from denoised_node.model.inference import noise_inputs
-    from denoised_node.model.widen import widen
+    from denoised_node.model.training.widen import widen
 
     net = build_network(TINY).eval()
     src = tmp_path / "old.safetensors"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from denoised_node.model import data, held_out
-from denoised_node.model.data import Split, load_named_volume
+from denoised_node.model.training import data, held_out
+from denoised_node.model.training.data import Split, load_named_volume
 
 
 @pytest.mark.parametrize("name", ["mni152-scalp", "inia19-macaque"])
@@ -47,10 +47,10 @@ def test_validation_scores_a_checkpoint_per_noise_map_factor(tmp_path: Path,
     ones take minutes on a CPU."""
     import torch
 
-    from denoised_node.model import validation
     from denoised_node.model.checkpoint import ModelCard, write_checkpoint
     from denoised_node.model.network import build_network
     from denoised_node.model.schedule import NoiseSchedule
+    from denoised_node.model.training import validation
     from tests.fixtures.tiny_model import TINY
 
     arch = {**TINY, "noise_estimator": "noise_map", "noise_map_channel": True}

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from denoised_node.daemon.cli_model import evaluate_command
-from denoised_node.model import evaluate as evaluate_module
+from denoised_node.daemon.cli.model_commands import evaluate_command
 from denoised_node.model.checkpoint import ModelCard, write_checkpoint
-from denoised_node.model.data import load_mni_t1
-from denoised_node.model.evaluate import EvalConfig, _rician_correct, evaluate
 from denoised_node.model.network import build_network
 from denoised_node.model.schedule import NoiseSchedule
+from denoised_node.model.training import evaluate as evaluate_module
+from denoised_node.model.training.data import load_mni_t1
+from denoised_node.model.training.evaluate import EvalConfig, _rician_correct, evaluate
 
 TINY = {
     "kind": "diffusion_unet", "spatial_dims": 2, "in_slices": 3, "space_to_depth": 2,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from denoised_node.config.settings import GateSettings
-from denoised_node.model import families
-from denoised_node.model.families import Case, evaluate_families, lesion_contrast
 from denoised_node.model.noise import add_rician
+from denoised_node.model.training import families
+from denoised_node.model.training.families import Case, evaluate_families, lesion_contrast
 
 
 def _disc(slices: int = 8, size: int = 96) -> np.ndarray:
@@ -70,7 +70,7 @@ def test_scoring_against_a_second_acquisition_takes_its_noise_out() -> None:
 
 
 def test_held_out_material_left_out_when_its_package_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from denoised_node.model import held_out
+    from denoised_node.model.training import held_out
 
     monkeypatch.setattr(held_out, "COLIN27", Path("/nonexistent/ch2.nii.gz"))
     skipped: list[str] = []
@@ -81,7 +81,7 @@ def test_held_out_material_left_out_when_its_package_is_missing(monkeypatch: pyt
 
 
 def test_thick_slices_average_the_centre_five_by_five() -> None:
-    from denoised_node.model.held_out import thick_slices
+    from denoised_node.model.training.held_out import thick_slices
 
     vol = np.arange(100, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
     thick = thick_slices(vol, slices=4, mm=5)

@@ -7,11 +7,11 @@ import pytest
 from scipy.ndimage import gaussian_filter, shift
 
 from denoised_node.config.settings import GateSettings
-from denoised_node.model.data import load_mni_t1
-from denoised_node.model.gate import check_result
 from denoised_node.model.card import CHECKPOINT_DIR
+from denoised_node.model.gate import check_result
 from denoised_node.model.inference import Denoiser
 from denoised_node.model.noise import add_rician
+from denoised_node.model.training.data import load_mni_t1
 
 
 @pytest.fixture(scope="module")

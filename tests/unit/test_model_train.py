@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from denoised_node.model.inference import Denoiser
-from denoised_node.model.train import TrainConfig, train
+from denoised_node.model.training.train import TrainConfig, train
 
 TINY = {
     "kind": "diffusion_unet",
@@ -68,7 +68,7 @@ def test_train_cli_on_a_real_pair(tmp_path: Path, volume: Path) -> None:
     import nibabel as nib
     from click.testing import CliRunner
 
-    from denoised_node.daemon.cli_model import train_command
+    from denoised_node.daemon.cli.model_commands import train_command
     from denoised_node.model.noise import add_rician
 
     img = nib.load(str(volume))
@@ -135,7 +135,7 @@ def test_3d_variant_trains_and_denoises(tmp_path: Path, volume: Path) -> None:
 
 
 def test_time_budget_ends_the_run_and_drives_the_schedule(tmp_path: Path, volume: Path) -> None:
-    from denoised_node.model.train import _lr_at
+    from denoised_node.model.training.train import _lr_at
 
     cfg = TrainConfig(run_dir=tmp_path / "budget", name="tiny", volumes=[str(volume)], steps=None,
                       time_budget_s=3.0, batch_size=1, patch=32, warmup=1, val_every=1000, holdout=8,
@@ -152,7 +152,7 @@ def test_time_budget_ends_the_run_and_drives_the_schedule(tmp_path: Path, volume
 def test_synthesised_batches_cover_the_randomised_families() -> None:
     import torch
 
-    from denoised_node.model.synth import SynthConfig, Synthesizer
+    from denoised_node.model.training.synth import SynthConfig, Synthesizer
 
     rng = np.random.default_rng(0)
     maps = np.clip(rng.random((4, 40, 64, 64)).astype(np.float32), 0, 1)
@@ -171,7 +171,7 @@ def test_synthesised_batches_cover_the_randomised_families() -> None:
 def test_loss_weights_balance_the_noise_levels() -> None:
     import torch
 
-    from denoised_node.model.train import sample_weights, weighted_mse
+    from denoised_node.model.training.train import sample_weights, weighted_mse
 
     cfg = TrainConfig(run_dir=Path("unused"), sigma_range=(0.01, 0.04), steps=1)
     sigma = torch.tensor([0.01, 0.02, 0.04])
@@ -204,8 +204,8 @@ def test_loss_weights_balance_the_noise_levels() -> None:
 def test_resume_reads_the_runs_own_config_and_refuses_changes(tmp_path: Path, volume: Path) -> None:
     from click.testing import CliRunner
 
-    from denoised_node.daemon.cli_model import train_command
-    from denoised_node.model.train import load_run_config
+    from denoised_node.daemon.cli.model_commands import train_command
+    from denoised_node.model.training.train import load_run_config
 
     run = tmp_path / "run"
     args = ["--run-dir", str(run), "--volume", str(volume), "--steps", "2", "--batch-size", "1", "--patch", "32",
@@ -227,7 +227,7 @@ def test_resume_reads_the_runs_own_config_and_refuses_changes(tmp_path: Path, vo
 def test_dead_leaves_hold_flat_regions_and_edges_at_many_scales() -> None:
     import torch
 
-    from denoised_node.model.dead_leaves import dead_leaves_volume
+    from denoised_node.model.training.dead_leaves import dead_leaves_volume
 
     gen = torch.Generator()
     gen.manual_seed(5)
@@ -247,7 +247,7 @@ def test_dead_leaves_hold_flat_regions_and_edges_at_many_scales() -> None:
 def test_the_mixture_draws_dead_leaves_and_keeps_air_dark() -> None:
     import torch
 
-    from denoised_node.model.synth import SynthConfig, Synthesizer
+    from denoised_node.model.training.synth import SynthConfig, Synthesizer
 
     maps = np.zeros((4, 40, 64, 64), dtype=np.float32)
     maps[0, :, 16:48, 16:48] = 1.0  # anatomy: one bright block
@@ -264,15 +264,15 @@ def test_the_mixture_draws_dead_leaves_and_keeps_air_dark() -> None:
 
 
 def test_tissue_ratio_tells_tissue_from_background(tmp_path: Path, volume: Path) -> None:
-    """The diagnostic of model/tissue_ratio.py on a run whose network is still the identity
+    """The diagnostic of model/training/tissue_ratio.py on a run whose network is still the identity
     (lr 0): it removes nothing, in tissue or in the background."""
-    from denoised_node.model.tissue_ratio import tissue_ratios
+    from denoised_node.model.training.tissue_ratio import tissue_ratios
 
     cfg = TrainConfig(run_dir=tmp_path / "run", name="tiny", volumes=[str(volume)], steps=1, batch_size=1,
                       patch=32, lr=0.0, warmup=1, val_every=1, holdout=8, gap=4, val_noise=(0.05,), arch=TINY,
                       threads=1, dead_leaves_prob=0.0)
     train(cfg)
-    from denoised_node.model.data import load_training_volume, volume_maps
+    from denoised_node.model.training.data import load_training_volume, volume_maps
 
     ratios = tissue_ratios(tmp_path / "run", batches=1, batch_size=2,
                            maps=volume_maps(load_training_volume(volume)))

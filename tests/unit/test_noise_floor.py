@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.pipeline import denoise_series
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.jobs.pipeline import denoise_series
 from denoised_node.model.noise import add_rician
 from denoised_node.model.noise_floor import FLOOR_KEY, noise_reading_percent, under_noise_floor
-from denoised_node.model.noise_floor_study import FloorCase, floor_from_cases
-from denoised_node.storage.series import NoNoiseToRemove
+from denoised_node.model.training.noise_floor_study import FloorCase, floor_from_cases
+from denoised_node.storage.images.series import NoNoiseToRemove
 from tests.fixtures.node_state import minimal_config
 from tests.unit.conftest import ScaledDenoiser
 

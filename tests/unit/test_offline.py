@@ -1,4 +1,4 @@
-"""`denoised-node denoise` (daemon/offline.py) with the shipped model (no network peers): DICOM
+"""`denoised-node denoise` (daemon/cli/denoise.py) with the shipped model (no network peers): DICOM
 folders and NIfTI files in, the derived series or volume out, through the gate."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 from click.testing import CliRunner
 
-from denoised_node.daemon.cli import main
-from denoised_node.storage.derive import is_own_output
+from denoised_node.daemon.cli.main import main
+from denoised_node.storage.images.derive import is_own_output
 from tests.fixtures.node_state import minimal_config
 
 

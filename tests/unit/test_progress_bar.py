@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from denoised_node.daemon.progress_bar import LineProgress, ProgressBar
+from denoised_node.daemon.cli.progress_bar import LineProgress, ProgressBar
 
 
 def test_the_bar_shows_done_of_total_and_lines_above_it() -> None:

@@ -12,7 +12,6 @@ import pytest
 from sqlalchemy import select, update
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.storage.db import make_engine, make_session_factory
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import (
@@ -34,6 +33,7 @@ from denoised_node.storage.queue import (
     renew_lease,
     transition,
 )
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
 from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
 

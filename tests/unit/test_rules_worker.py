@@ -20,17 +20,17 @@ from sqlalchemy import select
 
 from denoised_node.config.rules import NotificationSettings
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.admin import AdminError, review
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.model_pool import ModelPool
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.webhook import JobNotice, Notifier
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.model_pool import ModelPool
+from denoised_node.daemon.jobs.queries import AdminError, review
+from denoised_node.daemon.jobs.webhook import JobNotice, Notifier
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.models import Job, Series
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
 from tests.unit.conftest import ScaledDenoiser
 
@@ -261,7 +261,7 @@ def test_failed_jobs_reach_the_webhook_without_patient_data(settings_factory, mr
 
 
 def test_patient_data_only_when_allowed(mr_series, webhook_server) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.series_attributes import attributes_from_file
+    from denoised_node.daemon.jobs.series_attributes import attributes_from_file
 
     url, received, answers = webhook_server
     answers.clear()
@@ -302,10 +302,10 @@ def test_a_rule_naming_a_missing_model_fails_the_job_with_the_path(settings_fact
 
 
 def test_held_jobs_are_approved_from_the_status_page(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.http import CheckResult, Readiness
     from denoised_node.daemon.web.csrf import TOKEN_FIELD
-    from denoised_node.daemon.web.node_health import SlowChecks
+    from denoised_node.daemon.web.health_rows import SlowChecks
     from denoised_node.daemon.web.pages import StatusPages
+    from denoised_node.daemon.web.probes import CheckResult, Readiness
     from denoised_node.daemon.web.request import Request
 
     runtime, sender, worker, job = _held(settings_factory, mr_series, destinations=["test-pacs"])
@@ -348,7 +348,7 @@ def test_rules_test_reads_a_stored_series(settings_factory, mr_series) -> None: 
 
 
 def test_doctor_checks_every_model_a_rule_names(settings_factory) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.doctor import _rule_models
+    from denoised_node.daemon.cli.doctor import _rule_models
 
     settings = settings_factory(rules=json.dumps([
         {"name": "old", "model": "previous"}, {"name": "gone", "model": "/nowhere/m.safetensors"},

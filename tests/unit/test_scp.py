@@ -15,14 +15,14 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scp import start_scp
-from denoised_node.daemon.spool import Spool
-from denoised_node.daemon.status import Status
+from denoised_node.daemon.dicom.dimse_status import Status
+from denoised_node.daemon.dicom.network_options import keep_responses_for_the_caller
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.daemon.dicom.spool import Spool
 from denoised_node.storage.models import Instance, Job, JobEvent, Series
 from denoised_node.storage.queue import EventKind, enqueue
+from denoised_node.storage.runtime import Runtime, open_runtime
 
 
 @pytest.fixture

@@ -13,9 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from denoised_node.config.settings import HttpSettings, Settings, load_settings
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.doctor_security import access_check, http_check, tls_checks
-from denoised_node.daemon.http import Readiness, StatusServer
+from denoised_node.daemon.cli.doctor_security import access_check, http_check, tls_checks
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.web.endpoint import StatusServer
+from denoised_node.daemon.web.probes import Readiness
 from tests.fixtures.certificates import Credentials, TestCA
 
 
@@ -87,7 +88,7 @@ def test_an_open_scp_on_the_network_is_a_problem(
 
 def test_http_port_free_taken_or_ours(settings_factory: Callable[..., Settings],
                                       runtime) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.metrics import node_registry
+    from denoised_node.daemon.web.metrics import node_registry
 
     with socket.create_server(("127.0.0.1", 0)) as other:
         port = other.getsockname()[1]

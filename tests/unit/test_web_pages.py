@@ -19,19 +19,19 @@ from PIL import Image
 from sqlalchemy import select
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.http import CheckResult, Readiness
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scu import SendError, SendResult
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendError, SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.daemon.web.csrf import TOKEN_FIELD
-from denoised_node.daemon.web.node_health import SlowChecks
+from denoised_node.daemon.web.health_rows import SlowChecks
 from denoised_node.daemon.web.pages import StatusPages
+from denoised_node.daemon.web.probes import CheckResult, Readiness
 from denoised_node.daemon.web.request import Request, Response
-from denoised_node.daemon.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.retention import purge_series
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries, MRSeriesSpec, generate_series
