@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Literal
+from enum import StrEnum
 
 from pydantic import Field, field_validator
 
@@ -72,12 +72,20 @@ class Rule(Section):
         return _check_match(value)
 
 
+class WebhookEvent(StrEnum):
+    """What a notification says happened to a job: the message's ``event`` and the values of
+    ``[notifications] events``."""
+
+    FAILED = "failed"
+    HELD = "held"
+    GATE_REFUSED = "gate_refused"
+
+
 class NotificationSettings(Section):
     """A webhook: a JSON POST for each job that fails, is held, or is refused by the gate."""
 
     webhook_url: str | None = Field(default=None, pattern=r"^https?://")
-    events: list[Literal["failed", "held", "gate_refused"]] = Field(
-        default_factory=lambda: ["failed", "held", "gate_refused"])
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(WebhookEvent))
     # Patient name and ID, accession number and study date in the message; off: never.
     include_patient_data: bool = False
     max_attempts: int = Field(default=5, ge=1)

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from denoised_node.config.settings import PLANE_CHOICES, TTA_CHOICES, ModelSettings
-from denoised_node.model.card import resolve_checkpoint
+from denoised_node.model.card import Architecture, resolve_checkpoint
 from denoised_node.model.checkpoint import ModelCard, read_checkpoint
 from denoised_node.model.errors import (
     CheckpointMismatchError,
     DeviceUnavailableError,
     InputVolumeError,
 )
-from denoised_node.model.hyperparameters import HYPERPARAMETERS
 from denoised_node.model.network import DenoiseNet, build_network
 from denoised_node.model.noise import estimate_sigma, robust_scale
 from denoised_node.model.noise_map import noise_map
@@ -138,7 +137,7 @@ NOISE_ESTIMATORS = ("haar_mad", "noise_map")
 
 
 def uses_noise_map(net: DenoiseNet) -> bool:
-    return net.cfg.get("noise_estimator", "haar_mad") == "noise_map"
+    return Architecture.from_dict(net.cfg).noise_estimator == "noise_map"
 
 
 def noise_map_factor(net: DenoiseNet) -> float:
@@ -146,7 +145,7 @@ def noise_map_factor(net: DenoiseNet) -> float:
     channel: 1 for networks trained on the map; for 1.x weights moved onto the map (widened,
     not retrained) the factor that puts the map's reading on the scale of the Haar MAD they
     were trained with (it read 0.79-0.87x of the true sigma), chosen on validation."""
-    return float(net.cfg.get("noise_map_factor", 1.0))
+    return Architecture.from_dict(net.cfg).noise_map_factor
 
 
 def slice_timesteps(vol: np.ndarray, schedule: NoiseSchedule, scale: float = 1.0,
@@ -312,7 +311,7 @@ def _denoise_3d(
 ) -> np.ndarray:
     """3D variant: overlapping blocks along the slice axis, averaged where they overlap;
     ``local``: the noise-map channel, padded like the volume."""
-    depth = int(net.cfg.get("block_depth", HYPERPARAMETERS.block_depth))
+    depth = Architecture.from_dict(net.cfg).block_depth
     step = max(1, depth - 4)
     n = padded.shape[0]
     acc = np.zeros_like(padded)

@@ -24,7 +24,7 @@ from sqlalchemy import select
 
 from denoised_node.daemon.dicom.dimse_status import ReceiveError
 from denoised_node.daemon.dicom.receive import Receiver
-from denoised_node.storage.files import StoreError
+from denoised_node.storage.files import StoreError, sop_uid_of
 from denoised_node.storage.models import Instance
 from denoised_node.storage.retention import unindexed_files
 
@@ -43,7 +43,7 @@ def settle_unindexed(receiver: Receiver, older_than: timedelta,
     indexed = removed = left = 0
     store = receiver.store
     for relative in unindexed_files(receiver.sessions, store, older_than, now):
-        sop_uid = relative.rsplit("/", 1)[-1].removesuffix(".dcm")
+        sop_uid = sop_uid_of(relative)
         with receiver.sessions() as session:
             elsewhere = session.scalar(select(Instance.id).where(
                 Instance.sop_instance_uid == sop_uid))

@@ -18,19 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from denoised_node.config.rules import NotificationSettings
+from denoised_node.config.rules import NotificationSettings, WebhookEvent
 from denoised_node.daemon.jobs.series_attributes import SeriesAttributes
 from denoised_node.storage.queue import backoff_seconds
 
 log = logging.getLogger(__name__)
 
-EVENTS = ("failed", "held", "gate_refused")
 _PATIENT_KEYWORDS = ("PatientName", "PatientID", "AccessionNumber", "StudyDate")
 
 
 @dataclass(frozen=True)
 class JobNotice:
-    event: str  # one of EVENTS
+    event: WebhookEvent
     job_id: int
     state: str
     reason: str

@@ -22,6 +22,7 @@ from select import select as wait_readable
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from denoised_node.config.rules import WebhookEvent
 from denoised_node.config.settings import ConfigError, Destination, Settings
 from denoised_node.daemon.dicom.scu import SendError, SendResult, send_files
 from denoised_node.daemon.jobs.model_pool import ModelPool
@@ -250,7 +251,7 @@ class Worker:
         except GateFailed as exc:
             log.error("series cannot be denoised: %s", exc, extra=extra)
             self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)),
-                       event="gate_refused", model_identity=denoiser.identity,
+                       event=WebhookEvent.GATE_REFUSED, model_identity=denoiser.identity,
                        label=" ".join(exc.checks))
             return False
         except (PermanentError, SeriesError) as exc:
@@ -271,7 +272,7 @@ class Worker:
         if outcome.gate_refusal is not None:
             self._move(job, JobState.PROCESSING, JobState.HELD,
                        one_line(f"{outcome.gate_refusal}; held for review (approve or reject)"),
-                       event="gate_refused", label=" ".join(outcome.gate_checks), **values)
+                       event=WebhookEvent.GATE_REFUSED, label=" ".join(outcome.gate_checks), **values)
             return False
         if decision.review:
             self._move(job, JobState.PROCESSING, JobState.HELD,
@@ -351,7 +352,7 @@ class Worker:
         with self.sessions() as session:
             row = session.get_one(Job, job.id)
             expected, chosen = row.derived_count or 0, row.destinations
-        files = sorted(self.store.derived_dir(job.id).glob("*.dcm"))
+        files = self.store.dicom_files(self.store.derived_dir(job.id))
         if len(files) != expected:
             self._move(job, JobState.SENDING, JobState.QUEUED,
                        f"{len(files)} of {expected} derived files found; denoising again",
@@ -405,7 +406,7 @@ class Worker:
                                 min_interval=self.settings.worker.progress_interval_seconds)
 
     def _move(self, job: ClaimedJob, from_state: JobState, to_state: JobState, reason: str,
-              event: str | None = None, *, also: Callable[[Session], str] | None = None,
+              event: WebhookEvent | None = None, *, also: Callable[[Session], str] | None = None,
               **values: object) -> None:
         """Move the job; a failed or held one (or ``event``) is also sent to the webhook.
         ``also`` writes in the same transaction and returns what the reason adds."""
@@ -423,9 +424,9 @@ class Worker:
         log.log(level, "job %s: %s", to_state.value, reason,
                 extra={"job_id": job.id, "state": to_state.value})
         if event is not None or to_state in (JobState.FAILED, JobState.HELD):
-            self._notify(job, event or to_state.value, to_state, reason, values)
+            self._notify(job, event or WebhookEvent(to_state.value), to_state, reason, values)
 
-    def _notify(self, job: ClaimedJob, event: str, state: JobState, reason: str,
+    def _notify(self, job: ClaimedJob, event: WebhookEvent, state: JobState, reason: str,
                 values: dict[str, object]) -> None:
         if not self.notifier.enabled:
             return

@@ -103,12 +103,12 @@ def preview_input(session: Session, store: FileStore, series: Series, job: JobRo
     version = f"{job.updated_at.isoformat()}|{series.revision}|{series.state}"
     source = tuple(store.path(p) for p in paths)
     state = JobState(job.state)
-    refused = tuple(sorted(store.refused_dir(job.id).glob("*.dcm")))
+    refused = tuple(store.dicom_files(store.refused_dir(job.id)))
     if state == JobState.FAILED and refused:
         return PreviewInput(job.id, version, source, refused, refused=True)
     if state not in _WITH_DERIVED or not job.derived_count:
         return PreviewInput(job.id, version, source, None, _why_no_derived(job))
-    derived = tuple(sorted(store.derived_dir(job.id).glob("*.dcm")))
+    derived = tuple(store.dicom_files(store.derived_dir(job.id)))
     if len(derived) != job.derived_count:
         return PreviewInput(job.id, version, source, None,
                             f"{len(derived)} of the job's {job.derived_count} derived files "
