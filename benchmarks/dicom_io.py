@@ -166,7 +166,7 @@ def send_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Row]:
 
 def tool_versions() -> str:
     orthanc = subprocess.run(["/usr/sbin/Orthanc", "--version"], capture_output=True,
-                             text=True).stdout.splitlines()[:1]
+                             text=True, check=False).stdout.splitlines()[:1]
     dcmtk = subprocess.run(["/usr/bin/storescu", "--version"], capture_output=True,
-                           text=True).stdout.splitlines()[:1]
+                           text=True, check=False).stdout.splitlines()[:1]
     return "; ".join(orthanc + dcmtk)

@@ -56,11 +56,17 @@ def planes_by_spacing(den: Denoiser, level: float = 0.05, holdout: int = 24, gap
 
 
 def to_markdown(rows: list[SpacingRow]) -> str:
-    lines = ["| slice spacing | " + " | ".join(f"{p} plane{'s' if p > 1 else ''}" for p in PLANE_CHOICES) + " |",
-             "|---|" + "---|" * len(PLANE_CHOICES)]
+    lines = [
+        "| slice spacing | "
+        + " | ".join(f"{p} plane{'s' if p > 1 else ''}" for p in PLANE_CHOICES)
+        + " |",
+        "|---|" + "---|" * len(PLANE_CHOICES),
+    ]
     for row in rows:
         best = max(row.psnr_mask_by_planes.values())
-        cells = [f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row.psnr_mask_by_planes.values()]
+        cells = [
+            f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row.psnr_mask_by_planes.values()
+        ]
         lines.append(f"| {row.slice_spacing_mm:g} mm | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@
 
 A rule's ``match`` maps a DICOM keyword to a regular expression, searched in the attribute's
 text (multi-valued attributes joined with a backslash, an absent one reads as ""), to a
-number (equal), or to a ``[low, high]`` range (inclusive) for a number. ``CallingAETitle`` is the AE title that sent the series.
+number (equal), or to a ``[low, high]`` range (inclusive) for a number. ``CallingAETitle`` is
+the AE title that sent the series.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ class RetentionLoop(threading.Thread):
         while not self.stopping.wait(self.settings.check_minutes * 60):
             try:
                 self.run_once()
-            except Exception:  # noqa: BLE001 - retried at the next pass
+            except Exception:  # retried at the next pass
                 log.exception("retention pass failed")
 
     def stop(self) -> None:

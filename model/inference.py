@@ -81,11 +81,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise DeviceUnavailableError(f"device {device!r} was asked for but CUDA is not available on this host")
+            raise DeviceUnavailableError(
+                f"device {device!r} was asked for but CUDA is not available on this host"
+            )
         index = int(device[5:]) if device.startswith("cuda:") else 0
         if index >= torch.cuda.device_count():
             raise DeviceUnavailableError(
-                f"device {device!r} does not exist: this host has {torch.cuda.device_count()} CUDA device(s)"
+                f"device {device!r} does not exist: this host has {torch.cuda.device_count()} "
+                "CUDA device(s)"
             )
         return torch.device("cuda", index)
     raise DeviceUnavailableError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
@@ -433,6 +436,9 @@ class Denoiser:
             batch_pixels=self.batch_pixels,
         )
         logger.debug(
-            "denoised %s in %.2f s", tuple(np.shape(volume)), time.perf_counter() - t0, extra={"model": self.identity}
+            "denoised %s in %.2f s",
+            tuple(np.shape(volume)),
+            time.perf_counter() - t0,
+            extra={"model": self.identity},
         )
         return out

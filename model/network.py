@@ -131,7 +131,9 @@ class DenoiseNet(nn.Module):
         """``x``: (B, in_slices [+1 map], H, W), or (B, 1 [+1 map], D, H, W) in 3D."""
         m = self.multiple
         if x.shape[-1] % m or x.shape[-2] % m:
-            raise ValueError(f"height and width must be multiples of {m}, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"height and width must be multiples of {m}, got {tuple(x.shape[-2:])}"
+            )
         if x.shape[1] != self.input_channels:
             raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
         if self.spatial_dims == 2:
@@ -159,7 +161,11 @@ def widen_input(state: dict[str, torch.Tensor], net: DenoiseNet) -> dict[str, to
         target = own.get(name)
         if target is None or target.shape == tensor.shape or tensor.ndim < 3:
             continue
-        if target.shape[0] == tensor.shape[0] and target.shape[1] > tensor.shape[1] and target.shape[2:] == tensor.shape[2:]:
+        if (
+            target.shape[0] == tensor.shape[0]
+            and target.shape[1] > tensor.shape[1]
+            and target.shape[2:] == tensor.shape[2:]
+        ):
             grown = torch.zeros(target.shape, dtype=tensor.dtype)
             grown[:, : tensor.shape[1]] = tensor  # the map's channels come after the slices'
             out[name] = grown

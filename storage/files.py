@@ -115,7 +115,8 @@ class FileStore:
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         return InstanceUIDs(study_uid, series_uid, sop_uid).relative_path
 
-    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
+                       data: bytes) -> StoredFile:
         relative = self.instance_path(study_uid, series_uid, sop_uid)
         self.check_space(len(data))
         self.write_atomic(self.root / relative, data)

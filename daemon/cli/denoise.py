@@ -60,7 +60,7 @@ def _series_files(folder: Path) -> dict[str, list[Path]]:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True,
                                  specific_tags=["SeriesInstanceUID"])
-        except Exception:  # noqa: BLE001 - not DICOM: skipped
+        except Exception:  # noqa: BLE001, S112 - not DICOM: skipped
             continue
         uid = ds.get("SeriesInstanceUID")
         if uid:
@@ -88,7 +88,8 @@ def _denoise_dicom_folder(settings: Settings, source: Path, target: Path, denois
         try:
             outcome = denoise_series(paths, series_uid, denoiser, settings,  # type: ignore[arg-type]
                                      out_dir, utcnow(), progress=progress, plan=triage.plan,
-                                     noise_floor=triage.decision is None or triage.decision.intended_use_applies)
+                                     noise_floor=(triage.decision is None
+                                                  or triage.decision.intended_use_applies))
         except GateFailed as exc:
             raise OfflineError(f"series {series_uid}: {exc}; nothing written for it "
                                "(--no-gate writes it anyway)") from None

@@ -48,7 +48,8 @@ def _rule_models(settings: Settings) -> Iterator[Check]:
     from denoised_node.model.errors import ModelError
 
     named = {rule.model: settings.checkpoint_for(rule.model) for rule in settings.rules
-             if not rule.ignore and settings.checkpoint_for(rule.model) != settings.model.checkpoint}
+             if not rule.ignore
+             and settings.checkpoint_for(rule.model) != settings.model.checkpoint}
     for name, checkpoint in sorted(named.items()):
         try:
             card = read_card(checkpoint)

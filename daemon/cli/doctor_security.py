@@ -6,7 +6,7 @@ import errno
 import socket
 import urllib.request
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -25,7 +25,7 @@ def tls_checks(settings: Settings, now: datetime | None = None) -> Iterator[Chec
     sends = [d.name for d in settings.destinations if d.tls]
     if not tls.enabled and not sends:
         return
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if tls.enabled:
         try:
             server_context(tls)  # readable, PEM, the key matches the certificate

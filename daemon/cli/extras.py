@@ -14,7 +14,8 @@ DISTRIBUTION = "denoised-node"
 # The extras that commands need, and what for, in the error's words.
 PURPOSES = {"train": "NIfTI files, train and evaluate", "postgres": "PostgreSQL"}
 # `tqdm>=4.66; extra == "train"`, `psycopg[binary]>=3.1; extra == "postgres"`
-_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*).*;.*\bextra\s*==\s*['\"]([^'\"]+)['\"]")
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*).*;"
+                          r".*\bextra\s*==\s*['\"]([^'\"]+)['\"]")
 
 
 @cache

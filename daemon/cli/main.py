@@ -91,9 +91,11 @@ def command_error(exc: BaseException) -> CommandError | None:
         return CommandError(str(exc))
     try:
         from denoised_node.model.errors import ModelError
+
+        model_errors: tuple[type[Exception], ...] = (ModelError,)
     except ImportError:  # a plain install without the model's dependencies
-        ModelError = ()  # type: ignore[assignment,misc]  # noqa: N806
-    if ModelError and isinstance(exc, ModelError):
+        model_errors = ()
+    if isinstance(exc, model_errors):
         return CommandError(str(exc))
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         from denoised_node.daemon.cli.extras import extra_bringing, missing_error
@@ -328,7 +330,8 @@ def jobs_reject(job_id: int, config_path: Path | None, as_json: bool) -> None:
 @click.option("--series", "series_uid", default=None, help="Replay this SeriesInstanceUID.")
 @click.option("--study", "study_uid", default=None, help="Replay every series of this study.")
 @click.option("--failed", is_flag=True, help="Replay every failed job.")
-@click.option("--since", default=None, help=f"With --failed: only jobs failed since then: {SINCE_HELP}.")
+@click.option("--since", default=None,
+              help=f"With --failed: only jobs failed since then: {SINCE_HELP}.")
 def replay(config_path: Path | None, as_json: bool, job_id: int | None, series_uid: str | None,
            study_uid: str | None, failed: bool, since: str | None) -> None:
     """Queue jobs again: a failed one, a series, a study or all failed ones."""
@@ -455,7 +458,8 @@ def db_upgrade(config_path: Path | None, as_json: bool) -> None:
 @json_option
 @click.option("--checkpoint", default=None,
               help="Model to use: a checkpoint path or name (default: [model] checkpoint).")
-@click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (default: [model] device).")
+@click.option("--device", default=None,
+              help="auto | cpu | cuda | cuda:N (default: [model] device).")
 @click.option("--no-gate", is_flag=True, help="Write the result even if the safety gate fails.")
 @click.option("--override-intended-use", is_flag=True,
               help="Denoise a series outside the model card's intended use (never another "
@@ -480,7 +484,7 @@ def denoise(input_path: Path, output_path: Path, config_path: Path | None, as_js
         settings = settings.model_copy(update={"gate": settings.gate.model_copy(
             update={"enabled": False})})
     _setup_logging(settings, "WARNING")
-    bar = LineProgress("denoising", "slices", file=click.get_text_stream("stderr"))
+    bar = LineProgress("denoising", "slices", file=sys.stderr)
     try:
         message = denoise_path(settings, input_path, output_path,
                                progress=None if as_json else bar.progress,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,7 +37,8 @@ class CommandError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = ExitCode.FAILED) -> None:
         super().__init__(message)
-        self.exit_code = int(exit_code)
+        # click types exit_code as a class variable; each of these errors carries its own.
+        self.exit_code = int(exit_code)  # type: ignore[misc]
         self.as_json = False
 
     def show(self, file: Any = None) -> None:
@@ -71,7 +72,8 @@ def open_runtime_for(settings: Settings) -> Runtime:
 
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-SINCE_HELP = "an ISO date/time (UTC unless it names a zone) or a duration back from now: 30m, 1h, 2d, 1w"
+SINCE_HELP = ("an ISO date/time (UTC unless it names a zone) or a duration back from now: "
+              "30m, 1h, 2d, 1w")
 
 
 def parse_since(value: str | None, now: datetime | None = None) -> datetime | None:
@@ -80,11 +82,11 @@ def parse_since(value: str | None, now: datetime | None = None) -> datetime | No
         return None
     if duration := _DURATION.fullmatch(value.strip().lower()):
         seconds = int(duration[1]) * _UNIT_SECONDS[duration[2]]
-        return (now or datetime.now(timezone.utc)) - timedelta(seconds=seconds)
+        return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
     try:
         moment = datetime.fromisoformat(value)
     except ValueError:
         raise CommandError(f"--since {value!r} is neither an ISO date or time (2026-11-25, "
                            "2026-11-25T08:00) nor a duration (30m, 1h, 2d, 1w)",
                            ExitCode.USAGE) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

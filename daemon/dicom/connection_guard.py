@@ -303,6 +303,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def server_bind(self) -> None:
         """Take the socket bound beforehand instead of binding one."""
+        assert self.socket is not None
         self.socket.close()
         self.socket = self._listening
         self.server_address = self.socket.getsockname()
@@ -313,6 +314,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def server_close(self) -> None:
         """Close this process's descriptor only. pynetdicom's shutdown(SHUT_RDWR) would end
         the listening socket itself, for every process that shares it."""
+        assert self.socket is not None
         self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, Any]:

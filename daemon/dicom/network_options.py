@@ -36,7 +36,7 @@ class _ShortNaps(ModuleType):
 
 def shorten_reactor_naps() -> None:
     if not isinstance(pynetdicom.association.time, _ShortNaps):
-        pynetdicom.association.time = _ShortNaps("time")  # type: ignore[attr-defined]
+        pynetdicom.association.time = _ShortNaps("time")
 
 
 def make_ae(settings: Settings, ae_title: str | None = None) -> AE:

@@ -126,7 +126,7 @@ def _parse(stream: BinaryIO, size: int, limit_bytes: int | None) -> Dataset:
         ds = pydicom.dcmread(reader, force=True, defer_size=_DEFER_BYTES)
         ds.SOPInstanceUID  # noqa: B018 - make sure the core attributes convert
         ds.SOPClassUID  # noqa: B018
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many kinds on garbage
+    except Exception as exc:  # pydicom raises many kinds on garbage
         raise UnreadableDataset(f"not a readable DICOM dataset: {one_line(str(exc))}") from exc
     # A deferred value is skipped with a seek: past the end means it was cut short.
     if reader.truncated or stream.tell() > size:
@@ -264,7 +264,7 @@ class Receiver:
 
     def _receive_spooled(self, spool: Spool, context_sop_class: str | None,
                          calling_ae: str) -> Received:
-        if spool.failure is not None:  # a full disk: 0xA700 (status.py)
+        if spool.failure is not None:  # a full disk: 0xA700 (dimse_status.py)
             raise spool.failure
         if spool.too_large:
             raise InstanceTooLarge(
@@ -390,7 +390,7 @@ class Receiver:
                 connection.execute(_SERIES_ROW_LOCKED, {"row_id": series_id})
                 if connection.execute(_PATH_IN_USE, {"path": relative}).first() is None:
                     self.store.remove(relative)
-        except Exception:  # noqa: BLE001 - the instance was kept; the orphan is swept later
+        except Exception:  # the instance was kept; the orphan is swept later
             log.exception("could not remove the file an instance left behind",
                           extra={"path": relative})
 

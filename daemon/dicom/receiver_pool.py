@@ -66,9 +66,9 @@ class ReceiverPool:
         self.draining = [p for p in self.draining if p.poll() is None]
 
     def reload(self, _settings: object) -> None:
-        """A reloaded config (the new processes read it from the file): start a new receiver beside each running one at once, and ask
-        the old one to stop accepting and finish its associations (nothing is dropped, and
-        the sockets always have a process accepting)."""
+        """A reloaded config (the new processes read it from the file): start a new receiver
+        beside each running one at once, and ask the old one to stop accepting and finish its
+        associations (nothing is dropped, and the sockets always have a process accepting)."""
         for receiver in self.receivers:
             old = receiver.process
             if old is None or old.poll() is not None:

@@ -2,9 +2,9 @@
 SOP classes) in every transfer syntax, with handlers bound to the receiver they need.
 
 It listens on node.port, on tls.port with DICOM TLS, or on both; every connection is guarded
-(connection_guard.py: timeouts, slots shared fairly across addresses), every association checked against the
-access policy (access.py), and every C-STORE dataset written to a file as it arrives
-(spool.py)."""
+(connection_guard.py: timeouts, slots shared fairly across addresses), every association
+checked against the access policy (access.py), and every C-STORE dataset written to a file as
+it arrives (spool.py)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def handle_store(event: Any, receiver: Receiver, tracker: DeliveryTracker,
         else:  # an association the spooler was not attached to: pynetdicom's bytes
             data = event.encoded_dataset(include_meta=True)
             received, size = receiver.receive(data, context_sop_class, calling), len(data)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes a DIMSE status, never success
+    except Exception as exc:  # every failure becomes a DIMSE status, never success
         counts.instance("refused")
         status = status_for(exc)
         level = logging.ERROR if status == Status.PROCESSING_FAILURE else logging.WARNING
@@ -134,7 +134,7 @@ def handle_released(event: Any, receiver: Receiver, tracker: DeliveryTracker) ->
     delivery = tracker.pop(event.assoc)
     try:
         receiver.mark_released(delivery.stored)
-    except Exception:  # noqa: BLE001 - only an early-completion hint; idle completion remains
+    except Exception:  # only an early-completion hint; idle completion remains
         log.exception("could not record the association release")
     _note_duplicates(event, receiver, delivery)
 
@@ -149,7 +149,7 @@ def _note_duplicates(event: Any, receiver: Receiver, delivery: Delivery) -> None
                            if not delivery.stored[series_id]})
     try:
         receiver.note_duplicates(resent_only, str(event.assoc.requestor.ae_title).strip())
-    except Exception:  # noqa: BLE001 - a note for the admin; the instances are kept
+    except Exception:  # a note for the admin; the instances are kept
         log.exception("could not record a duplicate delivery")
 
 
@@ -158,7 +158,8 @@ def build_ae(settings: Settings) -> AE:
     ae = make_ae(settings)
     ae.require_called_aet = True  # also checked by the access policy, which logs it
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:  # every one of pynetdicom's has its SOP class
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification)
     return ae
 
@@ -270,12 +271,12 @@ def _make_server(ae: AE, settings: Settings, transport: str, listening: socket.s
                  guard: ConnectionGuard) -> ThreadedAssociationServer:
     address = listening.getsockname()[:2]
     if transport == TLS:
-        return ae.make_server(address, evt_handlers=handlers,  # type: ignore[no-any-return]
+        return ae.make_server(address, evt_handlers=handlers,
                               server_class=TLSAssociationServer, tls_context=tls_context,
                               handshake_timeout=settings.node.handshake_timeout,
                               on_handshake_failure=lambda: counts.association(
                                   "handshake_failed", TLS), guard=guard, transport=TLS,
                               listening=listening, shared=shared)
-    return ae.make_server(address, evt_handlers=handlers,  # type: ignore[return-value]
+    return ae.make_server(address, evt_handlers=handlers,
                           server_class=GuardedAssociationServer, guard=guard,
                           transport=PLAIN, listening=listening, shared=shared)

@@ -203,7 +203,7 @@ def _contexts_for(kinds: Sequence[tuple[str, str]]) -> list[tuple[str, list[str]
 def _converted(path: Path) -> pydicom.Dataset:
     """A file whose own transfer syntax was not accepted: decoded (and decompressed), for
     pynetdicom to encode in an accepted one. A file sent as it is goes from the disk in
-    chunks, never decoded (dicom_network.make_ae)."""
+    chunks, never decoded (network_options.make_ae)."""
     ds = pydicom.dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         ds.decompress()

@@ -169,7 +169,7 @@ def _decode_msg(self: DIMSEMessage, primitive: P_DATA, assoc: Any = None) -> boo
         if held > MESSAGE_MEMORY_LIMIT:
             _abort_unbounded(self, assoc, held)
             return False
-        self._held_in_memory = held
+        self._held_in_memory = held  # type: ignore[attr-defined]  # kept on pynetdicom's message
         single = P_DATA()
         single.presentation_data_value_list = [[context_id, bytes(data)]]  # type: ignore[list-item]
         if _pynetdicom_decode(self, single, assoc):
@@ -186,7 +186,7 @@ def _abort_unbounded(message: DIMSEMessage, assoc: Any, held: int) -> None:
     invalid PDU: A-ABORT, then the connection closes); what else arrives is ignored."""
     message.encoded_command_set = BytesIO()
     message.data_set = BytesIO()
-    message._held_in_memory = 0
+    message._held_in_memory = 0  # type: ignore[attr-defined]
     sock = assoc.dul.socket
     reason = (f"{held} bytes of P-DATA with no whole command (a command set is small; "
               f"at most {MESSAGE_MEMORY_LIMIT} are held); association aborted")

@@ -49,7 +49,8 @@ def client_context(tls: TLSSettings, destination: Destination) -> ssl.SSLContext
     return context
 
 
-def client_tls_args(tls: TLSSettings, destination: Destination) -> tuple[ssl.SSLContext, str] | None:
+def client_tls_args(tls: TLSSettings,
+                    destination: Destination) -> tuple[ssl.SSLContext, str] | None:
     """pynetdicom's ``tls_args`` for an association to ``destination`` (None: no TLS)."""
     if not destination.tls:
         return None

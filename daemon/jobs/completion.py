@@ -156,7 +156,7 @@ class CompletionLoop(threading.Thread):
                 due = next_due(self.sessions, self.settings, now)
                 wait = self.idle_wait if due is None else min(
                     self.idle_wait, max(self.interval, (due - now).total_seconds()))
-            except Exception:  # noqa: BLE001 - a database hiccup must not end completion
+            except Exception:  # a database hiccup must not end completion
                 log.exception("completion pass failed; retrying")
                 wait = 2.0
             poked = self._poked.wait(wait)

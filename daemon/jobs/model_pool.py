@@ -7,13 +7,17 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 log = logging.getLogger(__name__)
 
 
 class PooledModel(Protocol):
-    identity: str
+    @property
+    def identity(self) -> str: ...
+
+
+Model = TypeVar("Model", bound=PooledModel)
 
 
 def _size(model: PooledModel) -> int:
@@ -21,18 +25,18 @@ def _size(model: PooledModel) -> int:
     return int(getattr(model, "weight_bytes", 0))
 
 
-class ModelPool:
-    def __init__(self, load: Callable[[str], PooledModel], budget_bytes: int) -> None:
+class ModelPool(Generic[Model]):
+    def __init__(self, load: Callable[[str], Model], budget_bytes: int) -> None:
         self._load = load
         self.budget_bytes = budget_bytes
-        self._loaded: OrderedDict[str, PooledModel] = OrderedDict()
+        self._loaded: OrderedDict[str, Model] = OrderedDict()
 
-    def add(self, checkpoint: str, model: PooledModel) -> None:
+    def add(self, checkpoint: str, model: Model) -> None:
         """Keep an already loaded model (the worker's default, loaded at start)."""
         self._loaded[checkpoint] = model
         self._loaded.move_to_end(checkpoint)
 
-    def get(self, checkpoint: str) -> PooledModel:
+    def get(self, checkpoint: str) -> Model:
         """The model for ``checkpoint``, loading it if needed (its errors propagate)."""
         model = self._loaded.get(checkpoint)
         if model is None:

@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 
 class Denoises(Protocol):
-    identity: str
-    card: Any
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def card(self) -> Any: ...
 
     def denoise(self, volume: np.ndarray,
                 progress: Callable[[int, int], None] | None = None,

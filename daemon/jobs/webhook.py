@@ -58,8 +58,8 @@ Post = Callable[[str, bytes, dict[str, str], float], int]
 
 
 def post_json(url: str, data: bytes, headers: dict[str, str], timeout: float) -> int:
-    request = urllib.request.Request(url, data=data, headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - http(s) only (schema)
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST")  # noqa: S310 - http(s) only
+    with urllib.request.urlopen(request, timeout=timeout) as answer:  # noqa: S310 - the schema allows http(s) only
         return int(answer.status)
 
 

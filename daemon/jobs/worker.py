@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from select import select as wait_readable
+from typing import Any, Protocol, Self
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -41,6 +42,7 @@ from denoised_node.storage.progress import ProgressRecorder
 from denoised_node.storage.queue import (
     STAGES,
     ClaimedJob,
+    Columns,
     JobState,
     SendOutcome,
     StaleState,
@@ -59,9 +61,11 @@ from denoised_node.storage.superseded import note_superseded
 
 log = logging.getLogger(__name__)
 
-# send_files's shape: settings, destination, files and progress(sent, total) or None.
-Sender = Callable[[Settings, Destination, Sequence[Path], Callable[[int, int], None] | None],
-                  SendResult]
+class Sender(Protocol):
+    """send_files's shape: settings, destination, files and progress(sent, total) or None."""
+
+    def __call__(self, settings: Settings, destination: Destination, files: Sequence[Path],
+                 progress: Callable[[int, int], None] | None = None) -> SendResult: ...
 
 
 class StopNow(BaseException):
@@ -83,7 +87,7 @@ class LeaseKeeper:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job.id}", daemon=True)
 
-    def __enter__(self) -> LeaseKeeper:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -99,7 +103,7 @@ class LeaseKeeper:
                               extra={"job_id": self.job.id})
                     self.lost.set()
                     return
-            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack
+            except Exception:  # a missed beat is retried; the lease has slack
                 log.exception("lease renewal failed", extra={"job_id": self.job.id})
 
 
@@ -119,7 +123,8 @@ class Worker:
     def __init__(self, settings: Settings, sessions: SessionFactory, store: FileStore,
                  denoiser: Denoises, *, worker_id: str | None = None,
                  sender: Sender = send_files, on_idle: Callable[[], None] | None = None,
-                 models: ModelPool | None = None, notifier: Notifier | None = None) -> None:
+                 models: ModelPool[Denoises] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.sessions = sessions
         self.store = store
@@ -140,7 +145,7 @@ class Worker:
         self.heartbeat = Heartbeat()
         self.on_idle = on_idle or self.heartbeat.beat  # called once per loop pass
         self.stop_requested = threading.Event()
-        # Wakes the idle wait: a stop, or serve saying it queued a job (SIGUSR1, see cli.py).
+        # Wakes the idle wait: a stop, or serve saying it queued a job (SIGUSR1, see cli/main.py).
         self.waker = Waker()
         self.current: ClaimedJob | None = None
 
@@ -154,8 +159,7 @@ class Worker:
         self.heartbeat.ready(f"model {self.denoiser.identity} loaded")
         try:
             while not self.stop_requested.is_set():
-                if self.on_idle:
-                    self.on_idle()
+                self.on_idle()
                 release_expired_leases(self.sessions, attempt_limits(self.settings))
                 job = claim(self.sessions, self.worker_id, self.settings.worker.lease_seconds)
                 if job is None:
@@ -258,21 +262,22 @@ class Worker:
             log.error("series cannot be denoised: %s", exc, extra=extra)
             self._move(job, JobState.PROCESSING, JobState.FAILED, one_line(str(exc)))
             return False
-        except Exception as exc:  # noqa: BLE001 - out of memory, CUDA, disk: worth a retry
+        except Exception as exc:  # out of memory, CUDA, disk: worth a retry
             log.exception("processing failed", extra=extra)
             self._retry_or_fail(job, describe_error(exc))
             return False
         seconds = time.monotonic() - started
         summary = (f"{len(outcome.files)} derived instance(s) in {seconds:.1f} s "
                    f"({outcome.describe_seconds()}){_skipped_note(outcome.skipped)}")
-        values: dict[str, object] = {
+        values: Columns = {
             "derived_series_uid": outcome.derived_series_uid,
             "derived_count": len(outcome.files), "model_identity": denoiser.identity,
             "rule_name": rule_name, "destinations": json.dumps(list(decision.destinations))}
         if outcome.gate_refusal is not None:
             self._move(job, JobState.PROCESSING, JobState.HELD,
                        one_line(f"{outcome.gate_refusal}; held for review (approve or reject)"),
-                       event=WebhookEvent.GATE_REFUSED, label=" ".join(outcome.gate_checks), **values)
+                       event=WebhookEvent.GATE_REFUSED, label=" ".join(outcome.gate_checks),
+                       **values)
             return False
         if decision.review:
             self._move(job, JobState.PROCESSING, JobState.HELD,
@@ -407,7 +412,7 @@ class Worker:
 
     def _move(self, job: ClaimedJob, from_state: JobState, to_state: JobState, reason: str,
               event: WebhookEvent | None = None, *, also: Callable[[Session], str] | None = None,
-              **values: object) -> None:
+              **values: Any) -> None:
         """Move the job; a failed or held one (or ``event``) is also sent to the webhook.
         ``also`` writes in the same transaction and returns what the reason adds."""
         try:
@@ -427,7 +432,7 @@ class Worker:
             self._notify(job, event or WebhookEvent(to_state.value), to_state, reason, values)
 
     def _notify(self, job: ClaimedJob, event: WebhookEvent, state: JobState, reason: str,
-                values: dict[str, object]) -> None:
+                values: Columns) -> None:
         if not self.notifier.enabled:
             return
         with self.sessions() as session:
@@ -450,7 +455,7 @@ class Worker:
         except StaleState:
             log.error("job was taken over while in hand (lease lost); not released",
                       extra={"job_id": job.id})
-        except Exception:  # noqa: BLE001 - the lease expires anyway
+        except Exception:  # the lease expires anyway
             log.exception("could not release the job in hand", extra={"job_id": job.id})
         self.current = None
 

@@ -84,7 +84,8 @@ def spawn(command: list[str], *, notify_socket: str | None = None,
         env.pop(name, None)
     if notify_socket:
         env[NOTIFY_SOCKET] = notify_socket
-    return subprocess.Popen(command, preexec_fn=_die_with_parent, env=env,
+    # preexec_fn only calls prctl (async-signal-safe), so serve's threads cannot deadlock it.
+    return subprocess.Popen(command, preexec_fn=_die_with_parent, env=env,  # noqa: PLW1509
                             pass_fds=tuple(pass_fds))
 
 

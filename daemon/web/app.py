@@ -83,7 +83,8 @@ class HttpApp:
         if method == "POST":
             length = str(environ.get("CONTENT_LENGTH") or "0")
             if not length.isdigit() or int(length) > MAX_FORM_BYTES:
-                return Response.text(413, f"a form of at most {MAX_FORM_BYTES // 1024} KiB, with its Content-Length")
+                return Response.text(413, f"a form of at most {MAX_FORM_BYTES // 1024} KiB, "
+                                          "with its Content-Length")
             body = environ["wsgi.input"].read(int(length))
         target = path + (f"?{query}" if (query := environ.get("QUERY_STRING")) else "")
         return self.pages.handle(Request.build(method, target, headers, body, verdict.user))

@@ -122,7 +122,7 @@ class StatusPages:
                 return view(request, **match.groupdict())
             except AdminError as exc:  # NotFound included
                 return self._message(404, "Not found", str(exc))
-            except Exception:  # noqa: BLE001 - one broken page must not look like a dead node
+            except Exception:  # one broken page must not look like a dead node
                 log.exception("status page failed", extra={"path": request.path})
                 return self._message(500, "Error", "This page failed; the node's log says why.")
         if allowed:

@@ -18,7 +18,7 @@ class CheckResult:
     detail: str
 
 
-# A health or readiness probe: a quick call that says ok or not, and why (doctor.Check is the
+# A health or readiness probe: a quick call that says ok or not, and why (doctor_check.Check is the
 # slower, fuller finding `denoised-node doctor` prints).
 Probe = Callable[[], CheckResult]
 

@@ -53,7 +53,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _RoutineAtDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
+class _RoutineAtDebug(logging.LoggerAdapter):
     """A channel logs one thing at INFO: a client that went away mid-answer (a closed tab),
     which is routine."""
 
@@ -61,7 +61,7 @@ class _RoutineAtDebug(logging.LoggerAdapter):  # type: ignore[type-arg]
         self.debug(msg, *args, **kwargs)
 
 
-class _Channel(HTTPChannel):  # type: ignore[misc]
+class _Channel(HTTPChannel):
     logger = _RoutineAtDebug(logging.getLogger("waitress"))
 
 
@@ -70,7 +70,7 @@ def _idle(channel: HTTPChannel) -> bool:
     return not (channel.requests or channel.total_outbufs_len or channel.close_when_flushed)
 
 
-class CappedServer(TcpWSGIServer):  # type: ignore[misc]
+class CappedServer(TcpWSGIServer):
     """waitress's TCP server on a bound socket, with the connection policy above."""
 
     channel_class = _Channel

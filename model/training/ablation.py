@@ -13,8 +13,8 @@ SSIM in the mask, HFEN and the inserted lesions' kept contrast):
   channel (DRUNet-style), about as many parameters.
 
 ``denoised-node evaluate --ablation --out-dir runs/ablation --steps 800 --seeds 1,2`` (or
-``python -m denoised_node.model.training.ablation``) writes ``ablation.json`` and ``ablation.md``; a run
-already in the folder (trained, or scored) is reused.
+``python -m denoised_node.model.training.ablation``) writes ``ablation.json`` and
+``ablation.md``; a run already in the folder (trained, or scored) is reused.
 """
 
 from __future__ import annotations
@@ -52,13 +52,28 @@ def run(out_dir: Path, steps: int, seeds: list[int], batch_size: int, patch: int
     for seed, (name, arch) in ((s, v) for s in seeds for v in chosen.items()):
         run_dir = out_dir / f"{name}-s{seed}"
         metrics_path = run_dir / "metrics.jsonl"
-        if not (metrics_path.exists() and json.loads(metrics_path.read_text().splitlines()[-1])["step"] >= steps):
+        if not (
+            metrics_path.exists()
+            and json.loads(metrics_path.read_text().splitlines()[-1])["step"] >= steps
+        ):
             setup_run_logging(run_dir)
-            cfg = TrainConfig(run_dir=run_dir, kind=arch["kind"], name=f"ablation-{name}", steps=steps,
-                              batch_size=batch_size, patch=patch, lr=1e-3, warmup=max(1, steps // 10),
-                              seed=seed, threads=threads, val_every=steps, arch=arch,
-                              device=device,
-                              command=f"python -m denoised_node.model.training.ablation (variant {name}, seed {seed})")
+            cfg = TrainConfig(
+                run_dir=run_dir,
+                kind=arch["kind"],
+                name=f"ablation-{name}",
+                steps=steps,
+                batch_size=batch_size,
+                patch=patch,
+                lr=1e-3,
+                warmup=max(1, steps // 10),
+                seed=seed,
+                threads=threads,
+                val_every=steps,
+                arch=arch,
+                device=device,
+                command=f"python -m denoised_node.model.training.ablation (variant {name}, seed "
+                        f"{seed})",
+            )
             train(cfg, resume=(run_dir / "state.pt").exists())
         last = json.loads(metrics_path.read_text().splitlines()[-1])
         results.setdefault(name, {"parameters": count_parameters(build_network(arch)), "runs": []})
@@ -107,9 +122,19 @@ def _noisy_families(out_dir: Path) -> dict[str, float]:
 
 
 def to_markdown(results: dict[str, Any], steps: int) -> str:
-    keys = sorted({k for r in results.values() for run in r["runs"] for k in run if k.startswith("psnr_mask_")},
-                  key=lambda k: (k != "psnr_mask_mean", k))
-    head = "| variant | parameters | " + " | ".join(k.removeprefix("psnr_mask_") for k in keys) + " |"
+    keys = sorted(
+        {
+            k
+            for r in results.values()
+            for run in r["runs"]
+            for k in run
+            if k.startswith("psnr_mask_")
+        },
+        key=lambda k: (k != "psnr_mask_mean", k),
+    )
+    head = (
+        "| variant | parameters | " + " | ".join(k.removeprefix("psnr_mask_") for k in keys) + " |"
+    )
     lines = [f"Validation PSNR in the mask (dB), mean ± spread over seeds, {steps} steps each.", "",
              head, "|---|---|" + "---|" * len(keys)]
     for name, r in results.items():
@@ -127,8 +152,8 @@ def _families_markdown(results: dict[str, Any]) -> str:
     keys = ["psnr_mask", "ssim_mask", "hfen", "lesion_contrast"]
     families = sorted({k for r in results.values() for run in r["runs"]
                        for k in run.get("families", {}) if k.startswith("psnr_")} - {"psnr_mask"})
-    lines = ["Held-out families (test data), mean over every case, ± spread over seeds "
-             "(HFEN: lower is better; lesion contrast: 1 keeps all of it).", "",
+    lines = [("Held-out families (test data), mean over every case, ± spread over seeds "
+              "(HFEN: lower is better; lesion contrast: 1 keeps all of it)."), "",
              "| variant | PSNR | SSIM | HFEN | lesion contrast | "
              + " | ".join(f.removeprefix("psnr_") for f in families) + " |",
              "|---|---|---|---|---|" + "---|" * len(families)]
@@ -145,7 +170,9 @@ def _families_markdown(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out-dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", default="1,2")

@@ -11,7 +11,12 @@ def nlm_denoise(noisy: np.ndarray, sigma: float, h_factor: float) -> np.ndarray:
     from skimage.restoration import denoise_nl_means
 
     return np.stack(
-        [denoise_nl_means(s, h=h_factor * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True) for s in noisy]
+        [
+            denoise_nl_means(
+                s, h=h_factor * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True
+            )
+            for s in noisy
+        ]
     ).astype(np.float32)
 
 

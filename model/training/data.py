@@ -72,10 +72,14 @@ NIMARE_SCALP = "resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"
 INIA19_T1 = Path("/usr/share/mricron/templates/inia19-t1-brain.nii.gz")
 NAMED_VOLUMES = {
     "mni152-t1": "nilearn's MNI152 2009c T1 template and tissue maps, 1 mm, brain only (BSD-3)",
-    "mni152-scalp": ("FSL MNI152NLin6Asym T1 with scalp and neck, 1 mm, from the nimare wheel "
-                     "(`pip install --no-deps nimare`; MIT)"),
-    "inia19-macaque": ("INIA19 macaque T1 template, 0.5 mm voxels read as a 1 mm grid, from "
-                       "Debian's mricron-data (`apt-get install mricron-data`; see its debian/copyright)"),
+    "mni152-scalp": (
+        "FSL MNI152NLin6Asym T1 with scalp and neck, 1 mm, from the nimare wheel "
+        "(`pip install --no-deps nimare`; MIT)"
+    ),
+    "inia19-macaque": (
+        "INIA19 macaque T1 template, 0.5 mm voxels read as a 1 mm grid, from "
+        "Debian's mricron-data (`apt-get install mricron-data`; see its debian/copyright)"
+    ),
 }
 
 
@@ -154,7 +158,9 @@ def load_pair(noisy_path: str | Path, clean_path: str | Path) -> tuple[np.ndarra
     """A real noisy/clean pair (same grid), both divided by the clean maximum."""
     noisy, clean = load_raw(noisy_path), load_raw(clean_path)
     if noisy.shape != clean.shape:
-        raise ValueError(f"{noisy_path} {noisy.shape} and {clean_path} {clean.shape} are not on the same grid")
+        raise ValueError(
+            f"{noisy_path} {noisy.shape} and {clean_path} {clean.shape} are not on the same grid"
+        )
     peak = float(clean.max())
     if peak <= 0:
         raise ValueError(f"{clean_path} is empty (all zero)")
@@ -260,7 +266,9 @@ class PatchSampler:
         """``noisy_blocks`` (real noisy data on the grid of ``blocks``) replaces simulated noise."""
         if not blocks:
             raise ValueError("no training data: every volume is too small for the held-out split")
-        if noisy_blocks is not None and [b.shape for b in noisy_blocks] != [b.shape for b in blocks]:
+        if noisy_blocks is not None and [b.shape for b in noisy_blocks] != [
+            b.shape for b in blocks
+        ]:
             raise ValueError("noisy and clean training blocks differ in shape")
         self.blocks = blocks
         self.noisy_blocks = noisy_blocks
@@ -310,7 +318,9 @@ class PatchSampler:
         scale *= float(rng.uniform(1 - cfg.scale_jitter, 1 + cfg.scale_jitter))
         sigma = float(rng.uniform(*cfg.sigma_range)) if real_noisy is None else float("nan")
         # The estimate sees the whole noisy centre slice, as at inference.
-        centre_noisy = add_rician(slab[half], sigma, rng) if real_noisy is None else real_noisy[half]
+        centre_noisy = (
+            add_rician(slab[half], sigma, rng) if real_noisy is None else real_noisy[half]
+        )
         sigma_hat = estimate_sigma(centre_noisy)
         p = cfg.patch
         h, w = slab.shape[1:]
@@ -330,7 +340,12 @@ class PatchSampler:
             noisy, clean = noisy[:, :, ::-1], clean[:, :, ::-1]
         if rng.random() < 0.5:  # through-plane flip
             noisy, clean = noisy[::-1], clean[::-1]
-        return (noisy / scale).astype(np.float32), (clean[half : half + 1] / scale).astype(np.float32), sigma_hat / scale, sigma
+        return (
+            (noisy / scale).astype(np.float32),
+            (clean[half : half + 1] / scale).astype(np.float32),
+            sigma_hat / scale,
+            sigma,
+        )
 
     def batch(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         items = [self.sample() for _ in range(n)]

@@ -44,7 +44,6 @@ def dead_leaves_volume(gen: torch.Generator, device: torch.device,
                        shape: tuple[int, int, int] = DEFAULT_SHAPE, shapes: int = 260,
                        r_min: float = 1.5, r_max: float = 70.0) -> torch.Tensor:
     """One volume (D, H, W) in [0, 1] on a 1 mm grid; later shapes occlude earlier ones."""
-    d, h, w = shape
     background = float(_rand(gen, device, 1)) * 0.3
     vol = torch.full(shape, background, device=device)
     coords = [torch.arange(n, device=device, dtype=torch.float32) for n in shape]
@@ -55,12 +54,16 @@ def dead_leaves_volume(gen: torch.Generator, device: torch.device,
         centre = _rand(gen, device, 3) * (size + 2 * r * 0.5) - r * 0.5
         # Bounding box of the shape (with margin for a soft edge), clipped to the volume.
         ext = 1.2 * r + 4.0
-        lo = [max(0, int(math.floor(float(centre[i]) - ext))) for i in range(3)]
-        hi = [min(shape[i], int(math.ceil(float(centre[i]) + ext)) + 1) for i in range(3)]
+        lo = [max(0, math.floor(float(centre[i]) - ext)) for i in range(3)]
+        hi = [min(shape[i], math.ceil(float(centre[i]) + ext) + 1) for i in range(3)]
         if any(hi[i] <= lo[i] for i in range(3)):
             continue
-        z, y, x = torch.meshgrid(coords[0][lo[0]:hi[0]], coords[1][lo[1]:hi[1]], coords[2][lo[2]:hi[2]],
-                                 indexing="ij")
+        z, y, x = torch.meshgrid(
+            coords[0][lo[0] : hi[0]],
+            coords[1][lo[1] : hi[1]],
+            coords[2][lo[2] : hi[2]],
+            indexing="ij",
+        )
         rel = torch.stack([z, y, x], dim=-1) - centre  # (..., 3)
         rot = _rotation(gen, device)
         local = rel @ rot  # coordinates in the shape's own frame
@@ -77,7 +80,9 @@ def dead_leaves_volume(gen: torch.Generator, device: torch.device,
             dist = r * (0.5 + 0.5 * _rand(gen, device, faces))
             sdf = (local @ normals.T - dist).amax(dim=-1)
             sdf = torch.maximum(sdf, local.norm(dim=-1) - 1.2 * r + 3.0)  # bounded, inside the box
-        soft = 0.25 if float(_rand(gen, device, 1)) < 0.5 else 0.5 + 2.5 * float(_rand(gen, device, 1))
+        soft = (
+            0.25 if float(_rand(gen, device, 1)) < 0.5 else 0.5 + 2.5 * float(_rand(gen, device, 1))
+        )
         alpha = torch.sigmoid(-sdf / soft)
         value = 0.05 + 0.95 * float(_rand(gen, device, 1))
         if float(_rand(gen, device, 1)) < 0.6:  # shaded: a linear ramp across the shape

@@ -159,7 +159,10 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None,
                     ckey = f"{cname}/{level}/{cfg.holdout}/{cfg.gap}/{seed}/{method}"
                     if method in ("nlm", "bm4d") and ckey in cache:
                         rows.append(cache[ckey])
-                        echo(f"{cname} {level:.0%} seed {seed} {method:8s} (cached) psnr_mask {cache[ckey]['psnr_mask']:.2f}")
+                        echo(
+                            f"{cname} {level:.0%} seed {seed} {method:8s} (cached) psnr_mask "
+                            f"{cache[ckey]['psnr_mask']:.2f}"
+                        )
                         one_done()
                         continue
                     t0 = time.perf_counter()
@@ -168,7 +171,9 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None,
                     elif method == "nlm":
                         out = nlm_denoise(noisy, sigma, tuned["nlm_h_factor"])
                     elif method == "bm4d":
-                        out = _rician_correct(bm4d_denoise(noisy, sigma), sigma, tuned["bm4d_correction"])
+                        out = _rician_correct(
+                            bm4d_denoise(noisy, sigma), sigma, tuned["bm4d_correction"]
+                        )
                     else:
                         out = models[method].denoise(noisy, spacing=MNI_SPACING)
                     seconds = (time.perf_counter() - t0) / noisy.shape[0]
@@ -181,9 +186,17 @@ def evaluate(cfg: EvalConfig, echo: Callable[[str], None] = lambda s: None,
                     if method in ("nlm", "bm4d"):
                         cache[ckey] = row
                         cache_path.write_text(json.dumps(cache, indent=0, default=float))
-                    echo(f"{cname} {level:.0%} seed {seed} {method:8s} psnr_mask {row['psnr_mask']:.2f} "
-                         f"ssim_mask {row['ssim_mask']:.4f} hfen {row['hfen']:.4f} {seconds:.3f} s/slice")
-                    if cname == "t1" and seed == cfg.seeds[0] and abs(level - cfg.figure_level) < 1e-9:
+                    echo(
+                        f"{cname} {level:.0%} seed {seed} {method:8s} psnr_mask "
+                        f"{row['psnr_mask']:.2f} "
+                        f"ssim_mask {row['ssim_mask']:.4f} hfen {row['hfen']:.4f} {seconds:.3f} "
+                        "s/slice"
+                    )
+                    if (
+                        cname == "t1"
+                        and seed == cfg.seeds[0]
+                        and abs(level - cfg.figure_level) < 1e-9
+                    ):
                         figure_data[method] = out[case.inner]
                         figure_data["clean"] = case.clean[case.inner]
     summary = summarise(rows)
@@ -215,7 +228,12 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["contrast"], r["level"], r["method"]), []).append(r)
     out = []
     for (contrast, level, method), rs in groups.items():
-        entry: dict[str, Any] = {"contrast": contrast, "level": level, "method": method, "n": len(rs)}
+        entry: dict[str, Any] = {
+            "contrast": contrast,
+            "level": level,
+            "method": method,
+            "n": len(rs),
+        }
         for k in keys:
             vals = np.array([r[k] for r in rs], dtype=np.float64)
             entry[k] = float(vals.mean())
@@ -239,14 +257,32 @@ def to_markdown(summary: list[dict[str, Any]], methods: tuple[str, ...]) -> str:
             for level in levels:
                 cells = []
                 for m in methods:
-                    s = next((x for x in summary if x["contrast"] == contrast and x["level"] == level and x["method"] == m), None)
+                    s = next(
+                        (
+                            x
+                            for x in summary
+                            if x["contrast"] == contrast
+                            and x["level"] == level
+                            and x["method"] == m
+                        ),
+                        None,
+                    )
                     cells.append(fmt.format(s[metric], s[metric + "_std"]) if s else "")
                 lines.append(f"| {level:.0%} | " + " | ".join(cells) + " |")
             lines.append("")
-        lines += [f"### {contrast}: seconds per slice", "", "| " + " | ".join(methods) + " |", "|" + "---|" * len(methods)]
+        lines += [
+            f"### {contrast}: seconds per slice",
+            "",
+            "| " + " | ".join(methods) + " |",
+            "|" + "---|" * len(methods),
+        ]
         secs = []
         for m in methods:
-            vals = [x["seconds_per_slice"] for x in summary if x["contrast"] == contrast and x["method"] == m]
+            vals = [
+                x["seconds_per_slice"]
+                for x in summary
+                if x["contrast"] == contrast and x["method"] == m
+            ]
             secs.append(f"{np.mean(vals):.3f}" if vals else "")
         lines += ["| " + " | ".join(secs) + " |", ""]
     return "\n".join(lines)
@@ -261,8 +297,13 @@ def write_figure(data: dict[str, np.ndarray], path: Path, level: float) -> None:
     k = data["clean"].shape[0] // 2
     clean, noisy, ours = data["clean"][k], data["noisy"][k], data["ours"][k]
     vmax = float(np.percentile(clean, 99.5))
-    panels = [("noisy", noisy, vmax), ("ours", ours, vmax), ("clean", clean, vmax),
-              ("residual (noisy - ours)", noisy - ours, None), ("error x5 (ours - clean)", 5 * (ours - clean), None)]
+    panels = [
+        ("noisy", noisy, vmax),
+        ("ours", ours, vmax),
+        ("clean", clean, vmax),
+        ("residual (noisy - ours)", noisy - ours, None),
+        ("error x5 (ours - clean)", 5 * (ours - clean), None),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
     for ax, (title, img, vm) in zip(axes, panels):
         if vm is None:
@@ -307,9 +348,13 @@ def evaluate_families_cli(cfg: EvalConfig, gate: Any, compare: str | None,
     models: dict[str, Denoiser] = {}
     if compare:
         try:
-            models["previous"] = Denoiser.load(compare, device=cfg.device, tta=cfg.tta, planes=cfg.planes)
+            models["previous"] = Denoiser.load(
+                compare, device=cfg.device, tta=cfg.tta, planes=cfg.planes
+            )
         except CheckpointNotFoundError as exc:
             echo(f"left out the previous model: {exc}")
-    models["ours"] = Denoiser.load(cfg.checkpoint, device=cfg.device, tta=cfg.tta, planes=cfg.planes)
+    models["ours"] = Denoiser.load(
+        cfg.checkpoint, device=cfg.device, tta=cfg.tta, planes=cfg.planes
+    )
     return evaluate_families(models, out_dir, gate, nlm_h, echo=echo, progress=progress,
                              with_bm4d=bool(cfg.extra.get("bm4d")))

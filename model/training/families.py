@@ -4,18 +4,23 @@ Every family is built from data no training run samples and no decision looks at
 test slab and its gaps, a real scan from a package, a texture generator training does not
 use); thresholds, checkpoints and NLM's strength are chosen on validation data elsewhere.
 
-| family | what it is |
-|---|---|
-| t1, t2like | the MNI152 test slab (T1, and the T2-like contrast from its tissue maps), Rician |
-| thick-5mm | the slab and its gaps averaged into 5 mm slices (a thick 2D series), Rician |
-| chi8, corr2x, gfactor, zeroed | the T1 slab at 5 %: 8-coil sum-of-squares, 2x zero-filled k-space, a 0.6-1.6x g-factor map, a vendor-zeroed background |
-| lesions | the T1 slab with 24 small Gaussian lesions (+-20 % of the max) inserted, 5 % |
-| blobs | a non-brain texture (scikit-image binary blobs, smoothed), Rician |
-| real-epi | a real EPI volume (nibabel's example4d, its two volumes averaged as the reference), Rician on top |
-| real-epi-v2v | the same EPI's first volume with noise added, scored against its second, with the second's own noise (from the difference of the two) taken out of the squared error |
-| scalp, macaque | the central test slabs of the scalp template and the INIA19 macaque (training samples neither), Rician |
-| colin27, colin27-5mm | Colin27 (one subject, `held_out.py`): its central slab at 1 mm, and its central 100 mm as 20 axial 5 mm slices, Rician |
-| phantom-5mm | a piecewise-smooth brain-like phantom, 20 axial 5 mm slices of 256x256, Rician |
+The families:
+
+- t1, t2like: the MNI152 test slab (T1, and the T2-like contrast from its tissue maps), Rician
+- thick-5mm: the slab and its gaps averaged into 5 mm slices (a thick 2D series), Rician
+- chi8, corr2x, gfactor, zeroed: the T1 slab at 5 %: 8-coil sum-of-squares, 2x zero-filled
+  k-space, a 0.6-1.6x g-factor map, a vendor-zeroed background
+- lesions: the T1 slab with 24 small Gaussian lesions (+-20 % of the max) inserted, 5 %
+- blobs: a non-brain texture (scikit-image binary blobs, smoothed), Rician
+- real-epi: a real EPI volume (nibabel's example4d, its two volumes averaged as the reference),
+  Rician on top
+- real-epi-v2v: the same EPI's first volume with noise added, scored against its second, with
+  the second's own noise (from the difference of the two) taken out of the squared error
+- scalp, macaque: the central test slabs of the scalp template and the INIA19 macaque (training
+  samples neither), Rician
+- colin27, colin27-5mm: Colin27 (one subject, `held_out.py`): its central slab at 1 mm, and its
+  central 100 mm as 20 axial 5 mm slices, Rician
+- phantom-5mm: a piecewise-smooth brain-like phantom, 20 axial 5 mm slices of 256x256, Rician
 
 The families from optional packages (mricron-data, the nimare wheel) are left out, and named in
 the result's ``skipped``, where those are not installed. With ``bm4d`` the table has BM4D (true
@@ -103,7 +108,8 @@ def _real_epi() -> np.ndarray:
     import nibabel as nib
 
     path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "example4d.nii.gz")
-    data = np.asarray(nib.load(path).dataobj, dtype=np.float32).mean(axis=3)
+    image: Any = nib.load(path)  # a Nifti1Image (the stubs say FileBasedImage)
+    data = np.asarray(image.dataobj, dtype=np.float32).mean(axis=3)
     return np.ascontiguousarray(np.transpose(data, (2, 1, 0)))  # (z, y, x)
 
 
@@ -125,14 +131,18 @@ def build_cases(levels: tuple[float, ...] = (0.03, 0.05, 0.09), seed: int = 0,
     n = (wide.shape[0] // 5) * 5
     thick = wide[:n].reshape(n // 5, 5, *wide.shape[1:]).mean(1)
     for lvl in levels:
-        cases.append(Case("thick-5mm", lvl, thick, add_rician(thick, lvl, rng), (5.0, 1.0, 1.0), lvl))
+        cases.append(
+            Case("thick-5mm", lvl, thick, add_rician(thick, lvl, rng), (5.0, 1.0, 1.0), lvl)
+        )
     s = 0.05
     cases.append(Case("chi8", s, slab_t1, add_coil_noise(slab_t1, s, 8, rng), iso, s))
     cases.append(Case("corr2x", s, slab_t1, _zero_filled(slab_t1, s, rng), iso, s))
     g = gfactor_field(slab_t1.shape[1:])[None]
     cases.append(Case("gfactor", s, slab_t1, add_coil_noise(slab_t1, s * g, 1, rng), iso, s))
     zeroed = np.where(slab_t1 > 0.02, add_rician(slab_t1, s, rng), 0.0).astype(np.float32)
-    cases.append(Case("zeroed", s, np.where(zeroed > 0, slab_t1, 0.0).astype(np.float32), zeroed, iso, s))
+    cases.append(
+        Case("zeroed", s, np.where(zeroed > 0, slab_t1, 0.0).astype(np.float32), zeroed, iso, s)
+    )
     pattern = _lesions(slab_t1.shape, 1.0, rng)
     with_lesions = np.clip(slab_t1 + pattern * (slab_t1 > 0.1), 0, None).astype(np.float32)
     cases.append(Case("lesions", s, with_lesions, add_rician(with_lesions, s, rng), iso, s,
@@ -157,12 +167,23 @@ def _v2v_cases(levels: tuple[float, ...], rng: np.random.Generator) -> list[Case
     out = []
     for lvl in levels:
         sig = lvl * float(first.max())
-        out.append(Case("real-epi-v2v", lvl, second, add_rician(first, sig, rng), (2.2, 2.0, 2.0), sig,
-                        reference_noise_var=var))
+        out.append(
+            Case(
+                "real-epi-v2v",
+                lvl,
+                second,
+                add_rician(first, sig, rng),
+                (2.2, 2.0, 2.0),
+                sig,
+                reference_noise_var=var,
+            )
+        )
     return out
 
 
-def _optional_cases(levels: tuple[float, ...], rng: np.random.Generator, skipped: list[str]) -> list[Case]:
+def _optional_cases(
+    levels: tuple[float, ...], rng: np.random.Generator, skipped: list[str]
+) -> list[Case]:
     from denoised_node.model.training import held_out
 
     iso, thick = (1.0, 1.0, 1.0), (float(held_out.THICK_MM), 1.0, 1.0)
@@ -181,8 +202,16 @@ def _optional_cases(levels: tuple[float, ...], rng: np.random.Generator, skipped
             skipped.append(f"{family}: {exc}")
             continue
         for lvl in levels:
-            cases.append(Case(family, lvl, clean, add_rician(clean, lvl * float(clean.max()), rng), spacing,
-                              lvl * float(clean.max())))
+            cases.append(
+                Case(
+                    family,
+                    lvl,
+                    clean,
+                    add_rician(clean, lvl * float(clean.max()), rng),
+                    spacing,
+                    lvl * float(clean.max()),
+                )
+            )
     return cases
 
 
@@ -201,7 +230,11 @@ def score(case: Case, out: np.ndarray) -> dict[str, float]:
     c, o = case.clean[case.inner], out[case.inner]
     peak = float(case.clean.max())  # PSNR's peak: the clean maximum, as in evaluate.py
     mask = foreground_mask(case.clean)[case.inner]
-    row = {"psnr_mask": psnr(c, o, peak, mask), "ssim_mask": ssim(c, o, peak, mask), "hfen": hfen(c, o)}
+    row = {
+        "psnr_mask": psnr(c, o, peak, mask),
+        "ssim_mask": ssim(c, o, peak, mask),
+        "hfen": hfen(c, o),
+    }
     if case.reference_noise_var:
         err = float(((o.astype(np.float64) - c) ** 2)[mask].mean()) - case.reference_noise_var
         row["psnr_mask"] = float("inf") if err <= 0 else float(10 * np.log10(peak**2 / err))
@@ -216,7 +249,10 @@ BREAKS: dict[str, Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np
     "blur 2.5 px": lambda x, y, s: (x, np.stack([gaussian_filter(v, 2.5) for v in y])),
     "shift 1 px": lambda x, y, s: (x, np.stack([shift(v, (0, 1), order=1) for v in y])),
     "intensity -15 %": lambda x, y, s: (x, y * 0.85),
-    "texture added (1 sigma)": lambda x, y, s: (x, y + np.random.default_rng(5).normal(0, s, y.shape).astype(np.float32)),
+    "texture added (1 sigma)": lambda x, y, s: (
+        x,
+        y + np.random.default_rng(5).normal(0, s, y.shape).astype(np.float32),
+    ),
     "nothing removed": lambda x, y, s: (x, x.copy()),
 }
 
@@ -233,7 +269,9 @@ def score_on_families(models: dict[str, Any], seed: int = 0,
                 sums[name].setdefault(key, []).append(value)
             sums[name].setdefault(f"psnr_{case.family}", []).append(row["psnr_mask"])
             echo(f"{case.family} {case.level:.0%} {name}: psnr_mask {row['psnr_mask']:.2f}")
-    return {name: {k: float(np.mean(v)) for k, v in rows.items() if v} for name, rows in sums.items()}
+    return {
+        name: {k: float(np.mean(v)) for k, v in rows.items() if v} for name, rows in sums.items()
+    }
 
 
 def _bm4d_oracle(noisy: np.ndarray, sigma: float, clean: np.ndarray) -> np.ndarray:
@@ -278,8 +316,16 @@ def evaluate_families(models: dict[str, Any], out_dir: Path, gate: Any, nlm_h: d
                 row["gate_passed"] = verdict.passed
                 row["gate_reason"] = verdict.reason
             rows.append(row)
-            echo(f"{case.family} {case.level:.0%} {name:10s} psnr_mask {row['psnr_mask']:.2f}"
-                 + (f" gate {'pass' if row.get('gate_passed') else 'FAIL: ' + row.get('gate_reason', '')}" if name in models else ""))
+            echo(
+                f"{case.family} {case.level:.0%} {name:10s} psnr_mask {row['psnr_mask']:.2f}"
+                + (
+                    " gate "
+                    + ("pass" if row.get("gate_passed")
+                       else f"FAIL: {row.get('gate_reason', '')}")
+                    if name in models
+                    else ""
+                )
+            )
         last = list(models)[-1]
         for brk, make in BREAKS.items():
             x, y = make(case.noisy, outs[last], sigma)
@@ -341,10 +387,18 @@ def write_triptych(img: np.ndarray, out: np.ndarray, title: str, path: Path) -> 
     res = img - out
     lim = 4 * 1.4826 * float(np.median(np.abs(res[img > 0]))) if (img > 0).any() else 1.0
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
-    for ax, (name, data, kw) in zip(axes, (
+    for ax, (name, data, kw) in zip(
+        axes,
+        (
             ("input", img, {"cmap": "gray", "vmin": 0, "vmax": vmax}),
             ("denoised", out, {"cmap": "gray", "vmin": 0, "vmax": vmax}),
-            ("residual (input - result)", res, {"cmap": "RdBu_r", "vmin": -(lim or 1.0), "vmax": lim or 1.0}))):
+            (
+                "residual (input - result)",
+                res,
+                {"cmap": "RdBu_r", "vmin": -(lim or 1.0), "vmax": lim or 1.0},
+            ),
+        ),
+    ):
         ax.imshow(data, **kw)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
@@ -355,7 +409,9 @@ def write_triptych(img: np.ndarray, out: np.ndarray, title: str, path: Path) -> 
 
 
 def families_markdown(result: dict[str, Any], models: list[str]) -> str:
-    baselines = [m for m in ("nlm", "bm4d", "bm4d-oracle") if any(r["method"] == m for r in result["rows"])]
+    baselines = [
+        m for m in ("nlm", "bm4d", "bm4d-oracle") if any(r["method"] == m for r in result["rows"])
+    ]
     methods = ["noisy", *baselines, *models]
     lines = ["| family | noise | " + " | ".join(methods) + " | gate on " + models[-1] + " |",
              "|---|---|" + "---|" * (len(methods) + 1)]
@@ -363,16 +419,29 @@ def families_markdown(result: dict[str, Any], models: list[str]) -> str:
     for fam, lvl in keys:
         cells = []
         for m in methods:
-            r = next(x for x in result["rows"] if x["family"] == fam and x["level"] == lvl and x["method"] == m)
+            r = next(
+                x
+                for x in result["rows"]
+                if x["family"] == fam and x["level"] == lvl and x["method"] == m
+            )
             extra = f" (lesions {r['lesion_contrast']:.2f})" if "lesion_contrast" in r else ""
             cells.append(f"{r['psnr_mask']:.2f}{extra}")
-        g = next(x for x in result["rows"] if x["family"] == fam and x["level"] == lvl and x["method"] == models[-1])
+        g = next(
+            x
+            for x in result["rows"]
+            if x["family"] == fam and x["level"] == lvl and x["method"] == models[-1]
+        )
         cells.append("pass" if g["gate_passed"] else "refused: " + g["gate_reason"].split(":")[0])
         lines.append(f"| {fam} | {lvl:.0%} | " + " | ".join(cells) + " |")
     ours_rows = [r for r in result["rows"] if r["method"] == models[-1]]
     false_alarms = sum(not r["gate_passed"] for r in ours_rows)
-    lines += ["", f"Gate false alarms on {models[-1]}'s results: {false_alarms} of {len(ours_rows)}.", "",
-              "| broken result | caught |", "|---|---|"]
+    lines += [
+        "",
+        f"Gate false alarms on {models[-1]}'s results: {false_alarms} of {len(ours_rows)}.",
+        "",
+        "| broken result | caught |",
+        "|---|---|",
+    ]
     for brk in BREAKS:
         rs = [g for g in result["gate"] if g["break"] == brk]
         lines.append(f"| {brk} | {sum(g['caught'] for g in rs)} of {len(rs)} |")
@@ -414,7 +483,9 @@ def write_real_scan_figure(model: Any, path: Path) -> None:
             ax.imshow(img[::-1], **kw)
             ax.set_title(f"{title}, slice {z}", fontsize=8)
             ax.axis("off")
-    fig.suptitle(f"nibabel example4d (real EPI, 2 mm): {getattr(model, 'identity', '')}", fontsize=9)
+    fig.suptitle(
+        f"nibabel example4d (real EPI, 2 mm): {getattr(model, 'identity', '')}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

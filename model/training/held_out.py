@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
@@ -76,14 +77,18 @@ def smooth_phantom(seed: int = 0, size: int = 256, depth_mm: int = 100) -> np.nd
     white = ellipsoid(120, 0.30 * size, 0.22 * size, wobble=0.04)
     vent = np.zeros_like(head)
     for side in (-1, 1):
-        r = np.sqrt(((z - cz) / 30) ** 2 + ((y - cy + 6) / 28) ** 2 + ((x - cx - side * 10) / 7) ** 2)
+        r = np.sqrt(
+            ((z - cz) / 30) ** 2 + ((y - cy + 6) / 28) ** 2 + ((x - cx - side * 10) / 7) ** 2
+        )
         vent = np.maximum(vent, (r < 1.0).astype(np.float32))
     vol = (0.75 * head * (1 - inner_skull)            # scalp
            + 0.08 * (inner_skull - brain).clip(0)      # skull and the CSF rim, dark
            + 0.55 * (brain - white).clip(0)            # grey matter
            + 0.85 * (white - vent).clip(0)             # white matter
-           + 0.25 * vent)                              # ventricles
-    shading = 1.0 + 0.06 * gaussian_filter(rng.normal(size=vol.shape).astype(np.float32), 20.0) / 0.01
+           + 0.25 * vent)  # ventricles
+    shading = (
+        1.0 + 0.06 * gaussian_filter(rng.normal(size=vol.shape).astype(np.float32), 20.0) / 0.01
+    )
     vol = gaussian_filter(vol * np.clip(shading, 0.85, 1.15), 1.2)  # soft edges
     return (vol / float(vol.max())).astype(np.float32)
 
@@ -93,7 +98,8 @@ def epi_volumes() -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
     path = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "example4d.nii.gz")
-    data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
+    image: Any = nib.load(path)  # a Nifti1Image (the stubs say FileBasedImage)
+    data = np.asarray(image.dataobj, dtype=np.float32)
     first, second = (np.ascontiguousarray(np.transpose(data[..., i], (2, 1, 0))) for i in (0, 1))
     return first, second
 
@@ -122,6 +128,10 @@ def vendor_slice(name: str) -> np.ndarray:
         if path.exists():
             ds = pydicom.dcmread(path)
             arr = ds.pixel_array.astype(np.float32)
-            arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
+            arr = arr * float(getattr(ds, "RescaleSlope", 1) or 1) + float(
+                getattr(ds, "RescaleIntercept", 0) or 0
+            )
             return arr[None] if arr.ndim == 2 else arr
-    raise FileNotFoundError(f"{VENDOR_SLICES[name]} needs the pydicom-data wheel: pip install pydicom-data")
+    raise FileNotFoundError(
+        f"{VENDOR_SLICES[name]} needs the pydicom-data wheel: pip install pydicom-data"
+    )

@@ -43,9 +43,13 @@ class FloorCase:
     def as_json(self) -> dict[str, object]:
         """JSON has no infinities: a noise-free input's gain is null, with ``changed``."""
         finite = math.isfinite(self.gain_db)
-        return {"domain": self.domain, "level_percent": self.level_percent,
-                "reading_percent": self.reading_percent, "gain_db": self.gain_db if finite else None,
-                "changed": None if finite else self.gain_db < 0}
+        return {
+            "domain": self.domain,
+            "level_percent": self.level_percent,
+            "reading_percent": self.reading_percent,
+            "gain_db": self.gain_db if finite else None,
+            "changed": None if finite else self.gain_db < 0,
+        }
 
 
 def floor_from_cases(cases: list[FloorCase]) -> float:
@@ -66,8 +70,15 @@ def measure_cases(checkpoint: str, device: str = "cpu",
 
     names = ["mni152-t1", "mni152-scalp", "inia19-macaque"]
     den = Denoiser.load(resolve_checkpoint(checkpoint), device=device)
-    validator = domain_validator(names, [load_named_volume(n) for n in names], load_mni_t2_like(),
-                                 den.net.in_slices, VALIDATION_NOISE_SEED, levels=(), families=False)
+    validator = domain_validator(
+        names,
+        [load_named_volume(n) for n in names],
+        load_mni_t2_like(),
+        den.net.in_slices,
+        VALIDATION_NOISE_SEED,
+        levels=(),
+        families=False,
+    )
     cases = []
     for domain, val in validator.domains.items():
         rng = np.random.default_rng(VALIDATION_NOISE_SEED)
@@ -76,10 +87,16 @@ def measure_cases(checkpoint: str, device: str = "cpu",
         mask = foreground_mask(clean)[inner]
         for level in levels_percent:
             noisy = clean.copy() if level == 0 else add_rician(clean, level / 100 * val.range, rng)
-            out = denoise_volume(den.net, noisy, den.schedule, device=torch.device(device), batch_size=8)
+            out = denoise_volume(
+                den.net, noisy, den.schedule, device=torch.device(device), batch_size=8
+            )
             after = psnr(clean[inner], out[inner], val.range, mask)
             before = psnr(clean[inner], noisy[inner], val.range, mask)
-            gain = after - before if math.isfinite(before) else (math.inf if not math.isfinite(after) else -math.inf)
+            gain = (
+                after - before
+                if math.isfinite(before)
+                else (math.inf if not math.isfinite(after) else -math.inf)
+            )
             cases.append(FloorCase(domain, level, noise_reading_percent(noisy[inner]), gain))
     return cases
 
@@ -94,12 +111,17 @@ def report(cases: list[FloorCase]) -> str:
         cells = []
         for domain in domains:
             case = by[(domain, level)]
-            gain = "changed" if case.gain_db == -math.inf else ("unchanged" if case.gain_db == math.inf
-                                                               else f"{case.gain_db:+.2f}")
+            gain = (
+                "changed"
+                if case.gain_db == -math.inf
+                else ("unchanged" if case.gain_db == math.inf else f"{case.gain_db:+.2f}")
+            )
             read = "unread" if case.reading_percent is None else f"{case.reading_percent:.2f} %"
             cells.append(f"{gain} ({read})")
         lines.append(f"| {level:g} % | " + " | ".join(cells) + " |")
     floor = floor_from_cases(cases)
     lines.append("")
-    lines.append(f"noise floor: {floor:g} % (every case reading at or above it gains >= {MIN_GAIN_DB} dB)")
+    lines.append(
+        f"noise floor: {floor:g} % (every case reading at or above it gains >= {MIN_GAIN_DB} dB)"
+    )
     return "\n".join(lines)

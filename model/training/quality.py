@@ -6,13 +6,17 @@ from __future__ import annotations
 import numpy as np
 
 
-def psnr(clean: np.ndarray, test: np.ndarray, data_range: float, mask: np.ndarray | None = None) -> float:
+def psnr(
+    clean: np.ndarray, test: np.ndarray, data_range: float, mask: np.ndarray | None = None
+) -> float:
     err = (np.asarray(test, np.float64) - np.asarray(clean, np.float64)) ** 2
     mse = float(err[mask].mean() if mask is not None else err.mean())
     return float("inf") if mse == 0 else 10.0 * np.log10(data_range**2 / mse)
 
 
-def ssim(clean: np.ndarray, test: np.ndarray, data_range: float, mask: np.ndarray | None = None) -> float:
+def ssim(
+    clean: np.ndarray, test: np.ndarray, data_range: float, mask: np.ndarray | None = None
+) -> float:
     """Mean 2D SSIM over slices (the map averaged inside the mask when one is given)."""
     from skimage.metrics import structural_similarity
 

@@ -92,7 +92,9 @@ def _smooth_field(shape: tuple[int, ...], cutoff: float, gen: torch.Generator,
     freqs = [torch.fft.fftfreq(n, device=device) for n in shape[:-1]] + [
         torch.fft.rfftfreq(shape[-1], device=device)]
     grids = torch.meshgrid(*freqs, indexing="ij")
-    r2 = sum(g * g for g in grids)
+    r2 = grids[0] * grids[0]
+    for g in grids[1:]:
+        r2 = r2 + g * g
     field = torch.fft.irfftn(spec * torch.exp(-r2 / (2 * cutoff**2)), s=shape)
     return (field - field.mean()) / field.std().clamp_min(1e-8)
 
@@ -145,7 +147,9 @@ class Synthesizer:
         """``block_weights``: each anatomy block's share of the anatomy samples (default: by
         its foreground size)."""
         if not brain_blocks:
-            raise ValueError("no training anatomy: every volume is too small for the held-out split")
+            raise ValueError(
+                "no training anatomy: every volume is too small for the held-out split"
+            )
         self.cfg = cfg
         self.device = device
         self.gen = torch.Generator(device=device)
@@ -168,10 +172,14 @@ class Synthesizer:
     def _p(self, n: int, p: float) -> torch.Tensor:
         return torch.rand(n, generator=self.gen, device=self.device) < p
 
-    def _choice(self, options: torch.Tensor, n: int, probs: torch.Tensor | None = None) -> torch.Tensor:
+    def _choice(
+        self, options: torch.Tensor, n: int, probs: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if probs is None:
             probs = torch.full((len(options),), 1.0 / len(options))
-        idx = torch.multinomial(probs.to(self.device).float(), n, replacement=True, generator=self.gen)
+        idx = torch.multinomial(
+            probs.to(self.device).float(), n, replacement=True, generator=self.gen
+        )
         return options.to(self.device)[idx]
 
     # -- geometry ---------------------------------------------------------------------------
@@ -215,7 +223,9 @@ class Synthesizer:
             spacing = torch.ones(n, device=dev) if native else pixel * self._u(n, 1.0, 1.3)
         thickness = spacing * self._u(n, 0.8, 1.0)
         if native:
-            angle = torch.randint(0, 4, (n,), generator=self.gen, device=dev).float() * (math.pi / 2)
+            angle = torch.randint(0, 4, (n,), generator=self.gen, device=dev).float() * (
+                math.pi / 2
+            )
         else:
             angle = self._u(n, 0.0, 2 * math.pi)
         eye = torch.eye(3, device=dev)
@@ -232,12 +242,21 @@ class Synthesizer:
             centre = centre + torch.rand(n, 3, generator=self.gen, device=dev) - 0.5
         k = torch.arange(s, device=dev, dtype=torch.float32) - s // 2
         sub = (torch.arange(subsamples, device=dev, dtype=torch.float32) + 0.5) / subsamples - 0.5
-        offs = k[None, :, None] * spacing[:, None, None] + sub[None, None, :] * thickness[:, None, None]
+        offs = (
+            k[None, :, None] * spacing[:, None, None]
+            + sub[None, None, :] * thickness[:, None, None]
+        )
         ij = torch.arange(p, device=dev, dtype=torch.float32) - p // 2  # integer offsets
-        pos = (centre[:, None, None, None, None, :]
-               + offs[:, :, :, None, None, None] * normal[:, None, None, None, None, :]
-               + ij[None, None, None, :, None, None] * pixel[:, None, None, None, None, None] * u[:, None, None, None, None, :]
-               + ij[None, None, None, None, :, None] * pixel[:, None, None, None, None, None] * v[:, None, None, None, None, :])
+        pos = (
+            centre[:, None, None, None, None, :]
+            + offs[:, :, :, None, None, None] * normal[:, None, None, None, None, :]
+            + ij[None, None, None, :, None, None]
+            * pixel[:, None, None, None, None, None]
+            * u[:, None, None, None, None, :]
+            + ij[None, None, None, None, :, None]
+            * pixel[:, None, None, None, None, None]
+            * v[:, None, None, None, None, :]
+        )
         norm = pos / (size - 1) * 2 - 1  # (n, S, sub, P, P, 3) in (D, H, W) order
         grid = norm.flip(-1).reshape(n, s * subsamples, p, p, 3)
         return grid, subsamples
@@ -266,7 +285,9 @@ class Synthesizer:
         w[template] = torch.tensor([1.0, 0.0, 0.0, 0.0], device=self.device)
         img = torch.einsum("nc,ncspq->nspq", w, maps)
         img = img / img.flatten(1).amax(1).clamp_min(1e-6)[:, None, None, None]
-        gamma = torch.where(self._p(n, cfg.gamma_prob), self._u(n, 0.7, 1.4), torch.ones(n, device=self.device))
+        gamma = torch.where(
+            self._p(n, cfg.gamma_prob), self._u(n, 0.7, 1.4), torch.ones(n, device=self.device)
+        )
         img = img.clamp_min(0) ** gamma[:, None, None, None]
         return self._curve(img)
 
@@ -305,9 +326,18 @@ class Synthesizer:
         cfg, p = self.cfg, self.cfg.patch
         f = torch.fft.fftshift(torch.fft.fftfreq(p, device=self.device))  # -0.5..0.5
         fy, fx = torch.meshgrid(f, f, indexing="ij")
-        keep = torch.where(self._p(n, cfg.zero_fill_prob), self._u(n, 0.5, 1.0), torch.ones(n, device=self.device))
-        mask = ((fy.abs()[None] <= 0.5 * keep[:, None, None]) & (fx.abs()[None] <= 0.5 * keep[:, None, None])).float()
-        pf = torch.where(self._p(n, cfg.partial_fourier_prob), self._u(n, 0.6, 0.85), torch.ones(n, device=self.device))
+        keep = torch.where(
+            self._p(n, cfg.zero_fill_prob), self._u(n, 0.5, 1.0), torch.ones(n, device=self.device)
+        )
+        mask = (
+            (fy.abs()[None] <= 0.5 * keep[:, None, None])
+            & (fx.abs()[None] <= 0.5 * keep[:, None, None])
+        ).float()
+        pf = torch.where(
+            self._p(n, cfg.partial_fourier_prob),
+            self._u(n, 0.6, 0.85),
+            torch.ones(n, device=self.device),
+        )
         # Partial Fourier: the first (1 - pf) of the phase-encoding axis is not acquired.
         return mask * (fy[None] >= -0.5 + (1.0 - pf)[:, None, None]).float()
 
@@ -325,7 +355,8 @@ class Synthesizer:
 
     @torch.no_grad()
     def batch(self, n: int, all_slices: bool = False) -> Batch:
-        """``n`` samples; the target is the centre slice, or every slice (3D) with ``all_slices``."""
+        """``n`` samples; the target is the centre slice, or every slice (3D) with
+        ``all_slices``."""
         cfg = self.cfg
         half = cfg.in_slices // 2
         img = self._contrast(self._sample_maps(n))  # (n, S, P, P), bright tissue ~1
@@ -365,7 +396,9 @@ class Synthesizer:
         smooth = F.avg_pool2d(noisy, 5, stride=1, padding=2)
         thresh = self._u(n, 0.03, 0.15)[:, None, None, None] * torch.quantile(
             smooth[:, half].flatten(1), 0.99, dim=1)[:, None, None, None]
-        keep = torch.where(zeroed[:, None, None, None], smooth > thresh, torch.ones_like(noisy, dtype=torch.bool))
+        keep = torch.where(
+            zeroed[:, None, None, None], smooth > thresh, torch.ones_like(noisy, dtype=torch.bool)
+        )
         noisy = noisy * keep
         clean = clean * keep
         bits = self._p(n, cfg.twelve_bit_prob)

@@ -37,15 +37,30 @@ def tissue_ratios(run_dir: Path, sigma: float = 0.05, batches: int = 3, batch_si
     net.eval()
     maps = mni_maps() if maps is None else maps
     blocks = [maps[:, a:b] for a, b in Split(maps.shape[1], cfg.holdout, cfg.gap).training_ranges()]
-    plain = SynthConfig(patch=cfg.patch, in_slices=net.in_slices, sigma_range=(sigma, sigma * 1.001),
-                        dead_leaves_prob=0.0, procedural_prob=0.0, zero_fill_prob=0.0,
-                        partial_fourier_prob=0.0, coil_counts=(1,), gfactor_prob=0.0,
-                        zeroed_background_prob=0.0, twelve_bit_prob=0.0, gamma_prob=0.0, bias_prob=0.0,
-                        curve_prob=0.0, thick_prob=0.0, native_prob=1.0, axis_probs=(1.0, 0.0, 0.0),
-                        template_texture_prob=1.0)
+    plain = SynthConfig(
+        patch=cfg.patch,
+        in_slices=net.in_slices,
+        sigma_range=(sigma, sigma * 1.001),
+        dead_leaves_prob=0.0,
+        procedural_prob=0.0,
+        zero_fill_prob=0.0,
+        partial_fourier_prob=0.0,
+        coil_counts=(1,),
+        gfactor_prob=0.0,
+        zeroed_background_prob=0.0,
+        twelve_bit_prob=0.0,
+        gamma_prob=0.0,
+        bias_prob=0.0,
+        curve_prob=0.0,
+        thick_prob=0.0,
+        native_prob=1.0,
+        axis_probs=(1.0, 0.0, 0.0),
+        template_texture_prob=1.0,
+    )
     synth = Synthesizer(blocks, plain, torch.device("cpu"), seed=3)
     half = net.in_slices // 2
-    tissue, background = [], []
+    tissue: list[torch.Tensor] = []
+    background: list[torch.Tensor] = []
     with torch.no_grad():
         for _ in range(batches):
             batch = synth.batch(batch_size)
@@ -54,14 +69,24 @@ def tissue_ratios(run_dir: Path, sigma: float = 0.05, batches: int = 3, batch_si
             fg = (batch.clean > TISSUE_LEVEL).float()
             for mask, into in ((fg, tissue), (1 - fg, background)):
                 err = ((out - batch.clean).pow(2) * mask).flatten(1).sum(1)
-                base = ((batch.noisy[:, half : half + 1] - batch.clean).pow(2) * mask).flatten(1).sum(1)
+                base = (
+                    ((batch.noisy[:, half : half + 1] - batch.clean).pow(2) * mask)
+                    .flatten(1)
+                    .sum(1)
+                )
                 into.append(err[base > 0] / base[base > 0])
-    return {"step": int(state["step"]), "sigma": sigma,
-            "tissue": float(torch.cat(tissue).median()), "background": float(torch.cat(background).median())}
+    return {
+        "step": int(state["step"]),
+        "sigma": sigma,
+        "tissue": float(torch.cat(tissue).median()),
+        "background": float(torch.cat(background).median()),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--sigma", type=float, default=0.05)
     parser.add_argument("--weights", choices=("net", "ema"), default="net")

@@ -141,7 +141,9 @@ def sample_weights(noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor
     Where a sample's sigma is unknown (real pairs) ``relative`` uses no floor and
     ``inverse_variance`` gives None."""
     if cfg.loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss weighting {cfg.loss_weighting!r}; known: {', '.join(LOSS_WEIGHTINGS)}")
+        raise ValueError(
+            f"unknown loss weighting {cfg.loss_weighting!r}; known: {', '.join(LOSS_WEIGHTINGS)}"
+        )
     if cfg.loss_weighting == "none":
         return None
     known = bool(torch.isfinite(sigma).all())
@@ -160,7 +162,9 @@ def sample_weights(noisy: torch.Tensor, clean: torch.Tensor, sigma: torch.Tensor
     return 1.0 / torch.maximum(err, floor.clamp_min(1e-8))
 
 
-def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
     if weights is None:
         return torch.nn.functional.mse_loss(pred, target)
     per_sample = (pred - target).pow(2).flatten(1).mean(1)
@@ -171,7 +175,9 @@ def load_run_config(run_dir: Path) -> TrainConfig:
     """The config a run was started with (its config.json): a resumed run keeps its schedule."""
     path = Path(run_dir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} holds no run (no config.json); start one with --run-dir")
+        raise FileNotFoundError(
+            f"{run_dir} holds no run (no config.json); start one with --run-dir"
+        )
     raw = json.loads(path.read_text())
     known = {f.name for f in TrainConfig.__dataclass_fields__.values()}
     unknown = sorted(set(raw) - known)
@@ -202,7 +208,9 @@ def _lr_at(step: int, cfg: TrainConfig, wall: float = 0.0) -> float:
         frac = _progress(step, wall, cfg)
     else:
         frac = min(1.0, (step - cfg.warmup) / max(1, (cfg.steps or 1) - cfg.warmup))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    )
 
 
 def _machine() -> dict[str, Any]:
@@ -221,13 +229,23 @@ def training_sources(cfg: TrainConfig) -> dict[str, str]:
         return {f"{n} -> {c}": "real noisy/clean pair" for n, c in cfg.pairs}
     found = {s: NAMED_VOLUMES.get(s, "a clean volume given with --volume") for s in cfg.volumes}
     if cfg.dead_leaves_prob > 0:
-        found["dead leaves"] = f"procedural ({cfg.dead_leaves_prob:.0%} of samples, model/training/dead_leaves.py)"
+        found["dead leaves"] = (
+            f"procedural ({cfg.dead_leaves_prob:.0%} of samples, model/training/dead_leaves.py)"
+        )
     if cfg.procedural_prob > 0:
-        found["organ-like volumes"] = f"procedural ({cfg.procedural_prob:.0%} of samples, synth.procedural_maps)"
+        found["organ-like volumes"] = (
+            f"procedural ({cfg.procedural_prob:.0%} of samples, synth.procedural_maps)"
+        )
     return found
 
 
-def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, record: dict[str, Any], metrics: dict[str, Any]) -> ModelCard:
+def make_card(
+    cfg: TrainConfig,
+    arch: dict[str, Any],
+    schedule: NoiseSchedule,
+    record: dict[str, Any],
+    metrics: dict[str, Any],
+) -> ModelCard:
     return ModelCard(
         name=cfg.name,
         version=MODEL_VERSION,
@@ -240,24 +258,39 @@ def make_card(cfg: TrainConfig, arch: dict[str, Any], schedule: NoiseSchedule, r
                 "zeroed blocks left out, trusted where the signal is well above the noise, "
                 "corrected for correlated noise; timestep from its median, map channel from the map"
                 if arch.get("noise_estimator") == "noise_map"
-                else "per-slice Haar diagonal MAD / 0.6745 on the normalised slice"),
+                else "per-slice Haar diagonal MAD / 0.6745 on the normalised slice"
+            ),
         },
         training={
             "data": [f"{n} -> {c}" for n, c in cfg.pairs] if cfg.pairs else cfg.volumes,
             "sources": training_sources(cfg),
             "holdout": {"slab": cfg.holdout, "gap": cfg.gap, "axis": "slice"},
-            "noise": {"kind": "real pairs"} if cfg.pairs else {
+            "noise": {"kind": "real pairs"}
+            if cfg.pairs
+            else {
                 "kind": "domain-randomised synthesis (model/training/synth.py)",
                 "sigma_fraction_of_bright_level": list(cfg.sigma_range),
-                "synthesis": asdict(SynthConfig(patch=cfg.patch, sigma_range=cfg.sigma_range,
-                                                dead_leaves_prob=cfg.dead_leaves_prob,
-                                                procedural_prob=cfg.procedural_prob)),
-                "loss_weighting": cfg.loss_weighting},
+                "synthesis": asdict(
+                    SynthConfig(
+                        patch=cfg.patch,
+                        sigma_range=cfg.sigma_range,
+                        dead_leaves_prob=cfg.dead_leaves_prob,
+                        procedural_prob=cfg.procedural_prob,
+                    )
+                ),
+                "loss_weighting": cfg.loss_weighting,
+            },
             "patch": cfg.patch,
             "time_budget_s": cfg.time_budget_s,
             "batch_size": cfg.batch_size,
             "loss": "mse",
-            "optimiser": {"kind": "adam", "lr": cfg.lr, "warmup": cfg.warmup, "schedule": "cosine", "ema": cfg.ema_decay},
+            "optimiser": {
+                "kind": "adam",
+                "lr": cfg.lr,
+                "warmup": cfg.warmup,
+                "schedule": "cosine",
+                "ema": cfg.ema_decay,
+            },
             "seed": cfg.seed,
             "command": cfg.command,
             "machine": _machine(),
@@ -280,7 +313,9 @@ def _initial_weights(path: str, kind: str) -> tuple[ModelCard, dict[str, torch.T
 
     card, tensors = read_checkpoint(resolve_checkpoint(path))
     if card.architecture.get("kind") != kind:
-        raise ValueError(f"{path} holds a {card.architecture.get('kind')} model; this run trains {kind}")
+        raise ValueError(
+            f"{path} holds a {card.architecture.get('kind')} model; this run trains {kind}"
+        )
     return card, tensors
 
 
@@ -291,14 +326,36 @@ def _sources(cfg: TrainConfig, in_slices: int, device: torch.device
     if cfg.pairs:  # real noisy/clean pairs: the noise is what the scanner made
         pairs = [load_pair(n, c) for n, c in cfg.pairs]
         vols = [c for _, c in pairs]
-        noisy_blocks = [b for n, c in pairs for b in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(n)]
-        scales = [robust_scale(n) for n, c in pairs for _ in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(c)]
-        blocks = [b for v in vols for b in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)]
-        sampler_cfg = SamplerConfig(patch=cfg.patch, in_slices=in_slices, axis_probs=(1.0, 0.0, 0.0), stride2_prob=0.0)
+        noisy_blocks = [
+            b for n, c in pairs for b in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(n)
+        ]
+        scales = [
+            robust_scale(n)
+            for n, c in pairs
+            for _ in Split(c.shape[0], cfg.holdout, cfg.gap).training_blocks(c)
+        ]
+        blocks = [
+            b for v in vols for b in Split(v.shape[0], cfg.holdout, cfg.gap).training_blocks(v)
+        ]
+        sampler_cfg = SamplerConfig(
+            patch=cfg.patch, in_slices=in_slices, axis_probs=(1.0, 0.0, 0.0), stride2_prob=0.0
+        )
         rng = np.random.default_rng(cfg.seed)
-        return PairBatches(PatchSampler(blocks, scales, NoiseSchedule(), sampler_cfg, rng, noisy_blocks=noisy_blocks), device), vols, pairs[0][0], None
+        return (
+            PairBatches(
+                PatchSampler(
+                    blocks, scales, NoiseSchedule(), sampler_cfg, rng, noisy_blocks=noisy_blocks
+                ),
+                device,
+            ),
+            vols,
+            pairs[0][0],
+            None,
+        )
     vols = _load_volumes(cfg.volumes)
-    maps = [mni_maps() if spec == "mni152-t1" else volume_maps(v) for spec, v in zip(cfg.volumes, vols)]
+    maps = [
+        mni_maps() if spec == "mni152-t1" else volume_maps(v) for spec, v in zip(cfg.volumes, vols)
+    ]
     blocks, weights = [], []
     for m, v in zip(maps, vols):
         ranges = Split(v.shape[0], cfg.holdout, cfg.gap).training_ranges()
@@ -306,8 +363,13 @@ def _sources(cfg: TrainConfig, in_slices: int, device: torch.device
         for lo, hi in ranges:  # each volume an equal share, its blocks by size
             blocks.append(m[:, lo:hi])
             weights.append((hi - lo) / total)
-    synth_cfg = SynthConfig(patch=cfg.patch, in_slices=in_slices, sigma_range=cfg.sigma_range,
-                            dead_leaves_prob=cfg.dead_leaves_prob, procedural_prob=cfg.procedural_prob)
+    synth_cfg = SynthConfig(
+        patch=cfg.patch,
+        in_slices=in_slices,
+        sigma_range=cfg.sigma_range,
+        dead_leaves_prob=cfg.dead_leaves_prob,
+        procedural_prob=cfg.procedural_prob,
+    )
     synth = Synthesizer(blocks, synth_cfg, device, cfg.seed, block_weights=weights)
     t2 = load_mni_t2_like() if "mni152-t1" in cfg.volumes else None
     return synth, vols, None, t2
@@ -318,11 +380,31 @@ def build_validator(cfg: TrainConfig, vols: list[np.ndarray], pair_noisy: np.nda
     """The run's validation domains (``validation.domain_validator``), or a real pair's slices."""
     if cfg.pairs:
         rows = Split(vols[0].shape[0], cfg.holdout, cfg.gap).validation
-        return DomainValidator({"paired": Validator(vols[0], rows, cfg.val_noise, in_slices, VALIDATION_NOISE_SEED,
-                                                    noisy=pair_noisy, families=families)})
-    return domain_validator([_volume_name(s) for s in cfg.volumes], vols, t2, in_slices, VALIDATION_NOISE_SEED,
-                            levels=cfg.val_noise, holdout=cfg.holdout, gap=cfg.gap,
-                            leaves=cfg.dead_leaves_prob > 0, families=families)
+        return DomainValidator(
+            {
+                "paired": Validator(
+                    vols[0],
+                    rows,
+                    cfg.val_noise,
+                    in_slices,
+                    VALIDATION_NOISE_SEED,
+                    noisy=pair_noisy,
+                    families=families,
+                )
+            }
+        )
+    return domain_validator(
+        [_volume_name(s) for s in cfg.volumes],
+        vols,
+        t2,
+        in_slices,
+        VALIDATION_NOISE_SEED,
+        levels=cfg.val_noise,
+        holdout=cfg.holdout,
+        gap=cfg.gap,
+        leaves=cfg.dead_leaves_prob > 0,
+        families=families,
+    )
 
 
 class PairBatches:
@@ -352,7 +434,9 @@ class Prefetcher:
     def _run(self) -> None:
         while not self.stopping.is_set():
             try:
-                item: Batch | BaseException = self.source.batch(self.batch_size, all_slices=self.all_slices)
+                item: Batch | BaseException = self.source.batch(
+                    self.batch_size, all_slices=self.all_slices
+                )
             except BaseException as exc:  # noqa: BLE001 - re-raised in the training thread
                 item = exc
             while not self.stopping.is_set():
@@ -383,19 +467,25 @@ def network_inputs(net: DenoiseNet, noisy: torch.Tensor, schedule: NoiseSchedule
         b, d, h, w = noisy.shape
         x = noisy[:, None]
         if not uses_noise_map(net):
-            sig = [float(np.median([estimate_sigma(s) for s in v])) for v in noisy.detach().cpu().numpy()]
+            sig = [
+                float(np.median([estimate_sigma(s) for s in v]))
+                for v in noisy.detach().cpu().numpy()
+            ]
             return x, torch.tensor(schedule.timestep(np.array(sig)), device=noisy.device)
         nm = noise_map(noisy.reshape(b * d, h, w))
         k = noise_map_factor(net)
         t = schedule.timestep_torch(k * nm.sigma.reshape(b, d)).median(dim=1).values
         if net.map_channel:
-            local = schedule.timestep_torch(k * nm.sigma_map.reshape(b, 1, d, h, w)) / (schedule.num_steps - 1)
+            local = schedule.timestep_torch(k * nm.sigma_map.reshape(b, 1, d, h, w)) / (
+                schedule.num_steps - 1
+            )
             x = torch.cat([x, local], dim=1)
         return x, t
     centre = noisy[:, net.in_slices // 2]
     if not uses_noise_map(net):
-        sig = np.array([estimate_sigma(s) for s in centre.detach().cpu().numpy()], dtype=np.float32)
-        return noisy, torch.from_numpy(schedule.timestep(sig)).to(noisy.device)
+        sigmas = np.array([estimate_sigma(s) for s in centre.detach().cpu().numpy()],
+                          dtype=np.float32)
+        return noisy, torch.from_numpy(schedule.timestep(sigmas)).to(noisy.device)
     nm = noise_map(centre)
     k = noise_map_factor(net)
     t = schedule.timestep_torch(k * nm.sigma)
@@ -405,7 +495,9 @@ def network_inputs(net: DenoiseNet, noisy: torch.Tensor, schedule: NoiseSchedule
     return noisy, t
 
 
-def _architecture(cfg: TrainConfig, start: tuple[ModelCard, dict[str, torch.Tensor]] | None) -> dict[str, Any]:
+def _architecture(
+    cfg: TrainConfig, start: tuple[ModelCard, dict[str, torch.Tensor]] | None
+) -> dict[str, Any]:
     """The run's architecture: given, or the start checkpoint's with today's noise inputs, or
     the default."""
     if cfg.arch:
@@ -424,7 +516,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, cfg.threads))
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     torch.manual_seed(cfg.seed)
 
     # Read on resume too: the architecture and the lineage come from its card.
@@ -433,9 +527,15 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     schedule = NoiseSchedule()
     net = build_network(arch).to(device)
     ema = build_network(arch).to(device)
-    depth = int(arch.get("block_depth", HYPERPARAMETERS.block_depth)) if net.spatial_dims == 3 else net.in_slices
+    depth = (
+        int(arch.get("block_depth", HYPERPARAMETERS.block_depth))
+        if net.spatial_dims == 3
+        else net.in_slices
+    )
     source, vols, pair_noisy, t2 = _sources(cfg, depth, device)
-    validator = build_validator(cfg, vols, pair_noisy, t2, net.in_slices, families=uses_noise_map(net))
+    validator = build_validator(
+        cfg, vols, pair_noisy, t2, net.in_slices, families=uses_noise_map(net)
+    )
 
     if start and not (resume and (run / "state.pt").exists()):
         weights = widen_input({k: v.float() for k, v in start[1].items()}, net)
@@ -445,7 +545,7 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     ema.eval()
     on_gpu = device.type == "cuda"
     if on_gpu:  # channels_last suits the GPU's convolutions (on a CPU it did not help)
-        net.to(memory_format=torch.channels_last)
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     # bf16 autocast, fp32 master weights (the optimiser's): on a GPU that has bf16, and on a
     # CPU with native bf16 (1.08 against 1.63 s a step here; docs/model.md has the A/B).
@@ -467,11 +567,16 @@ def train(cfg: TrainConfig, *, resume: bool = False,
         commands = json.loads(st.get("commands", "[]"))
         logger.info("resumed %s at step %d (best val %.3f dB)", run, step, best)
     elif state_path.exists():
-        raise FileExistsError(f"{run} already holds a run; pass --resume to continue it or pick another folder")
+        raise FileExistsError(
+            f"{run} already holds a run; pass --resume to continue it or pick another folder"
+        )
     commands.append(f"{cfg.command} (from step {step})")
     (run / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
     budget = (f"{cfg.steps} steps" if cfg.steps else "") + (
-        f"{' or ' if cfg.steps else ''}{cfg.time_budget_s / 60:.0f} min" if cfg.time_budget_s else "")
+        f"{' or ' if cfg.steps else ''}{cfg.time_budget_s / 60:.0f} min"
+        if cfg.time_budget_s
+        else ""
+    )
     logger.info(
         "training %s (%s, %.2f M parameters) for %s on %s, %d thread(s), %s",
         cfg.name, cfg.kind, count_parameters(net) / 1e6, budget, device, torch.get_num_threads(),
@@ -496,14 +601,19 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                   "commands": commands}
         if start:  # fine-tuned: keep the lineage of the weights it started from
             record["initialised_from"] = initial_lineage(start[0])
-        write_checkpoint(path, {k: v for k, v in ema.state_dict().items()}, make_card(cfg, arch, schedule, record, metrics))
+        write_checkpoint(
+            path,
+            {k: v for k, v in ema.state_dict().items()},
+            make_card(cfg, arch, schedule, record, metrics),
+        )
 
     def finished() -> bool:
         return _progress(step, wall, cfg) >= 1.0
 
     stop = _StopFlag()
     prefetch = Prefetcher(source, cfg.batch_size, cfg.prefetch, all_slices=net.spatial_dims == 3)
-    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    ema_params: list[torch.Tensor] = list(ema.parameters())
+    net_params = list(net.parameters())
     last_save = time.monotonic()
     loss_sum = torch.zeros((), device=device)
     loss_avg: float | None = None
@@ -541,9 +651,18 @@ def train(cfg: TrainConfig, *, resume: bool = False,
                 t_mark, s_mark = time.perf_counter(), step
                 frac = _progress(step, wall, cfg)
                 left = (wall / frac - wall) if frac > 0 else float("nan")
-                logger.info("step %d (%.1f %%, about %.0f min left) loss %.3e lr %.2e %.2f s/step, "
-                            "%d thread(s), load %.2f", step, 100 * frac, left / 60, loss_avg, lr, rate,
-                            torch.get_num_threads(), os.getloadavg()[0])
+                logger.info(
+                    "step %d (%.1f %%, about %.0f min left) loss %.3e lr %.2e %.2f s/step, "
+                    "%d thread(s), load %.2f",
+                    step,
+                    100 * frac,
+                    left / 60,
+                    loss_avg,
+                    lr,
+                    rate,
+                    torch.get_num_threads(),
+                    os.getloadavg()[0],
+                )
                 if progress is not None:
                     progress(*((step, cfg.steps) if cfg.steps else
                                (round(wall), round(cfg.time_budget_s or wall))))
@@ -567,7 +686,9 @@ def train(cfg: TrainConfig, *, resume: bool = False,
     save_state()
     stop.restore()
     if stop.requested:
-        logger.info("stopped %s at step %d on a signal; state saved, continue with --resume", run, step)
+        logger.info(
+            "stopped %s at step %d on a signal; state saved, continue with --resume", run, step
+        )
     else:
         logger.info("finished %s at step %d, best validation %.3f dB", run, step, best)
     return run / "best.safetensors"

@@ -49,20 +49,32 @@ class Validator:
             self.cases.append(("paired", noisy[lo:hi], self.clean))
         else:
             for lvl in levels:
-                self.cases.append((f"{round(lvl * 100)}%", add_rician(self.clean, lvl * peak, rng), self.clean))
+                self.cases.append(
+                    (f"{round(lvl * 100)}%", add_rician(self.clean, lvl * peak, rng), self.clean)
+                )
         if families and noisy is None:
             s = 0.05 * peak
             zeroed = np.where(self.clean > 0.02 * peak, add_rician(self.clean, s, rng), 0.0)
-            self.cases.append(("zeroed-5%", zeroed.astype(np.float32), np.where(zeroed > 0, self.clean, 0.0).astype(np.float32)))
+            self.cases.append(
+                (
+                    "zeroed-5%",
+                    zeroed.astype(np.float32),
+                    np.where(zeroed > 0, self.clean, 0.0).astype(np.float32),
+                )
+            )
             self.cases.append(("chi8-5%", add_coil_noise(self.clean, s, 8, rng), self.clean))
             g = gfactor_field(self.clean.shape[1:])[None]
             self.cases.append(("gfactor-5%", add_coil_noise(self.clean, s * g, 1, rng), self.clean))
             if t2_like is not None:
                 t2 = t2_like[lo:hi]
-                self.cases.append(("t2like-5%", add_rician(t2, 0.05 * float(t2_like.max()), rng), t2))
+                self.cases.append(
+                    ("t2like-5%", add_rician(t2, 0.05 * float(t2_like.max()), rng), t2)
+                )
         self.range = peak
 
-    def run(self, net: torch.nn.Module, schedule: NoiseSchedule, device: torch.device) -> dict[str, float]:
+    def run(
+        self, net: torch.nn.Module, schedule: NoiseSchedule, device: torch.device
+    ) -> dict[str, float]:
         out: dict[str, float] = {}
         for key, noisy, clean in self.cases:
             c = clean[self.inner]
@@ -70,7 +82,9 @@ class Validator:
             den = denoise_volume(net, noisy, schedule, device=device, batch_size=8)[self.inner]  # type: ignore[arg-type]
             out[f"psnr_mask_{key}"] = round(psnr(c, den, self.range, mask), 3)
             out[f"ssim_mask_{key}"] = round(ssim(c, den, self.range, mask), 4)
-        out["psnr_mask_mean"] = round(float(np.mean([v for k, v in out.items() if k.startswith("psnr")])), 3)
+        out["psnr_mask_mean"] = round(
+            float(np.mean([v for k, v in out.items() if k.startswith("psnr")])), 3
+        )
         return out
 
 
@@ -87,7 +101,9 @@ def leaves_5mm_volume(slices: int = 8, size: int = 144) -> np.ndarray:
 
     gen = torch.Generator()
     gen.manual_seed(VALIDATION_LEAVES_SEED)
-    fine = dead_leaves_volume(gen, torch.device("cpu"), (slices * LEAVES_SLICE_MM, size, size)).numpy()
+    fine = dead_leaves_volume(
+        gen, torch.device("cpu"), (slices * LEAVES_SLICE_MM, size, size)
+    ).numpy()
     thick = fine.reshape(slices, LEAVES_SLICE_MM, size, size).mean(axis=1)
     return (thick / max(float(thick.max()), 1e-6)).astype(np.float32)
 
@@ -102,7 +118,9 @@ class DomainValidator:
             raise ValueError("no validation domain")
         self.domains = domains
 
-    def run(self, net: torch.nn.Module, schedule: NoiseSchedule, device: torch.device) -> dict[str, float]:
+    def run(
+        self, net: torch.nn.Module, schedule: NoiseSchedule, device: torch.device
+    ) -> dict[str, float]:
         if len(self.domains) == 1:
             return next(iter(self.domains.values())).run(net, schedule, device)
         out: dict[str, float] = {}
@@ -119,9 +137,19 @@ class DomainValidator:
         return out
 
 
-def domain_validator(names: list[str], vols: list[np.ndarray], t2_like: np.ndarray | None, in_slices: int,
-                     seed: int, *, levels: tuple[float, ...] = (0.01, 0.05, 0.09), holdout: int = 24,
-                     gap: int = 8, leaves: bool = True, families: bool = True) -> DomainValidator:
+def domain_validator(
+    names: list[str],
+    vols: list[np.ndarray],
+    t2_like: np.ndarray | None,
+    in_slices: int,
+    seed: int,
+    *,
+    levels: tuple[float, ...] = (0.01, 0.05, 0.09),
+    holdout: int = 24,
+    gap: int = 8,
+    leaves: bool = True,
+    families: bool = True,
+) -> DomainValidator:
     """The validation domains: each volume's validation slices (the MNI T1's also as the T2-like
     contrast), and dead leaves of the validation seed as 5 mm slices."""
     domains: dict[str, Validator] = {}
@@ -129,10 +157,14 @@ def domain_validator(names: list[str], vols: list[np.ndarray], t2_like: np.ndarr
         rows = Split(vol.shape[0], holdout, gap).validation
         domains[name] = Validator(vol, rows, levels, in_slices, seed, families=families)
         if name == "mni152-t1" and t2_like is not None:
-            domains["mni152-t2like"] = Validator(t2_like, rows, levels, in_slices, seed, families=families)
+            domains["mni152-t2like"] = Validator(
+                t2_like, rows, levels, in_slices, seed, families=families
+            )
     if leaves:
         vol = leaves_5mm_volume()
-        domains["leaves-5mm"] = Validator(vol, (2, vol.shape[0] - 2), levels, in_slices, seed, families=families)
+        domains["leaves-5mm"] = Validator(
+            vol, (2, vol.shape[0] - 2), levels, in_slices, seed, families=families
+        )
     return DomainValidator(domains)
 
 

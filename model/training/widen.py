@@ -1,8 +1,9 @@
 """Move a 1.x checkpoint (one Haar MAD figure per slice) onto the noise map, without training.
 
-``python -m denoised_node.model.training.widen SRC DST --factor 0.75`` widens the first convolution with
-zeros for the map channel (the network computes what it did) and records ``noise_map_factor``,
-which puts the map's reading on the scale of the estimator the weights were trained with.
+``python -m denoised_node.model.training.widen SRC DST --factor 0.75`` widens the first
+convolution with zeros for the map channel (the network computes what it did) and records
+``noise_map_factor``, which puts the map's reading on the scale of the estimator the weights
+were trained with.
 This is how ``dn-unet25d-2.0`` was made from ``unet25d-1.0`` (factor chosen on validation).
 """
 
@@ -41,7 +42,9 @@ def widen(src: str, dst: Path, factor: float, version: str = "2.0") -> ModelCard
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src")
     parser.add_argument("dst", type=Path)
     parser.add_argument("--factor", type=float, default=0.75)

@@ -201,7 +201,8 @@ class DerivedSeriesWriter:
         if incomplete:
             raise SeriesError(f"multi-frame objects with frames missing: {', '.join(incomplete)}")
         if self._mosaics:
-            raise SeriesError(f"mosaics with tiles missing: {', '.join(p.name for p in self._mosaics)}")
+            missing = ", ".join(p.name for p in self._mosaics)
+            raise SeriesError(f"mosaics with tiles missing: {missing}")
         self._pending.clear()
         # Files are written without fsync; one flush here makes the whole series durable
         # before the job is marked processed (a crash before that reprocesses the series).

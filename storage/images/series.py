@@ -403,7 +403,8 @@ def _nested_deeper_than(ds: Dataset, limit: int) -> bool:
 
 def _is_sequence(element: DataElement | RawDataElement) -> bool:
     """Whether pydicom reads the element as a sequence; a raw one is not converted to find
-    out (a private value of unknown VR must stay raw for the writer, storage/images/private_vr.py)."""
+    out (a private value of unknown VR must stay raw for the writer,
+    storage/images/private_vr.py)."""
     if not isinstance(element, RawDataElement):
         return element.VR == "SQ"
     if element.VR == "SQ":
@@ -426,7 +427,7 @@ def _encoding_mismatch(ds: Dataset) -> str | None:
     if syntax is None:
         return None
     expected = UID(syntax)
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - a Dataset iterates over its elements, not tags
         element = ds.get_item(tag)
         if isinstance(element, RawDataElement):
             if element.is_implicit_VR != expected.is_implicit_VR:

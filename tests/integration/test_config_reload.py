@@ -20,7 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.integration.node import NODE_AET, Node, node_config
 from tests.integration.peers import ManagedProcess, echoscu, free_port, wait_until
 from tests.integration.peers.dcmtk import storescu
-from tests.integration.test_monitoring_service import Notifications, http_get, notifications  # noqa: F401 - the fixture
+from tests.integration.test_monitoring_service import Notifications, http_get
 
 pytestmark = pytest.mark.slow
 

@@ -65,13 +65,6 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def notifications() -> Iterator[Notifications]:
-    box = Notifications()
-    yield box
-    box.listener.close()
-
-
-@pytest.fixture
 def service(tmp_path: Path, notifications: Notifications) -> Iterator[tuple[ManagedProcess, int,
                                                                              int]]:
     node_port, http_port = free_port(), free_port()
@@ -111,9 +104,16 @@ def test_ready_watchdog_hung_worker_and_sigterm(service: Any, notifications: Not
     wait_until(lambda: notifications.poll() and not _alive(worker), timeout=30,
                what="the hung worker killed")
     assert http_get(http_port, "/readyz")[0] == 503  # no worker with a model, for now
-    wait_until(lambda: notifications.poll() and len(children(pid)) == 1
-               and children(pid)[0] != worker and http_get(http_port, "/readyz")[0] == 200, timeout=180,
-               what="a new worker ready")
+    wait_until(
+        lambda: (
+            notifications.poll()
+            and len(children(pid)) == 1
+            and children(pid)[0] != worker
+            and http_get(http_port, "/readyz")[0] == 200
+        ),
+        timeout=180,
+        what="a new worker ready",
+    )
     assert "worker sent no heartbeat" in process.log_tail(200)
     assert notifications.count("READY", pid) == 1  # serve itself was never restarted
 

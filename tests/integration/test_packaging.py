@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 def _run(*command: str, cwd: Path | None = None, timeout: float = 900) -> str:
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           check=False)
-    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done.stdout
 
 

@@ -224,8 +224,13 @@ def test_a_long_reason_is_kept_whole_in_the_job_and_in_jobs_show_json(runtime: R
     (job,) = _jobs(runtime)
     assert job.state == "failed" and job.reason == _RefusingDenoiser.REASON
     url = runtime.settings.database.url
-    result = CliRunner().invoke(main, ["jobs", "show", str(job.id), "--json"],
-                                env={"DENOISED_NODE_DATABASE__URL": url,
-                                     "DENOISED_NODE_NODE__DATA_DIR": str(runtime.settings.node.data_dir)})
+    result = CliRunner().invoke(
+        main,
+        ["jobs", "show", str(job.id), "--json"],
+        env={
+            "DENOISED_NODE_DATABASE__URL": url,
+            "DENOISED_NODE_NODE__DATA_DIR": str(runtime.settings.node.data_dir),
+        },
+    )
     assert result.exit_code == 0, result.output
     assert _RefusingDenoiser.REASON in result.stdout

@@ -4,7 +4,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -61,7 +61,7 @@ def test_db_upgrade_then_status(config: Path) -> None:
 
 
 def test_status_on_missing_schema_is_one_clear_line(config: Path) -> None:
-    code, out, err = run("status", "--config", str(config))
+    code, _out, err = run("status", "--config", str(config))
     assert code == 1
     assert err.strip().count("\n") == 0 and "denoised-node db upgrade" in err
 
@@ -228,8 +228,10 @@ def test_every_command_of_the_train_extra_says_so_before_any_work(
     code, out, err = run(*(arg.format(tmp=tmp_path) for arg in command))
     assert (code, out) == (1, ""), err
     assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert err.rstrip().endswith(f"{', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                                 "not installed: pip install 'denoised-node[train]'"), err
+    assert err.rstrip().endswith(
+        f"{', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+        "not installed: pip install 'denoised-node[train]'"
+    ), err
     assert not (tmp_path / "run").exists()  # nothing done before the error
 
 
@@ -311,14 +313,14 @@ def test_since_takes_a_duration_as_well_as_an_iso_date(config: Path, mr_series) 
 
 
 def test_a_duration_counts_back_from_now() -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from denoised_node.daemon.cli.options import parse_since
 
-    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
-    assert parse_since("90m", now) == datetime(2026, 12, 3, 10, 30, tzinfo=timezone.utc)
-    assert parse_since("2d", now) == datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
-    assert parse_since("2026-12-01", now) == datetime(2026, 12, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    assert parse_since("90m", now) == datetime(2026, 12, 3, 10, 30, tzinfo=UTC)
+    assert parse_since("2d", now) == datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert parse_since("2026-12-01", now) == datetime(2026, 12, 1, tzinfo=UTC)
 
 
 HEAVY = ("torch", "monai", "pynetdicom", "pydicom", "numpy", "alembic", "PIL", "jinja2",
@@ -334,7 +336,7 @@ def test_status_imports_nothing_heavy(config: Path) -> None:
               f"sys.argv = ['denoised-node', 'status', '--config', {str(config)!r}]\n"
               "from denoised_node.daemon.cli.main import main\nmain()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env={k: v for k, v in os.environ.items()
+                          check=False, timeout=120, env={k: v for k, v in os.environ.items()
                                             if not k.startswith("DENOISED_NODE_")})
     assert done.returncode == 0, done.stderr
     loaded = {name.split(".")[0] for name in done.stderr.split()}

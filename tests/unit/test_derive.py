@@ -3,7 +3,7 @@ representation, derived attributes, deterministic UIDs, compressed input, own ou
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from denoised_node.storage.images.derive import DerivationInfo, DerivedSeriesWri
 from denoised_node.storage.images.derived_uids import DerivedUIDs, derived_uid
 from denoised_node.storage.images.series import load_volume, plan_stacks
 
-NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 INFO = DerivationInfo(model_identity="model-a", model_name="unet", model_version="1.0",
                       software_version="0.1.0")
 

@@ -51,7 +51,10 @@ def test_a_released_series_is_due_after_its_grace(runtime: Runtime, mr_series) -
     receiver.mark_released(Counter({series_id: len(mr_series.paths)}))
     now = utcnow()
     due = next_due(runtime.sessions, runtime.settings.series, now)
-    assert due is not None and (due - now).total_seconds() <= runtime.settings.series.released_grace_seconds
+    assert (
+        due is not None
+        and (due - now).total_seconds() <= runtime.settings.series.released_grace_seconds
+    )
     # once the grace has passed (the series was not gap-free), the idle time decides
     later = now + timedelta(seconds=5)
     assert next_due(runtime.sessions, runtime.settings.series, later) > later  # type: ignore[operator]

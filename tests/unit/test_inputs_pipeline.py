@@ -46,7 +46,7 @@ class IdentityDenoiser:
 
     identity = "identity-test-model"
 
-    class card:
+    class card:  # noqa: N801 - mimics the model card's attributes
         name = "identity"
         version = "1.0"
 

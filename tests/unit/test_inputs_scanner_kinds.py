@@ -34,7 +34,7 @@ class Recorder:
 
     identity = "recorder-model"
 
-    class card:  # mimics the model card's attributes
+    class card:  # noqa: N801 - mimics the model card's attributes
         name = "recorder"
         version = "1.0"
 

@@ -117,7 +117,9 @@ def test_a_mixed_series_denoises_the_magnitude_images_only(
                                      "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]})
 
     class Identity(_NoNetwork):
-        def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
+        def denoise(
+            self, volume: np.ndarray, progress: Any = None, spacing: Any = None
+        ) -> np.ndarray:
             return volume
 
     outcome = denoise_series(magnitude.paths + phase.paths, magnitude.series_uid, Identity(),
@@ -179,7 +181,9 @@ def test_one_malformed_image_is_left_out_and_the_rest_denoised(mr_series_factory
     ds.save_as(two_pixel_data)
 
     class Identity(_NoNetwork):
-        def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
+        def denoise(
+            self, volume: np.ndarray, progress: Any = None, spacing: Any = None
+        ) -> np.ndarray:
             return volume
 
     outcome = denoise_series(series.paths, series.series_uid, Identity(), settings,

@@ -206,10 +206,10 @@ def test_the_migration_backfills_the_kind_of_old_events(tmp_path: Path, engine_k
     with engine.connect() as connection:
         kinds = connection.execute(text("SELECT kind FROM job_events ORDER BY id")).scalars()
         assert list(kinds) == [expected for *_, expected in OLD_EVENTS]
-    with engine.begin() as connection:  # the column is required from now on
-        with pytest.raises(IntegrityError):
-            connection.execute(text("INSERT INTO job_events (job_id, at, to_state) "
-                                    "VALUES (1, :t, 'queued')"), {"t": T0})
+    # the column is required from now on
+    with engine.begin() as connection, pytest.raises(IntegrityError):
+        connection.execute(text("INSERT INTO job_events (job_id, at, to_state) "
+                                "VALUES (1, :t, 'queued')"), {"t": T0})
     # Where the states tell, the backfill and the queue's default agree.
     for from_state, to_state, _, expected in OLD_EVENTS:
         if expected not in ("released", "superseded"):

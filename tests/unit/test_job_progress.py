@@ -84,7 +84,10 @@ def test_worker_records_slices_denoised_and_instances_sent(settings_factory, mr_
     from denoised_node.storage.runtime import open_runtime
     from denoised_node.storage.schema import upgrade
 
-    settings = settings_factory(worker__progress_interval_seconds=0, destinations='[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}]')
+    settings = settings_factory(
+        worker__progress_interval_seconds=0,
+        destinations='[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}]',
+    )
     upgrade(make_engine(settings.database_url))
     runtime = open_runtime(settings)
     _queued_job(runtime, mr_series.paths)
@@ -150,10 +153,11 @@ def test_time_left_follows_the_rate_so_far() -> None:
 
 def _row(**values: Any) -> JobRow:
     now = utcnow()
-    base: dict[str, Any] = dict(id=1, state="processed", series_uid="1.2", study_uid="1.3",
-                                modality="MR", instances=12, created_at=now, updated_at=now,
-                                reason=None, processing_attempts=0, send_attempts=0,
-                                derived_series_uid=None, derived_count=12)
+    base: dict[str, Any] = {"id": 1, "state": "processed", "series_uid": "1.2",
+                            "study_uid": "1.3", "modality": "MR", "instances": 12,
+                            "created_at": now, "updated_at": now, "reason": None,
+                            "processing_attempts": 0, "send_attempts": 0,
+                            "derived_series_uid": None, "derived_count": 12}
     return JobRow(**{**base, **values})
 
 

@@ -52,7 +52,9 @@ def test_a_browser_that_disconnects_leaves_no_traceback(root_log: io.StringIO, c
         for _ in range(3):
             client = socket.create_connection(("127.0.0.1", server.port))
             client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            client.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             client.close()  # a reset, as a browser tab closed mid-page
         time.sleep(1.0)
     finally:

@@ -61,8 +61,10 @@ def _run_until_settled(runtime: Any, worker: Worker) -> None:
 
 def test_sends_are_counted_per_destination_and_ignored_series_by_reason(
         settings_factory, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
-    rules: list[dict[str, Any]] = [{"name": "no-t2", "match": {"SeriesDescription": "T2"}, "ignore": True},
-                                   {"name": "all", "destinations": ["pacs", "test-pacs"]}]
+    rules: list[dict[str, Any]] = [
+        {"name": "no-t2", "match": {"SeriesDescription": "T2"}, "ignore": True},
+        {"name": "all", "destinations": ["pacs", "test-pacs"]},
+    ]
     runtime = _runtime(settings_factory, rules, send__max_attempts=3)
     _receive_and_complete(runtime, mr_series_factory(seed=1, slices=2),
                           mr_series_factory(seed=2, slices=2, series_description="AX T2"))

@@ -1,5 +1,5 @@
-"""model/checkpoint.py, model/hyperparameters.py and model/training/widen.py: weights with their model
-card, one home for every default, what is refused (tampered, mismatched, missing, foreign),
+"""model/checkpoint.py, model/hyperparameters.py and model/training/widen.py: weights with their
+model card, one home for every default, what is refused (tampered, mismatched, missing, foreign),
 publishing and widening a 1.x checkpoint."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.fixtures.tiny_model import TINY, phantom, tiny_checkpoint
 
 
 def test_checkpoint_round_trip(tiny: Path) -> None:
-    card, tensors = read_checkpoint(tiny)
+    card, _tensors = read_checkpoint(tiny)
     assert card.architecture == TINY and card.weights_dtype == "float16"
     den = Denoiser.load(tiny, device="cpu")
     assert den.identity == f"dn-tiny-0.0-{card.sha256[:12]}"
@@ -164,7 +164,9 @@ def test_publish_keeps_the_weights_and_merges_the_record(tiny: Path, tmp_path: P
     dst = tmp_path / "shipped" / "default.safetensors"
     card = publish(tiny, dst, training={"machine": "test"}, metrics={"eval": {"psnr": 1.0}})
     assert card.sha256 == src_card.sha256 and card.training["machine"] == "test"
-    assert json.loads(dst.with_suffix(".json").read_text())["card"]["metrics"]["eval"]["psnr"] == 1.0
+    assert (
+        json.loads(dst.with_suffix(".json").read_text())["card"]["metrics"]["eval"]["psnr"] == 1.0
+    )
     assert Denoiser.load(dst, device="cpu").identity == src_card.identity
     use = {"body_parts": ["KNEE"], "slice_thickness_mm": [2, 4]}
     again = publish(dst, tmp_path / "knee.safetensors", intended_use=use)

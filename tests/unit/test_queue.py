@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
@@ -243,7 +243,7 @@ def test_times_round_trip_as_aware_utc(runtime: Runtime) -> None:
         session.get_one(Job, job_id).available_at = moment
     with runtime.sessions() as session:
         job = session.get_one(Job, job_id)
-        assert job.available_at == moment and job.available_at.tzinfo == timezone.utc
+        assert job.available_at == moment and job.available_at.tzinfo == UTC
         assert session.scalar(select(Job.id).where(Job.available_at <= moment)) == job_id
         assert session.scalar(select(Job.id).where(
             Job.available_at < moment - timedelta(microseconds=1))) is None

@@ -27,7 +27,9 @@ from denoised_node.storage.runtime import Runtime, open_runtime
 
 @pytest.fixture
 def node(settings_factory) -> Iterator[tuple[Runtime, int]]:  # type: ignore[no-untyped-def]
-    settings: Settings = settings_factory(node__port=0, node__allowed_calling_ae_titles='["MOD", "PACS"]')
+    settings: Settings = settings_factory(
+        node__port=0, node__allowed_calling_ae_titles='["MOD", "PACS"]'
+    )
     runtime = open_runtime(settings, initialise_empty=True)
     server = start_scp(settings, Receiver(runtime.store, runtime.sessions, settings))
     yield runtime, server.server_address[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -42,8 +42,8 @@ def test_good_tls_files_pass(ca: TestCA) -> None:
     checks = _by_name(_tls_settings(ca.issue("good"), ca))
     assert checks["tls.certificate"][0] and "valid until" in checks["tls.certificate"][1]
     assert checks["tls.ca_certificates"][0]
-    assert checks["tls port"] == (True, "127.0.0.1:2762, mutual TLS (client certificates "
-                                        "required), TLSv1.2 or later")
+    assert checks["tls port"] == (True, ("127.0.0.1:2762, mutual TLS (client certificates "
+                                         "required), TLSv1.2 or later"))
 
 
 def test_expired_and_expiring_certificates_are_problems(ca: TestCA) -> None:
@@ -54,7 +54,7 @@ def test_expired_and_expiring_certificates_are_problems(ca: TestCA) -> None:
     assert not soon["tls.certificate"][0] and "expires in 9 day(s)" in soon["tls.certificate"][1]
     # The CA itself, checked a year from now: expired too.
     later = _by_name(_tls_settings(ca.issue("later"), ca),
-                     now=datetime.now(timezone.utc) + timedelta(days=365))
+                     now=datetime.now(UTC) + timedelta(days=365))
     assert not later["tls.ca_certificates"][0]
 
 

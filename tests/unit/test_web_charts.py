@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
@@ -11,7 +11,7 @@ from denoised_node.storage.models import Job, JobEvent, Series
 from denoised_node.storage.queue import JobState, kind_of_move
 from denoised_node.storage.runtime import Runtime
 
-NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
 
 def _job(runtime: Runtime, uid: str, moves: list[tuple[float, str | None, str]]) -> None:

@@ -94,7 +94,9 @@ def test_gpu_row_from_nvidia_smi(monkeypatch: Any) -> None:
     def failing(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 9, "", "NVIDIA-SMI has failed\n")
 
-    assert gpu("auto", run=failing) == CheckResult(False, "nvidia-smi failed: NVIDIA-SMI has failed")
+    assert gpu("auto", run=failing) == CheckResult(
+        False, "nvidia-smi failed: NVIDIA-SMI has failed"
+    )
 
 
 def test_model_row_reads_the_card_without_loading_the_weights() -> None:
@@ -102,7 +104,9 @@ def test_model_row_reads_the_card_without_loading_the_weights() -> None:
     card = json.loads(path.with_suffix(".json").read_text())["card"]
     result = model_file("default")
     identity = f"dn-{card['name']}-{card['version']}-{card['sha256'][:12]}"
-    assert result.ok and identity in result.detail and "sha256 matches default.json" in result.detail
+    assert (
+        result.ok and identity in result.detail and "sha256 matches default.json" in result.detail
+    )
     assert read_card(path).sha256 == card["sha256"]
     assert not model_file("/nonexistent/model.safetensors").ok
 

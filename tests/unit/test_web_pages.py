@@ -208,7 +208,10 @@ def test_jobs_lists_states_stage_times_and_a_replay_button_for_failed(read_only_
     assert "association rejected" in failed_row.group(1)
     assert f'action="/jobs/{node.failed_job}/replay"' in failed_row.group(1)
     filtered = _html(node.get("/jobs?state=failed"))
-    assert f'data-job="{node.failed_job}"' in filtered and f'data-job="{node.done_job}"' not in filtered
+    assert (
+        f'data-job="{node.failed_job}"' in filtered
+        and f'data-job="{node.done_job}"' not in filtered
+    )
     _no_patient_data(html)
 
 
@@ -333,9 +336,11 @@ def test_text_from_the_database_is_escaped(node: Node) -> None:
         assert "<script>" not in html and "&lt;script&gt;" in html
 
 
-def test_patient_data_only_where_the_setting_allows(settings_factory: Callable[..., Settings],
-                                                    mr_series_factory: Callable[..., GeneratedSeries],
-                                                    fake_denoiser: object) -> None:
+def test_patient_data_only_where_the_setting_allows(
+    settings_factory: Callable[..., Settings],
+    mr_series_factory: Callable[..., GeneratedSeries],
+    fake_denoiser: object,
+) -> None:
     settings = settings_factory(send__max_attempts=1, http__show_patient_data=True)
     shown = build_node(settings, mr_series_factory, fake_denoiser)
     html = _html(shown.get(f"/series/{shown.done.series_uid}"))
@@ -380,8 +385,14 @@ def test_a_series_of_several_stacks_offers_each(settings_factory: Callable[..., 
         for row in session.scalars(select(Series)):
             row.last_received_at -= timedelta(minutes=5)
     complete_idle_series(runtime.sessions, settings.series)
-    Worker(settings, runtime.sessions, runtime.store, fake_denoiser,  # type: ignore[arg-type]
-           worker_id="w", sender=lambda s, d, f, progress: SendResult(d.name, len(f))).run(burst=True)
+    Worker(
+        settings,
+        runtime.sessions,
+        runtime.store,
+        fake_denoiser,  # type: ignore[arg-type]
+        worker_id="w",
+        sender=lambda s, d, f, progress: SendResult(d.name, len(f)),
+    ).run(burst=True)
     pages = StatusPages(settings, runtime.sessions, runtime.store, _readiness(), slow=_slow())
     html = pages.handle(Request.build("GET", f"/series/{series.series_uid}",
                                       {"Host": "127.0.0.1"})).body.decode()

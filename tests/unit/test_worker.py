@@ -263,8 +263,7 @@ def test_a_lost_lease_counts_as_a_processing_attempt(runtime: Runtime, mr_series
             JobEvent.kind == "released")).all()
     assert (job.state, job.processing_attempts) == ("done", 1)
     limit = runtime.settings.worker.max_processing_attempts
-    assert released == [f"lease of gone:1 expired: the worker was lost "
-                        f"(attempt 1 of {limit})"]
+    assert released == [f"lease of gone:1 expired: the worker was lost (attempt 1 of {limit})"]
 
 
 def test_a_series_that_keeps_killing_its_worker_fails_at_the_attempt_limit(  # type: ignore[no-untyped-def]
