@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import multiprocessing
 import os
-import socket
 import sqlite3
 import statistics
 import threading

@@ -90,7 +90,7 @@ def _into_bare_pynetdicom(series: Path, workdir: Path, folders: list[Path] | Non
     from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 
     from denoised_node.config.settings import load_settings
-    from denoised_node.daemon.dicom_network import make_ae, set_tcp_nodelay
+    from denoised_node.daemon.dicom.network_options import make_ae, set_tcp_nodelay
 
     ae = make_ae(load_settings(None, environ={}), "BARE")
     for context in AllStoragePresentationContexts:
@@ -130,7 +130,7 @@ def send_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Row]:
     """The node's SCU on 1, 2 and 4 associations (send.associations) against storescu on
     one, each into a fresh Orthanc."""
     from denoised_node.config.settings import Destination, load_settings
-    from denoised_node.daemon.scu import send_files
+    from denoised_node.daemon.dicom.scu import send_files
 
     files = sorted(series.glob("*.dcm"))
 
@@ -166,7 +166,7 @@ def send_rows(series: Path, workdir: Path, label_suffix: str = "") -> list[Row]:
 
 def tool_versions() -> str:
     orthanc = subprocess.run(["/usr/sbin/Orthanc", "--version"], capture_output=True,
-                             text=True).stdout.splitlines()[:1]
+                             text=True, check=False).stdout.splitlines()[:1]
     dcmtk = subprocess.run(["/usr/bin/storescu", "--version"], capture_output=True,
-                           text=True).stdout.splitlines()[:1]
+                           text=True, check=False).stdout.splitlines()[:1]
     return "; ".join(orthanc + dcmtk)

@@ -42,7 +42,7 @@ def _rate(workdir: Path, files: list[Path], send: Callable[..., object]) -> floa
 def dicomweb_rows(series: Path, workdir: Path, runs: int = 5, batch_mb: int = 32,
                   label_suffix: str = "") -> list[Row]:
     from denoised_node.config.settings import Destination, DicomwebDestination, load_settings
-    from denoised_node.daemon.destinations import send_to
+    from denoised_node.daemon.jobs.destinations import send_to
 
     files = sorted(series.glob("*.dcm"))
     settings = load_settings(None, environ={})

@@ -26,7 +26,8 @@ def _at(text: str) -> float:
 def _stages(database: Path, series_uid: str) -> dict[str, float]:
     with sqlite3.connect(database) as db:
         (series_id, last_received) = db.execute(
-            "SELECT id, last_received_at FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+            "SELECT id, last_received_at FROM series WHERE series_uid = ?", (series_uid,)
+        ).fetchone()
         (job_id, created) = db.execute(
             "SELECT id, created_at FROM jobs WHERE series_id = ? ORDER BY id DESC LIMIT 1",
             (series_id,)).fetchone()

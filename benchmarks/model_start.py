@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from denoised_node.model.data import Split, mni_maps
 from denoised_node.model.network import build_network, widen_input
 from denoised_node.model.schedule import NoiseSchedule
-from denoised_node.model.synth import Batch, SynthConfig, Synthesizer
-from denoised_node.model.tissue_ratio import TISSUE_LEVEL
-from denoised_node.model.train import (
+from denoised_node.model.training.data import Split, mni_maps
+from denoised_node.model.training.synth import Batch, SynthConfig, Synthesizer
+from denoised_node.model.training.tissue_ratio import TISSUE_LEVEL
+from denoised_node.model.training.train import (
     TrainConfig,
     _architecture,
     _initial_weights,
@@ -39,9 +39,19 @@ from denoised_node.model.train import (
 )
 
 # 1.0's architecture: no noise-map channel, one global noise estimate per slice.
-ARCHITECTURE_1_0 = {"in_slices": 5, "kind": "diffusion_unet", "space_to_depth": 2, "spatial_dims": 2,
-                    "unet": {"attention_levels": [False, False, False, True], "channels": [48, 64, 96, 96],
-                             "norm_num_groups": 16, "num_head_channels": 32, "num_res_blocks": 1}}
+ARCHITECTURE_1_0 = {
+    "in_slices": 5,
+    "kind": "diffusion_unet",
+    "space_to_depth": 2,
+    "spatial_dims": 2,
+    "unet": {
+        "attention_levels": [False, False, False, True],
+        "channels": [48, 64, 96, 96],
+        "norm_num_groups": 16,
+        "num_head_channels": 32,
+        "num_res_blocks": 1,
+    },
+}
 WARMUP_STEPS = 100
 BATCH = 12
 
@@ -50,16 +60,33 @@ def plain_patches(in_slices: int, sigma: float = 0.05) -> list[Batch]:
     """Two fixed batches of plain MNI training patches (none of the synthesiser's extras)."""
     maps = mni_maps()
     blocks = [maps[:, a:b] for a, b in Split(maps.shape[1], 24, 8).training_ranges()]
-    plain = SynthConfig(patch=64, in_slices=in_slices, sigma_range=(sigma, sigma * 1.001), dead_leaves_prob=0.0,
-                        procedural_prob=0.0, zero_fill_prob=0.0, partial_fourier_prob=0.0, coil_counts=(1,),
-                        gfactor_prob=0.0, zeroed_background_prob=0.0, twelve_bit_prob=0.0, gamma_prob=0.0,
-                        bias_prob=0.0, curve_prob=0.0, thick_prob=0.0, native_prob=1.0,
-                        axis_probs=(1.0, 0.0, 0.0), template_texture_prob=1.0)
+    plain = SynthConfig(
+        patch=64,
+        in_slices=in_slices,
+        sigma_range=(sigma, sigma * 1.001),
+        dead_leaves_prob=0.0,
+        procedural_prob=0.0,
+        zero_fill_prob=0.0,
+        partial_fourier_prob=0.0,
+        coil_counts=(1,),
+        gfactor_prob=0.0,
+        zeroed_background_prob=0.0,
+        twelve_bit_prob=0.0,
+        gamma_prob=0.0,
+        bias_prob=0.0,
+        curve_prob=0.0,
+        thick_prob=0.0,
+        native_prob=1.0,
+        axis_probs=(1.0, 0.0, 0.0),
+        template_texture_prob=1.0,
+    )
     synth = Synthesizer(blocks, plain, torch.device("cpu"), seed=3)
     return [synth.batch(BATCH) for _ in range(2)]
 
 
-def tissue_and_background(net: torch.nn.Module, patches: list[Batch], amp: bool) -> tuple[float, float]:
+def tissue_and_background(
+    net: torch.nn.Module, patches: list[Batch], amp: bool
+) -> tuple[float, float]:
     """Median error ratio (network / noisy input) in tissue and in the background."""
     net.eval()
     tissue, background = [], []
@@ -72,31 +99,46 @@ def tissue_and_background(net: torch.nn.Module, patches: list[Batch], amp: bool)
             fg = (batch.clean > TISSUE_LEVEL).float()
             for mask, into in ((fg, tissue), (1 - fg, background)):
                 err = ((out - batch.clean).pow(2) * mask).flatten(1).sum(1)
-                base = ((batch.noisy[:, half : half + 1] - batch.clean).pow(2) * mask).flatten(1).sum(1)
+                base = (
+                    ((batch.noisy[:, half : half + 1] - batch.clean).pow(2) * mask)
+                    .flatten(1)
+                    .sum(1)
+                )
                 into.append(err[base > 0] / base[base > 0])
     net.train()
     return float(torch.cat(tissue).median()), float(torch.cat(background).median())
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weighting", default="relative", choices=("relative", "inverse_variance", "none"))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--weighting", default="relative", choices=("relative", "inverse_variance", "none")
+    )
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--patch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--mix", default="full", choices=("full", "plain"))
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--architecture-1-0", action="store_true", help="1.0's network (no noise-map channel)")
+    parser.add_argument(
+        "--architecture-1-0", action="store_true", help="1.0's network (no noise-map channel)"
+    )
     parser.add_argument("--init", help="start from this checkpoint ('default' = the shipped model)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     full = args.mix == "full"
-    cfg = TrainConfig(run_dir=Path("unused"), patch=args.patch, seed=args.seed, loss_weighting=args.weighting,
-                      volumes=["mni152-t1", "mni152-scalp", "inia19-macaque"] if full else ["mni152-t1"],
-                      dead_leaves_prob=SynthConfig.dead_leaves_prob if full else 0.0,
-                      procedural_prob=SynthConfig.procedural_prob if full else 0.0,
-                      arch=ARCHITECTURE_1_0 if args.architecture_1_0 else None)
+    cfg = TrainConfig(
+        run_dir=Path("unused"),
+        patch=args.patch,
+        seed=args.seed,
+        loss_weighting=args.weighting,
+        volumes=["mni152-t1", "mni152-scalp", "inia19-macaque"] if full else ["mni152-t1"],
+        dead_leaves_prob=SynthConfig.dead_leaves_prob if full else 0.0,
+        procedural_prob=SynthConfig.procedural_prob if full else 0.0,
+        arch=ARCHITECTURE_1_0 if args.architecture_1_0 else None,
+    )
     start = _initial_weights(args.init, "diffusion_unet") if args.init else None
     net = build_network(_architecture(cfg, start))
     if start is not None:
@@ -108,7 +150,10 @@ def main() -> None:
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     began = time.perf_counter()
     tissue, background = tissue_and_background(net, patches, amp)
-    print(json.dumps({"step": 0, "tissue": round(tissue, 3), "background": round(background, 3)}), flush=True)
+    print(
+        json.dumps({"step": 0, "tissue": round(tissue, 3), "background": round(background, 3)}),
+        flush=True,
+    )
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / WARMUP_STEPS)
@@ -116,16 +161,28 @@ def main() -> None:
         x, t = network_inputs(net, batch.noisy, NoiseSchedule())
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             pred = net(x, t)
-        loss = weighted_mse(pred.float(), batch.clean, sample_weights(batch.noisy, batch.clean, batch.sigma, cfg))
+        loss = weighted_mse(
+            pred.float(), batch.clean, sample_weights(batch.noisy, batch.clean, batch.sigma, cfg)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip))
         opt.step()
         if step % 100 == 0:
             tissue, background = tissue_and_background(net, patches, amp)
-            print(json.dumps({"step": step, "seconds": round(time.perf_counter() - began), "loss": float(loss.detach()),
-                              "grad_norm": round(grad_norm, 3), "tissue": round(tissue, 3),
-                              "background": round(background, 3)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": step,
+                        "seconds": round(time.perf_counter() - began),
+                        "loss": float(loss.detach()),
+                        "grad_norm": round(grad_norm, 3),
+                        "tissue": round(tissue, 3),
+                        "background": round(background, 3),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

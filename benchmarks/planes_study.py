@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from denoised_node.model.data import Split, foreground_mask, load_mni_t1
 from denoised_node.model.inference import PLANE_CHOICES, Denoiser, denoise_volume
-from denoised_node.model.quality import psnr
 from denoised_node.model.noise import add_rician
+from denoised_node.model.training.data import Split, foreground_mask, load_mni_t1
+from denoised_node.model.training.quality import psnr
 
 SLICE_SPACINGS_MM = (1.0, 1.25, 1.5, 2.0, 3.0)
 
@@ -56,11 +56,17 @@ def planes_by_spacing(den: Denoiser, level: float = 0.05, holdout: int = 24, gap
 
 
 def to_markdown(rows: list[SpacingRow]) -> str:
-    lines = ["| slice spacing | " + " | ".join(f"{p} plane{'s' if p > 1 else ''}" for p in PLANE_CHOICES) + " |",
-             "|---|" + "---|" * len(PLANE_CHOICES)]
+    lines = [
+        "| slice spacing | "
+        + " | ".join(f"{p} plane{'s' if p > 1 else ''}" for p in PLANE_CHOICES)
+        + " |",
+        "|---|" + "---|" * len(PLANE_CHOICES),
+    ]
     for row in rows:
         best = max(row.psnr_mask_by_planes.values())
-        cells = [f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row.psnr_mask_by_planes.values()]
+        cells = [
+            f"**{v:.2f}**" if v == best else f"{v:.2f}" for v in row.psnr_mask_by_planes.values()
+        ]
         lines.append(f"| {row.slice_spacing_mm:g} mm | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -26,11 +26,11 @@ from typing import Any
 from sqlalchemy import text
 
 from denoised_node.config.settings import Settings, load_settings
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.models import Series
 from denoised_node.storage.queue import ClaimedJob, JobState, enqueue
+from denoised_node.storage.runtime import open_runtime
 from denoised_node.storage.schema import upgrade
 
 SPAWN = multiprocessing.get_context("spawn")

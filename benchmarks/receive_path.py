@@ -20,8 +20,8 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_WORKDIR, series_folder
 from denoised_node.config.settings import load_settings
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.storage.runtime import open_runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

@@ -83,7 +83,7 @@ def _sender(index: int, port: int, templates: list[Dataset], stop: threading.Eve
     from pynetdicom import AE
     from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
-    from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
+    from denoised_node.daemon.dicom.network_options import keep_responses_for_the_caller
 
     ae = AE(ae_title=f"SOAK{index}")
     ae.add_requested_context(MRImageStorage)

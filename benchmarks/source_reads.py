@@ -26,14 +26,14 @@ import pydicom
 import pydicom.filereader
 
 from denoised_node.config.settings import Destination, Settings, load_settings
-from denoised_node.daemon import worker as worker_module
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs import worker as worker_module
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.models import Series
+from denoised_node.storage.runtime import open_runtime
 from denoised_node.storage.schema import upgrade
 from tests.fixtures.mr_series import generate_series
 from tests.unit.conftest import ScaledDenoiser

@@ -1,18 +1,20 @@
 """The schema of `[[rules]]` (what is denoised, by which model, sent where) and of
-`[notifications]`. Matching a series against a rule happens in daemon/rules.py.
+`[notifications]`. Matching a series against a rule happens in daemon/jobs/rules.py.
 
 A rule's ``match`` maps a DICOM keyword to a regular expression, searched in the attribute's
 text (multi-valued attributes joined with a backslash, an absent one reads as ""), to a
-number (equal), or to a ``[low, high]`` range (inclusive) for a number. ``CallingAETitle`` is the AE title that sent the series.
+number (equal), or to a ``[low, high]`` range (inclusive) for a number. ``CallingAETitle`` is
+the AE title that sent the series.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from typing import Literal
+from enum import StrEnum
 
 from pydantic import Field, field_validator
+
 from denoised_node.config.base import Section
 from denoised_node.config.dicom_keywords import dicom_keywords
 
@@ -71,12 +73,20 @@ class Rule(Section):
         return _check_match(value)
 
 
+class WebhookEvent(StrEnum):
+    """What a notification says happened to a job: the message's ``event`` and the values of
+    ``[notifications] events``."""
+
+    FAILED = "failed"
+    HELD = "held"
+    GATE_REFUSED = "gate_refused"
+
+
 class NotificationSettings(Section):
     """A webhook: a JSON POST for each job that fails, is held, or is refused by the gate."""
 
     webhook_url: str | None = Field(default=None, pattern=r"^https?://")
-    events: list[Literal["failed", "held", "gate_refused"]] = Field(
-        default_factory=lambda: ["failed", "held", "gate_refused"])
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(WebhookEvent))
     # Patient name and ID, accession number and study date in the message; off: never.
     include_patient_data: bool = False
     max_attempts: int = Field(default=5, ge=1)

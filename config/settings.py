@@ -92,7 +92,7 @@ class NodeSettings(_Section):
     # receives in its own process. The limits below hold per receiving process.
     receive_processes: int = Field(default=1, ge=1, le=64)
     # Agreed associations at once; as many connections again may be in the handshake.
-    # Both are shared fairly across addresses when full (daemon/connection_guard.py).
+    # Both are shared fairly across addresses when full (daemon/dicom/connection_guard.py).
     max_associations: int = Field(default=16, ge=1)
     # Connections one address may hold at once (more are closed when accepted), so that
     # one misbehaving host cannot take every association slot.
@@ -492,8 +492,9 @@ class Settings(_Section):
                                  f"entry has (known: {', '.join(sorted(known)) or 'none'})")
             if not (rule.model == DEFAULT_MODEL or rule.model in self.models
                     or _is_checkpoint_path(rule.model)):
+                model_names = ", ".join(sorted(self.models)) or "none"
                 raise ValueError(f"rule {rule.name!r}: model {rule.model!r} is not \"default\", "
-                                 f"a [models] name (known: {', '.join(sorted(self.models)) or 'none'}) "
+                                 f"a [models] name (known: {model_names}) "
                                  "or a checkpoint path (with a / or ending in .safetensors)")
         return self
 
@@ -570,7 +571,8 @@ def _is_checkpoint_path(value: str) -> bool:
     return "/" in value or "\\" in value or value.endswith(".safetensors")
 
 
-def load_settings(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Settings:
+def load_settings(path: str | Path | None = None,
+                  environ: dict[str, str] | None = None) -> Settings:
     """Load settings from a TOML file (``path``, else ``$DENOISED_NODE_CONFIG``, else none)
     and apply ``DENOISED_NODE_<SECTION>__<KEY>`` environment overrides on top."""
     env = dict(os.environ if environ is None else environ)
@@ -616,7 +618,8 @@ def _apply_env_overrides(data: dict[str, Any], env: dict[str, str],
             continue
         section, sep, field = key.partition("__")
         if not sep or not field:
-            raise ConfigError(f"environment variable {name} is not of the form {ENV_PREFIX}SECTION__KEY")
+            raise ConfigError(f"environment variable {name} is not of the form "
+                              f"{ENV_PREFIX}SECTION__KEY")
         target = data.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"environment variable {name}: {section!r} is not a section")

@@ -13,8 +13,8 @@ from datetime import timedelta
 from sqlalchemy import select
 
 from denoised_node.config.settings import RetentionSettings
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.rescan import settle_unindexed
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.rescan import settle_unindexed
 from denoised_node.storage.db import SessionFactory, is_postgres
 from denoised_node.storage.files import STALE_TEMP_SECONDS
 from denoised_node.storage.models import Job, utcnow
@@ -102,7 +102,7 @@ class RetentionLoop(threading.Thread):
         while not self.stopping.wait(self.settings.check_minutes * 60):
             try:
                 self.run_once()
-            except Exception:  # noqa: BLE001 - retried at the next pass
+            except Exception:  # retried at the next pass
                 log.exception("retention pass failed")
 
     def stop(self) -> None:

@@ -11,9 +11,7 @@ allowlist and TLS context for new associations, graceful worker restarts) is in 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from denoised_node.config.settings import ConfigError, Settings, load_settings
@@ -76,7 +74,7 @@ def load_for_reload(running: Settings, path: Path | None) -> Settings:
 
 def _check_files(settings: Settings) -> None:
     """What pydantic cannot see: the certificates load, every model a rule names reads."""
-    from denoised_node.daemon.tls import server_context
+    from denoised_node.daemon.dicom.tls import server_context
     from denoised_node.model.card import read_card
     from denoised_node.model.errors import ModelError
 
@@ -92,23 +90,3 @@ def _check_files(settings: Settings) -> None:
             read_card(checkpoint)
         except ModelError as exc:
             raise ReloadRefused(f"model {checkpoint!r}: {exc}") from None
-
-
-@dataclass
-class ConfigState:
-    """When the running config was loaded and how the last reload went (for /metrics)."""
-
-    loaded_at: float  # Unix time
-    last_reload_ok: bool = True
-    last_error: str = ""
-    refused_at: float | None = None  # the last refused reload (Unix time)
-
-    @classmethod
-    def started(cls) -> ConfigState:
-        return cls(time.time())
-
-    def accepted(self) -> None:
-        self.loaded_at, self.last_reload_ok, self.last_error = time.time(), True, ""
-
-    def refused(self, reason: str) -> None:
-        self.last_reload_ok, self.last_error, self.refused_at = False, reason, time.time()

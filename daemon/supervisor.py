@@ -28,40 +28,41 @@ from pathlib import Path
 from typing import Protocol
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon import health
-from denoised_node.daemon.child_process import Check, ChildSlot, node_command, spawn
-from denoised_node.daemon.completion import CompletionLoop
-from denoised_node.daemon.dicomweb.receiver import StowReceiver
-from denoised_node.daemon.http import Readiness, StatusServer
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.receiver_events import EventReader
+from denoised_node.daemon.dicom.receiver_pool import ReceiverPool
+from denoised_node.daemon.dicom.rescan import settle_unindexed
+from denoised_node.daemon.dicom.scp import ScpCounts, ScpListeners, start_scp
+from denoised_node.daemon.dicom.scp_sockets import bind_listeners
+from denoised_node.daemon.dicom.tls import server_context
+from denoised_node.daemon.web.stow import StowReceiver
+from denoised_node.daemon.jobs.completion import CompletionLoop
 from denoised_node.daemon.maintenance import (
     RetentionLoop,
     release_dead_local_leases,
 )
-from denoised_node.daemon.metrics import node_registry
-from denoised_node.daemon.notify import (
+from denoised_node.daemon.process.child_process import Check, ChildSlot, node_command, spawn
+from denoised_node.daemon.process.sd_notify import (
     Notification,
     NotifyListener,
     sd_notify,
     watchdog_seconds,
 )
-from denoised_node.daemon.receive import Receiver
 from denoised_node.daemon.reload import (
     SERVE_SECTIONS,
-    ConfigState,
     ReloadRefused,
     changed_sections,
     load_for_reload,
 )
-from denoised_node.daemon.rescan import settle_unindexed
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.receiver_events import EventReader
-from denoised_node.daemon.receiver_pool import ReceiverPool
-from denoised_node.daemon.scp import ScpCounts, ScpListeners, start_scp
-from denoised_node.daemon.scp_sockets import bind_listeners
-from denoised_node.daemon.tls import server_context
+from denoised_node.daemon.web import probes
+from denoised_node.daemon.web.endpoint import StatusServer
+from denoised_node.daemon.web.health_rows import ConfigState
+from denoised_node.daemon.web.metrics import node_registry
 from denoised_node.daemon.web.pages import StatusPages
+from denoised_node.daemon.web.probes import Readiness
 from denoised_node.storage.db import is_sqlite
 from denoised_node.storage.queue import attempt_limits
+from denoised_node.storage.runtime import Runtime, open_runtime
 
 log = logging.getLogger(__name__)
 
@@ -265,10 +266,10 @@ def serve(settings: Settings, config_path: Path | None,
     try:
         if settings.http.enabled:
             readiness = Readiness([
-                ("database", health.database(runtime.engine)),
-                ("model", health.model_loaded(lambda: pool.ready_count, settings.worker.count)),
-                ("disk", health.disk(runtime.store, settings.node.min_free_mb)),
-                ("scp", health.listening(server.alive, "storage SCP")),
+                ("database", probes.database(runtime.engine)),
+                ("model", probes.model_loaded(lambda: pool.ready_count, settings.worker.count)),
+                ("disk", probes.disk(runtime.store, settings.node.min_free_mb)),
+                ("scp", probes.listening(server.alive, "storage SCP")),
             ])
             pages = StatusPages(settings, runtime.sessions, runtime.store, readiness,
                                 config_state=config_state)

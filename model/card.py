@@ -10,16 +10,57 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointInvalidError, CheckpointMismatchError, CheckpointNotFoundError
+from denoised_node.model.errors import (
+    CheckpointInvalidError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
+from denoised_node.model.hyperparameters import HYPERPARAMETERS
 
 FORMAT = "denoised-node/1"
 CARD_KEY = "denoised_node_card"
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 _MAX_HEADER_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A card's ``architecture`` section, typed: what ``network.build_network`` builds.
+
+    A key the section lacks reads as the checkpoints written before that key existed were
+    built, and these defaults are written here only: the 1.x models took one slice
+    (``in_slices`` 1) with no space-to-depth stem (1), read the noise as one Haar MAD figure
+    per slice and had no noise-map channel. A new run's architecture is not these defaults but
+    ``hyperparameters.default_config`` (5 slices, a stem of 2, the noise map)."""
+
+    kind: str | None  # network.KINDS; checked where the network is built
+    spatial_dims: int = 2
+    in_slices: int = 1
+    space_to_depth: int = 1
+    noise_estimator: str = "haar_mad"  # or "noise_map" (inference.NOISE_ESTIMATORS)
+    noise_map_channel: bool = False
+    # The noise map's reading times this (1.x weights moved onto the map: training.widen).
+    noise_map_factor: float = 1.0
+    block_depth: int = HYPERPARAMETERS.block_depth  # slices per block of a 3D network
+    fixed_timestep: float | None = None  # ablation only: the timestep whatever the noise
+    unet: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> Architecture:
+        """The section as a card (or a network's config dict) holds it; keys it does not know
+        are left out, absent ones take the older checkpoints' defaults."""
+        convert: dict[str, Callable[[Any], Any]] = {
+            "spatial_dims": int, "in_slices": int, "space_to_depth": int,
+            "noise_estimator": str, "noise_map_channel": bool, "noise_map_factor": float,
+            "block_depth": int, "fixed_timestep": float, "unet": dict}
+        values = {f.name: convert[f.name](section[f.name]) for f in fields(cls)
+                  if f.name in convert and section.get(f.name) is not None}
+        return cls(kind=section.get("kind"), **values)
 
 
 @dataclass(frozen=True)
@@ -55,6 +96,11 @@ class ModelCard:
                 raise CheckpointInvalidError(f"the model card's {key} is a "
                                              f"{type(getattr(card, key)).__name__}, not an object")
         return card
+
+    @property
+    def arch(self) -> Architecture:
+        """The architecture section, typed, with the older checkpoints' defaults filled in."""
+        return Architecture.from_dict(self.architecture)
 
     @property
     def identity(self) -> str:

@@ -18,8 +18,12 @@ from typing import Any
 
 import torch
 
-from .card import CARD_KEY, FORMAT, ModelCard, file_sha256, verify_sidecar
-from .errors import CheckpointInvalidError, CheckpointMismatchError, CheckpointNotFoundError
+from denoised_node.model.card import CARD_KEY, FORMAT, ModelCard, file_sha256, verify_sidecar
+from denoised_node.model.errors import (
+    CheckpointInvalidError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
 
 __all__ = ["ModelCard", "publish", "read_checkpoint", "weights_sha256", "write_checkpoint"]
 
@@ -54,7 +58,9 @@ def write_checkpoint(
         k: (v.detach().cpu().to(dtype) if v.is_floating_point() else v.detach().cpu()).contiguous()
         for k, v in state_dict.items()
     }
-    card = replace(card, sha256=weights_sha256(tensors), weights_dtype=str(dtype).removeprefix("torch."))
+    card = replace(
+        card, sha256=weights_sha256(tensors), weights_dtype=str(dtype).removeprefix("torch.")
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -81,9 +87,13 @@ def read_checkpoint(path: str | Path) -> tuple[ModelCard, dict[str, torch.Tensor
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointInvalidError(f"{path} is not a readable safetensors checkpoint: {exc}") from None
+        raise CheckpointInvalidError(
+            f"{path} is not a readable safetensors checkpoint: {exc}"
+        ) from None
     if meta.get("format") != FORMAT or CARD_KEY not in meta:
-        raise CheckpointInvalidError(f"{path} is a safetensors file but not a denoised-node checkpoint (no model card)")
+        raise CheckpointInvalidError(
+            f"{path} is a safetensors file but not a denoised-node checkpoint (no model card)"
+        )
     try:
         card = ModelCard.from_json(meta[CARD_KEY])
     except CheckpointInvalidError as exc:
@@ -91,7 +101,8 @@ def read_checkpoint(path: str | Path) -> tuple[ModelCard, dict[str, torch.Tensor
     actual = weights_sha256(tensors)
     if actual != card.sha256:
         raise CheckpointMismatchError(
-            f"checkpoint {path}: the weights hash to {actual[:12]}, the card says {card.sha256[:12]}; "
+            f"checkpoint {path}: the weights hash to {actual[:12]}, the card says "
+            f"{card.sha256[:12]}; "
             "the file was altered"
         )
     return card, tensors

@@ -27,8 +27,8 @@ from typing import Protocol
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from .noise import robust_scale
-from .noise_map import noise_map_numpy
+from denoised_node.model.noise import robust_scale
+from denoised_node.model.noise_map import noise_map_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,8 @@ CHECKS: tuple[Check, ...] = (
           lambda s: (None, s.max_residual_mean_ratio), "intensities shifted"),
     Check("residual_std_ratio", "residual spread / noise sigma",
           lambda s: (s.min_residual_std_ratio, s.max_residual_std_ratio),
-          "the residual does not fit the noise level (too low: nothing removed; too high: more than noise)"),
+          "the residual does not fit the noise level (too low: nothing removed; too high: more "
+          "than noise)"),
     Check("edge_correlation", "residual correlation with the image's fine edges",
           lambda s: (None, s.max_edge_correlation), "structure was removed or moved"),
     Check("output_noise_ratio", "noise level read in the output / in the input",
@@ -142,7 +143,8 @@ def measure(noisy: np.ndarray, denoised: np.ndarray) -> dict[str, float]:
         bright = tissue
     # Noise left in (or added to) the output, read the way the input's was.
     _, out_sigmas, out_measurable = noise_map_numpy(y / scale)
-    out_sigma = float(np.median(out_sigmas[out_measurable])) * scale if out_measurable.any() else 0.0
+    out_sigma = (float(np.median(out_sigmas[out_measurable])) * scale
+                 if out_measurable.any() else 0.0)
     regional = _per_slice(lambda s: gaussian_filter(s, 5.0), r)
     local_shift = float(np.percentile(np.abs(regional[bright]), 99)) / sigma_ref
     # Blobs are looked for where the output is smooth: an erased lesion leaves the output

@@ -19,15 +19,17 @@ import numpy as np
 import torch
 
 from denoised_node.config.settings import PLANE_CHOICES, TTA_CHOICES, ModelSettings
-
-from .card import resolve_checkpoint
-from .checkpoint import ModelCard, read_checkpoint
-from .errors import CheckpointMismatchError, DeviceUnavailableError, InputVolumeError
-from .hyperparameters import HYPERPARAMETERS
-from .network import DenoiseNet, build_network
-from .noise import estimate_sigma, robust_scale
-from .noise_map import noise_map
-from .schedule import NoiseSchedule
+from denoised_node.model.card import Architecture, resolve_checkpoint
+from denoised_node.model.checkpoint import ModelCard, read_checkpoint
+from denoised_node.model.errors import (
+    CheckpointMismatchError,
+    DeviceUnavailableError,
+    InputVolumeError,
+)
+from denoised_node.model.network import DenoiseNet, build_network
+from denoised_node.model.noise import estimate_sigma, robust_scale
+from denoised_node.model.noise_map import noise_map
+from denoised_node.model.schedule import NoiseSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +81,14 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cpu")
     if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
-            raise DeviceUnavailableError(f"device {device!r} was asked for but CUDA is not available on this host")
+            raise DeviceUnavailableError(
+                f"device {device!r} was asked for but CUDA is not available on this host"
+            )
         index = int(device[5:]) if device.startswith("cuda:") else 0
         if index >= torch.cuda.device_count():
             raise DeviceUnavailableError(
-                f"device {device!r} does not exist: this host has {torch.cuda.device_count()} CUDA device(s)"
+                f"device {device!r} does not exist: this host has {torch.cuda.device_count()} "
+                "CUDA device(s)"
             )
         return torch.device("cuda", index)
     raise DeviceUnavailableError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
@@ -135,7 +140,7 @@ NOISE_ESTIMATORS = ("haar_mad", "noise_map")
 
 
 def uses_noise_map(net: DenoiseNet) -> bool:
-    return net.cfg.get("noise_estimator", "haar_mad") == "noise_map"
+    return Architecture.from_dict(net.cfg).noise_estimator == "noise_map"
 
 
 def noise_map_factor(net: DenoiseNet) -> float:
@@ -143,7 +148,7 @@ def noise_map_factor(net: DenoiseNet) -> float:
     channel: 1 for networks trained on the map; for 1.x weights moved onto the map (widened,
     not retrained) the factor that puts the map's reading on the scale of the Haar MAD they
     were trained with (it read 0.79-0.87x of the true sigma), chosen on validation."""
-    return float(net.cfg.get("noise_map_factor", 1.0))
+    return Architecture.from_dict(net.cfg).noise_map_factor
 
 
 def slice_timesteps(vol: np.ndarray, schedule: NoiseSchedule, scale: float = 1.0,
@@ -309,7 +314,7 @@ def _denoise_3d(
 ) -> np.ndarray:
     """3D variant: overlapping blocks along the slice axis, averaged where they overlap;
     ``local``: the noise-map channel, padded like the volume."""
-    depth = int(net.cfg.get("block_depth", HYPERPARAMETERS.block_depth))
+    depth = Architecture.from_dict(net.cfg).block_depth
     step = max(1, depth - 4)
     n = padded.shape[0]
     acc = np.zeros_like(padded)
@@ -431,6 +436,9 @@ class Denoiser:
             batch_pixels=self.batch_pixels,
         )
         logger.debug(
-            "denoised %s in %.2f s", tuple(np.shape(volume)), time.perf_counter() - t0, extra={"model": self.identity}
+            "denoised %s in %.2f s",
+            tuple(np.shape(volume)),
+            time.perf_counter() - t0,
+            extra={"model": self.identity},
         )
         return out

@@ -1,7 +1,8 @@
 """The denoising network, built from a plain config dict (``build_network(cfg)``); the
 shipped architecture is ``hyperparameters.default_config``.
 
-A checkpoint stores this dict in its model card, so loading needs nothing but the file.
+A checkpoint stores this dict in its model card, so loading needs nothing but the file; a key
+an older card lacks takes its default from ``card.Architecture`` (the one home of those).
 
 Shape of the model (2.5D, ``spatial_dims=2``): the input is ``in_slices`` neighbouring slices
 as channels, ``(B, in_slices, H, W)``. A space-to-depth stem (pixel unshuffle by
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hyperparameters import KINDS
+from denoised_node.model.card import Architecture
+from denoised_node.model.hyperparameters import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -72,17 +74,17 @@ class DenoiseNet(nn.Module):
             raise ValueError(f"unknown network kind {kind!r}; known: {', '.join(KINDS)}")
         self.cfg = cfg
         self.kind: str = kind
-        self.spatial_dims = int(cfg.get("spatial_dims", 2))
+        arch = Architecture.from_dict(cfg)  # absent keys: the older checkpoints' defaults
+        self.spatial_dims = arch.spatial_dims
         if self.spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, not {self.spatial_dims}")
-        self.in_slices = int(cfg.get("in_slices", 1)) if self.spatial_dims == 2 else 1
-        self.r = int(cfg.get("space_to_depth", 1))
+        self.in_slices = arch.in_slices if self.spatial_dims == 2 else 1
+        self.r = arch.space_to_depth
         self.conditioned = kind == "diffusion_unet"
-        self.map_channel = bool(cfg.get("noise_map_channel", False))
+        self.map_channel = arch.noise_map_channel
         # Ablation only: the timestep held at this value whatever the noise (t fixed).
-        fixed = cfg.get("fixed_timestep")
-        self.fixed_timestep: float | None = None if fixed is None else float(fixed)
-        unet = dict(cfg.get("unet", {}))
+        self.fixed_timestep: float | None = arch.fixed_timestep
+        unet = dict(arch.unet)
         cin = (self.in_slices + int(self.map_channel)) * self.r * self.r
         cout = self.r * self.r
         if kind == "diffusion_unet":
@@ -129,7 +131,9 @@ class DenoiseNet(nn.Module):
         """``x``: (B, in_slices [+1 map], H, W), or (B, 1 [+1 map], D, H, W) in 3D."""
         m = self.multiple
         if x.shape[-1] % m or x.shape[-2] % m:
-            raise ValueError(f"height and width must be multiples of {m}, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"height and width must be multiples of {m}, got {tuple(x.shape[-2:])}"
+            )
         if x.shape[1] != self.input_channels:
             raise ValueError(f"expected {self.input_channels} input channels, got {x.shape[1]}")
         if self.spatial_dims == 2:
@@ -157,7 +161,11 @@ def widen_input(state: dict[str, torch.Tensor], net: DenoiseNet) -> dict[str, to
         target = own.get(name)
         if target is None or target.shape == tensor.shape or tensor.ndim < 3:
             continue
-        if target.shape[0] == tensor.shape[0] and target.shape[1] > tensor.shape[1] and target.shape[2:] == tensor.shape[2:]:
+        if (
+            target.shape[0] == tensor.shape[0]
+            and target.shape[1] > tensor.shape[1]
+            and target.shape[2:] == tensor.shape[2:]
+        ):
             grown = torch.zeros(target.shape, dtype=tensor.dtype)
             grown[:, : tensor.shape[1]] = tensor  # the map's channels come after the slices'
             out[name] = grown

@@ -38,10 +38,16 @@ def gfactor_field(shape: tuple[int, int], low: float = 0.6, high: float = 1.6) -
     return (low + (high - low) * np.exp(-r2 / 0.5)).astype(np.float32)
 
 
-def add_rician_torch(clean: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def add_rician_torch(
+    clean: torch.Tensor, sigma: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Torch version; ``sigma`` broadcasts against ``clean`` (e.g. shape (B, 1, 1, 1))."""
-    re = clean + sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=clean.device)
-    im = sigma * torch.randn(clean.shape, generator=generator, dtype=clean.dtype, device=clean.device)
+    re = clean + sigma * torch.randn(
+        clean.shape, generator=generator, dtype=clean.dtype, device=clean.device
+    )
+    im = sigma * torch.randn(
+        clean.shape, generator=generator, dtype=clean.dtype, device=clean.device
+    )
     return torch.sqrt(re * re + im * im)
 
 

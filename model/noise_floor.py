@@ -31,14 +31,16 @@ def noise_reading_percent(volume: np.ndarray) -> float | None:
     ones only); None for slices too small for the map (under 32 pixels a side)."""
     import torch
 
-    from .noise import robust_scale
-    from .noise_map import noise_map
+    from denoised_node.model.noise import robust_scale
+    from denoised_node.model.noise_map import noise_map
 
     vol = np.asarray(volume, dtype=np.float32)
     if vol.ndim == 2:
         vol = vol[None]
     scale = robust_scale(vol)
-    picks = np.unique(np.linspace(0, vol.shape[0] - 1, min(READ_SLICES, vol.shape[0])).round().astype(int))
+    picks = np.unique(
+        np.linspace(0, vol.shape[0] - 1, min(READ_SLICES, vol.shape[0])).round().astype(int)
+    )
     slices = np.ascontiguousarray(vol[picks] / np.float32(scale))
     # The map needs at least one tile; smaller images are not read.
     if min(slices.shape[1:]) < 32:
@@ -57,5 +59,8 @@ def under_noise_floor(volume: np.ndarray, intended_use: Mapping[str, Any]) -> st
     reading = noise_reading_percent(volume)
     if reading is None or reading >= float(floor):
         return None
-    return (f"noise reads {reading:.2f} % of the bright level, under the {float(floor):g} % below which "
-            f"this model makes images worse (its card's {FLOOR_KEY})")
+    return (
+        f"noise reads {reading:.2f} % of the bright level, under the {float(floor):g} % below "
+        "which "
+        f"this model makes images worse (its card's {FLOOR_KEY})"
+    )

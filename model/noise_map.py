@@ -186,7 +186,9 @@ def _pool_all(valid: torch.Tensor) -> torch.Tensor:
     return (F.avg_pool2d(v, 2) > 0.999)[:, 0]
 
 
-def noise_map_numpy(slices: np.ndarray, tile: int = TILE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def noise_map_numpy(
+    slices: np.ndarray, tile: int = TILE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``noise_map`` for a numpy (B, H, W) stack: (map, per-slice sigma, measurable)."""
     arr = np.asarray(slices, dtype=np.float32)
     if arr.ndim == 2:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .hyperparameters import HYPERPARAMETERS
+from denoised_node.model.hyperparameters import HYPERPARAMETERS
 
 
 @dataclass(frozen=True)
@@ -37,18 +37,24 @@ class NoiseSchedule:
 
     def timestep(self, sigma: float | np.ndarray) -> np.ndarray:
         s = np.maximum(np.asarray(sigma, dtype=np.float64), 1e-12)
-        frac = (np.log(s) - math.log(self.sigma_min)) / (math.log(self.sigma_max) - math.log(self.sigma_min))
+        frac = (np.log(s) - math.log(self.sigma_min)) / (
+            math.log(self.sigma_max) - math.log(self.sigma_min)
+        )
         return (np.clip(frac, 0.0, 1.0) * (self.num_steps - 1)).astype(np.float32)
 
     def timestep_torch(self, sigma: torch.Tensor) -> torch.Tensor:
         """``timestep`` on a tensor, on its device (no host round trip in training)."""
         s = sigma.float().clamp_min(1e-12)
-        frac = (torch.log(s) - math.log(self.sigma_min)) / (math.log(self.sigma_max) - math.log(self.sigma_min))
+        frac = (torch.log(s) - math.log(self.sigma_min)) / (
+            math.log(self.sigma_max) - math.log(self.sigma_min)
+        )
         return frac.clamp(0.0, 1.0) * (self.num_steps - 1)
 
     def sigma(self, timestep: float | np.ndarray) -> np.ndarray:
         frac = np.asarray(timestep, dtype=np.float64) / (self.num_steps - 1)
-        return np.exp(math.log(self.sigma_min) + frac * (math.log(self.sigma_max) - math.log(self.sigma_min)))
+        return np.exp(
+            math.log(self.sigma_min) + frac * (math.log(self.sigma_max) - math.log(self.sigma_min))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -32,7 +32,7 @@ def make_engine(url: str, *, echo: bool = False, synced_commits: bool = True) ->
     ``synced_commits=False`` (the receiver's index only): a commit returns before it is on
     disk (SQLite synchronous=NORMAL, PostgreSQL synchronous_commit=off). A power loss can
     undo the last such commits, never corrupt the database; what they indexed is found
-    again from the files (daemon/rescan.py, docs/reliability.md). Any synced commit after
+    again from the files (daemon/dicom/rescan.py, docs/reliability.md). Any synced commit after
     them makes them durable too."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "future": True}

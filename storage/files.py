@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 # Digits and dots, no empty component, at most 64 characters (PS3.5 9.1). Leading zeros in a
 # component are not standard but some scanners send them; they are harmless in a path.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+# The layout above, built (and read back) only here.
+INSTANCES = "instances"
+DERIVED = "derived"
+SUFFIX = ".dcm"
 
 
 class StoreError(Exception):
@@ -67,7 +71,18 @@ class InstanceUIDs:
     @property
     def relative_path(self) -> str:
         """Where the store keeps the instance, relative to its root."""
-        return f"instances/{self.study}/{self.series}/{self.sop}.dcm"
+        return f"{series_folder(self.study, self.series)}{self.sop}{SUFFIX}"
+
+
+def series_folder(study_uid: str, series_uid: str) -> str:
+    """The store-relative folder (with its trailing slash) of a series' received instances."""
+    return f"{INSTANCES}/{study_uid}/{series_uid}/"
+
+
+def sop_uid_of(relative_path: str) -> str:
+    """The SOP Instance UID that names an instance's file, read back from its path (as
+    written by InstanceUIDs.relative_path; not checked)."""
+    return PurePosixPath(relative_path).name.removesuffix(SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -81,8 +96,8 @@ class FileStore:
         self.root = Path(root)
         self.min_free_bytes = min_free_bytes
         self.incoming = self.root / "incoming"
-        self.instances = self.root / "instances"
-        self.derived = self.root / "derived"
+        self.instances = self.root / INSTANCES
+        self.derived = self.root / DERIVED
         for folder in (self.incoming, self.instances, self.derived):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -100,7 +115,8 @@ class FileStore:
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         return InstanceUIDs(study_uid, series_uid, sop_uid).relative_path
 
-    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredFile:
+    def write_instance(self, study_uid: str, series_uid: str, sop_uid: str,
+                       data: bytes) -> StoredFile:
         relative = self.instance_path(study_uid, series_uid, sop_uid)
         self.check_space(len(data))
         self.write_atomic(self.root / relative, data)
@@ -140,6 +156,19 @@ class FileStore:
         if not parts or relative.startswith("/") or any(p in ("..", ".", "") for p in parts):
             raise StoreError(f"path {relative!r} is outside the store")
         return self.root.joinpath(*parts)
+
+    def relative(self, path: Path) -> str:
+        """The store-relative path (as kept in the index) of a path under the store."""
+        return path.relative_to(self.root).as_posix()
+
+    def series_folders(self) -> list[Path]:
+        """The folders of received series (instances/<study>/<series>), sorted."""
+        return sorted(p for p in self.instances.glob("*/*") if p.is_dir())
+
+    @staticmethod
+    def dicom_files(folder: Path) -> list[Path]:
+        """The instances in one of the store's folders (not in its subfolders), sorted."""
+        return sorted(folder.glob(f"*{SUFFIX}"))
 
     def derived_dir(self, job_id: int) -> Path:
         return self.derived / str(int(job_id))

@@ -1,7 +1,7 @@
 """What the job-event audit log says, read from the events' kinds (never their reason text):
 how long each stage of a job took, and how a job ended.
 
-The metrics (daemon/metrics.py) and the status pages (daemon/web/activity.py) both read it
+The metrics (daemon/web/metrics.py) and the status pages (daemon/web/activity.py) both read it
 through ``stage_durations`` and ``outcome_of``.
 """
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import update
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 # The stage a progress record belongs to, and the job state in which it is live.
 STAGE_STATES = {"denoise": "processing", "send": "sending"}
 # Set in the UPDATE that claims a stage, so an earlier attempt's figures never show.
-CLEARED: dict[str, object] = {"progress_stage": None, "progress_done": None,
+CLEARED: dict[str, Any] = {"progress_stage": None, "progress_done": None,
                               "progress_total": None, "progress_started_at": None,
                               "progress_at": None}
 
@@ -116,6 +117,6 @@ class ProgressRecorder:
                             progress_at=utcnow())
                     .execution_options(synchronize_session=False))
             self.writes += 1
-        except Exception:  # noqa: BLE001 - a busy database only costs a progress update
+        except Exception:  # a busy database only costs a progress update
             log.warning("could not record progress", exc_info=True,
                         extra={"job_id": self.job_id})

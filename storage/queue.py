@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, func, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -185,6 +185,11 @@ class ClaimedJob:
     worker: str
 
 
+# A job's column values set in a transition's UPDATE (``transition(..., **values)``), of the
+# columns' various types.
+Columns = dict[str, Any]
+
+
 def transition(
     session: Session,
     job_id: int,
@@ -204,8 +209,8 @@ def transition(
     Extra ``values`` are set on the job in the same UPDATE; ``reason`` is recorded in the
     audit row and as the job's latest reason, ``kind`` (by default ``kind_of_move``) and
     ``label`` (job_events.EVENT_LABELS) in the audit row; ``sends`` (destination: outcome)
-    as send_attempts rows, for a move that ends a send attempt. Raises ``IllegalTransition`` for a move the table forbids and ``StaleState``
-    when the job is not in ``from_state``.
+    as send_attempts rows, for a move that ends a send attempt. Raises ``IllegalTransition``
+    for a move the table forbids and ``StaleState`` when the job is not in ``from_state``.
     """
     if to_state not in TRANSITIONS[from_state]:
         raise IllegalTransition(f"job {job_id}: {from_state} -> {to_state} is not allowed")
@@ -235,7 +240,7 @@ def transition(
                                 outcome=outcome.value))
 
 
-def released(now: datetime, delay: float = 0.0) -> dict[str, object]:
+def released(now: datetime, delay: float = 0.0) -> Columns:
     """The values of a job given back to the queue: no lease, claimable after ``delay`` s."""
     return {"lease_owner": None, "lease_expires_at": None,
             "available_at": now + timedelta(seconds=delay)}
@@ -264,13 +269,13 @@ def release_lost(session: Session, job_id: int, from_state: JobState, attempts_b
     stage = STAGES[from_state]
     attempts = attempts_before + 1
     counted = f"{reason} ({stage.attempt_noun} {attempts} of {limit})"
+    counts: Columns = {stage.attempts_column: attempts}
     if attempts >= limit:
         transition(session, job_id, from_state, JobState.FAILED, reason=counted, now=now,
-                   **{stage.attempts_column: attempts})
+                   **counts)
         return JobState.FAILED
     transition(session, job_id, from_state, stage.back_to, reason=counted,
-               kind=EventKind.RELEASED, now=now,
-               **released(now), **{stage.attempts_column: attempts})
+               kind=EventKind.RELEASED, now=now, **released(now), **counts)
     return stage.back_to
 
 
@@ -281,7 +286,7 @@ class AfterFailure:
 
     to_state: JobState
     reason: str
-    values: dict[str, object]
+    values: Columns
     delay: float | None
 
 
@@ -460,7 +465,8 @@ def release_expired_leases(sessions: SessionFactory, limits: Mapping[JobState, i
     return [job_id for job_id, _ in moved]
 
 
-def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
+def backoff_seconds(attempt: int, base: float, cap: float,
+                    rng: random.Random | None = None) -> float:
     """Exponential backoff with "equal jitter": uniform in [c/2, c] for c = min(cap,
     base * 2**(attempt-1)), so retries of many series spread out but never come early."""
     ceiling = min(cap, base * (2 ** min(max(attempt - 1, 0), 62)))

@@ -13,7 +13,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from denoised_node.storage.db import SessionFactory, is_postgres
-from denoised_node.storage.files import FileStore
+from denoised_node.storage.files import FileStore, series_folder
 from denoised_node.storage.models import (
     Instance,
     Job,
@@ -44,7 +44,7 @@ def _latest_jobs(session: Session) -> dict[int, Job]:
 
 
 def _own_folder(series: Series) -> str:
-    return f"instances/{series.study_uid}/{series.series_uid}/"
+    return series_folder(series.study_uid, series.series_uid)
 
 
 def purgeable_files(session: Session, series: Series) -> int:
@@ -141,21 +141,21 @@ def unindexed_files(sessions: SessionFactory, store: FileStore, older_than: time
     """Store-relative paths of the files under instances/ that no index row names and that
     are older than ``older_than`` (younger ones may be a write in progress, here or, on a
     shared store, on another host). Walks one series folder at a time; what to do with
-    them is daemon/rescan.py's."""
+    them is daemon/dicom/rescan.py's."""
     cutoff = ((now or utcnow()) - older_than).timestamp()
     found: list[str] = []
-    for series_folder in sorted(p for p in store.instances.glob("*/*") if p.is_dir()):
-        files = [p for p in series_folder.glob("*.dcm") if _modified_before(p, cutoff)]
+    for folder in store.series_folders():
+        files = [store.relative(p) for p in store.dicom_files(folder)
+                 if _modified_before(p, cutoff)]
         if not files:
             continue
-        prefix = f"instances/{series_folder.parent.name}/{series_folder.name}/"
         named: set[str] = set()
         with sessions() as session:
             for start in range(0, len(files), _PATHS_PER_QUERY):
-                chunk = [prefix + p.name for p in files[start:start + _PATHS_PER_QUERY]]
+                chunk = files[start:start + _PATHS_PER_QUERY]
                 named.update(session.scalars(select(Instance.path).where(
                     Instance.path.in_(chunk))))
-        found += [prefix + p.name for p in files if prefix + p.name not in named]
+        found += [relative for relative in files if relative not in named]
     return found
 
 

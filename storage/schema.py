@@ -22,7 +22,8 @@ _REVISION = re.compile(r"""^(down_revision|revision)\s*(?::[^=]*)?=\s*["']?([^"'
 
 
 class SchemaOutOfDate(Exception):
-    """The database schema is not at the version this release needs; run `denoised-node db upgrade`."""
+    """The database schema is not at the version this release needs; run
+    `denoised-node db upgrade`."""
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -1,6 +1,6 @@
 """Which derived series a sent one supersedes, recorded in the job history.
 
-New content of a source series goes out under new UIDs (storage/derived_uids.py), so a PACS
+New content of a source series goes out under new UIDs (storage/images/derived_uids.py), so a PACS
 keeps the derived series sent before beside the new one. Both jobs' histories say so: the
 new job's names the series it supersedes, the old job gets a note naming its successor, so
 that an administrator can find the stale copy and remove it from the PACS.

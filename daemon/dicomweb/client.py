@@ -32,7 +32,7 @@ from denoised_node.daemon.dicomweb.status import (
     out_of_resources,
     verdict_for,
 )
-from denoised_node.daemon.scu import SendError, SendResult
+from denoised_node.daemon.dicom.scu import SendError, SendResult
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class DicomwebConnection:
         self.timeout = destination.timeout_seconds
         self._context = None
         if self.https:
-            from denoised_node.daemon.tls import client_context
+            from denoised_node.daemon.dicom.tls import client_context
 
             self._context = client_context(settings.tls, destination)
         self._authorization = _authorization(destination)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from http import HTTPStatus
 
-from denoised_node.daemon.status import describe, status_for
+from denoised_node.daemon.dicom.dimse_status import describe, status_for
 
 
 class StowAnswer(IntEnum):

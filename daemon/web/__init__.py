@@ -1,2 +1,3 @@
-"""The status pages served beside /metrics: overview, jobs, and a series with before/after
-pictures. Nothing here is imported by the rest of the node except through ``pages``."""
+"""The HTTP endpoint: endpoint.py serves app.py (the WSGI application) with server.py's limits;
+the probes (/healthz, /readyz), /metrics, and the status pages (overview, jobs, a series with
+before/after pictures, pages.py and the modules it uses)."""

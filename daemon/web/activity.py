@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from denoised_node.daemon.admin import EventRow, JobRow, list_jobs
+from denoised_node.daemon.jobs.queries import EventRow, JobRow, list_jobs
 from denoised_node.storage.job_events import (
     LATENCY_STAGES,
     OUTCOMES,
@@ -64,7 +64,7 @@ def recent_jobs(session: Session, *, states: list[str] | None = None,
     events = events_by_job(session, ids)
     received: dict[int, datetime] = {}
     if ids:
-        received.update(session.execute(  # type: ignore[arg-type]
+        received.update(session.execute(
             select(Job.id, Series.first_received_at).join(Series, Job.series_id == Series.id)
             .where(Job.id.in_(ids))).all())
     return [JobView(job, stage_seconds(events[job.id], received[job.id]), received[job.id])
@@ -127,5 +127,5 @@ def last_hour(session: Session, now: datetime, window: timedelta = timedelta(hou
             sent += derived_count or 0
             for stage, value in stage_seconds(events[job_id], first_received_at).items():
                 latency[stage].append(value)
-    return HourStats(since, ended, received, sent,
-                     {stage: Spread.of(latency[stage]) for stage in LATENCY_STAGES if latency[stage]})
+    spreads = {stage: Spread.of(latency[stage]) for stage in LATENCY_STAGES if latency[stage]}
+    return HourStats(since, ended, received, sent, spreads)

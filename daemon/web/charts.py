@@ -54,7 +54,7 @@ def day_charts(session: Session, now: datetime) -> list[Chart]:
         (done if state == JobState.DONE else failed)[hour_of(at)] += 1
     if done_at:
         events = events_by_job(session, sorted(done_at))
-        received = dict(session.execute(  # type: ignore[arg-type]
+        received = dict(session.execute(
             select(Job.id, Series.first_received_at).join(Series, Job.series_id == Series.id)
             .where(Job.id.in_(sorted(done_at)))).all())
         for job_id, at in done_at.items():
@@ -98,11 +98,11 @@ def bar_chart(chart: Chart) -> Markup:
     peak = max(chart.values, default=0.0)
     scale = (_HEIGHT - _TOP - _BOTTOM) / peak if peak > 0 else 0.0
     step = _WIDTH / len(chart.values)
-    parts = [f'<svg class="chart" viewBox="0 0 {_WIDTH} {_HEIGHT}" width="{_WIDTH}" '
-             f'height="{_HEIGHT}" role="img" aria-label="{escape(chart.title)}, last 24 hours">',
+    parts = [(f'<svg class="chart" viewBox="0 0 {_WIDTH} {_HEIGHT}" width="{_WIDTH}" '
+              f'height="{_HEIGHT}" role="img" aria-label="{escape(chart.title)}, last 24 hours">'),
              f'<text x="0" y="10" class="chart-title">{escape(chart.title)}</text>',
-             f'<text x="{_WIDTH}" y="10" text-anchor="end" class="chart-peak">'
-             f'peak {escape(chart.label(peak))}</text>']
+             (f'<text x="{_WIDTH}" y="10" text-anchor="end" class="chart-peak">'
+              f'peak {escape(chart.label(peak))}</text>')]
     base = _HEIGHT - _BOTTOM
     for index, (value, end) in enumerate(zip(chart.values, chart.ends, strict=True)):
         height = value * scale

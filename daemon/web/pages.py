@@ -1,8 +1,8 @@
 """The status pages: routes, views and rendering (Jinja2 with autoescaping, no scripts).
 
 Each view reads the database in one short session (SQLite sessions take the write lock) and
-renders outside it. Replays go through daemon.admin.replay, as `denoised-node replay` does;
-approving and rejecting a held job through daemon.admin.review, as `jobs approve|reject` do.
+renders outside it. Replays go through daemon.jobs.queries.replay, as `denoised-node replay` does;
+approving and rejecting a held job through daemon.jobs.queries.review, as `jobs approve|reject` do.
 """
 
 from __future__ import annotations
@@ -19,17 +19,22 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.admin import AdminError, replay, review, status_summary
-from denoised_node.daemon.http import Readiness
-from denoised_node.daemon.job_status import AttemptLimits, job_status
-from denoised_node.daemon.reload import ConfigState
+from denoised_node.daemon.jobs.job_status import AttemptLimits, job_status
+from denoised_node.daemon.jobs.queries import AdminError, replay, review, status_summary
 from denoised_node.daemon.web import formatting
 from denoised_node.daemon.web.activity import STAGE_LABELS, last_hour, recent_jobs
 from denoised_node.daemon.web.charts import day_charts
 from denoised_node.daemon.web.csrf import TOKEN_FIELD, CsrfTokens
-from denoised_node.daemon.web.node_health import HealthRow, SlowChecks, config_row, slow_checks
+from denoised_node.daemon.web.health_rows import (
+    ConfigState,
+    HealthRow,
+    SlowChecks,
+    config_row,
+    slow_checks,
+)
 from denoised_node.daemon.web.preview_cache import RETRY_SECONDS, PreviewCache
 from denoised_node.daemon.web.previews import KINDS
+from denoised_node.daemon.web.probes import Readiness
 from denoised_node.daemon.web.request import Request, Response
 from denoised_node.daemon.web.series_data import (
     NotFound,
@@ -117,7 +122,7 @@ class StatusPages:
                 return view(request, **match.groupdict())
             except AdminError as exc:  # NotFound included
                 return self._message(404, "Not found", str(exc))
-            except Exception:  # noqa: BLE001 - one broken page must not look like a dead node
+            except Exception:  # one broken page must not look like a dead node
                 log.exception("status page failed", extra={"path": request.path})
                 return self._message(500, "Error", "This page failed; the node's log says why.")
         if allowed:

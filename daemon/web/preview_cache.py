@@ -19,7 +19,8 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from denoised_node.config.settings import GateSettings
 from denoised_node.daemon.web.previews import Preview, PreviewInput, make_preview
@@ -30,8 +31,8 @@ MAX_WAITERS = 2  # request threads that may wait for a preview at once (of the 8
 MAX_QUEUED = 8  # previews waiting to be made; past it a request is told to come back
 WAIT_SECONDS = 30.0  # how long a waiting request waits before answering "being made"
 RETRY_SECONDS = 3  # what "come back" says
-PENDING = Preview(pending=True, notes=("The pictures are being made; this page reloads in "
-                                       f"{RETRY_SECONDS} s.",))
+PENDING = Preview(pending=True, notes=(("The pictures are being made; this page reloads in "
+                                        f"{RETRY_SECONDS} s."),))
 
 _Key = tuple[int, str, int | None]  # job, version, stack (None: the series' stacks unknown)
 
@@ -52,7 +53,7 @@ class PreviewCache:
     def get(self, source: PreviewInput, stack_index: int) -> Preview:
         """The preview of ``stack_index`` (clamped), or PENDING while it is being made."""
         for _ in range(2):  # a second round when the first made another stack of the job
-            key, found, future = self._lookup(source, stack_index)
+            _key, found, future = self._lookup(source, stack_index)
             if found is not None:
                 return found
             if future is None or not self._waiters.acquire(blocking=False):
@@ -100,7 +101,7 @@ class PreviewCache:
                 preview = make_preview(source, index, self.gate)
                 with self._lock:
                     self._keep(source, preview)
-            except Exception as exc:  # noqa: BLE001 - a page says so; it never fails for this
+            except Exception as exc:  # a page says so; it never fails for this
                 log.exception("preview failed", extra={"job_id": source.job_id})
                 preview = Preview(notes=(f"The stored files could not be read: "
                                          f"{type(exc).__name__}: {exc}".splitlines()[0],))

@@ -18,7 +18,7 @@ import numpy as np
 
 from denoised_node.config.settings import GateSettings
 from denoised_node.daemon.web.png import residual_spread, to_png, window
-from denoised_node.storage.series import Stack, StackPlan, load_volume, plan_stacks
+from denoised_node.storage.images.series import Stack, StackPlan, load_volume, plan_stacks
 
 KINDS = ("before", "after", "residual")
 GATE_SLICES = 32  # model.gate.MAX_SLICES (importing it imports torch: done only when needed)

@@ -12,8 +12,8 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from denoised_node.daemon.admin import EventRow, JobRow, job_detail
-from denoised_node.daemon.admin import NotFound as AdminNotFound
+from denoised_node.daemon.jobs.queries import EventRow, JobRow, job_detail
+from denoised_node.daemon.jobs.queries import NotFound as AdminNotFound
 from denoised_node.daemon.web.activity import stage_seconds
 from denoised_node.daemon.web.previews import PreviewInput
 from denoised_node.storage.files import FileStore, InvalidUID, check_uid
@@ -110,12 +110,12 @@ def preview_input(session: Session, store: FileStore, series: Series, job: JobRo
     version = f"{job.updated_at.isoformat()}|{series.revision}|{series.state}"
     source = tuple(store.path(p) for p in paths)
     state = JobState(job.state)
-    refused = tuple(sorted(store.refused_dir(job.id).glob("*.dcm")))
+    refused = tuple(store.dicom_files(store.refused_dir(job.id)))
     if state == JobState.FAILED and refused:
         return PreviewInput(job.id, version, source, refused, refused=True)
     if state not in _WITH_DERIVED or not job.derived_count:
         return PreviewInput(job.id, version, source, None, _why_no_derived(job))
-    derived = tuple(sorted(store.derived_dir(job.id).glob("*.dcm")))
+    derived = tuple(store.dicom_files(store.derived_dir(job.id)))
     if len(derived) != job.derived_count:
         return PreviewInput(job.id, version, source, None,
                             f"{len(derived)} of the job's {job.derived_count} derived files "

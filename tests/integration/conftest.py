@@ -6,9 +6,10 @@ Every process is started on free ports of 127.0.0.1 and stopped by its PID in te
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -18,12 +19,16 @@ from tests.integration.peers import (
     Orthanc,
     StoreSCP,
     free_port,
+    skip_or_fail,
     start_orthanc,
     start_storescp,
 )
 
 NODE_AET = "DENOISER"
 HERE = Path(__file__).resolve().parent
+
+if TYPE_CHECKING:
+    from tests.integration.test_monitoring_service import Notifications
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -98,3 +103,32 @@ def storescp_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calla
 def storescp(storescp_factory: Callable[..., StoreSCP]) -> StoreSCP:
     """A DCMTK storescp (AET STORESCP) on a free port, accepting every transfer syntax."""
     return storescp_factory()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's chromium driven by Playwright, one a module (the status-page tests)."""
+    from tests.integration.test_web_browser import CHROMIUM, CHROMIUM_ARGS
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        skip_or_fail(
+            "the playwright package is not installed (pip install -e .[test])", "CI must have it"
+        )
+    if not shutil.which(CHROMIUM):
+        skip_or_fail(f"{CHROMIUM} is not installed (apt-get install chromium)", "CI must have it")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def notifications() -> Iterator[Notifications]:
+    """A webhook receiver on loopback (the monitoring and reload tests)."""
+    from tests.integration.test_monitoring_service import Notifications
+
+    box = Notifications()
+    yield box
+    box.listener.close()

@@ -74,7 +74,7 @@ class Node:
     process: ManagedProcess
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli", *args,
+        done = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli.main", *args,
                                "--config", str(self.config)],
                               capture_output=True, text=True, timeout=120, check=False)
         if check and done.returncode != 0:
@@ -100,7 +100,7 @@ def start_node(config: Path, port: int, log: Path, *, timeout: float = 120.0) ->
     env = dict(os.environ)
     env.pop("DENOISED_NODE_CONFIG", None)
     process = ManagedProcess.start(
-        [sys.executable, "-m", "denoised_node.daemon.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "denoised_node.daemon.cli.main", "serve", "--config", str(config)],
         log=log, env=env, cwd=config.parent)
     node = Node(config, port, process)
     try:

@@ -20,8 +20,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from tests.integration.node import NODE_AET, Node, node_config
 from tests.integration.peers import ManagedProcess, echoscu, free_port, wait_until
 from tests.integration.peers.dcmtk import storescu
-from tests.integration.test_monitoring_service import (  # noqa: F401 - the fixture
-    Notifications, http_get, notifications)
+from tests.integration.test_monitoring_service import Notifications, http_get
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,7 @@ def node(tmp_path: Path, notifications: Notifications) -> Iterator[tuple[Node, i
     env = {key: value for key, value in os.environ.items() if not key.startswith("DENOISED_NODE")}
     env.update(NOTIFY_SOCKET=notifications.listener.name)
     process = ManagedProcess.start(
-        [sys.executable, "-m", "denoised_node.daemon.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "denoised_node.daemon.cli.main", "serve", "--config", str(config)],
         log=tmp_path / "node.log", env=env, cwd=tmp_path)
     yield Node(config, node_port, process), http_port
     process.stop(timeout=90)

@@ -303,7 +303,7 @@ def test_https_destination_is_verified_against_the_nodes_ca(
         config = tmp_path / "other.toml"
         config.write_text(node.config.read_text().replace(str(ca.certificate),
                                                           str(other.certificate)))
-        refused = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli", "echo",
+        refused = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli.main", "echo",
                                   "web", "--config", str(config)], capture_output=True,
                                  text=True, timeout=60, check=False)
         assert refused.returncode != 0 and "TLS failed" in refused.stderr, refused.stderr

@@ -34,10 +34,10 @@ from pydicom.uid import (
 )
 
 from denoised_node.config.settings import Destination, load_settings
-from denoised_node.daemon.scu import send_files
-from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
-from denoised_node.storage.derived_uids import DerivedUIDs
-from denoised_node.storage.series import load_volume, plan_stacks
+from denoised_node.daemon.dicom.scu import send_files
+from denoised_node.storage.images.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.images.derived_uids import DerivedUIDs
+from denoised_node.storage.images.series import load_volume, plan_stacks
 from tests.fixtures.classic_mr import PRIVATE_CREATOR, PRIVATE_GROUP
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries, generate_series
@@ -330,10 +330,14 @@ def test_inputs_it_cannot_denoise_are_ignored_without_an_error(
     deadline = time.monotonic() + SERIES_TIMEOUT
     while len(reasons := ignored()) < 3 and time.monotonic() < deadline:
         time.sleep(2)
-    assert sorted(reasons.values()) == sorted([
-        "nothing to denoise: not a magnitude image (phase)",
-        "not an MR image (CT Image Storage): 1 instance(s) arrived, none to denoise",
-        "not an MR image (Secondary Capture Image Storage): 1 instance(s) arrived, none to denoise"])
+    assert sorted(reasons.values()) == sorted(
+        [
+            "nothing to denoise: not a magnitude image (phase)",
+            "not an MR image (CT Image Storage): 1 instance(s) arrived, none to denoise",
+            ("not an MR image (Secondary Capture Image Storage): 1 instance(s) arrived, "
+             "none to denoise"),
+        ]
+    )
     assert phase.series_uid in reasons
     assert pacs.find_series(study.study_uid) == []
 

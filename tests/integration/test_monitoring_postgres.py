@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from denoised_node.daemon import health
-from denoised_node.daemon.metrics import QueueCollector
+from denoised_node.daemon.web import probes
+from denoised_node.daemon.web.metrics import QueueCollector
 from denoised_node.storage.db import SessionFactory, make_engine, make_session_factory
 from denoised_node.storage.models import Series, utcnow
 from denoised_node.storage.queue import JobState, enqueue, transition
@@ -60,5 +60,5 @@ def test_queue_collector_on_postgresql(postgres_url: str) -> None:  # noqa: F811
     assert found[("denoised_node_series_outcomes_total", (("outcome", "failed"),))] == 0
     # The queue depth is read as it is now, settle window or not.
     assert found[("denoised_node_queue_jobs", (("state", "failed"),))] == 1
-    assert health.database(engine)().detail == "postgresql reachable"
+    assert probes.database(engine)().detail == "postgresql reachable"
     engine.dispose()

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from denoised_node.daemon.notify import Notification, NotifyListener
+from denoised_node.daemon.process.sd_notify import Notification, NotifyListener
 from tests.integration.node import NODE_AET, node_config
 from tests.integration.peers import ManagedProcess, echoscu, free_port, port_open, wait_until
 
@@ -65,13 +65,6 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def notifications() -> Iterator[Notifications]:
-    box = Notifications()
-    yield box
-    box.listener.close()
-
-
-@pytest.fixture
 def service(tmp_path: Path, notifications: Notifications) -> Iterator[tuple[ManagedProcess, int,
                                                                              int]]:
     node_port, http_port = free_port(), free_port()
@@ -81,7 +74,7 @@ def service(tmp_path: Path, notifications: Notifications) -> Iterator[tuple[Mana
     env = {key: value for key, value in os.environ.items() if not key.startswith("DENOISED_NODE")}
     env.update(NOTIFY_SOCKET=notifications.listener.name, WATCHDOG_USEC="2000000")
     process = ManagedProcess.start(
-        [sys.executable, "-m", "denoised_node.daemon.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "denoised_node.daemon.cli.main", "serve", "--config", str(config)],
         log=tmp_path / "node.log", env=env, cwd=tmp_path)
     yield process, node_port, http_port
     process.stop(timeout=90)
@@ -111,9 +104,16 @@ def test_ready_watchdog_hung_worker_and_sigterm(service: Any, notifications: Not
     wait_until(lambda: notifications.poll() and not _alive(worker), timeout=30,
                what="the hung worker killed")
     assert http_get(http_port, "/readyz")[0] == 503  # no worker with a model, for now
-    wait_until(lambda: notifications.poll() and len(children(pid)) == 1
-               and children(pid)[0] != worker and http_get(http_port, "/readyz")[0] == 200, timeout=180,
-               what="a new worker ready")
+    wait_until(
+        lambda: (
+            notifications.poll()
+            and len(children(pid)) == 1
+            and children(pid)[0] != worker
+            and http_get(http_port, "/readyz")[0] == 200
+        ),
+        timeout=180,
+        what="a new worker ready",
+    )
     assert "worker sent no heartbeat" in process.log_tail(200)
     assert notifications.count("READY", pid) == 1  # serve itself was never restarted
 
@@ -134,7 +134,7 @@ def test_sigterm_finishes_or_releases_the_job_in_hand(tmp_path: Path, mr_series_
     env = {key: value for key, value in os.environ.items() if not key.startswith("DENOISED_NODE")}
     env.update(NOTIFY_SOCKET=notifications.listener.name)
     process = ManagedProcess.start(
-        [sys.executable, "-m", "denoised_node.daemon.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "denoised_node.daemon.cli.main", "serve", "--config", str(config)],
         log=tmp_path / "node.log", env=env, cwd=tmp_path)
     try:
         wait_until(lambda: process.check_alive() and notifications.count("READY") == 1,

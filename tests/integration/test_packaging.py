@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 def _run(*command: str, cwd: Path | None = None, timeout: float = 900) -> str:
     done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           check=False)
-    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (
+        f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done.stdout
 
 
@@ -64,7 +66,7 @@ def test_wheel_installs_and_runs_in_a_clean_venv(wheel: Path, tmp_path: Path,
     assert "3 derived instance(s)" in out
     assert "schema upgraded" in _run(tool, "db", "upgrade", "--config", str(config))
     site = next((venv / "lib").glob("python3*/site-packages"))
-    assert (site / "denoised_node" / "daemon" / "cli.py").is_file()
+    assert (site / "denoised_node" / "daemon" / "cli" / "main.py").is_file()
     assert not (site / "daemon").exists() and not (site / "config").exists()
 
 
@@ -74,7 +76,7 @@ def test_serve_without_config_runs_on_embedded_defaults(tmp_path: Path) -> None:
     # No config file at all; only the port moves (11112 may be taken on a test machine).
     env.update({"XDG_DATA_HOME": str(tmp_path / "xdg"), "DENOISED_NODE_NODE__PORT": str(port),
                 "DENOISED_NODE_HTTP__ENABLED": "false"})
-    process = ManagedProcess.start([sys.executable, "-m", "denoised_node.daemon.cli", "serve"],
+    process = ManagedProcess.start([sys.executable, "-m", "denoised_node.daemon.cli.main", "serve"],
                                    log=tmp_path / "serve.log", env=env, cwd=tmp_path)
     try:
         wait_until(lambda: process.check_alive() and echoscu("127.0.0.1", port, NODE_AET),

@@ -29,15 +29,15 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select
 
 from denoised_node.config.settings import Destination, Settings, load_settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.files import STALE_TEMP_SECONDS, FileStore
 from denoised_node.storage.models import Base, Instance, Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import check_schema, upgrade
 from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
 
@@ -75,7 +75,7 @@ class FastDenoiser:
 
     identity = "postgres-test-model-1"
 
-    class card:  # mimics the model card's attributes
+    class card:  # noqa: N801 - mimics the model card's attributes
         name = "postgres-test"
         version = "1.0"
 
@@ -113,7 +113,9 @@ class LoggingSender:
 def sent_lines(log: Path) -> list[tuple[str, int, int]]:
     if not log.exists():
         return []
-    return [(w, int(j), int(n)) for w, j, n in (line.split() for line in log.read_text().splitlines())]
+    return [
+        (w, int(j), int(n)) for w, j, n in (line.split() for line in log.read_text().splitlines())
+    ]
 
 
 def run_worker(environ: dict[str, str], worker_id: str, sent_log: str,
@@ -354,8 +356,14 @@ def test_a_worker_refuses_a_data_dir_without_the_shared_store(tmp_path: Path,
                                                              postgres_url: str) -> None:  # noqa: F811
     env = {**os.environ, **node_environ(tmp_path / "not-mounted", postgres_url)}
     env.pop("DENOISED_NODE_CONFIG", None)
-    done = subprocess.run([sys.executable, "-m", "denoised_node.daemon.cli", "worker", "--burst"],
-                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "denoised_node.daemon.cli.main", "worker", "--burst"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode != 0
     assert "holds no file store" in done.stderr and "mount the shared store" in done.stderr
     assert not (tmp_path / "not-mounted").exists()  # nothing created on the local disk

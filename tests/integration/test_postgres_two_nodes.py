@@ -61,7 +61,7 @@ def cluster(tmp_path: Path, postgres_url: str,  # noqa: F811
         env = dict(os.environ)
         env.pop("DENOISED_NODE_CONFIG", None)
         worker = ManagedProcess.start(
-            [sys.executable, "-m", "denoised_node.daemon.cli", "worker", "--config",
+            [sys.executable, "-m", "denoised_node.daemon.cli.main", "worker", "--config",
              str(configs[0])], log=tmp_path / f"worker-{name}.log", env=env, cwd=tmp_path)
         workers.append(worker)
         return worker

@@ -27,7 +27,7 @@ def _indexed(database: Path) -> int:
 def _metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    return sum(float(value) for value in re.findall(rf"^{name} (\S+)$", text, re.M))
+    return sum(float(value) for value in re.findall(rf"^{name} (\S+)$", text, re.MULTILINE))
 
 
 def _receiver_pids(log: str) -> list[int]:
@@ -58,7 +58,7 @@ def test_two_receiving_processes_share_the_port(tmp_path: Path) -> None:
                                    r'\{outcome="stored"\}') == 24,
                    timeout=10, what="the receivers' counts in serve's /metrics")
 
-        first, second = _receiver_pids(node.log())
+        first, _second = _receiver_pids(node.log())
         os.kill(first, signal.SIGKILL)
         extra = generate_series(tmp_path / "after", rows=32, columns=32, slices=5,
                             seed=200).directory

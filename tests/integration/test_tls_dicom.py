@@ -18,11 +18,11 @@ from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[at
 from sqlalchemy import func, select
 
 from denoised_node.config.settings import ConfigError, Settings, load_settings
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scp import ScpListeners, start_scp
-from denoised_node.daemon.scu import SendError, echo, send_files
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import ScpListeners, start_scp
+from denoised_node.daemon.dicom.scu import SendError, echo, send_files
 from denoised_node.storage.models import Instance
+from denoised_node.storage.runtime import Runtime, open_runtime
 from tests.fixtures.certificates import Credentials, TestCA
 from tests.integration.peers import StoreSCP, storescu
 
@@ -154,7 +154,7 @@ def test_handshake_failures_and_tls_associations_are_counted(tmp_path: Path, pki
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    from denoised_node.daemon.metrics import node_registry
+    from denoised_node.daemon.web.metrics import node_registry
 
     settings = _settings(tmp_path, pki)
     runtime = open_runtime(settings, initialise_empty=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from tests.integration.peers import (
     free_port,
     nodelay_env,
     require_tool,
-    skip_or_fail,
     start_orthanc,
     storescu,
     wait_until,
@@ -103,20 +101,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         if node is not None:
             node.process.stop(timeout=60)
         orthanc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        skip_or_fail("the playwright package is not installed (pip install -e .[test])", "CI must have it")
-    if not shutil.which(CHROMIUM):
-        skip_or_fail(f"{CHROMIUM} is not installed (apt-get install chromium)", "CI must have it")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from sqlalchemy import update
 from denoised_node.daemon.web.request import Request
 from denoised_node.storage.models import Job, JobEvent
 from tests.fixtures.mr_series import GeneratedSeries, generate_series
-from tests.integration.test_web_browser import SCREENSHOTS, browser  # noqa: F401 - the fixture
+from tests.integration.test_web_browser import SCREENSHOTS
 from tests.unit.conftest import ScaledDenoiser, make_settings
 from tests.unit.test_web_pages import Node, build_node
 

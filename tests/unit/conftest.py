@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from denoised_node.config.settings import Settings, load_settings
-from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.storage.db import make_engine
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
 
 

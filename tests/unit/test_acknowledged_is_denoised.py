@@ -18,14 +18,14 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import CTImageStorage
 from sqlalchemy import select
 
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.pipeline import PermanentError
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.status import Status, UnreadableDataset, status_for
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.dimse_status import Status, UnreadableDataset, status_for
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.pipeline import PermanentError
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.models import Job, JobEvent, Series
+from denoised_node.storage.runtime import Runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -213,7 +213,7 @@ def test_a_long_reason_is_kept_whole_in_the_job_and_in_jobs_show_json(runtime: R
     """Reasons were cut at 300 characters where they were stored ("... a regio...")."""
     from click.testing import CliRunner
 
-    from denoised_node.daemon.cli import main
+    from denoised_node.daemon.cli.main import main
 
     assert len(_RefusingDenoiser.REASON) > 900
     receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
@@ -224,8 +224,13 @@ def test_a_long_reason_is_kept_whole_in_the_job_and_in_jobs_show_json(runtime: R
     (job,) = _jobs(runtime)
     assert job.state == "failed" and job.reason == _RefusingDenoiser.REASON
     url = runtime.settings.database.url
-    result = CliRunner().invoke(main, ["jobs", "show", str(job.id), "--json"],
-                                env={"DENOISED_NODE_DATABASE__URL": url,
-                                     "DENOISED_NODE_NODE__DATA_DIR": str(runtime.settings.node.data_dir)})
+    result = CliRunner().invoke(
+        main,
+        ["jobs", "show", str(job.id), "--json"],
+        env={
+            "DENOISED_NODE_DATABASE__URL": url,
+            "DENOISED_NODE_NODE__DATA_DIR": str(runtime.settings.node.data_dir),
+        },
+    )
     assert result.exit_code == 0, result.output
     assert _RefusingDenoiser.REASON in result.stdout

@@ -16,14 +16,14 @@ from pynetdicom.sop_class import MRImageStorage, Verification  # type: ignore[at
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scp import start_scp
-from denoised_node.daemon.status import Status
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.dimse_status import Status
+from denoised_node.daemon.dicom.network_options import keep_responses_for_the_caller
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.models import Instance, Job, Series
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import SchemaOutOfDate
 
 
@@ -127,7 +127,7 @@ def test_fuzzed_datasets_never_break_the_scp(scp, mr_series, tmp_path: Path,  # 
     try:
         # Given a path, pynetdicom sends the bytes after the file meta as they are.
         assoc.send_c_store(mutant)
-    except Exception:  # noqa: BLE001 - the mutant's file meta is unreadable: nothing sent
+    except Exception:  # noqa: BLE001, S110 - the mutant's file meta is unreadable: nothing sent
         pass
     if assoc.is_established:
         assoc.release()

@@ -4,19 +4,19 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.jobs.completion import complete_idle_series
 from denoised_node.storage.models import Job, Series
 from denoised_node.storage.queue import JobState, transition
+from denoised_node.storage.runtime import open_runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -61,7 +61,7 @@ def test_db_upgrade_then_status(config: Path) -> None:
 
 
 def test_status_on_missing_schema_is_one_clear_line(config: Path) -> None:
-    code, out, err = run("status", "--config", str(config))
+    code, _out, err = run("status", "--config", str(config))
     assert code == 1
     assert err.strip().count("\n") == 0 and "denoised-node db upgrade" in err
 
@@ -228,8 +228,10 @@ def test_every_command_of_the_train_extra_says_so_before_any_work(
     code, out, err = run(*(arg.format(tmp=tmp_path) for arg in command))
     assert (code, out) == (1, ""), err
     assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert err.rstrip().endswith(f"{', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                                 "not installed: pip install 'denoised-node[train]'"), err
+    assert err.rstrip().endswith(
+        f"{', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+        "not installed: pip install 'denoised-node[train]'"
+    ), err
     assert not (tmp_path / "run").exists()  # nothing done before the error
 
 
@@ -251,7 +253,7 @@ def test_replay_of_a_series_with_no_image_keeps_its_reason(config: Path, mr_seri
     import pydicom
 
     from denoised_node.config.settings import load_settings
-    from denoised_node.daemon.receive import Receiver
+    from denoised_node.daemon.dicom.receive import Receiver
 
     run("db", "upgrade", "--config", str(config))
     runtime = open_runtime(load_settings(config, environ={}))
@@ -277,7 +279,7 @@ def test_an_exit_status_is_not_classified_as_an_error(monkeypatch: pytest.Monkey
     process."""
     import click
 
-    from denoised_node.daemon import cli
+    from denoised_node.daemon.cli import main as cli
 
     classified: list[BaseException] = []
     monkeypatch.setattr(cli, "command_error", lambda exc: classified.append(exc))
@@ -311,14 +313,14 @@ def test_since_takes_a_duration_as_well_as_an_iso_date(config: Path, mr_series) 
 
 
 def test_a_duration_counts_back_from_now() -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    from denoised_node.daemon.cli_options import parse_since
+    from denoised_node.daemon.cli.options import parse_since
 
-    now = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
-    assert parse_since("90m", now) == datetime(2026, 12, 3, 10, 30, tzinfo=timezone.utc)
-    assert parse_since("2d", now) == datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
-    assert parse_since("2026-12-01", now) == datetime(2026, 12, 1, tzinfo=timezone.utc)
+    now = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+    assert parse_since("90m", now) == datetime(2026, 12, 3, 10, 30, tzinfo=UTC)
+    assert parse_since("2d", now) == datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    assert parse_since("2026-12-01", now) == datetime(2026, 12, 1, tzinfo=UTC)
 
 
 HEAVY = ("torch", "monai", "pynetdicom", "pydicom", "numpy", "alembic", "PIL", "jinja2",
@@ -332,9 +334,9 @@ def test_status_imports_nothing_heavy(config: Path) -> None:
     script = ("import atexit, sys\n"
               "atexit.register(lambda: print(' '.join(sorted(sys.modules)), file=sys.stderr))\n"
               f"sys.argv = ['denoised-node', 'status', '--config', {str(config)!r}]\n"
-              "from denoised_node.daemon.cli import main\nmain()\n")
+              "from denoised_node.daemon.cli.main import main\nmain()\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120, env={k: v for k, v in os.environ.items()
+                          check=False, timeout=120, env={k: v for k, v in os.environ.items()
                                             if not k.startswith("DENOISED_NODE_")})
     assert done.returncode == 0, done.stderr
     loaded = {name.split(".")[0] for name in done.stderr.split()}

@@ -1,4 +1,4 @@
-"""Series completion (daemon/completion.py): idle time, an early finish for a released
+"""Series completion (daemon/jobs/completion.py): idle time, an early finish for a released
 gap-free series, late instances and series that are not MR."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from sqlalchemy import event, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.jobs.completion import complete_idle_series
 from denoised_node.storage.models import Job, utcnow
+from denoised_node.storage.runtime import Runtime
 from tests.fixtures.node_state import job_states, receive_files
 
 
@@ -64,7 +64,7 @@ def test_series_without_mr_is_ignored_with_the_reason(runtime: Runtime, mr_serie
         assert job.state == "ignored" and "not an MR image" in (job.reason or "")
     # It listed 0 instances: the job says how many arrived, and that none is denoised.
     assert "2 instance(s) arrived, none to denoise" in (job.reason or "")
-    from denoised_node.daemon.admin import job_detail, list_jobs
+    from denoised_node.daemon.jobs.queries import job_detail, list_jobs
 
     with runtime.sessions() as session:
         row, _ = job_detail(session, job.id)

@@ -1,8 +1,8 @@
-"""The fair sharing of connection slots across addresses (daemon/connection_slots.py)."""
+"""The fair sharing of connection slots across addresses (daemon/dicom/connection_slots.py)."""
 
 from __future__ import annotations
 
-from denoised_node.daemon.connection_slots import Connection, FairPool
+from denoised_node.daemon.dicom.connection_slots import Connection, FairPool
 
 
 def _conn(address: str, last_active: float, closed: list[Connection]) -> Connection:

@@ -1,9 +1,9 @@
-"""The derived series (storage/derive.py): pixels back in the stored range and
+"""The derived series (storage/images/derive.py): pixels back in the stored range and
 representation, derived attributes, deterministic UIDs, compressed input, own output."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +11,11 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
-from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter, is_own_output
-from denoised_node.storage.derived_uids import DerivedUIDs, derived_uid
-from denoised_node.storage.series import load_volume, plan_stacks
+from denoised_node.storage.images.derive import DerivationInfo, DerivedSeriesWriter, is_own_output
+from denoised_node.storage.images.derived_uids import DerivedUIDs, derived_uid
+from denoised_node.storage.images.series import load_volume, plan_stacks
 
-NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 25, 10, 0, 0, tzinfo=UTC)
 INFO = DerivationInfo(model_identity="model-a", model_name="unet", model_version="1.0",
                       software_version="0.1.0")
 

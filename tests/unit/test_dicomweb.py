@@ -24,13 +24,13 @@ from denoised_node.config.settings import (
 from denoised_node.daemon.dicomweb import multipart
 from denoised_node.daemon.dicomweb.client import Instance, StowResponse, batches
 from denoised_node.daemon.dicomweb.multipart import MediaType, MultipartError, MultipartReader
-from denoised_node.daemon.dicomweb.receiver import StowReceiver, source_of
+from denoised_node.daemon.web.stow import StowReceiver, source_of
 from denoised_node.daemon.dicomweb.status import answer_for, verdict_for
-from denoised_node.daemon.http import CheckResult, Readiness
-from denoised_node.daemon.http_app import HttpApp
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.status import Status
+from denoised_node.daemon.web.endpoint import CheckResult, Readiness
+from denoised_node.daemon.web.app import HttpApp
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.storage.runtime import Runtime
+from denoised_node.daemon.dicom.dimse_status import Status
 from denoised_node.daemon.web.auth import Guard
 from denoised_node.storage.models import Instance as InstanceRow
 from denoised_node.storage.models import Series
@@ -244,7 +244,7 @@ def test_stow_none_stored_is_409(runtime: Runtime, mr_series) -> None:  # type: 
 
 
 def test_stow_out_of_space_is_a700(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.runtime import open_runtime
+    from denoised_node.storage.runtime import open_runtime
     from denoised_node.storage.db import make_engine
     from denoised_node.storage.schema import upgrade
 
@@ -410,7 +410,7 @@ class _Scripted:
 
 
 def _send(server: _Scripted, files: list[Path], **destination: Any) -> Any:
-    from denoised_node.daemon.destinations import send_to
+    from denoised_node.daemon.jobs.destinations import send_to
 
     settings = load_settings(None, environ={})
     target = DicomwebDestination(name="web", kind="dicomweb", url=server.url, **destination)

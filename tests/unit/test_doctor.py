@@ -1,4 +1,4 @@
-"""`denoised-node doctor` (daemon/doctor.py): what is wrong and how to fix it, with the
+"""`denoised-node doctor` (daemon/cli/doctor.py): what is wrong and how to fix it, with the
 shipped model and no network peers. The security checks are in test_security_doctor.py."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.doctor import Check, _destinations
+from denoised_node.daemon.cli.doctor import Check, _destinations
+from denoised_node.daemon.cli.main import main
 from tests.fixtures.dicom_peer import loopback_scp
 from tests.fixtures.node_state import minimal_config
 

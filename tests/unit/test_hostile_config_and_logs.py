@@ -12,13 +12,13 @@ import pytest
 from click.testing import CliRunner
 
 from denoised_node.config.settings import ConfigError, load_settings
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.doctor_security import http_check
-from denoised_node.daemon.logs import TextFormatter
+from denoised_node.daemon.cli.doctor_security import http_check
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.process.logs import TextFormatter
 
 
 def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
-    record = logging.LogRecord("denoised_node.daemon.scp", logging.WARNING, __file__, 1,
+    record = logging.LogRecord("denoised_node.daemon.dicom.scp", logging.WARNING, __file__, 1,
                                message, args, None)
     record.__dict__.update(extra)
     return record

@@ -17,13 +17,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from denoised_node.config.settings import HttpSettings, Settings
-from denoised_node.daemon.http import CheckResult, Readiness, StatusServer
-from denoised_node.daemon.http_app import HttpApp, Pages
-from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.web.app import HttpApp, Pages
 from denoised_node.daemon.web.auth import Guard
 from denoised_node.daemon.web.csrf import TOKEN_FIELD
+from denoised_node.daemon.web.endpoint import StatusServer
 from denoised_node.daemon.web.pages import StatusPages
+from denoised_node.daemon.web.probes import CheckResult, Readiness
 from denoised_node.daemon.web.request import MAX_FORM_BYTES, Request, Response
+from denoised_node.storage.runtime import Runtime
 from tests.fixtures.wsgi import call
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}

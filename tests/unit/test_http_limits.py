@@ -16,7 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from denoised_node.config.settings import load_settings
-from denoised_node.daemon.http import Readiness, StatusServer
+from denoised_node.daemon.web.endpoint import StatusServer
+from denoised_node.daemon.web.probes import Readiness
 from denoised_node.daemon.web.request import Request, Response
 from tests.fixtures.sockets import closed_quickly
 

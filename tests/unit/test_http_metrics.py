@@ -17,14 +17,15 @@ from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from denoised_node.config.settings import HttpSettings, Settings
-from denoised_node.daemon import health
-from denoised_node.daemon.http import CheckResult, Readiness, StatusServer
-from denoised_node.daemon.metrics import QueueCollector, node_registry
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scp import start_scp
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.daemon.web import probes
+from denoised_node.daemon.web.endpoint import StatusServer
+from denoised_node.daemon.web.metrics import QueueCollector, node_registry
+from denoised_node.daemon.web.probes import CheckResult, Readiness
 from denoised_node.storage.models import Series, utcnow
 from denoised_node.storage.queue import JobState, enqueue, transition
+from denoised_node.storage.runtime import Runtime, open_runtime
 
 S = JobState
 
@@ -191,9 +192,9 @@ def test_http_endpoints(runtime: Runtime) -> None:
     registry, _ = node_registry(runtime.sessions, postgres=False)
     workers = {"ready": 0}
     readiness = Readiness([
-        ("database", health.database(runtime.engine)),
-        ("model", health.model_loaded(lambda: workers["ready"], 1)),
-        ("disk", health.disk(runtime.store, 0)),
+        ("database", probes.database(runtime.engine)),
+        ("model", probes.model_loaded(lambda: workers["ready"], 1)),
+        ("disk", probes.disk(runtime.store, 0)),
         ("broken", lambda: (_ for _ in ()).throw(RuntimeError("boom"))),
     ])
     server = StatusServer(HttpSettings(port=0), registry, readiness).start()
@@ -218,9 +219,9 @@ def test_http_endpoints(runtime: Runtime) -> None:
 
 
 def test_disk_under_the_watermark_is_not_ready(runtime: Runtime) -> None:
-    result = health.disk(runtime.store, 2**40)()  # a petabyte
+    result = probes.disk(runtime.store, 2**40)()  # a petabyte
     assert not result.ok and "0xA700" in result.detail
-    assert health.model_loaded(lambda: 0, 0)() == CheckResult(
+    assert probes.model_loaded(lambda: 0, 0)() == CheckResult(
         True, "no local workers (worker.count = 0)")
 
 

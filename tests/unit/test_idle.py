@@ -13,12 +13,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from denoised_node.daemon.completion import CompletionLoop, next_due
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.worker import Waker, Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.jobs.completion import CompletionLoop, next_due
+from denoised_node.daemon.jobs.worker import Waker, Worker
 from denoised_node.storage.models import Job, Series, utcnow
 from denoised_node.storage.queue import attempt_limits
+from denoised_node.storage.runtime import Runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -51,15 +51,18 @@ def test_a_released_series_is_due_after_its_grace(runtime: Runtime, mr_series) -
     receiver.mark_released(Counter({series_id: len(mr_series.paths)}))
     now = utcnow()
     due = next_due(runtime.sessions, runtime.settings.series, now)
-    assert due is not None and (due - now).total_seconds() <= runtime.settings.series.released_grace_seconds
+    assert (
+        due is not None
+        and (due - now).total_seconds() <= runtime.settings.series.released_grace_seconds
+    )
     # once the grace has passed (the series was not gap-free), the idle time decides
     later = now + timedelta(seconds=5)
     assert next_due(runtime.sessions, runtime.settings.series, later) > later  # type: ignore[operator]
 
 
 def test_completion_sleeps_until_poked_then_queues(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.runtime import open_runtime
     from denoised_node.storage.db import make_engine
+    from denoised_node.storage.runtime import open_runtime
     from denoised_node.storage.schema import upgrade
 
     settings = settings_factory(series__idle_seconds=0)
@@ -119,7 +122,7 @@ def test_a_stop_request_ends_the_idle_wait_at_once(runtime: Runtime, fake_denois
 def test_an_idle_scp_does_not_collect_garbage(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import gc
 
-    from denoised_node.daemon import connection_guard
+    from denoised_node.daemon.dicom import connection_guard
 
     collected: list[int] = []
     monkeypatch.setattr(gc, "collect", lambda *a: collected.append(1) or 0)

@@ -21,9 +21,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
-from denoised_node.storage.derived_uids import DerivedUIDs
-from denoised_node.storage.series import load_volume, plan_stacks
+from denoised_node.storage.images.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.images.derived_uids import DerivedUIDs
+from denoised_node.storage.images.series import load_volume, plan_stacks
 from tests.fixtures.mr_series import GeneratedSeries
 from tests.fixtures.other_objects import write_legacy_converted
 from tests.integration.peers import dciodvfy, dcm2niix_affines

@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.pipeline import SeriesOutcome, denoise_series
+from denoised_node.daemon.jobs.pipeline import SeriesOutcome, denoise_series
 from tests.fixtures.classic_mr import PRIVATE_CREATOR, PRIVATE_GROUP
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries
@@ -46,7 +46,7 @@ class IdentityDenoiser:
 
     identity = "identity-test-model"
 
-    class card:
+    class card:  # noqa: N801 - mimics the model card's attributes
         name = "identity"
         version = "1.0"
 

@@ -18,17 +18,17 @@ import pydicom
 import pytest
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.pipeline import GateFailed, denoise_series, input_policy, plan_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.rules import decide
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.series_attributes import attributes_from_file
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.jobs.pipeline import GateFailed, denoise_series, input_policy, plan_series
+from denoised_node.daemon.jobs.rules import decide
+from denoised_node.daemon.jobs.series_attributes import attributes_from_file
 from denoised_node.model.inference import Denoiser
 from denoised_node.storage.db import make_engine
-from denoised_node.storage.derive import DerivationInfo, DerivedSeriesWriter
-from denoised_node.storage.derived_uids import DerivedUIDs
+from denoised_node.storage.images.derive import DerivationInfo, DerivedSeriesWriter
+from denoised_node.storage.images.derived_uids import DerivedUIDs
+from denoised_node.storage.images.series import NothingToDenoise, load_volume, plan_stacks
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
-from denoised_node.storage.series import NothingToDenoise, load_volume, plan_stacks
 from tests.fixtures.real_files import CORPUS, OUTSIDE, RealFile, gunzipped
 from tests.integration.peers import dciodvfy
 

@@ -19,9 +19,9 @@ from pydicom.tag import Tag
 from pydicom.uid import ImplicitVRLittleEndian
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.pipeline import denoise_series
-from denoised_node.storage.mosaic import csa_fields
-from denoised_node.storage.series import NothingToDenoise, flat_reason, plan_stacks
+from denoised_node.daemon.jobs.pipeline import denoise_series
+from denoised_node.storage.images.mosaic import csa_fields
+from denoised_node.storage.images.series import NothingToDenoise, flat_reason, plan_stacks
 from tests.fixtures.mr_series import GeneratedSeries
 from tests.integration.peers import dciodvfy
 
@@ -34,7 +34,7 @@ class Recorder:
 
     identity = "recorder-model"
 
-    class card:  # mimics the model card's attributes
+    class card:  # noqa: N801 - mimics the model card's attributes
         name = "recorder"
         version = "1.0"
 

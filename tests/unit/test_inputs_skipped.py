@@ -16,14 +16,14 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.pipeline import denoise_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.pipeline import denoise_series
+from denoised_node.daemon.jobs.worker import Worker
+from denoised_node.storage.images.series import NothingToDenoise, plan_stacks, unusable_reason
 from denoised_node.storage.models import Job, Series
-from denoised_node.storage.series import NothingToDenoise, plan_stacks, unusable_reason
+from denoised_node.storage.runtime import Runtime
 from tests.fixtures.mr_series import GeneratedSeries
 
 Factory = Callable[..., GeneratedSeries]
@@ -117,7 +117,9 @@ def test_a_mixed_series_denoises_the_magnitude_images_only(
                                      "ImageType": ["ORIGINAL", "PRIMARY", "P", "ND"]})
 
     class Identity(_NoNetwork):
-        def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
+        def denoise(
+            self, volume: np.ndarray, progress: Any = None, spacing: Any = None
+        ) -> np.ndarray:
             return volume
 
     outcome = denoise_series(magnitude.paths + phase.paths, magnitude.series_uid, Identity(),
@@ -179,7 +181,9 @@ def test_one_malformed_image_is_left_out_and_the_rest_denoised(mr_series_factory
     ds.save_as(two_pixel_data)
 
     class Identity(_NoNetwork):
-        def denoise(self, volume: np.ndarray, progress: Any = None, spacing: Any = None) -> np.ndarray:
+        def denoise(
+            self, volume: np.ndarray, progress: Any = None, spacing: Any = None
+        ) -> np.ndarray:
             return volume
 
     outcome = denoise_series(series.paths, series.series_uid, Identity(), settings,

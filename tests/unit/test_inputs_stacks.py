@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from denoised_node.storage.series import Stack, load_volume, plan_stacks
+from denoised_node.storage.images.series import Stack, load_volume, plan_stacks
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries
 from tests.fixtures.other_objects import write_legacy_converted

@@ -12,8 +12,7 @@ from alembic import command
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 
-from denoised_node.daemon.metrics import QueueCollector
-from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.web.metrics import QueueCollector
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.job_events import StageTime, latest_run, outcome_of, stage_durations
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
@@ -25,6 +24,7 @@ from denoised_node.storage.queue import (
     return_to_stage,
     transition,
 )
+from denoised_node.storage.runtime import Runtime
 from denoised_node.storage.schema import alembic_config, upgrade
 from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
 
@@ -206,10 +206,10 @@ def test_the_migration_backfills_the_kind_of_old_events(tmp_path: Path, engine_k
     with engine.connect() as connection:
         kinds = connection.execute(text("SELECT kind FROM job_events ORDER BY id")).scalars()
         assert list(kinds) == [expected for *_, expected in OLD_EVENTS]
-    with engine.begin() as connection:  # the column is required from now on
-        with pytest.raises(IntegrityError):
-            connection.execute(text("INSERT INTO job_events (job_id, at, to_state) "
-                                    "VALUES (1, :t, 'queued')"), {"t": T0})
+    # the column is required from now on
+    with engine.begin() as connection, pytest.raises(IntegrityError):
+        connection.execute(text("INSERT INTO job_events (job_id, at, to_state) "
+                                "VALUES (1, :t, 'queued')"), {"t": T0})
     # Where the states tell, the backfill and the queue's default agree.
     for from_state, to_state, _, expected in OLD_EVENTS:
         if expected not in ("released", "superseded"):

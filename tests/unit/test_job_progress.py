@@ -12,16 +12,16 @@ import numpy as np
 from sqlalchemy import select
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.admin import JobRow, list_jobs
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.job_status import AttemptLimits, job_status
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.job_status import AttemptLimits, job_status
+from denoised_node.daemon.jobs.queries import JobRow, list_jobs
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.models import Job, Series, utcnow
 from denoised_node.storage.progress import Progress, ProgressRecorder
 from denoised_node.storage.queue import JobState, claim, transition
+from denoised_node.storage.runtime import Runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -80,11 +80,14 @@ class ReportingSender:
 
 
 def test_worker_records_slices_denoised_and_instances_sent(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.runtime import open_runtime
     from denoised_node.storage.db import make_engine
+    from denoised_node.storage.runtime import open_runtime
     from denoised_node.storage.schema import upgrade
 
-    settings = settings_factory(worker__progress_interval_seconds=0, destinations='[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}]')
+    settings = settings_factory(
+        worker__progress_interval_seconds=0,
+        destinations='[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}]',
+    )
     upgrade(make_engine(settings.database_url))
     runtime = open_runtime(settings)
     _queued_job(runtime, mr_series.paths)
@@ -150,10 +153,11 @@ def test_time_left_follows_the_rate_so_far() -> None:
 
 def _row(**values: Any) -> JobRow:
     now = utcnow()
-    base: dict[str, Any] = dict(id=1, state="processed", series_uid="1.2", study_uid="1.3",
-                                modality="MR", instances=12, created_at=now, updated_at=now,
-                                reason=None, processing_attempts=0, send_attempts=0,
-                                derived_series_uid=None, derived_count=12)
+    base: dict[str, Any] = {"id": 1, "state": "processed", "series_uid": "1.2",
+                            "study_uid": "1.3", "modality": "MR", "instances": 12,
+                            "created_at": now, "updated_at": now, "reason": None,
+                            "processing_attempts": 0, "send_attempts": 0,
+                            "derived_series_uid": None, "derived_count": 12}
     return JobRow(**{**base, **values})
 
 

@@ -15,11 +15,12 @@ from pynetdicom import AE, debug_logger
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import HttpSettings
-from denoised_node.daemon.http import CheckResult, Readiness, StatusServer
-from denoised_node.daemon.logs import TextFormatter, setup_logging
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.scp import start_scp
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.daemon.process.logs import TextFormatter, setup_logging
+from denoised_node.daemon.web.endpoint import StatusServer
+from denoised_node.daemon.web.probes import CheckResult, Readiness
+from denoised_node.storage.runtime import open_runtime
 
 
 @pytest.fixture
@@ -51,7 +52,9 @@ def test_a_browser_that_disconnects_leaves_no_traceback(root_log: io.StringIO, c
         for _ in range(3):
             client = socket.create_connection(("127.0.0.1", server.port))
             client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            client.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             client.close()  # a reset, as a browser tab closed mid-page
         time.sleep(1.0)
     finally:
@@ -79,7 +82,7 @@ def test_an_accepted_association_is_logged_at_info(settings_factory, caplog) -> 
     try:
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(Verification)
-        with caplog.at_level(logging.INFO, logger="denoised_node.daemon.scp"):
+        with caplog.at_level(logging.INFO, logger="denoised_node.daemon.dicom.scp"):
             assoc = ae.associate("127.0.0.1", server.server_address[1], ae_title="DENOISER")
             assert assoc.is_established
             assoc.release()

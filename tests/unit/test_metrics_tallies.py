@@ -1,6 +1,6 @@
 """/metrics by category, from what workers record in the database: send attempts, failures and
 retries per destination (send_attempts rows), gate refusals by check and ignored series by
-reason (job_events.label), counted by the queue collector of daemon/metrics.py."""
+reason (job_events.label), counted by the queue collector of daemon/web/metrics.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import select, update
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.metrics import QueueCollector
-from denoised_node.daemon.scu import SendError, SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.scu import SendError, SendResult
+from denoised_node.daemon.jobs.worker import Worker
+from denoised_node.daemon.web.metrics import QueueCollector
 from denoised_node.storage.job_events import IgnoredAs, ignored_as
 from denoised_node.storage.models import Job, JobEvent, utcnow
 from denoised_node.storage.queue import EventKind
@@ -61,8 +61,10 @@ def _run_until_settled(runtime: Any, worker: Worker) -> None:
 
 def test_sends_are_counted_per_destination_and_ignored_series_by_reason(
         settings_factory, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
-    rules: list[dict[str, Any]] = [{"name": "no-t2", "match": {"SeriesDescription": "T2"}, "ignore": True},
-                                   {"name": "all", "destinations": ["pacs", "test-pacs"]}]
+    rules: list[dict[str, Any]] = [
+        {"name": "no-t2", "match": {"SeriesDescription": "T2"}, "ignore": True},
+        {"name": "all", "destinations": ["pacs", "test-pacs"]},
+    ]
     runtime = _runtime(settings_factory, rules, send__max_attempts=3)
     _receive_and_complete(runtime, mr_series_factory(seed=1, slices=2),
                           mr_series_factory(seed=2, slices=2, series_description="AX T2"))

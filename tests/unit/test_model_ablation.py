@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from denoised_node.model import ablation, families
+from denoised_node.model.training import ablation, families
 
 
-def test_ablation_trains_each_variant_and_seed_then_reuses_them(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ablation_trains_each_variant_and_seed_then_reuses_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     trained: list[tuple[str, int, int]] = []
     scored: list[str] = []
 

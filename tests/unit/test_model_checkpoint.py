@@ -1,5 +1,5 @@
-"""model/checkpoint.py, model/hyperparameters.py and model/widen.py: weights with their model
-card, one home for every default, what is refused (tampered, mismatched, missing, foreign),
+"""model/checkpoint.py, model/hyperparameters.py and model/training/widen.py: weights with their
+model card, one home for every default, what is refused (tampered, mismatched, missing, foreign),
 publishing and widening a 1.x checkpoint."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tests.fixtures.tiny_model import TINY, phantom, tiny_checkpoint
 
 
 def test_checkpoint_round_trip(tiny: Path) -> None:
-    card, tensors = read_checkpoint(tiny)
+    card, _tensors = read_checkpoint(tiny)
     assert card.architecture == TINY and card.weights_dtype == "float16"
     den = Denoiser.load(tiny, device="cpu")
     assert den.identity == f"dn-tiny-0.0-{card.sha256[:12]}"
@@ -47,9 +47,9 @@ def test_a_checkpoint_loads_with_its_cards_architecture_and_schedule(tmp_path: P
 
 
 def test_every_default_hyperparameter_comes_from_one_place() -> None:
-    from denoised_node.model.data import SamplerConfig
-    from denoised_node.model.synth import SynthConfig
-    from denoised_node.model.train import TrainConfig
+    from denoised_node.model.training.data import SamplerConfig
+    from denoised_node.model.training.synth import SynthConfig
+    from denoised_node.model.training.train import TrainConfig
 
     h = HYPERPARAMETERS
     cfg = default_config()
@@ -64,8 +64,8 @@ def test_every_default_hyperparameter_comes_from_one_place() -> None:
     for sampler in (SynthConfig(), SamplerConfig()):
         assert (sampler.patch, sampler.in_slices, sampler.sigma_range, sampler.axis_probs) == (
             h.patch, h.in_slices, h.sigma_range, h.axis_probs)
-    from denoised_node.daemon.cli_model import evaluate_command, train_command
-    from denoised_node.model.evaluate import EvalConfig
+    from denoised_node.daemon.cli.model_commands import evaluate_command, train_command
+    from denoised_node.model.training.evaluate import EvalConfig
 
     options = {p.name: p.default for p in train_command.params}
     for name in ("kind", "batch_size", "patch", "lr", "seed", "threads", "val_every", "holdout",
@@ -164,7 +164,9 @@ def test_publish_keeps_the_weights_and_merges_the_record(tiny: Path, tmp_path: P
     dst = tmp_path / "shipped" / "default.safetensors"
     card = publish(tiny, dst, training={"machine": "test"}, metrics={"eval": {"psnr": 1.0}})
     assert card.sha256 == src_card.sha256 and card.training["machine"] == "test"
-    assert json.loads(dst.with_suffix(".json").read_text())["card"]["metrics"]["eval"]["psnr"] == 1.0
+    assert (
+        json.loads(dst.with_suffix(".json").read_text())["card"]["metrics"]["eval"]["psnr"] == 1.0
+    )
     assert Denoiser.load(dst, device="cpu").identity == src_card.identity
     use = {"body_parts": ["KNEE"], "slice_thickness_mm": [2, 4]}
     again = publish(dst, tmp_path / "knee.safetensors", intended_use=use)
@@ -174,7 +176,7 @@ def test_publish_keeps_the_weights_and_merges_the_record(tiny: Path, tmp_path: P
 
 def test_widen_moves_a_1x_checkpoint_onto_the_noise_map(tmp_path: Path) -> None:
     from denoised_node.model.inference import noise_inputs
-    from denoised_node.model.widen import widen
+    from denoised_node.model.training.widen import widen
 
     net = build_network(TINY).eval()
     src = tmp_path / "old.safetensors"

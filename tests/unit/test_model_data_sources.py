@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from denoised_node.model import data, held_out
-from denoised_node.model.data import Split, load_named_volume
+from denoised_node.model.training import data, held_out
+from denoised_node.model.training.data import Split, load_named_volume
 
 
 @pytest.mark.parametrize("name", ["mni152-scalp", "inia19-macaque"])
@@ -40,17 +40,18 @@ def test_held_out_material_is_there() -> None:
     assert first.shape == second.shape == (24, 96, 128)
 
 
-def test_validation_scores_a_checkpoint_per_noise_map_factor(tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validation_scores_a_checkpoint_per_noise_map_factor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`evaluate --validation --noise-map-factors`: the same cases once per factor (the factor
     is chosen on validation). The domains are cut down to one small phantom here: the real
     ones take minutes on a CPU."""
     import torch
 
-    from denoised_node.model import validation
     from denoised_node.model.checkpoint import ModelCard, write_checkpoint
     from denoised_node.model.network import build_network
     from denoised_node.model.schedule import NoiseSchedule
+    from denoised_node.model.training import validation
     from tests.fixtures.tiny_model import TINY
 
     arch = {**TINY, "noise_estimator": "noise_map", "noise_map_channel": True}
@@ -60,12 +61,19 @@ def test_validation_scores_a_checkpoint_per_noise_map_factor(tmp_path: Path,
         for p in net.parameters():
             p.add_(0.01 * torch.randn_like(p))
     path = tmp_path / "tiny.safetensors"
-    write_checkpoint(path, net.state_dict(), ModelCard(name="tiny", version="0.0", architecture=arch,
-                                                        schedule=NoiseSchedule().to_dict()))
-    zz, yy, xx = np.mgrid[:12, :64, :64]
+    write_checkpoint(
+        path,
+        net.state_dict(),
+        ModelCard(
+            name="tiny", version="0.0", architecture=arch, schedule=NoiseSchedule().to_dict()
+        ),
+    )
+    _zz, yy, xx = np.mgrid[:12, :64, :64]
     phantom = ((yy - 32) ** 2 + (xx - 32) ** 2 < 24**2) * (0.5 + 0.3 * (np.sin(xx / 3.0) > 0))
     small = {"phantom": validation.Validator(phantom.astype(np.float32), (4, 8), (0.05,), 3, 1)}
-    monkeypatch.setattr(validation, "domain_validator", lambda *a, **k: validation.DomainValidator(small))
+    monkeypatch.setattr(
+        validation, "domain_validator", lambda *a, **k: validation.DomainValidator(small)
+    )
     scores = validation.validate_checkpoint(str(path), noise_map_factors=(0.25, 4.0))
     assert set(scores) == {f"x{f}/{k}_mask_5%" for f in ("0.25", "4") for k in ("psnr", "ssim")} | {
         "x0.25/psnr_mask_mean", "x4/psnr_mask_mean"}

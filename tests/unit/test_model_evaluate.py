@@ -9,13 +9,13 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from denoised_node.daemon.cli_model import evaluate_command
-from denoised_node.model import evaluate as evaluate_module
+from denoised_node.daemon.cli.model_commands import evaluate_command
 from denoised_node.model.checkpoint import ModelCard, write_checkpoint
-from denoised_node.model.data import load_mni_t1
-from denoised_node.model.evaluate import EvalConfig, _rician_correct, evaluate
 from denoised_node.model.network import build_network
 from denoised_node.model.schedule import NoiseSchedule
+from denoised_node.model.training import evaluate as evaluate_module
+from denoised_node.model.training.data import load_mni_t1
+from denoised_node.model.training.evaluate import EvalConfig, _rician_correct, evaluate
 
 TINY = {
     "kind": "diffusion_unet", "spatial_dims": 2, "in_slices": 3, "space_to_depth": 2,
@@ -32,16 +32,27 @@ def _centre_of_t1() -> np.ndarray:
 
 def _tiny(path: Path) -> Path:
     torch.manual_seed(0)
-    card = ModelCard(name="tiny", version="0.0", architecture=TINY, schedule=NoiseSchedule().to_dict())
+    card = ModelCard(
+        name="tiny", version="0.0", architecture=TINY, schedule=NoiseSchedule().to_dict()
+    )
     write_checkpoint(path, build_network(TINY).state_dict(), card)
     return path
 
 
 def test_evaluate_writes_table_json_and_figure(tmp_path: Path) -> None:
     ckpt = _tiny(tmp_path / "tiny.safetensors")
-    cfg = EvalConfig(checkpoint=str(ckpt), baseline=str(tmp_path / "absent.safetensors"), levels=(0.05,), seeds=(0,),
-                     methods=("noisy", "baseline", "ours"), contrasts=("t1",), out_dir=tmp_path / "eval", device="cpu",
-                     holdout=4, gap=2)
+    cfg = EvalConfig(
+        checkpoint=str(ckpt),
+        baseline=str(tmp_path / "absent.safetensors"),
+        levels=(0.05,),
+        seeds=(0,),
+        methods=("noisy", "baseline", "ours"),
+        contrasts=("t1",),
+        out_dir=tmp_path / "eval",
+        device="cpu",
+        holdout=4,
+        gap=2,
+    )
     result = evaluate(cfg)
     methods = {s["method"] for s in result["summary"]}
     assert methods == {"noisy", "ours"}  # an absent baseline is left out, not an error
@@ -65,10 +76,32 @@ def test_rician_correction_lowers_the_background() -> None:
 
 def test_evaluate_cli(tmp_path: Path) -> None:
     ckpt = _tiny(tmp_path / "tiny.safetensors")
-    res = CliRunner().invoke(evaluate_command, [
-        "--checkpoint", str(ckpt), "--baseline", "none", "--levels", "3", "--seeds", "1", "--methods", "noisy,nlm,ours",
-        "--contrasts", "t2like", "--out-dir", str(tmp_path / "e"), "--device", "cpu", "--json", "--holdout", "4", "--gap", "2",
-    ])
+    res = CliRunner().invoke(
+        evaluate_command,
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--baseline",
+            "none",
+            "--levels",
+            "3",
+            "--seeds",
+            "1",
+            "--methods",
+            "noisy,nlm,ours",
+            "--contrasts",
+            "t2like",
+            "--out-dir",
+            str(tmp_path / "e"),
+            "--device",
+            "cpu",
+            "--json",
+            "--holdout",
+            "4",
+            "--gap",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     nlm = next(s for s in summary if s["method"] == "nlm")
@@ -77,17 +110,42 @@ def test_evaluate_cli(tmp_path: Path) -> None:
 
 
 def test_evaluate_cli_reports_a_missing_checkpoint(tmp_path: Path) -> None:
-    res = CliRunner().invoke(evaluate_command, ["--checkpoint", str(tmp_path / "x.safetensors"), "--methods", "ours",
-                                                "--contrasts", "t1", "--seeds", "1", "--levels", "5",
-                                                "--out-dir", str(tmp_path / "e")])
+    res = CliRunner().invoke(
+        evaluate_command,
+        [
+            "--checkpoint",
+            str(tmp_path / "x.safetensors"),
+            "--methods",
+            "ours",
+            "--contrasts",
+            "t1",
+            "--seeds",
+            "1",
+            "--levels",
+            "5",
+            "--out-dir",
+            str(tmp_path / "e"),
+        ],
+    )
     assert res.exit_code != 0 and "does not exist" in res.output
 
 
 def test_evaluate_records_the_planes_each_network_got(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setitem(evaluate_module.CONTRASTS, "t1", _centre_of_t1)
     ckpt = _tiny(tmp_path / "tiny.safetensors")
-    cfg = EvalConfig(checkpoint=str(ckpt), baseline=None, levels=(0.05,), seeds=(0,), methods=("ours",),
-                     contrasts=("t1",), out_dir=tmp_path / "eval", device="cpu", holdout=16, gap=2, planes=3)
+    cfg = EvalConfig(
+        checkpoint=str(ckpt),
+        baseline=None,
+        levels=(0.05,),
+        seeds=(0,),
+        methods=("ours",),
+        contrasts=("t1",),
+        out_dir=tmp_path / "eval",
+        device="cpu",
+        holdout=16,
+        gap=2,
+        planes=3,
+    )
     result = evaluate(cfg)
     assert result["models"]["ours"]["planes"] == 3
     # 20 slices of 1 mm by 64x64: isotropic, deep enough
@@ -98,7 +156,9 @@ def test_planes_study_table(tmp_path: Path) -> None:
     from benchmarks.planes_study import planes_by_spacing, to_markdown
     from denoised_node.model.inference import Denoiser
 
-    den = Denoiser.load(_tiny(tmp_path / "tiny.safetensors"), device="cpu")  # untrained: the identity
+    den = Denoiser.load(
+        _tiny(tmp_path / "tiny.safetensors"), device="cpu"
+    )  # untrained: the identity
     centre = _centre_of_t1()
     rows = planes_by_spacing(den, holdout=16, gap=4, spacings=(1.0, 2.0), volume=centre)
     assert [row.slices for row in rows] == [24, 12]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from denoised_node.config.settings import GateSettings
-from denoised_node.model import families
-from denoised_node.model.families import Case, evaluate_families, lesion_contrast
 from denoised_node.model.noise import add_rician
+from denoised_node.model.training import families
+from denoised_node.model.training.families import Case, evaluate_families, lesion_contrast
 
 
 def _disc(slices: int = 8, size: int = 96) -> np.ndarray:
@@ -23,7 +23,9 @@ def test_lesion_contrast_is_one_when_kept_and_zero_when_erased() -> None:
     clean = _disc()
     pattern = np.zeros_like(clean)
     pattern[4, 40:43, 40:43] = 0.2
-    case = Case("lesions", 0.05, clean + pattern, clean + pattern, (1.0, 1.0, 1.0), 0.05, lesions=pattern)
+    case = Case(
+        "lesions", 0.05, clean + pattern, clean + pattern, (1.0, 1.0, 1.0), 0.05, lesions=pattern
+    )
     assert lesion_contrast(case, clean + pattern) == pytest.approx(1.0)
     assert lesion_contrast(case, clean) == pytest.approx(0.0)
 
@@ -65,25 +67,35 @@ def test_scoring_against_a_second_acquisition_takes_its_noise_out() -> None:
     reference = truth + rng.normal(0, 0.02, truth.shape).astype(np.float32)
     plain = Case("x", 0.05, reference, reference, (1.0, 1.0, 1.0), 0.05)
     v2v = Case("x", 0.05, reference, reference, (1.0, 1.0, 1.0), 0.05, reference_noise_var=0.02**2)
-    assert families.score(plain, truth)["psnr_mask"] == pytest.approx(10 * np.log10(truth.max() ** 2 / 0.02**2), abs=0.3)
+    assert families.score(plain, truth)["psnr_mask"] == pytest.approx(
+        10 * np.log10(truth.max() ** 2 / 0.02**2), abs=0.3
+    )
     assert families.score(v2v, truth)["psnr_mask"] > families.score(plain, truth)["psnr_mask"] + 6
 
 
-def test_held_out_material_left_out_when_its_package_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    from denoised_node.model import held_out
+def test_held_out_material_left_out_when_its_package_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from denoised_node.model.training import held_out
 
     monkeypatch.setattr(held_out, "COLIN27", Path("/nonexistent/ch2.nii.gz"))
     skipped: list[str] = []
     cases = families._optional_cases((0.05,), np.random.default_rng(0), skipped)
     assert any(s.startswith("colin27: ") and "mricron-data" in s for s in skipped)
     phantom = [c for c in cases if c.family == "phantom-5mm"]
-    assert len(phantom) == 1 and phantom[0].clean.shape == (20, 256, 256) and phantom[0].spacing[0] == 5.0
+    assert (
+        len(phantom) == 1
+        and phantom[0].clean.shape == (20, 256, 256)
+        and phantom[0].spacing[0] == 5.0
+    )
 
 
 def test_thick_slices_average_the_centre_five_by_five() -> None:
-    from denoised_node.model.held_out import thick_slices
+    from denoised_node.model.training.held_out import thick_slices
 
     vol = np.arange(100, dtype=np.float32)[:, None, None] * np.ones((1, 4, 4), np.float32)
     thick = thick_slices(vol, slices=4, mm=5)
     assert thick.shape == (4, 4, 4)
-    np.testing.assert_allclose(thick[:, 0, 0] * 57.0, [42, 47, 52, 57], rtol=1e-6)  # slices 40-59, over the max
+    np.testing.assert_allclose(
+        thick[:, 0, 0] * 57.0, [42, 47, 52, 57], rtol=1e-6
+    )  # slices 40-59, over the max

@@ -7,16 +7,18 @@ import pytest
 from scipy.ndimage import gaussian_filter, shift
 
 from denoised_node.config.settings import GateSettings
-from denoised_node.model.data import load_mni_t1
-from denoised_node.model.gate import check_result
 from denoised_node.model.card import CHECKPOINT_DIR
+from denoised_node.model.gate import check_result
 from denoised_node.model.inference import Denoiser
 from denoised_node.model.noise import add_rician
+from denoised_node.model.training.data import load_mni_t1
 
 
 @pytest.fixture(scope="module")
 def case() -> tuple[np.ndarray, np.ndarray]:
-    clean = load_mni_t1()[100:103, 10:218, 0:192] * 800.0  # slices above the slab, physical-ish units
+    clean = (
+        load_mni_t1()[100:103, 10:218, 0:192] * 800.0
+    )  # slices above the slab, physical-ish units
     noisy = add_rician(clean, 0.05 * 800.0, np.random.default_rng(0))
     return clean, noisy
 
@@ -28,7 +30,9 @@ def test_passes_when_the_residual_is_the_noise(case: tuple[np.ndarray, np.ndarra
     assert 0.6 < res.figures["residual_std_ratio"] < 1.6
 
 
-@pytest.mark.skipif(not (CHECKPOINT_DIR / "default.safetensors").exists(), reason="no shipped checkpoint")
+@pytest.mark.skipif(
+    not (CHECKPOINT_DIR / "default.safetensors").exists(), reason="no shipped checkpoint"
+)
 def test_passes_a_real_denoise(case: tuple[np.ndarray, np.ndarray]) -> None:
     _, noisy = case
     den = Denoiser.load("default", device="cpu")
@@ -77,8 +81,10 @@ def test_fails_erased_small_structures(case: tuple[np.ndarray, np.ndarray]) -> N
     noisy = add_rician(clean, 0.02 * 800.0, np.random.default_rng(7))
     yy, xx = np.mgrid[: clean.shape[1], : clean.shape[2]]
     rng = np.random.default_rng(1)
-    lesions = sum(np.exp(-((yy - rng.integers(60, 160)) ** 2 + (xx - rng.integers(50, 140)) ** 2) / 2.9)
-                  for _ in range(12))
+    lesions = sum(
+        np.exp(-((yy - rng.integers(60, 160)) ** 2 + (xx - rng.integers(50, 140)) ** 2) / 2.9)
+        for _ in range(12)
+    )
     res = check_result(noisy + 0.25 * 800.0 * lesions[None], clean, GateSettings())
     assert not res.passed and "blob_fraction" in res.reason
 

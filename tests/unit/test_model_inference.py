@@ -45,14 +45,18 @@ def test_batches_land_on_their_own_slices(tiny: Path) -> None:
     one_by_one = Denoiser.load(tiny, device="cpu", batch_size=1).denoise(vol)
     for batch_size in (2, 3, 7, 16):
         out = Denoiser.load(tiny, device="cpu", batch_size=batch_size).denoise(vol)
-        np.testing.assert_allclose(out, one_by_one, rtol=1e-4, atol=1e-4)  # conv sums differ by batch
+        np.testing.assert_allclose(
+            out, one_by_one, rtol=1e-4, atol=1e-4
+        )  # conv sums differ by batch
 
 
 def test_identity_network_returns_the_input(tmp_path: Path) -> None:
     path = tmp_path / "id.safetensors"
     tiny_checkpoint(path, perturb=False)
     vol = phantom(2, 40, 40)
-    np.testing.assert_allclose(Denoiser.load(path, device="cpu").denoise(vol), vol, rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        Denoiser.load(path, device="cpu").denoise(vol), vol, rtol=1e-5, atol=1e-3
+    )
 
 
 @pytest.mark.parametrize("tta", [1, 2, 4, 8])
@@ -72,7 +76,9 @@ def test_tta_defaults_and_refusal(tiny: Path) -> None:
 def test_3d_variant_denoises_a_volume(tmp_path: Path) -> None:
     cfg = {**TINY, "spatial_dims": 3, "block_depth": 4}
     torch.manual_seed(0)
-    card = ModelCard(name="tiny3d", version="0.0", architecture=cfg, schedule=NoiseSchedule().to_dict())
+    card = ModelCard(
+        name="tiny3d", version="0.0", architecture=cfg, schedule=NoiseSchedule().to_dict()
+    )
     path = tmp_path / "t3.safetensors"
     write_checkpoint(path, build_network(cfg).state_dict(), card)
     vol = phantom(7, 36, 40)
@@ -101,8 +107,9 @@ def test_planes_apply_to_near_isotropic_volumes_only() -> None:
     assert planes_for((40, 64, 64), (1.0, 1.0, 1.0), 1) == 1
 
 
-def test_several_planes_average_the_network_run_along_each_axis(tiny: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_several_planes_average_the_network_run_along_each_axis(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(inference, "PLANE_SIGMA_FACTOR", {1: 1.0, 2: 1.0, 3: 1.0})  # compared below
     den = Denoiser.load(tiny, device="cpu", planes=3)
     # Offset below zero so that no clamp at zero (after the average) hides a difference.
@@ -115,11 +122,15 @@ def test_several_planes_average_the_network_run_along_each_axis(tiny: Path,
         single.denoise(np.ascontiguousarray(vol.transpose(2, 0, 1))).transpose(1, 2, 0),
     ]
     # The scale is the volume's whatever the axis order, so the mean of the three runs is exact.
-    np.testing.assert_allclose(den.denoise(vol, spacing=iso), np.mean(by_plane, axis=0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        den.denoise(vol, spacing=iso), np.mean(by_plane, axis=0), rtol=1e-4, atol=1e-4
+    )
     two = Denoiser.load(tiny, device="cpu", planes=2).denoise(vol, spacing=iso)
     np.testing.assert_allclose(two, np.mean(by_plane[:2], axis=0), rtol=1e-4, atol=1e-4)
     # Thick slices (or no spacing): the acquisition plane only.
-    np.testing.assert_allclose(den.denoise(vol, spacing=(4.0, 1.0, 1.0)), by_plane[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        den.denoise(vol, spacing=(4.0, 1.0, 1.0)), by_plane[0], rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(den.denoise(vol), by_plane[0], rtol=1e-5, atol=1e-5)
 
 
@@ -132,7 +143,9 @@ def test_several_planes_read_the_noise_level_lower(tiny: Path) -> None:
         forward = den.net.forward
         calls: list[float] = []
 
-        def record(x: torch.Tensor, t: torch.Tensor, forward: Any = forward, calls: list[float] = calls) -> torch.Tensor:
+        def record(
+            x: torch.Tensor, t: torch.Tensor, forward: Any = forward, calls: list[float] = calls
+        ) -> torch.Tensor:
             calls.append(float(t[0]))
             return forward(x, t)
 

@@ -72,3 +72,20 @@ def test_fixed_timestep_ablation_ignores_the_noise_level() -> None:
     x = torch.rand(1, TINY["in_slices"], 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x, torch.tensor([10.0])), net(x, torch.tensor([900.0])))
+
+
+def test_an_older_cards_architecture_reads_as_the_1x_models_were_built() -> None:
+    """One home for the defaults of keys older cards lack (card.Architecture); a new run's
+    architecture is hyperparameters.default_config, which states every key."""
+    from denoised_node.model.card import Architecture
+    from denoised_node.model.hyperparameters import HYPERPARAMETERS
+
+    old = Architecture.from_dict({"kind": "diffusion_unet", "unet": {"channels": [8]}})
+    assert (old.in_slices, old.space_to_depth, old.noise_estimator, old.noise_map_channel,
+            old.noise_map_factor, old.fixed_timestep) == (1, 1, "haar_mad", False, 1.0, None)
+    new = Architecture.from_dict(default_config())
+    assert (new.in_slices, new.space_to_depth, new.noise_estimator) == (
+        HYPERPARAMETERS.in_slices, HYPERPARAMETERS.space_to_depth, HYPERPARAMETERS.noise_estimator)
+    net = build_network({k: v for k, v in TINY.items()
+                         if k not in ("in_slices", "space_to_depth", "noise_map_channel")})
+    assert (net.in_slices, net.r, net.map_channel) == (1, 1, False)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from denoised_node.model.inference import Denoiser
-from denoised_node.model.train import TrainConfig, train
+from denoised_node.model.training.train import TrainConfig, train
 
 TINY = {
     "kind": "diffusion_unet",
@@ -35,15 +35,34 @@ def volume(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("kind", ["diffusion_unet", "basic_unet"])
 def test_tiny_training_run_and_resume(tmp_path: Path, volume: Path, kind: str) -> None:
-    arch = TINY if kind == "diffusion_unet" else {**TINY, "kind": "basic_unet", "unet": {"features": [8, 8, 8, 8, 8, 8]}}
+    arch = (
+        TINY
+        if kind == "diffusion_unet"
+        else {**TINY, "kind": "basic_unet", "unet": {"features": [8, 8, 8, 8, 8, 8]}}
+    )
     cfg = TrainConfig(
-        run_dir=tmp_path / "run", kind=kind, name="tiny", volumes=[str(volume)], steps=4, batch_size=2, patch=32 if kind == "diffusion_unet" else 64,
-        warmup=2, val_every=2, log_every=1, holdout=8, gap=4, val_noise=(0.05,), arch=arch, threads=1,
+        run_dir=tmp_path / "run",
+        kind=kind,
+        name="tiny",
+        volumes=[str(volume)],
+        steps=4,
+        batch_size=2,
+        patch=32 if kind == "diffusion_unet" else 64,
+        warmup=2,
+        val_every=2,
+        log_every=1,
+        holdout=8,
+        gap=4,
+        val_noise=(0.05,),
+        arch=arch,
+        threads=1,
     )
     reported: list[tuple[int, int]] = []
     best = train(cfg, progress=lambda done, total: reported.append((done, total)))
     assert reported == [(1, 4), (2, 4), (3, 4), (4, 4)]  # what the CLI's bar draws
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["step"] for m in lines] == [2, 4]
     # One domain per training volume and the 5 mm dead leaves; the score is their mean.
     assert "psnr_mask_phantom:5%" in lines[0] and "ssim_mask_phantom:5%" in lines[0]
@@ -68,16 +87,38 @@ def test_train_cli_on_a_real_pair(tmp_path: Path, volume: Path) -> None:
     import nibabel as nib
     from click.testing import CliRunner
 
-    from denoised_node.daemon.cli_model import train_command
+    from denoised_node.daemon.cli.model_commands import train_command
     from denoised_node.model.noise import add_rician
 
     img = nib.load(str(volume))
     clean = np.asarray(img.get_fdata(), dtype=np.float32)
     noisy_path = tmp_path / "noisy.nii.gz"
-    nib.save(nib.Nifti1Image(add_rician(clean, 0.04, np.random.default_rng(3)), img.affine), str(noisy_path))
+    nib.save(
+        nib.Nifti1Image(add_rician(clean, 0.04, np.random.default_rng(3)), img.affine),
+        str(noisy_path),
+    )
     run = tmp_path / "cli-run"
-    args = ["--run-dir", str(run), "--pair", str(noisy_path), str(volume), "--steps", "1", "--batch-size", "1",
-            "--patch", "32", "--val-every", "1", "--device", "cpu", "--holdout", "8", "--gap", "4"]
+    args = [
+        "--run-dir",
+        str(run),
+        "--pair",
+        str(noisy_path),
+        str(volume),
+        "--steps",
+        "1",
+        "--batch-size",
+        "1",
+        "--patch",
+        "32",
+        "--val-every",
+        "1",
+        "--device",
+        "cpu",
+        "--holdout",
+        "8",
+        "--gap",
+        "4",
+    ]
     res = CliRunner().invoke(train_command, args)
     assert res.exit_code == 0, res.output
     metrics = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -92,17 +133,48 @@ def test_train_cli_on_a_real_pair(tmp_path: Path, volume: Path) -> None:
 def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path) -> None:
     from denoised_node.model.checkpoint import read_checkpoint
 
-    base = TrainConfig(run_dir=tmp_path / "base", name="tiny", volumes=[str(volume)], steps=2, batch_size=2, patch=32,
-                       warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), arch=TINY, threads=1)
+    base = TrainConfig(
+        run_dir=tmp_path / "base",
+        name="tiny",
+        volumes=[str(volume)],
+        steps=2,
+        batch_size=2,
+        patch=32,
+        warmup=1,
+        val_every=2,
+        holdout=8,
+        gap=4,
+        val_noise=(0.05,),
+        arch=TINY,
+        threads=1,
+    )
     start = train(base)
     # lr 0: the fine-tuned run must export exactly the weights it started from, moved onto the
     # noise-map inputs (a 1.x model reads one Haar figure per slice): the map's input weights
     # are zero, so it computes what the start did.
-    tuned = TrainConfig(run_dir=tmp_path / "tuned", name="tiny", volumes=[str(volume)], steps=2, batch_size=2, patch=32,
-                        lr=0.0, warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), threads=1, init_from=str(start))
+    tuned = TrainConfig(
+        run_dir=tmp_path / "tuned",
+        name="tiny",
+        volumes=[str(volume)],
+        steps=2,
+        batch_size=2,
+        patch=32,
+        lr=0.0,
+        warmup=1,
+        val_every=2,
+        holdout=8,
+        gap=4,
+        val_noise=(0.05,),
+        threads=1,
+        init_from=str(start),
+    )
     out = train(tuned)
     (card_a, a), (card_b, b) = read_checkpoint(start), read_checkpoint(out)
-    assert card_b.architecture == {**TINY, "noise_estimator": "noise_map", "noise_map_channel": True}
+    assert card_b.architecture == {
+        **TINY,
+        "noise_estimator": "noise_map",
+        "noise_map_channel": True,
+    }
     assert card_b.training["initialised_from"]["identity"] == card_a.identity
     assert card_b.training["initialised_from"]["steps"] == 2
     for k in a:
@@ -116,9 +188,18 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path)
     tuned.steps, tuned.lr = 4, 1e-3
     train(tuned, resume=True)
     card_c, _ = read_checkpoint(tmp_path / "tuned" / "last.safetensors")
-    assert card_c.training["steps"] == 4 and card_c.training["initialised_from"]["identity"] == card_a.identity
+    assert (
+        card_c.training["steps"] == 4
+        and card_c.training["initialised_from"]["identity"] == card_a.identity
+    )
 
-    wrong = TrainConfig(run_dir=tmp_path / "wrong", kind="basic_unet", volumes=[str(volume)], steps=1, init_from=str(start))
+    wrong = TrainConfig(
+        run_dir=tmp_path / "wrong",
+        kind="basic_unet",
+        volumes=[str(volume)],
+        steps=1,
+        init_from=str(start),
+    )
     with pytest.raises(ValueError, match="diffusion_unet"):
         train(wrong)
 
@@ -126,8 +207,21 @@ def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path, volume: Path)
 def test_3d_variant_trains_and_denoises(tmp_path: Path, volume: Path) -> None:
     arch = {**TINY, "spatial_dims": 3, "block_depth": 4, "noise_estimator": "noise_map",
             "noise_map_channel": True}
-    cfg = TrainConfig(run_dir=tmp_path / "run3d", name="tiny3d", volumes=[str(volume)], steps=2, batch_size=1,
-                      patch=32, warmup=1, val_every=2, holdout=8, gap=4, val_noise=(0.05,), arch=arch, threads=1)
+    cfg = TrainConfig(
+        run_dir=tmp_path / "run3d",
+        name="tiny3d",
+        volumes=[str(volume)],
+        steps=2,
+        batch_size=1,
+        patch=32,
+        warmup=1,
+        val_every=2,
+        holdout=8,
+        gap=4,
+        val_noise=(0.05,),
+        arch=arch,
+        threads=1,
+    )
     best = train(cfg)
     den = Denoiser.load(best, device="cpu")
     vol = np.random.default_rng(2).random((6, 32, 32)).astype(np.float32)
@@ -135,15 +229,30 @@ def test_3d_variant_trains_and_denoises(tmp_path: Path, volume: Path) -> None:
 
 
 def test_time_budget_ends_the_run_and_drives_the_schedule(tmp_path: Path, volume: Path) -> None:
-    from denoised_node.model.train import _lr_at
+    from denoised_node.model.training.train import _lr_at
 
-    cfg = TrainConfig(run_dir=tmp_path / "budget", name="tiny", volumes=[str(volume)], steps=None,
-                      time_budget_s=3.0, batch_size=1, patch=32, warmup=1, val_every=1000, holdout=8,
-                      gap=4, val_noise=(0.05,), arch=TINY, threads=1)
+    cfg = TrainConfig(
+        run_dir=tmp_path / "budget",
+        name="tiny",
+        volumes=[str(volume)],
+        steps=None,
+        time_budget_s=3.0,
+        batch_size=1,
+        patch=32,
+        warmup=1,
+        val_every=1000,
+        holdout=8,
+        gap=4,
+        val_noise=(0.05,),
+        arch=TINY,
+        threads=1,
+    )
     assert _lr_at(5, cfg, wall=0.0) == pytest.approx(cfg.lr)
     assert _lr_at(5, cfg, wall=3.0) == pytest.approx(cfg.lr * cfg.min_lr_ratio)
     train(cfg)
-    lines = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert lines[-1]["wall_s"] >= 3 - 0.5  # validated once, when the budget was spent
     with pytest.raises(ValueError, match="time budget"):
         TrainConfig(run_dir=tmp_path / "x", steps=None)
@@ -152,7 +261,7 @@ def test_time_budget_ends_the_run_and_drives_the_schedule(tmp_path: Path, volume
 def test_synthesised_batches_cover_the_randomised_families() -> None:
     import torch
 
-    from denoised_node.model.synth import SynthConfig, Synthesizer
+    from denoised_node.model.training.synth import SynthConfig, Synthesizer
 
     rng = np.random.default_rng(0)
     maps = np.clip(rng.random((4, 40, 64, 64)).astype(np.float32), 0, 1)
@@ -171,7 +280,7 @@ def test_synthesised_batches_cover_the_randomised_families() -> None:
 def test_loss_weights_balance_the_noise_levels() -> None:
     import torch
 
-    from denoised_node.model.train import sample_weights, weighted_mse
+    from denoised_node.model.training.train import sample_weights, weighted_mse
 
     cfg = TrainConfig(run_dir=Path("unused"), sigma_range=(0.01, 0.04), steps=1)
     sigma = torch.tensor([0.01, 0.02, 0.04])
@@ -191,11 +300,15 @@ def test_loss_weights_balance_the_noise_levels() -> None:
     torch.testing.assert_close(flat, 1.0 / (0.5 * sigma) ** 2)
     # inverse_variance: (0.02 / sigma)^2; unknown sigma (real pairs): plain MSE
     cfg.loss_weighting = "inverse_variance"
-    torch.testing.assert_close(sample_weights(noisy, clean, sigma, cfg), torch.tensor([4.0, 1.0, 0.25]))
+    torch.testing.assert_close(
+        sample_weights(noisy, clean, sigma, cfg), torch.tensor([4.0, 1.0, 0.25])
+    )
     assert sample_weights(noisy, clean, torch.tensor([float("nan")] * 3), cfg) is None
     cfg.loss_weighting = "none"
     assert sample_weights(noisy, clean, sigma, cfg) is None
-    torch.testing.assert_close(weighted_mse(identity, clean, None), torch.nn.functional.mse_loss(identity, clean))
+    torch.testing.assert_close(
+        weighted_mse(identity, clean, None), torch.nn.functional.mse_loss(identity, clean)
+    )
     cfg.loss_weighting = "l1"
     with pytest.raises(ValueError, match="relative"):
         sample_weights(noisy, clean, sigma, cfg)
@@ -204,15 +317,41 @@ def test_loss_weights_balance_the_noise_levels() -> None:
 def test_resume_reads_the_runs_own_config_and_refuses_changes(tmp_path: Path, volume: Path) -> None:
     from click.testing import CliRunner
 
-    from denoised_node.daemon.cli_model import train_command
-    from denoised_node.model.train import load_run_config
+    from denoised_node.daemon.cli.model_commands import train_command
+    from denoised_node.model.training.train import load_run_config
 
     run = tmp_path / "run"
-    args = ["--run-dir", str(run), "--volume", str(volume), "--steps", "2", "--batch-size", "1", "--patch", "32",
-            "--val-every", "2", "--device", "cpu", "--holdout", "8", "--gap", "4", "--precision", "fp32"]
+    args = [
+        "--run-dir",
+        str(run),
+        "--volume",
+        str(volume),
+        "--steps",
+        "2",
+        "--batch-size",
+        "1",
+        "--patch",
+        "32",
+        "--val-every",
+        "2",
+        "--device",
+        "cpu",
+        "--holdout",
+        "8",
+        "--gap",
+        "4",
+        "--precision",
+        "fp32",
+    ]
     assert CliRunner().invoke(train_command, args).exit_code == 0
     cfg = load_run_config(run)
-    assert (cfg.steps, cfg.batch_size, cfg.patch, cfg.volumes, cfg.amp) == (2, 1, 32, [str(volume)], False)
+    assert (cfg.steps, cfg.batch_size, cfg.patch, cfg.volumes, cfg.amp) == (
+        2,
+        1,
+        32,
+        [str(volume)],
+        False,
+    )
     changed = CliRunner().invoke(train_command, ["--resume", str(run), "--steps", "9"])
     assert changed.exit_code != 0 and "leave out --steps" in changed.output
     again = CliRunner().invoke(train_command, ["--resume", str(run), "--threads", "1"])
@@ -227,7 +366,7 @@ def test_resume_reads_the_runs_own_config_and_refuses_changes(tmp_path: Path, vo
 def test_dead_leaves_hold_flat_regions_and_edges_at_many_scales() -> None:
     import torch
 
-    from denoised_node.model.dead_leaves import dead_leaves_volume
+    from denoised_node.model.training.dead_leaves import dead_leaves_volume
 
     gen = torch.Generator()
     gen.manual_seed(5)
@@ -241,13 +380,15 @@ def test_dead_leaves_hold_flat_regions_and_edges_at_many_scales() -> None:
     again.manual_seed(5)
     small = dead_leaves_volume(again, torch.device("cpu"), (8, 32, 32), shapes=20).numpy()
     again.manual_seed(5)
-    np.testing.assert_array_equal(small, dead_leaves_volume(again, torch.device("cpu"), (8, 32, 32), shapes=20).numpy())
+    np.testing.assert_array_equal(
+        small, dead_leaves_volume(again, torch.device("cpu"), (8, 32, 32), shapes=20).numpy()
+    )
 
 
 def test_the_mixture_draws_dead_leaves_and_keeps_air_dark() -> None:
     import torch
 
-    from denoised_node.model.synth import SynthConfig, Synthesizer
+    from denoised_node.model.training.synth import SynthConfig, Synthesizer
 
     maps = np.zeros((4, 40, 64, 64), dtype=np.float32)
     maps[0, :, 16:48, 16:48] = 1.0  # anatomy: one bright block
@@ -255,7 +396,9 @@ def test_the_mixture_draws_dead_leaves_and_keeps_air_dark() -> None:
     synth = Synthesizer([maps], only_leaves, torch.device("cpu"), seed=2)
     src, _ = synth._source()
     assert synth.leaves is not None and src is synth.leaves[0]
-    curve = Synthesizer([maps], SynthConfig(patch=32, in_slices=3, curve_prob=1.0), torch.device("cpu"), seed=3)
+    curve = Synthesizer(
+        [maps], SynthConfig(patch=32, in_slices=3, curve_prob=1.0), torch.device("cpu"), seed=3
+    )
     img = torch.rand(4, 3, 8, 8)
     img[:, :, 0, 0] = 0.0
     out = curve._curve(img)
@@ -264,15 +407,29 @@ def test_the_mixture_draws_dead_leaves_and_keeps_air_dark() -> None:
 
 
 def test_tissue_ratio_tells_tissue_from_background(tmp_path: Path, volume: Path) -> None:
-    """The diagnostic of model/tissue_ratio.py on a run whose network is still the identity
+    """The diagnostic of model/training/tissue_ratio.py on a run whose network is still the identity
     (lr 0): it removes nothing, in tissue or in the background."""
-    from denoised_node.model.tissue_ratio import tissue_ratios
+    from denoised_node.model.training.tissue_ratio import tissue_ratios
 
-    cfg = TrainConfig(run_dir=tmp_path / "run", name="tiny", volumes=[str(volume)], steps=1, batch_size=1,
-                      patch=32, lr=0.0, warmup=1, val_every=1, holdout=8, gap=4, val_noise=(0.05,), arch=TINY,
-                      threads=1, dead_leaves_prob=0.0)
+    cfg = TrainConfig(
+        run_dir=tmp_path / "run",
+        name="tiny",
+        volumes=[str(volume)],
+        steps=1,
+        batch_size=1,
+        patch=32,
+        lr=0.0,
+        warmup=1,
+        val_every=1,
+        holdout=8,
+        gap=4,
+        val_noise=(0.05,),
+        arch=TINY,
+        threads=1,
+        dead_leaves_prob=0.0,
+    )
     train(cfg)
-    from denoised_node.model.data import load_training_volume, volume_maps
+    from denoised_node.model.training.data import load_training_volume, volume_maps
 
     ratios = tissue_ratios(tmp_path / "run", batches=1, batch_size=2,
                            maps=volume_maps(load_training_volume(volume)))

@@ -7,18 +7,18 @@ import math
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.pipeline import denoise_series
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.jobs.pipeline import denoise_series
 from denoised_node.model.noise import add_rician
 from denoised_node.model.noise_floor import FLOOR_KEY, noise_reading_percent, under_noise_floor
-from denoised_node.model.noise_floor_study import FloorCase, floor_from_cases
-from denoised_node.storage.series import NoNoiseToRemove
+from denoised_node.model.training.noise_floor_study import FloorCase, floor_from_cases
+from denoised_node.storage.images.series import NoNoiseToRemove
 from tests.fixtures.node_state import minimal_config
 from tests.unit.conftest import ScaledDenoiser
 
@@ -51,7 +51,9 @@ def test_under_the_floor_says_why_and_only_with_a_floor() -> None:
     quiet = add_rician(_phantom(), 3.0, rng)  # 0.3 %
     loud = add_rician(_phantom(), 50.0, rng)  # 5 %
     reason = under_noise_floor(quiet, {FLOOR_KEY: 2.0})
-    assert reason is not None and re.search(r"noise reads 0\.\d\d % of the bright level, under the 2 %", reason)
+    assert reason is not None and re.search(
+        r"noise reads 0\.\d\d % of the bright level, under the 2 %", reason
+    )
     assert under_noise_floor(loud, {FLOOR_KEY: 2.0}) is None
     assert under_noise_floor(quiet, {}) is None
 
@@ -73,7 +75,7 @@ class FlooredDenoiser(ScaledDenoiser):
 
         class Card:
             name, version = "floored", "1.0"
-            intended_use = {FLOOR_KEY: floor}
+            intended_use: ClassVar[dict[str, float]] = {FLOOR_KEY: floor}
 
         self.card = Card  # type: ignore[assignment,misc]
 
@@ -82,7 +84,9 @@ def test_a_series_under_the_floor_is_not_denoised(mr_series_factory: Any, settin
                                                   tmp_path: Path) -> None:
     quiet = mr_series_factory(slices=3, noise_sigma=0.0)
     network = FlooredDenoiser(3.0)
-    with pytest.raises(NoNoiseToRemove, match=r"nothing to denoise: noise reads 0\.\d\d % .* under the 3 %"):
+    with pytest.raises(
+        NoNoiseToRemove, match=r"nothing to denoise: noise reads 0\.\d\d % .* under the 3 %"
+    ):
         denoise_series(quiet.paths, quiet.series_uid, network, settings, tmp_path / "a", NOW)
     assert network.calls == 0
     # The intended use overridden: the floor with it.
@@ -94,20 +98,35 @@ def test_a_series_under_the_floor_is_not_denoised(mr_series_factory: Any, settin
     assert network.calls == 2 and len(outcome.files) == 3
 
 
-def test_offline_a_noise_free_series_is_ignored_with_the_shipped_floor(tmp_path: Path,
-                                                                       mr_series_factory: Any) -> None:
+def test_offline_a_noise_free_series_is_ignored_with_the_shipped_floor(
+    tmp_path: Path, mr_series_factory: Any
+) -> None:
     """With the shipped model a noise-free series was changed, and the gate failed it
     (local_shift_ratio 3.1): now it is left alone, exit 0, saying why, nothing written; the
     intended-use flag overrides the floor as it overrides the rest of the intended use."""
     source = mr_series_factory(slices=3, rows=96, columns=96, noise_sigma=0.0)
     config = str(minimal_config(tmp_path))
-    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"), "--config", config])
+    result = CliRunner().invoke(
+        main, ["denoise", str(source.directory), str(tmp_path / "a"), "--config", config]
+    )
     assert result.exit_code == 0, result.output
-    assert re.search(r"ignored, nothing to denoise: noise reads 0\.\d\d % of the bright level, under the 3\.1 %",
-                     result.stdout), result.stdout
+    assert re.search(
+        r"ignored, nothing to denoise: noise reads 0\.\d\d % of the bright level, under the 3\.1 %",
+        result.stdout,
+    ), result.stdout
     assert not list((tmp_path / "a").rglob("*.dcm"))
-    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"), "--config", config,
-                                       "--override-intended-use", "--no-gate"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "denoise",
+            str(source.directory),
+            str(tmp_path / "b"),
+            "--config",
+            config,
+            "--override-intended-use",
+            "--no-gate",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "b").glob("*.dcm"))) == 3
 

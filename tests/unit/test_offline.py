@@ -1,4 +1,4 @@
-"""`denoised-node denoise` (daemon/offline.py) with the shipped model (no network peers): DICOM
+"""`denoised-node denoise` (daemon/cli/denoise.py) with the shipped model (no network peers): DICOM
 folders and NIfTI files in, the derived series or volume out, through the gate."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 from click.testing import CliRunner
 
-from denoised_node.daemon.cli import main
-from denoised_node.storage.derive import is_own_output
+from denoised_node.daemon.cli.main import main
+from denoised_node.storage.images.derive import is_own_output
 from tests.fixtures.node_state import minimal_config
 
 
@@ -58,7 +58,9 @@ def test_denoise_nifti_keeps_affine_and_shape(tmp_path: Path) -> None:
 def test_gate_failure_is_one_line_and_no_gate_writes_anyway(tmp_path: Path,  # type: ignore[no-untyped-def]
                                                             mr_series_factory) -> None:
     config = tmp_path / "strict.toml"
-    config.write_text(minimal_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
+    config.write_text(
+        minimal_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n"
+    )
     source = mr_series_factory(slices=2, rows=96, columns=96)
     result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "a"),
                                        "--config", str(config)])
@@ -81,9 +83,13 @@ def test_nifti_goes_through_the_gate_too(tmp_path: Path) -> None:
     source = tmp_path / "t1.nii.gz"
     nib.save(nib.Nifti1Image(noisy.astype(np.float32), np.eye(4)), str(source))
     config = tmp_path / "strict.toml"
-    config.write_text(minimal_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n")
+    config.write_text(
+        minimal_config(tmp_path).read_text() + "[gate]\nmax_edge_correlation = 0.0001\n"
+    )
     target = tmp_path / "out.nii.gz"
-    result = CliRunner().invoke(main, ["denoise", str(source), str(target), "--config", str(config)])
+    result = CliRunner().invoke(
+        main, ["denoise", str(source), str(target), "--config", str(config)]
+    )
     assert result.exit_code == 1 and "safety gate failed" in result.stderr
     assert not target.exists()
     result = CliRunner().invoke(main, ["denoise", str(source), str(target), "--config", str(config),
@@ -105,9 +111,19 @@ def test_denoise_takes_checkpoint_and_device(tmp_path: Path, mr_series_factory) 
                                        "-c", str(minimal_config(tmp_path)), "--device", "tpu"])
     assert result.exit_code == 2 and result.stderr.startswith("error: --device: ")
     missing = tmp_path / "nowhere.safetensors"
-    result = CliRunner().invoke(main, ["denoise", str(source.directory), str(tmp_path / "b"),
-                                       "-c", str(minimal_config(tmp_path)), "--checkpoint", str(missing),
-                                       "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "denoise",
+            str(source.directory),
+            str(tmp_path / "b"),
+            "-c",
+            str(minimal_config(tmp_path)),
+            "--checkpoint",
+            str(missing),
+            "--json",
+        ],
+    )
     assert result.exit_code != 0 and str(missing) in json.loads(result.stdout)["error"]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from denoised_node.daemon.progress_bar import LineProgress, ProgressBar
+from denoised_node.daemon.cli.progress_bar import LineProgress, ProgressBar
 
 
 def test_the_bar_shows_done_of_total_and_lines_above_it() -> None:
@@ -36,7 +36,7 @@ def test_denoise_progress_off_a_terminal_is_a_few_whole_lines() -> None:
     """Issue 30, item 14: off a terminal \r-redrawn updates ran together in a log."""
     out = io.StringIO()
     line = LineProgress("denoising", "slices", file=out)
-    for done in range(0, 201):
+    for done in range(201):
         line.progress(done, 200)
     line.close()
     lines = out.getvalue().split("\n")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import multiprocessing
 import random
 from collections.abc import Callable, Iterator
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.runtime import Runtime, open_runtime
 from denoised_node.storage.db import make_engine, make_session_factory
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import (
@@ -34,6 +33,7 @@ from denoised_node.storage.queue import (
     renew_lease,
     transition,
 )
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
 from tests.integration.postgres import postgres_server, postgres_url  # noqa: F401
 
@@ -243,7 +243,7 @@ def test_times_round_trip_as_aware_utc(runtime: Runtime) -> None:
         session.get_one(Job, job_id).available_at = moment
     with runtime.sessions() as session:
         job = session.get_one(Job, job_id)
-        assert job.available_at == moment and job.available_at.tzinfo == timezone.utc
+        assert job.available_at == moment and job.available_at.tzinfo == UTC
         assert session.scalar(select(Job.id).where(Job.available_at <= moment)) == job_id
         assert session.scalar(select(Job.id).where(
             Job.available_at < moment - timedelta(microseconds=1))) is None

@@ -108,8 +108,9 @@ def test_the_tests_install_into_their_own_venv(tmp_path: Path, stubs: Path) -> N
         f"python3 -m venv {venv}",
         f"{venv}/bin/python -c import torch",
         f"{venv}/bin/python -m pip install -q torch==2.13.0",  # first, and pinned
-        f"{venv}/bin/python -m pip install -q -e {repo}[test,train,postgres]",
-        f"{venv}/bin/python -m pip install -q --no-deps nimare pydicom-data"]  # data the model reads
+        f"{venv}/bin/python -m pip install -q -e {repo}[test,train,postgres,lint]",
+        f"{venv}/bin/python -m pip install -q --no-deps nimare pydicom-data",
+    ]  # data the model reads
     assert not (repo / ".venv").exists()
 
 

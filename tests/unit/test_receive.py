@@ -10,18 +10,18 @@ from pydicom.uid import CTImageStorage
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from denoised_node.daemon.receive import Receiver, parse_dataset
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.status import (
+from denoised_node.daemon.dicom.dimse_status import (
     InstanceTooLarge,
     SOPClassMismatch,
     Status,
     UnreadableDataset,
     status_for,
 )
-from denoised_node.storage.derive import PRODUCER_MANUFACTURER
+from denoised_node.daemon.dicom.receive import Receiver, parse_dataset
 from denoised_node.storage.files import InvalidUID, OutOfSpace
+from denoised_node.storage.images.derive import PRODUCER_MANUFACTURER
 from denoised_node.storage.models import Instance, Series
+from denoised_node.storage.runtime import Runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -106,7 +106,7 @@ def test_sop_class_must_match_the_context(runtime: Runtime, mr_series) -> None: 
 
 
 def test_too_large_instance_is_refused(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.runtime import open_runtime
+    from denoised_node.storage.runtime import open_runtime
 
     settings = settings_factory(node__max_instance_mb=1)
     rt = open_runtime(settings, initialise_empty=True)

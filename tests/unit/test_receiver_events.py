@@ -1,4 +1,4 @@
-"""daemon/receiver_events.py: receiving processes' counts and pokes reach serve; a full
+"""daemon/dicom/receiver_events.py: receiving processes' counts and pokes reach serve; a full
 pipe drops an event, never blocks a receiver."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import time
 
-from denoised_node.daemon.receiver_events import EventReader, EventWriter
+from denoised_node.daemon.dicom.receiver_events import EventReader, EventWriter
 
 
 class _Counts:

@@ -16,21 +16,21 @@ import pytest
 from cryptography import x509
 
 from denoised_node.config.settings import Settings, load_settings
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.receiver_events import EventReader
-from denoised_node.daemon.receiver_pool import ReceiverPool
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.receiver_events import EventReader
+from denoised_node.daemon.dicom.receiver_pool import ReceiverPool
+from denoised_node.daemon.dicom.scp import start_scp
 from denoised_node.daemon.reload import (
-    ConfigState,
     ReloadRefused,
     changed_sections,
     load_for_reload,
     restart_only_changes,
 )
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.scp import start_scp
 from denoised_node.daemon.supervisor import WorkerPool
+from denoised_node.daemon.web.health_rows import ConfigState
 from denoised_node.daemon.web.pages import StatusPages
 from denoised_node.daemon.web.request import Request
+from denoised_node.storage.runtime import open_runtime
 from tests.fixtures.certificates import Credentials, TestCA
 from tests.unit.test_web_pages import _readiness
 

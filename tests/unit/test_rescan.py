@@ -1,4 +1,4 @@
-"""daemon/rescan.py: a file in the store that no index row names is indexed again (its row
+"""daemon/dicom/rescan.py: a file in the store that no index row names is indexed again (its row
 was lost: a crash before the commit, or a power loss undoing an unsynced commit), or
 removed when stale (its instance has a row elsewhere)."""
 
@@ -12,10 +12,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import delete, select
 
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.rescan import Settled, settle_unindexed
-from denoised_node.daemon.runtime import Runtime
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.rescan import Settled, settle_unindexed
 from denoised_node.storage.models import Instance, Series, utcnow
+from denoised_node.storage.runtime import Runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 

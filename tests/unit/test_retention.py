@@ -5,13 +5,13 @@ from datetime import timedelta
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from denoised_node.daemon.completion import complete_idle_series
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.jobs.completion import complete_idle_series
 from denoised_node.daemon.maintenance import release_dead_local_leases
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
 from denoised_node.storage.models import Instance, Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState, attempt_limits, claim, transition
 from denoised_node.storage.retention import forget_purged, purge_finished
+from denoised_node.storage.runtime import Runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -71,7 +71,7 @@ def test_purged_rows_are_forgotten_later(runtime: Runtime, mr_series) -> None:  
 
 
 def test_purge_command(runtime: Runtime, mr_series, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.cli import main
+    from denoised_node.daemon.cli.main import main
 
     _finished_series(runtime, mr_series.paths, JobState.FAILED)
     config = tmp_path / "c.toml"

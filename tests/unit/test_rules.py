@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from pydicom.dataset import Dataset
 
 from denoised_node.config.settings import ConfigError, Settings, load_settings
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.intended_use import outside_intended_use, series_contrast
-from denoised_node.daemon.rules import NO_RULE_MATCHES, decide, first_match
-from denoised_node.daemon.series_attributes import SeriesAttributes, attributes_from_mapping
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.jobs.intended_use import outside_intended_use, series_contrast
+from denoised_node.daemon.jobs.rules import NO_RULE_MATCHES, decide, first_match
+from denoised_node.daemon.jobs.series_attributes import SeriesAttributes, attributes_from_mapping
 from denoised_node.model.card import read_card
 
 T1 = {"Modality": "MR", "SeriesDescription": "AX T1 POST", "BodyPartExamined": "BRAIN",

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -20,17 +20,17 @@ from sqlalchemy import select
 
 from denoised_node.config.rules import NotificationSettings
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.admin import AdminError, review
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.model_pool import ModelPool
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.webhook import JobNotice, Notifier
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.model_pool import ModelPool
+from denoised_node.daemon.jobs.queries import AdminError, review
+from denoised_node.daemon.jobs.webhook import JobNotice, Notifier
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.models import Job, Series
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
 from tests.unit.conftest import ScaledDenoiser
 
@@ -220,7 +220,7 @@ def webhook_server() -> Iterator[tuple[str, list[dict[str, Any]], list[int]]]:
     answers = [500]  # the first request fails: the notifier must retry
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             status = answers.pop(0) if answers else 204
             if status < 300:
@@ -261,7 +261,7 @@ def test_failed_jobs_reach_the_webhook_without_patient_data(settings_factory, mr
 
 
 def test_patient_data_only_when_allowed(mr_series, webhook_server) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.series_attributes import attributes_from_file
+    from denoised_node.daemon.jobs.series_attributes import attributes_from_file
 
     url, received, answers = webhook_server
     answers.clear()
@@ -291,7 +291,9 @@ def _env(runtime: Runtime) -> dict[str, str]:
             "DENOISED_NODE_DATABASE__URL": settings.database_url}
 
 
-def test_a_rule_naming_a_missing_model_fails_the_job_with_the_path(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
+def test_a_rule_naming_a_missing_model_fails_the_job_with_the_path(
+    settings_factory, mr_series
+) -> None:  # type: ignore[no-untyped-def]
     runtime = _runtime(settings_factory, [{"name": "r", "model": "/nowhere/model.safetensors"}])
     _receive_and_complete(runtime, mr_series)
     Worker(runtime.settings, runtime.sessions, runtime.store, NamedDenoiser("default-model"),
@@ -302,10 +304,10 @@ def test_a_rule_naming_a_missing_model_fails_the_job_with_the_path(settings_fact
 
 
 def test_held_jobs_are_approved_from_the_status_page(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.http import CheckResult, Readiness
     from denoised_node.daemon.web.csrf import TOKEN_FIELD
-    from denoised_node.daemon.web.node_health import SlowChecks
+    from denoised_node.daemon.web.health_rows import SlowChecks
     from denoised_node.daemon.web.pages import StatusPages
+    from denoised_node.daemon.web.probes import CheckResult, Readiness
     from denoised_node.daemon.web.request import Request
 
     runtime, sender, worker, job = _held(settings_factory, mr_series, destinations=["test-pacs"])
@@ -316,7 +318,7 @@ def test_held_jobs_are_approved_from_the_status_page(settings_factory, mr_series
                "Content-Type": "application/x-www-form-urlencoded"}
     page = pages.handle(Request.build("GET", f"/series/{_uid(mr_series)}", headers)).body.decode()
     assert "Approve and send" in page and "careful: to test-pacs" in page
-    assert "default-model" in page and 'action="/jobs/%d/approve"' % job.id in page
+    assert "default-model" in page and f'action="/jobs/{job.id}/approve"' in page
     token = re.search(rf'name="{TOKEN_FIELD}" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
     forged = pages.handle(Request.build("POST", f"/jobs/{job.id}/approve", headers,
                                         f"{TOKEN_FIELD}=forged".encode()))
@@ -344,11 +346,13 @@ def test_rules_test_reads_a_stored_series(settings_factory, mr_series) -> None: 
     assert "rule: from-scanner1 (rule 'from-scanner1': CallingAETitle='SCANNER1')" in result.output
     assert "destinations: test-pacs" in result.output and "review: yes" in result.output
     unknown = CliRunner().invoke(main, ["rules", "test", "--series", "1.2.3"], env=env)
-    assert unknown.exit_code != 0 and "no stored series with SeriesInstanceUID 1.2.3" in unknown.output
+    assert (
+        unknown.exit_code != 0 and "no stored series with SeriesInstanceUID 1.2.3" in unknown.output
+    )
 
 
 def test_doctor_checks_every_model_a_rule_names(settings_factory) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.doctor import _rule_models
+    from denoised_node.daemon.cli.doctor import _rule_models
 
     settings = settings_factory(rules=json.dumps([
         {"name": "old", "model": "previous"}, {"name": "gone", "model": "/nowhere/m.safetensors"},
@@ -364,7 +368,7 @@ class FlooredDenoiser(NamedDenoiser):
 
     class card:  # noqa: N801 - mimics the model card's attributes
         name, version = "floored", "1.0"
-        intended_use = {"noise_floor_percent": 90.0}
+        intended_use: ClassVar[dict[str, float]] = {"noise_floor_percent": 90.0}
 
 
 @pytest.mark.parametrize("override", [False, True])
@@ -383,5 +387,7 @@ def test_a_series_under_the_noise_floor_is_ignored_unless_overridden(settings_fa
         assert job.state == "done" and network.calls == 1
     else:
         assert job.state == "ignored" and network.calls == 0
-        assert "nothing to denoise: noise reads" in (job.reason or "") and "under the 90 %" in (job.reason or "")
+        assert "nothing to denoise: noise reads" in (job.reason or "") and "under the 90 %" in (
+            job.reason or ""
+        )
         assert labels == ["no_noise"]

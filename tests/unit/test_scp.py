@@ -15,19 +15,21 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification  #
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scp import start_scp
-from denoised_node.daemon.spool import Spool
-from denoised_node.daemon.status import Status
+from denoised_node.daemon.dicom.dimse_status import Status
+from denoised_node.daemon.dicom.network_options import keep_responses_for_the_caller
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.daemon.dicom.spool import Spool
 from denoised_node.storage.models import Instance, Job, JobEvent, Series
 from denoised_node.storage.queue import EventKind, enqueue
+from denoised_node.storage.runtime import Runtime, open_runtime
 
 
 @pytest.fixture
 def node(settings_factory) -> Iterator[tuple[Runtime, int]]:  # type: ignore[no-untyped-def]
-    settings: Settings = settings_factory(node__port=0, node__allowed_calling_ae_titles='["MOD", "PACS"]')
+    settings: Settings = settings_factory(
+        node__port=0, node__allowed_calling_ae_titles='["MOD", "PACS"]'
+    )
     runtime = open_runtime(settings, initialise_empty=True)
     server = start_scp(settings, Receiver(runtime.store, runtime.sessions, settings))
     yield runtime, server.server_address[1]

@@ -20,9 +20,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.scp import ScpListeners, start_scp
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import ScpListeners, start_scp
+from denoised_node.storage.runtime import open_runtime
 from tests.fixtures.sockets import closed_quickly
 
 # The first bytes of an A-ASSOCIATE-RQ (PDU type 1, reserved, then a 4-byte length): a

@@ -20,10 +20,10 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scp import start_scp
-from denoised_node.daemon.status import InstanceTooLarge, Status, status_for
+from denoised_node.daemon.dicom.dimse_status import InstanceTooLarge, Status, status_for
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.storage.runtime import Runtime, open_runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 MiB = 2**20

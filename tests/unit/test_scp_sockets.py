@@ -1,4 +1,4 @@
-"""daemon/scp_sockets.py and the SCP on sockets bound beforehand: a port is one node's, and
+"""daemon/dicom/scp_sockets.py and the SCP on sockets bound beforehand: a port is one node's, and
 receivers that share the sockets come and go without closing them for the others."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import ConfigError, Settings
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.scp import start_scp
-from denoised_node.daemon.scp_sockets import PLAIN, bind_listeners
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.daemon.dicom.scp_sockets import PLAIN, bind_listeners
+from denoised_node.storage.runtime import open_runtime
 
 
 def _echo(port: int) -> bool:

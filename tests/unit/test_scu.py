@@ -1,4 +1,4 @@
-"""daemon/scu.py against a pynetdicom SCP in this process: a file whose transfer syntax the
+"""daemon/dicom/scu.py against a pynetdicom SCP in this process: a file whose transfer syntax the
 destination accepted goes as it is on disk (never decoded and encoded again); one it did
 not accept is converted; the switch is off again after the send."""
 
@@ -8,15 +8,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pydicom
+import pynetdicom.association
 import pytest
+from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
-from pydicom.uid import ImplicitVRLittleEndian
 
-import pynetdicom.association
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.scu import SendError, send_files
+from denoised_node.daemon.dicom.scu import SendError, send_files
 from tests.integration.peers import free_port
 
 
@@ -52,7 +52,7 @@ def test_files_go_as_they_are_and_others_are_converted(
         return real_dcmread(path, *args, **kwargs)
 
     monkeypatch.setattr(pynetdicom.association, "dcmread", counting_dcmread)
-    monkeypatch.setattr("denoised_node.daemon.scu.pydicom.dcmread", counting_dcmread)
+    monkeypatch.setattr("denoised_node.daemon.dicom.scu.pydicom.dcmread", counting_dcmread)
     destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)
     result = send_files(settings, destination, implicit.paths + explicit.paths)
     assert result.sent == 5 and len(received) == 5
@@ -101,7 +101,7 @@ def test_a_refusal_on_one_association_fails_the_send(settings_factory,  # type: 
 # -- why an association failed: the cause, and what to fix ----------------------------------
 
 def _echo_error(settings_factory, port: int) -> SendError:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.scu import echo
+    from denoised_node.daemon.dicom.scu import echo
 
     settings = settings_factory(node__acse_timeout=2)
     destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=port)

@@ -11,10 +11,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from denoised_node.config.settings import ConfigError, NodeSettings, Settings, load_settings
-from denoised_node.daemon.access import AccessPolicy, Refusal
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import open_runtime
-from denoised_node.daemon.scp import start_scp
+from denoised_node.daemon.dicom.access import AccessPolicy, Refusal
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scp import start_scp
+from denoised_node.storage.runtime import open_runtime
 
 
 def _policy(**node: Any) -> AccessPolicy:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from denoised_node.config.settings import HttpSettings, Settings, load_settings
-from denoised_node.daemon.cli import main
-from denoised_node.daemon.doctor_security import access_check, http_check, tls_checks
-from denoised_node.daemon.http import Readiness, StatusServer
+from denoised_node.daemon.cli.doctor_security import access_check, http_check, tls_checks
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.web.endpoint import StatusServer
+from denoised_node.daemon.web.probes import Readiness
 from tests.fixtures.certificates import Credentials, TestCA
 
 
@@ -41,8 +42,8 @@ def test_good_tls_files_pass(ca: TestCA) -> None:
     checks = _by_name(_tls_settings(ca.issue("good"), ca))
     assert checks["tls.certificate"][0] and "valid until" in checks["tls.certificate"][1]
     assert checks["tls.ca_certificates"][0]
-    assert checks["tls port"] == (True, "127.0.0.1:2762, mutual TLS (client certificates "
-                                        "required), TLSv1.2 or later")
+    assert checks["tls port"] == (True, ("127.0.0.1:2762, mutual TLS (client certificates "
+                                         "required), TLSv1.2 or later"))
 
 
 def test_expired_and_expiring_certificates_are_problems(ca: TestCA) -> None:
@@ -53,7 +54,7 @@ def test_expired_and_expiring_certificates_are_problems(ca: TestCA) -> None:
     assert not soon["tls.certificate"][0] and "expires in 9 day(s)" in soon["tls.certificate"][1]
     # The CA itself, checked a year from now: expired too.
     later = _by_name(_tls_settings(ca.issue("later"), ca),
-                     now=datetime.now(timezone.utc) + timedelta(days=365))
+                     now=datetime.now(UTC) + timedelta(days=365))
     assert not later["tls.ca_certificates"][0]
 
 
@@ -87,7 +88,7 @@ def test_an_open_scp_on_the_network_is_a_problem(
 
 def test_http_port_free_taken_or_ours(settings_factory: Callable[..., Settings],
                                       runtime) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.metrics import node_registry
+    from denoised_node.daemon.web.metrics import node_registry
 
     with socket.create_server(("127.0.0.1", 0)) as other:
         port = other.getsockname()[1]

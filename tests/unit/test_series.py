@@ -1,11 +1,11 @@
-"""Stored series to volumes (storage/series.py): stacks sorted along the slice normal,
+"""Stored series to volumes (storage/images/series.py): stacks sorted along the slice normal,
 rescale applied, echoes and localizers kept apart."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from denoised_node.storage.series import load_volume, plan_stacks
+from denoised_node.storage.images.series import load_volume, plan_stacks
 
 
 def _real(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.pipeline import denoise_series
+from denoised_node.daemon.jobs.pipeline import denoise_series
 from denoised_node.model.inference import Denoiser
-from denoised_node.storage.series import NothingToDenoise
+from denoised_node.storage.images.series import NothingToDenoise
 from tests.fixtures.mr_series import GeneratedSeries
 
 NOW = datetime(2026, 12, 3, 10, 0, 0, tzinfo=UTC)

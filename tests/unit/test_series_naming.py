@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.admin import list_jobs
-from denoised_node.daemon.cli import main
+from denoised_node.daemon.cli.main import main
+from denoised_node.daemon.jobs.queries import list_jobs
 from denoised_node.storage.models import Series
 from tests.fixtures.mr_series import GeneratedSeries
 from tests.unit.test_web_pages import PATIENT_STRINGS, _html, build_node

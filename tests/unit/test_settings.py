@@ -35,8 +35,12 @@ def test_processing_retries_have_their_own_backoff(tmp_path: Path) -> None:
     defaults = load_settings(None, environ={})
     # The defaults are those the send retries have (and processing retries borrowed).
     assert defaults.worker.max_processing_attempts == 3
-    assert defaults.worker.processing_backoff_base_seconds == defaults.send.backoff_base_seconds == 2
-    assert defaults.worker.processing_backoff_max_seconds == defaults.send.backoff_max_seconds == 300
+    assert (
+        defaults.worker.processing_backoff_base_seconds == defaults.send.backoff_base_seconds == 2
+    )
+    assert (
+        defaults.worker.processing_backoff_max_seconds == defaults.send.backoff_max_seconds == 300
+    )
     example = load_settings(EXAMPLE, environ={})
     assert example.worker.processing_backoff_base_seconds == 2
     assert example.worker.processing_backoff_max_seconds == 300
@@ -88,8 +92,8 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
     ("[node]\nport = 70000\n", "node.port"),
     ("[node]\nae_title = 'MUCH_TOO_LONG_AE_TITLE'\n", "node.ae_title"),
     ("[model]\ndevice = 'gpu'\n", "model.device"),
-    ("[[destinations]]\nname='a'\nae_title='A'\nhost='h'\nport=1\n"
-     "[[destinations]]\nname='a'\nae_title='B'\nhost='h'\nport=2\n", "unique"),
+    (("[[destinations]]\nname='a'\nae_title='A'\nhost='h'\nport=1\n"
+      "[[destinations]]\nname='a'\nae_title='B'\nhost='h'\nport=2\n"), "unique"),
     ("node = [", "not valid TOML"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -16,14 +16,14 @@ import pydicom
 import pytest
 from sqlalchemy import select, update
 
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.status import Status, status_for
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.dimse_status import Status, status_for
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.models import Instance, Job, JobEvent, Series
 from denoised_node.storage.retention import purge_finished
+from denoised_node.storage.runtime import Runtime
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 
@@ -141,7 +141,7 @@ def test_an_index_row_pointing_into_another_series_is_never_used(  # type: ignor
 
 
 def test_a_series_belongs_to_one_study(runtime: Runtime, mr_series_factory) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.status import SeriesInOtherStudy
+    from denoised_node.daemon.dicom.dimse_status import SeriesInOtherStudy
 
     a = mr_series_factory(slices=2)
     receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)
@@ -193,7 +193,7 @@ def test_changed_pixels_under_the_same_uids_go_out_as_a_new_derived_series(  # t
     """Issue 29, item 2: a finished series sent again with other pixels (same UIDs) is sent
     as a new derived series that a PACS with overwrite off still takes; the old one is named
     superseded in the job history. A replay of the same content keeps the UIDs."""
-    from denoised_node.daemon.admin import replay
+    from denoised_node.daemon.jobs.queries import replay
 
     a = mr_series_factory(slices=3, series_number=3)
     receiver = Receiver(runtime.store, runtime.sessions, runtime.settings)

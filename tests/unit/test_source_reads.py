@@ -18,14 +18,14 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.uid import ImplicitVRLittleEndian
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.pipeline import denoise_series
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.scu import SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.pipeline import denoise_series
+from denoised_node.daemon.jobs.worker import Worker
+from denoised_node.storage.images.series import PIXEL_DATA, PixelFormat, plan_stacks, read_header
 from denoised_node.storage.models import Series
-from denoised_node.storage.series import PIXEL_DATA, PixelFormat, plan_stacks, read_header
+from denoised_node.storage.runtime import Runtime
 from tests.fixtures.mr_series import GeneratedSeries
 
 Factory = Callable[..., GeneratedSeries]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-from denoised_node.daemon.status import Status, describe, is_stored, status_for
+from denoised_node.daemon.dicom.dimse_status import Status, describe, is_stored, status_for
 
 
 def test_a_full_disk_is_out_of_resources() -> None:

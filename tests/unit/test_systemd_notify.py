@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from denoised_node.daemon.notify import (
+from denoised_node.daemon.process.sd_notify import (
     Heartbeat,
     Notification,
     NotifyListener,

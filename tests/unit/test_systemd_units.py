@@ -53,8 +53,13 @@ def _installed_copy(name: str, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_unit_verifies(name: str, tmp_path: Path) -> None:
-    done = subprocess.run([_tool("systemd-analyze"), "verify", str(_installed_copy(name, tmp_path))],
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [_tool("systemd-analyze"), "verify", str(_installed_copy(name, tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     complaints = [line for line in done.stderr.splitlines() if name in line]
     assert complaints == []

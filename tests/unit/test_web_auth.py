@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 
 from denoised_node.config.settings import ConfigError, HttpSettings, Settings, is_loopback
-from denoised_node.daemon.http import CheckResult, Readiness, StatusServer
-from denoised_node.daemon.metrics import node_registry
-from denoised_node.daemon.runtime import Runtime
 from denoised_node.daemon.web.auth import Guard
 from denoised_node.daemon.web.csrf import CsrfTokens
+from denoised_node.daemon.web.endpoint import StatusServer
+from denoised_node.daemon.web.metrics import node_registry
+from denoised_node.daemon.web.probes import CheckResult, Readiness
 from denoised_node.daemon.web.request import Request, Response
+from denoised_node.storage.runtime import Runtime
 
 
 def _secret(tmp_path: Path, name: str, value: str) -> Path:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
-from denoised_node.daemon.runtime import Runtime
 from denoised_node.daemon.web.charts import Chart, bar_chart, day_charts
 from denoised_node.storage.models import Job, JobEvent, Series
 from denoised_node.storage.queue import JobState, kind_of_move
+from denoised_node.storage.runtime import Runtime
 
-NOW = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
 
 def _job(runtime: Runtime, uid: str, moves: list[tuple[float, str | None, str]]) -> None:

@@ -10,11 +10,11 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from denoised_node.daemon.admin import EventRow
-from denoised_node.daemon.http import CheckResult
-from denoised_node.daemon.web import node_health
+from denoised_node.daemon.jobs.queries import EventRow
+from denoised_node.daemon.web import health_rows
 from denoised_node.daemon.web.activity import Spread, stage_seconds
-from denoised_node.daemon.web.node_health import SlowChecks, gpu, model_file
+from denoised_node.daemon.web.health_rows import SlowChecks, gpu, model_file
+from denoised_node.daemon.web.probes import CheckResult
 from denoised_node.model.card import read_card, resolve_checkpoint
 from denoised_node.storage.queue import JobState, kind_of_move
 
@@ -80,10 +80,10 @@ def test_slow_checks_run_in_the_background_and_are_kept() -> None:
 
 def test_gpu_row_from_nvidia_smi(monkeypatch: Any) -> None:
     assert gpu("cpu").detail == 'not used (model.device = "cpu")'
-    monkeypatch.setattr(node_health.shutil, "which", lambda _: None)
+    monkeypatch.setattr(health_rows.shutil, "which", lambda _: None)
     assert gpu("auto").ok and "workers run on the CPU" in gpu("auto").detail
     assert not gpu("cuda:0").ok and "nvidia-smi not found" in gpu("cuda:0").detail
-    monkeypatch.setattr(node_health.shutil, "which", lambda _: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(health_rows.shutil, "which", lambda _: "/usr/bin/nvidia-smi")
 
     def smi(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 0, "NVIDIA H100 80GB HBM3, 3174, 81559, 12\n", "")
@@ -94,7 +94,9 @@ def test_gpu_row_from_nvidia_smi(monkeypatch: Any) -> None:
     def failing(*args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(args, 9, "", "NVIDIA-SMI has failed\n")
 
-    assert gpu("auto", run=failing) == CheckResult(False, "nvidia-smi failed: NVIDIA-SMI has failed")
+    assert gpu("auto", run=failing) == CheckResult(
+        False, "nvidia-smi failed: NVIDIA-SMI has failed"
+    )
 
 
 def test_model_row_reads_the_card_without_loading_the_weights() -> None:
@@ -102,7 +104,9 @@ def test_model_row_reads_the_card_without_loading_the_weights() -> None:
     card = json.loads(path.with_suffix(".json").read_text())["card"]
     result = model_file("default")
     identity = f"dn-{card['name']}-{card['version']}-{card['sha256'][:12]}"
-    assert result.ok and identity in result.detail and "sha256 matches default.json" in result.detail
+    assert (
+        result.ok and identity in result.detail and "sha256 matches default.json" in result.detail
+    )
     assert read_card(path).sha256 == card["sha256"]
     assert not model_file("/nonexistent/model.safetensors").ok
 

@@ -19,19 +19,19 @@ from PIL import Image
 from sqlalchemy import select
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.http import CheckResult, Readiness
-from denoised_node.daemon.receive import Receiver
-from denoised_node.daemon.runtime import Runtime, open_runtime
-from denoised_node.daemon.scu import SendError, SendResult
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.scu import SendError, SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.daemon.web.csrf import TOKEN_FIELD
-from denoised_node.daemon.web.node_health import SlowChecks
+from denoised_node.daemon.web.health_rows import SlowChecks
 from denoised_node.daemon.web.pages import StatusPages
+from denoised_node.daemon.web.probes import CheckResult, Readiness
 from denoised_node.daemon.web.request import Request, Response
-from denoised_node.daemon.worker import Worker
 from denoised_node.storage.db import make_engine
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.retention import purge_series
+from denoised_node.storage.runtime import Runtime, open_runtime
 from denoised_node.storage.schema import upgrade
 from tests.fixtures.identity import StudyInfo
 from tests.fixtures.mr_series import GeneratedSeries, MRSeriesSpec, generate_series
@@ -208,7 +208,10 @@ def test_jobs_lists_states_stage_times_and_a_replay_button_for_failed(read_only_
     assert "association rejected" in failed_row.group(1)
     assert f'action="/jobs/{node.failed_job}/replay"' in failed_row.group(1)
     filtered = _html(node.get("/jobs?state=failed"))
-    assert f'data-job="{node.failed_job}"' in filtered and f'data-job="{node.done_job}"' not in filtered
+    assert (
+        f'data-job="{node.failed_job}"' in filtered
+        and f'data-job="{node.done_job}"' not in filtered
+    )
     _no_patient_data(html)
 
 
@@ -333,9 +336,11 @@ def test_text_from_the_database_is_escaped(node: Node) -> None:
         assert "<script>" not in html and "&lt;script&gt;" in html
 
 
-def test_patient_data_only_where_the_setting_allows(settings_factory: Callable[..., Settings],
-                                                    mr_series_factory: Callable[..., GeneratedSeries],
-                                                    fake_denoiser: object) -> None:
+def test_patient_data_only_where_the_setting_allows(
+    settings_factory: Callable[..., Settings],
+    mr_series_factory: Callable[..., GeneratedSeries],
+    fake_denoiser: object,
+) -> None:
     settings = settings_factory(send__max_attempts=1, http__show_patient_data=True)
     shown = build_node(settings, mr_series_factory, fake_denoiser)
     html = _html(shown.get(f"/series/{shown.done.series_uid}"))
@@ -380,8 +385,14 @@ def test_a_series_of_several_stacks_offers_each(settings_factory: Callable[..., 
         for row in session.scalars(select(Series)):
             row.last_received_at -= timedelta(minutes=5)
     complete_idle_series(runtime.sessions, settings.series)
-    Worker(settings, runtime.sessions, runtime.store, fake_denoiser,  # type: ignore[arg-type]
-           worker_id="w", sender=lambda s, d, f, progress: SendResult(d.name, len(f))).run(burst=True)
+    Worker(
+        settings,
+        runtime.sessions,
+        runtime.store,
+        fake_denoiser,  # type: ignore[arg-type]
+        worker_id="w",
+        sender=lambda s, d, f, progress: SendResult(d.name, len(f)),
+    ).run(burst=True)
     pages = StatusPages(settings, runtime.sessions, runtime.store, _readiness(), slow=_slow())
     html = pages.handle(Request.build("GET", f"/series/{series.series_uid}",
                                       {"Host": "127.0.0.1"})).body.decode()

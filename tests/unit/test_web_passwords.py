@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from denoised_node.config.settings import ConfigError, HttpSettings
-from denoised_node.daemon.cli import main
+from denoised_node.daemon.cli.main import main
 from denoised_node.daemon.web import passwords
 from denoised_node.daemon.web.auth import Guard
 from denoised_node.daemon.web.passwords import StoredPassword, htpasswd_line
@@ -78,7 +78,7 @@ def test_the_cli_writes_a_private_htpasswd_file(tmp_path: Path) -> None:
 
 def test_doctor_flags_a_plain_text_password(tmp_path: Path) -> None:
     from denoised_node.config.settings import Settings
-    from denoised_node.daemon.doctor_security import http_check
+    from denoised_node.daemon.cli.doctor_security import http_check
 
     secret = tmp_path / "pw"
     secret.write_text("plain-text-password\n")
@@ -98,8 +98,8 @@ def test_wrong_passwords_are_throttled_per_address_and_the_right_one_is_not(
     import bcrypt
     from prometheus_client import CollectorRegistry
 
-    from denoised_node.daemon.http import CheckResult, Readiness
-    from denoised_node.daemon.http_app import HttpApp
+    from denoised_node.daemon.web.app import HttpApp
+    from denoised_node.daemon.web.probes import CheckResult, Readiness
     from tests.fixtures.wsgi import call
 
     secret = tmp_path / "http-password"

@@ -15,9 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from denoised_node.config.settings import GateSettings, HttpSettings
-from denoised_node.daemon.http import Readiness, StatusServer
+from denoised_node.daemon.web.endpoint import StatusServer
 from denoised_node.daemon.web.pages import PreviewCache
 from denoised_node.daemon.web.previews import Preview, PreviewInput
+from denoised_node.daemon.web.probes import Readiness
 from denoised_node.daemon.web.request import Request, Response
 
 SOURCE = PreviewInput(7, "v1", (Path("/nowhere/a.dcm"),), None)

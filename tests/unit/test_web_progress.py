@@ -8,8 +8,8 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from denoised_node.config.settings import Settings
-from denoised_node.daemon.http import CheckResult
-from denoised_node.daemon.web.node_health import SlowChecks
+from denoised_node.daemon.web.health_rows import SlowChecks
+from denoised_node.daemon.web.probes import CheckResult
 from denoised_node.storage.models import Job, utcnow
 from denoised_node.storage.progress import ProgressRecorder
 from denoised_node.storage.queue import JobState, transition

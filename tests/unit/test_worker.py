@@ -1,4 +1,4 @@
-"""The worker loop (daemon/worker.py): claim, denoise, derive, send; retries, backoff,
+"""The worker loop (daemon/jobs/worker.py): claim, denoise, derive, send; retries, backoff,
 stops and lost leases. The series are received and completed through the real code first."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from denoised_node.config.settings import Destination, Settings
-from denoised_node.daemon.completion import complete_idle_series
-from denoised_node.daemon.runtime import Runtime
-from denoised_node.daemon.scu import SendError, SendResult
-from denoised_node.daemon.worker import Worker
+from denoised_node.daemon.dicom.scu import SendError, SendResult
+from denoised_node.daemon.jobs.completion import complete_idle_series
+from denoised_node.daemon.jobs.worker import Worker
 from denoised_node.storage.models import Job, JobEvent, Series, utcnow
 from denoised_node.storage.queue import JobState
+from denoised_node.storage.runtime import Runtime
 from tests.fixtures.dicom_peer import loopback_scp
 from tests.fixtures.node_state import job_states, receive_files
 from tests.unit.conftest import ScaledDenoiser
@@ -90,8 +90,8 @@ def test_send_failure_retries_then_succeeds(runtime: Runtime, mr_series, fake_de
 
 def test_a_retrying_send_shows_one_timing(runtime: Runtime, mr_series, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
     """The line read "... in 6 s ...; last error: ... (send attempt 4 of 20; retry in 11 s)"."""
-    from denoised_node.daemon.admin import job_detail
-    from denoised_node.daemon.job_status import AttemptLimits, job_status
+    from denoised_node.daemon.jobs.job_status import AttemptLimits, job_status
+    from denoised_node.daemon.jobs.queries import job_detail
 
     receive_files(runtime, mr_series.paths)
     _complete(runtime)
@@ -109,7 +109,7 @@ def test_a_retrying_send_shows_one_timing(runtime: Runtime, mr_series, fake_deno
 
 def test_send_fails_after_the_attempt_limit(settings_factory, mr_series_factory,  # type: ignore[no-untyped-def]
                                             fake_denoiser) -> None:
-    from denoised_node.daemon.runtime import open_runtime
+    from denoised_node.storage.runtime import open_runtime
 
     settings = settings_factory(send__max_attempts=1)
     runtime = open_runtime(settings, initialise_empty=True)
@@ -146,7 +146,7 @@ def test_processing_errors_retry_a_bounded_number_of_times(runtime: Runtime, mr_
 def test_processing_and_sending_retry_with_their_own_backoff(settings_factory,  # type: ignore[no-untyped-def]
                                                              mr_series_factory,
                                                              fake_denoiser) -> None:
-    from denoised_node.daemon.runtime import open_runtime
+    from denoised_node.storage.runtime import open_runtime
 
     settings = settings_factory(worker__processing_backoff_base_seconds=1000,
                                 worker__processing_backoff_max_seconds=1000,
@@ -195,7 +195,7 @@ def test_stop_request_releases_nothing_when_idle(runtime: Runtime, fake_denoiser
 
 
 def test_second_stop_returns_the_job_to_the_queue(runtime: Runtime, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.daemon.worker import StopNow
+    from denoised_node.daemon.jobs.worker import StopNow
 
     class Interrupted:
         identity = "x"
@@ -214,7 +214,7 @@ def test_second_stop_returns_the_job_to_the_queue(runtime: Runtime, mr_series) -
 def test_configured_worker_id_gets_the_pid(settings_factory, fake_denoiser) -> None:  # type: ignore[no-untyped-def]
     import os
 
-    from denoised_node.daemon.runtime import open_runtime
+    from denoised_node.storage.runtime import open_runtime
 
     settings = settings_factory(worker__worker_id="gpu-host-a")
     runtime = open_runtime(settings, initialise_empty=True)
@@ -263,14 +263,13 @@ def test_a_lost_lease_counts_as_a_processing_attempt(runtime: Runtime, mr_series
             JobEvent.kind == "released")).all()
     assert (job.state, job.processing_attempts) == ("done", 1)
     limit = runtime.settings.worker.max_processing_attempts
-    assert released == [f"lease of gone:1 expired: the worker was lost "
-                        f"(attempt 1 of {limit})"]
+    assert released == [f"lease of gone:1 expired: the worker was lost (attempt 1 of {limit})"]
 
 
 def test_a_series_that_keeps_killing_its_worker_fails_at_the_attempt_limit(  # type: ignore[no-untyped-def]
         settings_factory, mr_series, fake_denoiser, monkeypatch) -> None:
-    from denoised_node.daemon import worker as worker_module
-    from denoised_node.daemon.runtime import open_runtime
+    from denoised_node.daemon.jobs import worker as worker_module
+    from denoised_node.storage.runtime import open_runtime
 
     runtime = open_runtime(settings_factory(worker__max_processing_attempts=2),
                            initialise_empty=True)
@@ -302,8 +301,8 @@ def _pacs(**attributes: object):  # type: ignore[no-untyped-def]
 
 def _send_to_port(settings_factory, mr_series, port: int) -> tuple[Runtime, Job]:  # type: ignore[no-untyped-def]
     """One series denoised and sent with the real SCU to PACS@127.0.0.1:port."""
-    from denoised_node.daemon.runtime import open_runtime
-    from denoised_node.daemon.scu import send_files
+    from denoised_node.daemon.dicom.scu import send_files
+    from denoised_node.storage.runtime import open_runtime
 
     settings = settings_factory(node__acse_timeout=5, destinations=json.dumps(
         [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}]))
@@ -329,7 +328,7 @@ def test_a_permanent_refusal_fails_the_job_at_once(settings_factory, mr_series, 
     assert job.state == "failed" and job.send_attempts == 1  # not 20 attempts over 45 min
     assert reason in (job.reason or "") and fix in (job.reason or "")
     assert "replay" in (job.reason or "")
-    from denoised_node.daemon.admin import replay  # replayable, as any failed job
+    from denoised_node.daemon.jobs.queries import replay  # replayable, as any failed job
 
     with runtime.sessions.begin() as session:
         assert replay(session, job_id=job.id)[0].requeued
@@ -340,7 +339,7 @@ def test_a_refused_connection_is_retried(settings_factory, mr_series) -> None:  
 
     runtime, job = _send_to_port(settings_factory, mr_series, free_port())
     assert job.state == "processed" and job.send_attempts == 1  # waiting out its backoff
-    from denoised_node.daemon.admin import job_detail  # what `jobs show` and the page print
+    from denoised_node.daemon.jobs.queries import job_detail  # what `jobs show` and the page print
 
     with runtime.sessions() as session:
         row, events = job_detail(session, job.id)

@@ -9,7 +9,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 
-from denoised_node.daemon.dicom_network import keep_responses_for_the_caller
+from denoised_node.daemon.dicom.network_options import keep_responses_for_the_caller
 
 NO_ANSWER = -1  # the association was aborted or the peer did not answer
 
