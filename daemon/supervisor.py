@@ -35,7 +35,6 @@ from denoised_node.daemon.dicom.rescan import settle_unindexed
 from denoised_node.daemon.dicom.scp import ScpCounts, ScpListeners, start_scp
 from denoised_node.daemon.dicom.scp_sockets import bind_listeners
 from denoised_node.daemon.dicom.tls import server_context
-from denoised_node.daemon.web.stow import StowReceiver
 from denoised_node.daemon.jobs.completion import CompletionLoop
 from denoised_node.daemon.maintenance import (
     RetentionLoop,
@@ -60,6 +59,7 @@ from denoised_node.daemon.web.health_rows import ConfigState
 from denoised_node.daemon.web.metrics import node_registry
 from denoised_node.daemon.web.pages import StatusPages
 from denoised_node.daemon.web.probes import Readiness
+from denoised_node.daemon.web.stow import StowReceiver
 from denoised_node.storage.db import is_sqlite
 from denoised_node.storage.queue import attempt_limits
 from denoised_node.storage.runtime import Runtime, open_runtime

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import pydicom
 
 from denoised_node.config.settings import DicomwebDestination, Settings
+from denoised_node.daemon.dicom.scu import SendError, SendResult
 from denoised_node.daemon.dicomweb import multipart
 from denoised_node.daemon.dicomweb.status import (
     describe_http,
@@ -32,7 +33,6 @@ from denoised_node.daemon.dicomweb.status import (
     out_of_resources,
     verdict_for,
 )
-from denoised_node.daemon.dicom.scu import SendError, SendResult
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +254,8 @@ def _store_batch(connection: DicomwebConnection, batch: list[Instance]) -> None:
     started = time.monotonic()
     try:
         status, _, data = connection.request("POST", "/studies", headers, body)
-    except OSError as exc:
-        raise DicomwebError(f"{where}: {_network_error(exc)}",
-                            fix="check that the server runs and the url's host and port") from exc
-    except http.client.HTTPException as exc:
-        raise DicomwebError(f"{where}: the connection failed ({type(exc).__name__}: {exc})") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise _request_failed(where, exc) from exc
     log.debug("STOW-RS batch answered", extra={"destination": connection.destination.name,
                                                "instances": len(batch), "status": status,
                                                "seconds": round(time.monotonic() - started, 3)})
@@ -306,6 +303,14 @@ def _plain(data: bytes) -> str:
     return " ".join(text.split())[:200]
 
 
+def _request_failed(where: str, exc: Exception) -> DicomwebError:
+    """A request that got no answer: the network's reason, or the HTTP connection's."""
+    if isinstance(exc, OSError):
+        return DicomwebError(f"{where}: {_network_error(exc)}",
+                             fix="check that the server runs and the url's host and port")
+    return DicomwebError(f"{where}: the connection failed ({type(exc).__name__}: {exc})")
+
+
 def _network_error(exc: OSError) -> str:
     if isinstance(exc, socket.timeout | TimeoutError):
         return "no answer in time (timeout_seconds)"
@@ -335,11 +340,8 @@ def qido_echo(settings: Settings, destination: DicomwebDestination) -> QidoAnswe
     try:
         status, headers, data = connection.request("GET", "/studies?limit=1",
                                                    {"Accept": _DICOM_JSON})
-    except OSError as exc:
-        raise DicomwebError(f"{where}: {_network_error(exc)}",
-                            fix="check that the server runs and the url's host and port") from exc
-    except http.client.HTTPException as exc:
-        raise DicomwebError(f"{where}: the connection failed ({type(exc).__name__}: {exc})") from exc
+    except (OSError, http.client.HTTPException) as exc:
+        raise _request_failed(where, exc) from exc
     finally:
         connection.close()
     elapsed = (time.monotonic() - started) * 1000

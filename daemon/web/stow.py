@@ -22,6 +22,9 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.sequence import Sequence as DicomSequence
 
+from denoised_node.daemon.dicom.dimse_status import Status, UnreadableDataset
+from denoised_node.daemon.dicom.receive import Receiver
+from denoised_node.daemon.dicom.spool import Spool
 from denoised_node.daemon.dicomweb.multipart import (
     DICOM,
     MediaType,
@@ -29,9 +32,6 @@ from denoised_node.daemon.dicomweb.multipart import (
     MultipartReader,
 )
 from denoised_node.daemon.dicomweb.status import answer_for, failure_reason
-from denoised_node.daemon.dicom.receive import Receiver
-from denoised_node.daemon.dicom.spool import Spool
-from denoised_node.daemon.dicom.dimse_status import Status, UnreadableDataset
 from denoised_node.daemon.web.request import Response
 from denoised_node.storage.files import InvalidUID, check_uid
 

@@ -21,19 +21,19 @@ from denoised_node.config.settings import (
     Settings,
     load_settings,
 )
+from denoised_node.daemon.dicom.dimse_status import Status
+from denoised_node.daemon.dicom.receive import Receiver
 from denoised_node.daemon.dicomweb import multipart
 from denoised_node.daemon.dicomweb.client import Instance, StowResponse, batches
 from denoised_node.daemon.dicomweb.multipart import MediaType, MultipartError, MultipartReader
-from denoised_node.daemon.web.stow import StowReceiver, source_of
 from denoised_node.daemon.dicomweb.status import answer_for, verdict_for
-from denoised_node.daemon.web.endpoint import CheckResult, Readiness
 from denoised_node.daemon.web.app import HttpApp
-from denoised_node.daemon.dicom.receive import Receiver
-from denoised_node.storage.runtime import Runtime
-from denoised_node.daemon.dicom.dimse_status import Status
 from denoised_node.daemon.web.auth import Guard
+from denoised_node.daemon.web.endpoint import CheckResult, Readiness
+from denoised_node.daemon.web.stow import StowReceiver, source_of
 from denoised_node.storage.models import Instance as InstanceRow
 from denoised_node.storage.models import Series
+from denoised_node.storage.runtime import Runtime
 from tests.fixtures.wsgi import call
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -244,8 +244,8 @@ def test_stow_none_stored_is_409(runtime: Runtime, mr_series) -> None:  # type: 
 
 
 def test_stow_out_of_space_is_a700(settings_factory, mr_series) -> None:  # type: ignore[no-untyped-def]
-    from denoised_node.storage.runtime import open_runtime
     from denoised_node.storage.db import make_engine
+    from denoised_node.storage.runtime import open_runtime
     from denoised_node.storage.schema import upgrade
 
     settings = settings_factory(node__min_free_mb=100000000)
@@ -372,7 +372,7 @@ class _Scripted:
                 super().setup()
                 outer.connections += 1
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 media = MediaType.parse(self.headers["Content-Type"])
                 reader = MultipartReader(io.BytesIO(body), media.parameters["boundary"])
