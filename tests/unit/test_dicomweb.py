@@ -29,7 +29,7 @@ from denoised_node.daemon.dicomweb.multipart import MediaType, MultipartError, M
 from denoised_node.daemon.dicomweb.status import answer_for, verdict_for
 from denoised_node.daemon.web.app import HttpApp
 from denoised_node.daemon.web.auth import Guard
-from denoised_node.daemon.web.endpoint import CheckResult, Readiness
+from denoised_node.daemon.web.probes import CheckResult, Readiness
 from denoised_node.daemon.web.stow import StowReceiver, source_of
 from denoised_node.storage.models import Instance as InstanceRow
 from denoised_node.storage.models import Series
