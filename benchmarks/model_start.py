@@ -24,9 +24,8 @@ import torch
 
 from denoised_node.model.network import build_network, widen_input
 from denoised_node.model.schedule import NoiseSchedule
-from denoised_node.model.training.data import Split, mni_maps
-from denoised_node.model.training.synth import Batch, SynthConfig, Synthesizer
-from denoised_node.model.training.tissue_ratio import TISSUE_LEVEL
+from denoised_node.model.training.synth import Batch, SynthConfig
+from denoised_node.model.training.tissue_ratio import error_ratios, plain_patches
 from denoised_node.model.training.train import (
     TrainConfig,
     _architecture,
@@ -56,57 +55,13 @@ WARMUP_STEPS = 100
 BATCH = 12
 
 
-def plain_patches(in_slices: int, sigma: float = 0.05) -> list[Batch]:
-    """Two fixed batches of plain MNI training patches (none of the synthesiser's extras)."""
-    maps = mni_maps()
-    blocks = [maps[:, a:b] for a, b in Split(maps.shape[1], 24, 8).training_ranges()]
-    plain = SynthConfig(
-        patch=64,
-        in_slices=in_slices,
-        sigma_range=(sigma, sigma * 1.001),
-        dead_leaves_prob=0.0,
-        procedural_prob=0.0,
-        zero_fill_prob=0.0,
-        partial_fourier_prob=0.0,
-        coil_counts=(1,),
-        gfactor_prob=0.0,
-        zeroed_background_prob=0.0,
-        twelve_bit_prob=0.0,
-        gamma_prob=0.0,
-        bias_prob=0.0,
-        curve_prob=0.0,
-        thick_prob=0.0,
-        native_prob=1.0,
-        axis_probs=(1.0, 0.0, 0.0),
-        template_texture_prob=1.0,
-    )
-    synth = Synthesizer(blocks, plain, torch.device("cpu"), seed=3)
-    return [synth.batch(BATCH) for _ in range(2)]
-
-
-def tissue_and_background(
-    net: torch.nn.Module, patches: list[Batch], amp: bool
-) -> tuple[float, float]:
-    """Median error ratio (network / noisy input) in tissue and in the background."""
+def tissue_and_background(net: torch.nn.Module, patches: list[Batch],
+                          amp: bool) -> tuple[float, float]:
+    """``tissue_ratio.error_ratios`` in eval mode, back to training after."""
     net.eval()
-    tissue, background = [], []
-    half = net.in_slices // 2
-    with torch.no_grad():
-        for batch in patches:
-            x, t = network_inputs(net, batch.noisy, NoiseSchedule())
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                out = net(x, t).float()
-            fg = (batch.clean > TISSUE_LEVEL).float()
-            for mask, into in ((fg, tissue), (1 - fg, background)):
-                err = ((out - batch.clean).pow(2) * mask).flatten(1).sum(1)
-                base = (
-                    ((batch.noisy[:, half : half + 1] - batch.clean).pow(2) * mask)
-                    .flatten(1)
-                    .sum(1)
-                )
-                into.append(err[base > 0] / base[base > 0])
+    ratios = error_ratios(net, patches, amp)
     net.train()
-    return float(torch.cat(tissue).median()), float(torch.cat(background).median())
+    return ratios
 
 
 def main() -> None:
@@ -145,7 +100,7 @@ def main() -> None:
         net.load_state_dict(widen_input(start[1], net))
     net.train()
     source, *_ = _sources(cfg, net.in_slices, torch.device("cpu"))
-    patches = plain_patches(net.in_slices)
+    patches = plain_patches(net.in_slices, patch=64, batches=2, batch_size=BATCH)
     amp = cpu_has_bf16()
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     began = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,26 +21,19 @@ import torch
 TISSUE_LEVEL = 0.04  # of the normalised bright level
 
 
-def tissue_ratios(run_dir: Path, sigma: float = 0.05, batches: int = 3, batch_size: int = 12,
-                  weights: str = "net", maps: np.ndarray | None = None) -> dict[str, float]:
-    """Median over patches of (network's squared error / input's), in tissue and background;
-    on the MNI tissue maps' training blocks, or on ``maps`` (4, slices, rows, cols)."""
-    from denoised_node.model.network import build_network
-    from denoised_node.model.schedule import NoiseSchedule
+def plain_patches(in_slices: int, patch: int, sigma: float = 0.05, batches: int = 3,
+                  batch_size: int = 12, maps: np.ndarray | None = None, holdout: int = 24,
+                  gap: int = 8) -> list[Any]:
+    """Fixed batches of plain patches of the MNI tissue maps' training blocks (or of ``maps``,
+    (4, slices, rows, cols)): Rician noise at ``sigma``, none of the synthesiser's extras."""
     from denoised_node.model.training.data import Split, mni_maps
     from denoised_node.model.training.synth import SynthConfig, Synthesizer
-    from denoised_node.model.training.train import _architecture, load_run_config, network_inputs
 
-    cfg = load_run_config(run_dir)
-    net = build_network(_architecture(cfg, None))
-    state = torch.load(Path(run_dir) / "state.pt", map_location="cpu", weights_only=True)
-    net.load_state_dict(state[weights])
-    net.eval()
     maps = mni_maps() if maps is None else maps
-    blocks = [maps[:, a:b] for a, b in Split(maps.shape[1], cfg.holdout, cfg.gap).training_ranges()]
+    blocks = [maps[:, a:b] for a, b in Split(maps.shape[1], holdout, gap).training_ranges()]
     plain = SynthConfig(
-        patch=cfg.patch,
-        in_slices=net.in_slices,
+        patch=patch,
+        in_slices=in_slices,
         sigma_range=(sigma, sigma * 1.001),
         dead_leaves_prob=0.0,
         procedural_prob=0.0,
@@ -58,14 +52,23 @@ def tissue_ratios(run_dir: Path, sigma: float = 0.05, batches: int = 3, batch_si
         template_texture_prob=1.0,
     )
     synth = Synthesizer(blocks, plain, torch.device("cpu"), seed=3)
+    return [synth.batch(batch_size) for _ in range(batches)]
+
+
+def error_ratios(net: Any, patches: list[Any], amp: bool = False) -> tuple[float, float]:
+    """Median over patches of (network's squared error / input's), in tissue and in the
+    background; ``amp``: the network in bf16 autocast."""
+    from denoised_node.model.schedule import NoiseSchedule
+    from denoised_node.model.training.train import network_inputs
+
     half = net.in_slices // 2
     tissue: list[torch.Tensor] = []
     background: list[torch.Tensor] = []
     with torch.no_grad():
-        for _ in range(batches):
-            batch = synth.batch(batch_size)
+        for batch in patches:
             x, t = network_inputs(net, batch.noisy, NoiseSchedule())
-            out = net(x, t).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                out = net(x, t).float()
             fg = (batch.clean > TISSUE_LEVEL).float()
             for mask, into in ((fg, tissue), (1 - fg, background)):
                 err = ((out - batch.clean).pow(2) * mask).flatten(1).sum(1)
@@ -75,12 +78,24 @@ def tissue_ratios(run_dir: Path, sigma: float = 0.05, batches: int = 3, batch_si
                     .sum(1)
                 )
                 into.append(err[base > 0] / base[base > 0])
-    return {
-        "step": int(state["step"]),
-        "sigma": sigma,
-        "tissue": float(torch.cat(tissue).median()),
-        "background": float(torch.cat(background).median()),
-    }
+    return float(torch.cat(tissue).median()), float(torch.cat(background).median())
+
+
+def tissue_ratios(run_dir: Path, sigma: float = 0.05, batches: int = 3, batch_size: int = 12,
+                  weights: str = "net", maps: np.ndarray | None = None) -> dict[str, float]:
+    """``error_ratios`` of a run's last state on ``plain_patches`` of its patch size."""
+    from denoised_node.model.network import build_network
+    from denoised_node.model.training.train import _architecture, load_run_config
+
+    cfg = load_run_config(run_dir)
+    net = build_network(_architecture(cfg, None))
+    state = torch.load(Path(run_dir) / "state.pt", map_location="cpu", weights_only=True)
+    net.load_state_dict(state[weights])
+    net.eval()
+    patches = plain_patches(net.in_slices, cfg.patch, sigma, batches, batch_size, maps,
+                            cfg.holdout, cfg.gap)
+    tissue, background = error_ratios(net, patches)
+    return {"step": int(state["step"]), "sigma": sigma, "tissue": tissue, "background": background}
 
 
 def main() -> None:
