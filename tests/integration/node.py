@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,17 @@ class Node:
     def stop(self, timeout: float = 60.0) -> int:
         self.process.popen.send_signal(signal.SIGTERM)
         return self.process.popen.wait(timeout)
+
+
+def wait_gone(pid: int, timeout: float = 60) -> None:
+    """Until the process ``pid`` has gone (a killed node's children too), at most ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 def start_node(config: Path, port: int, log: Path, *, timeout: float = 120.0) -> Node:

@@ -30,7 +30,7 @@ import pytest
 import requests
 
 from tests.fixtures.certificates import TestCA
-from tests.integration.node import NODE_AET, Node, node_config, start_node
+from tests.integration.node import NODE_AET, Node, node_config, start_node, wait_gone
 from tests.integration.peers import Orthanc, free_port, storescu, wait_until
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ class Harness:
                 pass
         self.node.process.popen.wait(30)
         for pid in workers:
-            _wait_gone(pid)
+            wait_gone(pid)
 
     def stop(self) -> None:
         if self.node is not None and self.node.process.popen.poll() is None:
@@ -95,16 +95,6 @@ class Harness:
         database = self.workdir / "data" / "node.db"
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as db:
             return list(db.execute(query))
-
-
-def _wait_gone(pid: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.node import NODE_AET, Node, node_config, start_node
+from tests.integration.node import NODE_AET, Node, node_config, start_node, wait_gone
 from tests.integration.peers import ManagedProcess, Orthanc, echoscu, storescu
 from tests.integration.peers.pynetdicom_scu import send_files
 from tests.integration.peers.tools import wait_until
@@ -79,7 +79,7 @@ class NodeHarness:
         self.node.process.popen.wait(30)
         if what == "all":
             for pid in workers:
-                _wait_gone(pid)
+                wait_gone(pid)
 
     def job_states(self) -> list[str]:
         if not self.database.exists():
@@ -99,17 +99,7 @@ class NodeHarness:
         _, workers = self.pids()
         self.node.process.stop(timeout=60)
         for pid in workers:
-            _wait_gone(pid)
-
-
-def _wait_gone(pid: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
+            wait_gone(pid)
 
 
 @pytest.fixture
